@@ -1,0 +1,42 @@
+# Two commands on a new machine: `make quickstart` and `make test`. Both create the virtualenv
+# they need on first use (VENV, default .venv) and reuse it afterwards.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= operator,dev
+
+.PHONY: quickstart test unit lint crd golden clean
+
+$(BIN)/dpo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --editable '.[$(EXTRAS)]'
+	touch $@
+
+quickstart: $(BIN)/dpo
+	$(BIN)/dpo validate examples/quickstart.yaml
+	$(BIN)/dpo render examples/quickstart.yaml
+
+# Every tier: lint, types, layering, then all tests (unit, trainer, cluster, e2e).
+test: lint
+	$(BIN)/pytest
+
+# The fast tier while you work: pure functions only, a few seconds.
+unit: $(BIN)/dpo
+	$(BIN)/pytest -m "not trainer and not cluster and not e2e"
+
+lint: $(BIN)/dpo
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# Regenerate what is generated: the CRD and the golden render files. Review the diff.
+crd: $(BIN)/dpo
+	$(BIN)/dpo crd > crds/dpojob.yaml
+
+golden: $(BIN)/dpo
+	DPO_UPDATE_GOLDEN=1 $(BIN)/pytest tests/unit/test_render.py -q -k golden
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The DPOJob operator: API, rendering, lifecycle and the `dpo` CLI."""

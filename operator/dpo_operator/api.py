@@ -1,0 +1,1066 @@
+"""The DPOJob API (dpo.dev/v1alpha1): spec and status as pydantic models.
+
+The CRD's OpenAPI schema is generated from these models (`dpo_operator.crd`). Each cross-field
+rule lives twice, side by side: as a pydantic validator (for `dpo validate`, `dpo run` and the
+operator) and as a CEL `x-kubernetes-validations` rule (so `kubectl apply` rejects it too).
+
+kopf keeps its own progress and diff-base in annotations (see `handlers`), never in `status`:
+the status schema below is strict and the API server prunes any field it does not declare.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from dpo_trainer.config import (
+    ENV_JOB,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_METRICS_PORT,
+    ENV_NAMESPACE,
+    ENV_NNODES,
+    ENV_NODE_RANK,
+    ENV_NPROC_PER_NODE,
+    SIMPO,
+    ColumnMapping,
+    ContractModel,
+    DataFormat,
+    DataSource,
+    LoraSettings,
+    LossType,
+    ModelRef,
+    ShortStr,
+    UriStr,
+)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+
+GROUP = "dpo.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DPOJob"
+PLURAL = "dpojobs"
+
+# Pod hostnames are `<name>-train-<attempt>-<index>` and must fit a 63-character DNS label:
+# 63 - len("-train-") - 3 attempt digits - 1 - 3 index digits = 49.
+MAX_NAME_LENGTH = 49
+MAX_NODES = 512
+MAX_RESTARTS = 100
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+# Kubernetes resource.Quantity, as the core API's own OpenAPI schema writes it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+
+
+def _check_quantity(value: str | int) -> str:
+    text = str(value)
+    if text.startswith(("-", "+")) or not _QUANTITY.match(text):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes quantity; write e.g. 8, 500m, 64Gi or 1.5Ti"
+        )
+    return text
+
+
+Quantity = Annotated[
+    str | int,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+# Storage URIs for outputs: a PersistentVolumeClaim or an object store. A local path would live in
+# the container's own filesystem and vanish with the pod.
+STORAGE_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|(s3|gs|gcs|az|abfs)://.+)$"
+StorageUri = Annotated[str, Field(min_length=1, max_length=1024, pattern=STORAGE_URI_PATTERN)]
+_STORAGE_URI_HINT = "use pvc://<claim>/<path> or an object store URI (s3://, gs://, az://)"
+
+# The pod contract's own variables: a user value would break the rendezvous.
+RESERVED_ENV = (
+    ENV_JOB,
+    ENV_NAMESPACE,
+    ENV_NNODES,
+    ENV_NPROC_PER_NODE,
+    ENV_NODE_RANK,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_METRICS_PORT,
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+)
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+EnvName = Annotated[str, Field(min_length=1, max_length=128, pattern=ENV_NAME_PATTERN)]
+K8S_NAME_PATTERN = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
+K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME_PATTERN)]
+# Resource names, label keys: an optional DNS-subdomain prefix, '/', then a name.
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+QualifiedName = Annotated[str, Field(min_length=1, max_length=316, pattern=QUALIFIED_NAME_PATTERN)]
+LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=253)]], Field(max_length=64)]
+
+# DPOConfig fields this API sets itself: `extra` may not smuggle in a second value for them.
+MANAGED_TRAINING_FIELDS = frozenset(
+    {
+        "beta",
+        "loss_type",
+        "loss_weights",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+        "precompute_ref_log_probs",
+        "seed",
+        "logging_steps",
+        "save_steps",
+        "output_dir",
+        "gradient_checkpointing",
+        "bf16",
+        "fp16",
+        "ddp_timeout",
+        "fsdp",
+        "fsdp_config",
+        "report_to",
+        "trust_remote_code",
+        "model_init_kwargs",
+        "simpo_gamma",
+    }
+)
+# Fields that TRL 1.x removed: say so instead of a bare "unknown field".
+REMOVED_FIELDS = {
+    "maxPromptLength": "removed in TRL 1.x: prompts are no longer truncated separately; "
+    "set spec.dpo.maxLength for the whole sequence",
+    "rpoAlpha": "removed in TRL 1.x: for RPO set lossType: [sigmoid, sft] with "
+    "lossWeights: [1.0, <alpha>]",
+}
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    validation = {"rule": rule, "message": message}
+    if field_path:
+        validation["fieldPath"] = field_path
+    return validation
+
+
+def _validations(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the operator reads; the API server adds more, which is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _explain_name(cls, value: object) -> object:
+        if isinstance(value, str) and (
+            len(value) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, value)
+        ):
+            raise ValueError(
+                f"{value!r} must be at most {MAX_NAME_LENGTH} lowercase letters, digits and '-', "
+                "starting with a letter (it names the pods' hostnames); rename the DPOJob"
+            )
+        return value
+
+
+# ----------------------------------------------------------------------------------------------
+# spec
+
+
+class ModelSpec(ContractModel):
+    """The policy to train and, optionally, a separate reference model."""
+
+    name: UriStr = Field(
+        description="Hub id (org/model), local path, storage URI, or builtin:tiny-<name> for a "
+        "tiny model built locally (tests, quickstart)."
+    )
+    revision: ShortStr | None = Field(
+        default=None, description="Hub branch, tag or commit; pin it for reproducible runs."
+    )
+    reference: ModelRef | None = Field(
+        default=None,
+        description="A separate frozen reference model. Default: the policy itself (with LoRA, "
+        "the adapter disabled, so no second copy is loaded).",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run model code shipped in the checkpoint (security risk)."
+    )
+
+
+class DataSpec(ContractModel):
+    """Preference pairs (prompt, chosen, rejected) to train and evaluate on."""
+
+    train: DataSource = Field(description="Training pairs.")
+    eval: DataSource | None = Field(
+        default=None, description="Held-out pairs for evaluation logs and, by default, the gate."
+    )
+    format: DataFormat = Field(
+        default="auto",
+        description="standard (text columns), conversational (lists of messages) or auto.",
+    )
+    columns: ColumnMapping = Field(
+        default_factory=ColumnMapping, description="The dataset's own column names."
+    )
+
+
+_SIMPO_ALONE = _cel(
+    "!has(self.lossType) || !('simpo' in self.lossType) || size(self.lossType) == 1",
+    "simpo is reference-free and runs through TRL's CPO trainer: it cannot be combined with "
+    "other loss types",
+    ".lossType",
+)
+_WEIGHTS_MATCH = _cel(
+    "!has(self.lossWeights) || !has(self.lossType) || "
+    "size(self.lossWeights) == size(self.lossType)",
+    "lossWeights needs one weight per entry of lossType",
+    ".lossWeights",
+)
+_SIMPO_NO_PRECOMPUTE = _cel(
+    "!has(self.lossType) || !('simpo' in self.lossType) || !has(self.precomputeRefLogProbs) || "
+    "!self.precomputeRefLogProbs",
+    "simpo uses no reference model, so there are no reference log-probs to precompute",
+    ".precomputeRefLogProbs",
+)
+
+
+class DPOSpec(ContractModel):
+    """DPO hyper-parameters (TRL DPOConfig; CPOConfig for simpo)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(_SIMPO_ALONE, _WEIGHTS_MATCH, _SIMPO_NO_PRECOMPUTE)
+    )
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference: too low drifts and reward-hacks, "
+        "too high learns nothing. 0.1 for sigmoid; 2.0 is typical for sigmoid_norm and simpo.",
+    )
+    loss_type: list[LossType] = Field(
+        default=["sigmoid"],
+        min_length=1,
+        max_length=8,
+        description="One loss, e.g. [sigmoid], or several summed with lossWeights, e.g. "
+        "[sigmoid, sft] for RPO. sigmoid_norm is length-normalised DPO; simpo is reference-free "
+        "SimPO (TRL's CPO trainer) and must stand alone.",
+    )
+    loss_weights: list[float] | None = Field(
+        default=None, max_length=8, description="One weight per lossType entry (default all 1.0)."
+    )
+    simpo_gamma: float = Field(
+        default=0.5, ge=0, description="SimPO's target reward margin (simpo only)."
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Peak learning rate. Default: 1e-5 with LoRA, 1e-6 for full fine-tuning.",
+    )
+    epochs: float = Field(default=1.0, gt=0, le=1000, description="Passes over the training set.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    per_device_batch_size: int = Field(
+        default=4, ge=1, le=4096, description="Pairs per GPU (or per process on CPU) per step."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step."
+    )
+    max_length: int = Field(
+        default=1024, ge=8, le=1048576, description="Maximum tokens of prompt + response."
+    )
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description="Compute the reference log-probs once before training and free the "
+        "reference: saves memory and time per step when the reference is a separate model.",
+    )
+    seed: int = Field(default=42, ge=0, description="Random seed for data order and init.")
+    logging_steps: int = Field(
+        default=10, ge=1, description="Steps between metric updates (Prometheus, status)."
+    )
+    save_steps: int = Field(
+        default=200, ge=1, description="Steps between checkpoints; a restart resumes from the last."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Rarely used DPOConfig fields in snake_case (e.g. label_smoothing, "
+        "warmup_ratio, lr_scheduler_type); checked against DPOConfig when training starts.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_not_managed(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        managed = sorted(MANAGED_TRAINING_FIELDS.intersection(extra))
+        if managed:
+            raise ValueError(
+                f"{', '.join(managed)} cannot be set through extra: use the dedicated spec "
+                "fields (spec.dpo.*, spec.parallelism, spec.output) instead"
+            )
+        bad = sorted(key for key in extra if not re.match(r"^[a-z][a-z0-9_]*$", key))
+        if bad:
+            raise ValueError(
+                f"keys {', '.join(bad)} are not DPOConfig field names; write them in snake_case "
+                "as in TRL's DPOConfig"
+            )
+        return extra
+
+    @model_validator(mode="after")
+    def _loss_combination(self) -> DPOSpec:
+        problems: list[str] = []
+        if SIMPO in self.loss_type and len(self.loss_type) > 1:
+            problems.append(f"lossType: {_SIMPO_ALONE['message']}, got {self.loss_type}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            problems.append(
+                f"lossWeights: has {len(self.loss_weights)} entries but lossType has "
+                f"{len(self.loss_type)}; give one weight per loss type"
+            )
+        if SIMPO in self.loss_type and self.precompute_ref_log_probs:
+            problems.append(f"precomputeRefLogProbs: {_SIMPO_NO_PRECOMPUTE['message']}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class PeftSpec(LoraSettings):
+    """LoRA adapter training; disabled means a full fine-tune."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Train a LoRA adapter (default). false trains every weight (full fine-tune).",
+    )
+
+
+class ResourcesSpec(ContractModel):
+    """Machines and what each pod asks for."""
+
+    nodes: int = Field(
+        default=1, ge=1, le=MAX_NODES, description="Number of machines (one pod each)."
+    )
+    gpus_per_node: int = Field(
+        default=1, ge=0, le=16, description="GPUs per pod; 0 trains on CPU (tests, quickstart)."
+    )
+    gpu_resource_name: QualifiedName = Field(
+        default="nvidia.com/gpu", description="Extended resource name of the GPU device plugin."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request per pod, e.g. 32.")
+    memory: Quantity | None = Field(
+        default=None, description="Memory request and limit, e.g. 512Gi."
+    )
+    shm_size: Quantity = Field(
+        default="16Gi", description="Size of /dev/shm (RAM-backed) for NCCL and data loaders."
+    )
+
+    @field_validator("cpu", "memory", "shm_size")
+    @classmethod
+    def _quantity(cls, value: str | int | None) -> str | None:
+        return None if value is None else _check_quantity(value)
+
+
+Strategy = Literal["auto", "ddp", "fsdp", "hsdp"]
+
+
+class ParallelismSpec(ContractModel):
+    """How the model is spread over GPUs."""
+
+    strategy: Strategy = Field(
+        default="auto",
+        description="ddp replicates the model; fsdp shards it over all GPUs; hsdp shards inside a "
+        "node and replicates across nodes. auto: one process needs none; LoRA and CPU use ddp; "
+        "a full fine-tune uses fsdp on one node and hsdp on several.",
+    )
+    fsdp_version: Literal[1, 2] = Field(default=2, description="FSDP implementation (2 = FSDP2).")
+    activation_checkpointing: bool = Field(
+        default=True, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+    cpu_offload: bool = Field(
+        default=False, description="Offload sharded parameters to CPU memory (fsdp/hsdp only)."
+    )
+
+
+NetworkProfile = Literal["tcp", "infiniband", "roce", "efa", "tcpxo"]
+
+
+class NetworkSpec(ContractModel):
+    """The fabric between nodes; each profile sets the NCCL variables and pod pieces it needs."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "!has(self.profile) || !(self.profile in ['roce', 'tcpxo']) || "
+                "(has(self.secondaryNetworks) && size(self.secondaryNetworks) > 0)",
+                "roce and tcpxo need secondaryNetworks: the Multus attachments (roce) or GKE "
+                "networks (tcpxo) of the GPU NICs",
+                ".secondaryNetworks",
+            ),
+            _cel(
+                f"!has(self.env) || self.env.all(name, name.matches('{ENV_NAME_PATTERN}'))",
+                "env keys must be environment variable names",
+                ".env",
+            ),
+        )
+    )
+
+    profile: NetworkProfile = Field(
+        default="tcp",
+        description="tcp (any cluster), infiniband, roce, efa (AWS) or tcpxo (GKE A3 Mega).",
+    )
+    env: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Overrides of the profile's NCCL/FI variables (these win).",
+    )
+    rdma_resource: QualifiedName | None = Field(
+        default=None,
+        description="RDMA device resource. Default: rdma/ib (infiniband), rdma/roce (roce), "
+        "vpc.amazonaws.com/efa (efa).",
+    )
+    rdma_devices: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="RDMA devices per pod (efa: the instance's EFA count, e.g. 32 on p5).",
+    )
+    secondary_networks: list[K8sName] = Field(
+        default_factory=list,
+        max_length=16,
+        description="roce: Multus NetworkAttachmentDefinitions; tcpxo: the GKE networks of the "
+        "8 GPU NICs, in NIC order.",
+    )
+    tcpxo_daemon_image: Annotated[str, Field(max_length=512)] = Field(
+        default="us-docker.pkg.dev/gce-ai-infra/gpudirect-tcpxo/tcpgpudmarxd-dev:v1.0.14",
+        description="The TCPXO receive-datapath daemon sidecar (tcpxo only).",
+    )
+    collective_timeout_seconds: int = Field(
+        default=1800,
+        ge=60,
+        le=86400,
+        description="A collective that hangs longer aborts the run so it can be restarted "
+        "(the Trainer's ddp_timeout; NCCL itself has no timeout variable).",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        bad = sorted(name for name in env if not re.match(ENV_NAME_PATTERN, name))
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)} are not environment variable names; use letters, digits, "
+                "'_', '-' and '.', not starting with a digit"
+            )
+        return env
+
+    @model_validator(mode="after")
+    def _secondary_networks(self) -> NetworkSpec:
+        if self.profile in ("roce", "tcpxo") and not self.secondary_networks:
+            raise ValueError(
+                f"secondaryNetworks: profile {self.profile} needs them; list the Multus "
+                "attachments (roce) or GKE networks (tcpxo) of the GPU NICs"
+            )
+        return self
+
+
+class PodResources(ContractModel):
+    """Resources of a single-pod Job; unset values follow spec.resources."""
+
+    gpus: int | None = Field(
+        default=None, ge=0, le=16, description="GPUs (default: 1 if training uses GPUs)."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit.")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str | int | None) -> str | None:
+        return None if value is None else _check_quantity(value)
+
+
+class EvalGateSpec(ContractModel):
+    """The held-out gate: an adapter is promoted only if every set threshold holds."""
+
+    enabled: bool = Field(default=True, description="Run the gate after training.")
+    data: DataSource | None = Field(
+        default=None, description="Held-out pairs for the gate (default: spec.data.eval)."
+    )
+    anchor_data: DataSource | None = Field(
+        default=None,
+        description="Texts for the drift check (default: the held-out chosen responses).",
+    )
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Evaluate at most this many pairs."
+    )
+    min_reward_accuracy: float | None = Field(
+        default=0.6, ge=0, le=1, description="Fraction of held-out pairs ranked correctly."
+    )
+    min_reward_margin: float | None = Field(
+        default=0.0, description="Mean implicit reward margin (chosen - rejected)."
+    )
+    max_anchor_nll_increase: float | None = Field(
+        default=0.2,
+        ge=0,
+        description="Largest allowed relative rise of per-token NLL on the anchor set versus the "
+        "reference (0.2 = 20%): catches drift and reward hacking.",
+    )
+    must_beat_promoted: bool = Field(
+        default=False, description="Also require beating the currently promoted adapter."
+    )
+    beat_margin: float = Field(
+        default=0.0, ge=0, description="Reward accuracy the new adapter must add over it."
+    )
+    resources: PodResources = Field(default_factory=PodResources)
+
+
+class PromotionSpec(ContractModel):
+    """Where a gated adapter is published."""
+
+    target: StorageUri = Field(
+        description="Adapters land in <target>/versions/<version>/ and <target>/current points at "
+        "the newest."
+    )
+    mode: Literal["auto", "manual"] = Field(
+        default="auto",
+        description='manual waits for the annotation dpo.dev/approve: "true" after the gate.',
+    )
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _explain_target(cls, value: object) -> object:
+        return _explain_storage_uri(value)
+
+
+class OutputSpec(ContractModel):
+    """Where checkpoints, adapters and reports go."""
+
+    uri: StorageUri = Field(
+        description="pvc://<claim>/<path> or an object store URI; artifacts go to "
+        "<uri>/<namespace>/<name>/<uid>/."
+    )
+    credentials_secret: K8sName | None = Field(
+        default=None,
+        description="Secret whose keys become env vars of every pod (e.g. AWS_ACCESS_KEY_ID).",
+    )
+
+    @field_validator("uri", mode="before")
+    @classmethod
+    def _explain_uri(cls, value: object) -> object:
+        return _explain_storage_uri(value)
+
+
+def _explain_storage_uri(value: object) -> object:
+    if isinstance(value, str) and not re.match(STORAGE_URI_PATTERN, value):
+        raise ValueError(f"{value!r} is not a storage URI: {_STORAGE_URI_HINT}")
+    return value
+
+
+class Toleration(ContractModel):
+    key: Annotated[str, Field(max_length=317)] | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: Annotated[str, Field(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class SchedulingSpec(ContractModel):
+    """Where and when pods run."""
+
+    queue_name: K8sName | None = Field(
+        default=None,
+        description="Kueue LocalQueue: Jobs are created suspended and admitted by Kueue.",
+    )
+    priority_class_name: K8sName | None = Field(default=None, description="Pod PriorityClass.")
+    node_selector: LabelMap = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Pod tolerations."
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Pod affinity, as in a Pod spec.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    topology_key: QualifiedName | None = Field(
+        default=None,
+        description="Node label grouping well-connected machines (e.g. a rack or block label): "
+        "pods are packed into one such group (Kueue topology-aware scheduling when queued).",
+    )
+
+
+class RunPolicySpec(ContractModel):
+    """Restarts, deadlines and clean-up."""
+
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=MAX_RESTARTS,
+        description="Times the pod group is restarted from its checkpoint after a failure "
+        "(pod disruptions such as preemption are not counted).",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail when running longer (time suspended not counted)."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Delete finished child Jobs and pods after this long; the DPOJob and the "
+        "artifacts stay.",
+    )
+    suspend: bool = Field(
+        default=False, description="Stop the pods, keep checkpoints; false resumes."
+    )
+
+
+class MonitoringSpec(ContractModel):
+    """Live training metrics."""
+
+    port: int = Field(
+        default=9400, ge=1024, le=65535, description="Rank 0's Prometheus /metrics port."
+    )
+    interval_seconds: int = Field(
+        default=30, ge=5, le=3600, description="How often the operator copies metrics to status."
+    )
+
+
+class EnvVar(ContractModel):
+    name: EnvName
+    value: Annotated[str, Field(max_length=32768)]
+
+
+class SecretKeySelector(ContractModel):
+    name: K8sName
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class SecretEnvVar(ContractModel):
+    """An env var read from a Secret key (e.g. HF_TOKEN); values never appear in the spec."""
+
+    name: EnvName
+    secret_key_ref: SecretKeySelector
+
+
+_IMMUTABLE_AFTER_START = (
+    "model",
+    "data",
+    "dpo",
+    "peft",
+    "resources",
+    "parallelism",
+    "network",
+    "output",
+)
+
+_SPEC_RULES = (
+    _cel(
+        "self.parallelism.strategy != 'hsdp' || self.resources.nodes > 1",
+        "hsdp replicates across nodes and needs resources.nodes > 1; use fsdp on one node",
+        ".parallelism.strategy",
+    ),
+    _cel(
+        "self.parallelism.strategy != 'hsdp' || self.resources.gpusPerNode > 1",
+        "hsdp shards inside a node and needs resources.gpusPerNode >= 2; use ddp otherwise",
+        ".parallelism.strategy",
+    ),
+    _cel(
+        "!(self.parallelism.strategy in ['fsdp', 'hsdp']) || self.resources.gpusPerNode > 0",
+        "fsdp and hsdp shard over GPUs: set resources.gpusPerNode >= 1 or use ddp on CPU",
+        ".parallelism.strategy",
+    ),
+    _cel(
+        "self.network.profile == 'tcp' || self.resources.gpusPerNode > 0",
+        "RDMA network profiles move GPU memory: set resources.gpusPerNode >= 1 or use tcp",
+        ".network.profile",
+    ),
+    _cel(
+        "!self.evalGate.enabled || has(self.data.eval) || has(self.evalGate.data)",
+        "the eval gate needs held-out pairs: set data.eval or evalGate.data",
+        ".evalGate",
+    ),
+    _cel(
+        "!has(self.promotion) || self.evalGate.enabled",
+        "nothing is promoted without a gate: enable evalGate or remove promotion",
+        ".promotion",
+    ),
+    _cel(
+        "!self.evalGate.mustBeatPromoted || has(self.promotion)",
+        "evalGate.mustBeatPromoted compares with the promoted adapter: set promotion.target",
+        ".evalGate.mustBeatPromoted",
+    ),
+    _cel(
+        "!('simpo' in self.dpo.lossType) || !has(self.model.reference)",
+        "simpo is reference-free: remove model.reference",
+        ".model.reference",
+    ),
+    _cel(
+        "!has(self.env) || self.env.all(e, !(e.name in "
+        + str(list(RESERVED_ENV)).replace('"', "'")
+        + "))",
+        "env may not set the pod contract's variables (" + ", ".join(RESERVED_ENV) + ")",
+        ".env",
+    ),
+)
+
+
+class DPOJobSpec(ContractModel):
+    """What to train, on what, on how many machines, and where it goes."""
+
+    model_config = ConfigDict(json_schema_extra=_validations(*_SPEC_RULES))
+
+    model: ModelSpec
+    data: DataSpec
+    output: OutputSpec
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
+    peft: PeftSpec = Field(default_factory=PeftSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    eval_gate: EvalGateSpec = Field(default_factory=EvalGateSpec)
+    promotion: PromotionSpec | None = Field(
+        default=None, description="Publish the adapter after the gate passes (optional)."
+    )
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None, description="Trainer image (default: the operator's matching release)."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Pull policy of the trainer image."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=64, description="Extra env vars of every pod."
+    )
+    secrets: list[SecretEnvVar] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Env vars from Secret keys, e.g. HF_TOKEN (secretKeyRef only).",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> DPOJobSpec:
+        strategy = self.parallelism.strategy
+        nodes, gpus = self.resources.nodes, self.resources.gpus_per_node
+        problems: list[str] = []
+        if strategy == "hsdp" and nodes < 2:
+            problems.append(
+                f"parallelism.strategy: hsdp replicates across nodes and needs resources.nodes "
+                f"> 1, got {nodes}; use fsdp on one node"
+            )
+        if strategy == "hsdp" and gpus < 2:
+            problems.append(
+                f"parallelism.strategy: hsdp shards inside a node and needs "
+                f"resources.gpusPerNode >= 2, got {gpus}; use ddp otherwise"
+            )
+        if strategy in ("fsdp", "hsdp") and gpus == 0:
+            problems.append(
+                f"parallelism.strategy: {strategy} shards over GPUs but resources.gpusPerNode is "
+                "0; set it >= 1 or use ddp on CPU"
+            )
+        if self.network.profile != "tcp" and gpus == 0:
+            problems.append(
+                f"network.profile: {self.network.profile} moves GPU memory over RDMA but "
+                "resources.gpusPerNode is 0; set it >= 1 or use tcp"
+            )
+        if self.eval_gate.enabled and self.data.eval is None and self.eval_gate.data is None:
+            problems.append(
+                "evalGate: the gate needs held-out pairs; set data.eval or evalGate.data "
+                "(or evalGate.enabled: false, which also rules out promotion)"
+            )
+        if self.promotion is not None and not self.eval_gate.enabled:
+            problems.append(
+                "promotion: nothing is promoted without a gate; enable evalGate or remove promotion"
+            )
+        if self.eval_gate.must_beat_promoted and self.promotion is None:
+            problems.append(
+                "evalGate.mustBeatPromoted: compares with the promoted adapter; set "
+                "promotion.target"
+            )
+        if SIMPO in self.dpo.loss_type and self.model.reference is not None:
+            problems.append("model.reference: simpo is reference-free; remove model.reference")
+        reserved = sorted({e.name for e in self.env}.intersection(RESERVED_ENV))
+        if reserved:
+            problems.append(
+                f"env: {', '.join(reserved)} belong to the pod contract and are set by the "
+                "operator; remove them"
+            )
+        if problems:
+            # One line per problem, each led by its path below spec: see describe_errors.
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate to train with: the user's, or the default for LoRA vs full FT."""
+        if self.dpo.learning_rate is not None:
+            return self.dpo.learning_rate
+        return 1e-5 if self.peft.enabled else 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# status
+
+Phase = Literal[
+    "Pending",
+    "Queued",
+    "Training",
+    "Evaluating",
+    "AwaitingApproval",
+    "Promoting",
+    "Succeeded",
+    "Rejected",
+    "Failed",
+    "Suspended",
+]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Rejected", "Failed"})
+
+
+class Condition(ContractModel):
+    """A Kubernetes-style condition (type, status, reason, message)."""
+
+    type: Annotated[str, Field(max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+class TrainingMetrics(ContractModel):
+    """Latest values read from rank 0's /metrics."""
+
+    step: int | None = None
+    loss: float | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+    updated_at: datetime | None = None
+
+
+class GateCriterion(ContractModel):
+    name: Annotated[str, Field(max_length=128)]
+    value: float | None
+    threshold: float
+    passed: bool
+
+
+class EvaluationStatus(ContractModel):
+    verdict: Literal["Passed", "Rejected"]
+    criteria: list[GateCriterion] = Field(default_factory=list, max_length=32)
+
+
+class PromotionStatus(ContractModel):
+    version: Annotated[str, Field(max_length=128)]
+    uri: Annotated[str, Field(max_length=1024)]
+    digest: Annotated[str, Field(max_length=128)]
+    at: datetime | None = None
+
+
+class DPOJobStatus(ContractModel):
+    phase: Phase | None = None
+    message: Annotated[str, Field(max_length=32768)] | None = None
+    conditions: list[Condition] = Field(default_factory=list, max_length=32)
+    observed_generation: int | None = None
+    attempt: int | None = Field(default=None, description="Training attempt (1 + restarts).")
+    restarts: int = 0
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    metrics: TrainingMetrics | None = None
+    evaluation: EvaluationStatus | None = None
+    promotion: PromotionStatus | None = None
+
+
+_ROOT_RULES = (
+    _cel(
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+        f"self.metadata.name.matches('{NAME_PATTERN}')",
+        f"metadata.name must be at most {MAX_NAME_LENGTH} lowercase letters, digits and '-', "
+        "starting with a letter: it names the pods' hostnames",
+    ),
+    _cel(
+        "!has(oldSelf.status) || !has(oldSelf.status.startTime) || ("
+        + " && ".join(f"self.spec.{f} == oldSelf.spec.{f}" for f in _IMMUTABLE_AFTER_START)
+        + ")",
+        "spec."
+        + ", spec.".join(_IMMUTABLE_AFTER_START)
+        + " cannot change once training has started; create a new DPOJob instead",
+    ),
+)
+
+
+class DPOJob(ContractModel):
+    """DPOJob runs Direct Preference Optimization fine-tuning, gates and promotes the result."""
+
+    model_config = ConfigDict(json_schema_extra=_validations(*_ROOT_RULES))
+
+    api_version: Literal["dpo.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["DPOJob"]
+    metadata: ObjectMeta
+    spec: DPOJobSpec
+    status: DPOJobStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+
+# ----------------------------------------------------------------------------------------------
+# errors users can act on
+
+
+def parse_dpojob(manifest: object) -> DPOJob:
+    """Validate a manifest (a dict from YAML/JSON or the API server) into a DPOJob."""
+    return DPOJob.model_validate(manifest)
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem: the field path, what was wrong and what to do."""
+    return [line for detail in error.errors() for line in _describe(detail)]
+
+
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+_TYPE_NAMES = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list, e.g. [a, b]",
+    "dict_type": "a mapping",
+    "model_type": "a mapping of fields",
+    "model_attributes_type": "a mapping of fields",
+}
+
+
+def _describe(detail: ErrorDetails) -> list[str]:
+    loc = [str(part) for part in detail["loc"]]
+    path = ".".join(loc) or "(document)"
+    kind = detail["type"]
+    value = detail.get("input")
+    context = detail.get("ctx", {})
+    if kind == "extra_forbidden":
+        field = loc[-1]
+        if field in REMOVED_FIELDS:
+            return [f"{path}: {REMOVED_FIELDS[field]}"]
+        allowed = _allowed_fields(loc[:-1])
+        hint = difflib.get_close_matches(field, allowed, n=1)
+        suggestion = f"did you mean {hint[0]}? " if hint else ""
+        return [f"{path}: unknown field; {suggestion}allowed here: {', '.join(sorted(allowed))}"]
+    if kind == "missing":
+        return [f"{path}: required field is missing; add it (see examples/ for a full DPOJob)"]
+    if kind == "string_pattern_mismatch":
+        pattern = str(context.get("pattern", ""))
+        expected = PATTERN_HINTS.get(pattern, f"match {pattern}")
+        return [f"{path}: {_short(value)} is not valid here; write {expected}"]
+    if kind in _BOUNDS:
+        key, symbol = _BOUNDS[kind]
+        return [f"{path}: must be {symbol} {context.get(key)}, got {_short(value)}{_about(loc)}"]
+    if kind in _TYPE_NAMES:
+        return [f"{path}: must be {_TYPE_NAMES[kind]}, got {_short(value)}{_about(loc)}"]
+    message = detail["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        # Cross-field validators report several problems, one per line, each with its own path.
+        return [
+            f"{path}.{line}" if re.match(r"^[a-zA-Z.]+: ", line) else f"{path}: {line}"
+            for line in message.split("\n")
+        ]
+    return [f"{path}: {message}, got {_short(value)}"]
+
+
+PATTERN_HINTS = {
+    NAME_PATTERN: "lowercase letters, digits and '-', starting with a letter",
+    K8S_NAME_PATTERN: "a Kubernetes object name: lowercase letters, digits, '-' and '.'",
+    QUALIFIED_NAME_PATTERN: "a resource name or label key such as nvidia.com/gpu",
+    ENV_NAME_PATTERN: "an environment variable name such as HF_TOKEN",
+    QUANTITY_PATTERN: "a Kubernetes quantity such as 8, 500m or 64Gi",
+    STORAGE_URI_PATTERN: _STORAGE_URI_HINT,
+}
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The model class at `loc` inside a DPOJob (list indexes skipped), if any."""
+    model: type[BaseModel] = DPOJob
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = _field(model, part)
+        nested = _model_type(field.annotation) if field else None
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _field(model: type[BaseModel], name: str) -> FieldInfo | None:
+    return next((f for key, f in model.model_fields.items() if name in (key, f.alias)), None)
+
+
+def _allowed_fields(loc: list[str]) -> list[str]:
+    """The field names (aliases) allowed at `loc`, for suggestions."""
+    model = _model_at(loc)
+    if model is None:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _about(loc: list[str]) -> str:
+    """The field's own description, as a reminder of what it is for."""
+    names = [part for part in loc if not part.isdigit()]
+    model = _model_at(names[:-1]) if names else None
+    field = _field(model, names[-1]) if model else None
+    return f" ({field.description.rstrip('.')})" if field and field.description else ""
+
+
+def _model_type(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_type(arg)
+        if found is not None:
+            return found
+    return None

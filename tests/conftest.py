@@ -1,0 +1,49 @@
+"""Shared test helpers: the repository's examples and a minimal valid DPOJob manifest."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dpo_operator.api import DPOJob, parse_dpojob
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+MINIMAL: dict[str, Any] = {
+    "apiVersion": "dpo.dev/v1alpha1",
+    "kind": "DPOJob",
+    "metadata": {"name": "demo", "namespace": "ml"},
+    "spec": {
+        "model": {"name": "org/model-7b"},
+        "data": {
+            "train": {"uri": "pvc://datasets/train.jsonl"},
+            "eval": {"uri": "pvc://datasets/eval.jsonl"},
+        },
+        "output": {"uri": "pvc://checkpoints"},
+    },
+}
+
+
+def minimal_manifest() -> dict[str, Any]:
+    """A fresh copy of the smallest valid DPOJob, for tests to modify."""
+    return copy.deepcopy(MINIMAL)
+
+
+def example(name: str) -> DPOJob:
+    return parse_dpojob(yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text()))
+
+
+def job_with(**spec_overrides: Any) -> DPOJob:
+    """The minimal DPOJob with some spec groups replaced."""
+    manifest = minimal_manifest()
+    manifest["spec"].update(spec_overrides)
+    return parse_dpojob(manifest)
+
+
+@pytest.fixture(params=EXAMPLES, ids=lambda path: path.stem)
+def example_job(request: pytest.FixtureRequest) -> DPOJob:
+    return parse_dpojob(yaml.safe_load(request.param.read_text()))

@@ -1,0 +1,94 @@
+"""Parallelism: which strategy runs, and the accelerate config (FSDP2, HSDP) it renders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from dpo_operator.parallelism import (
+    accelerate_config,
+    resolve_strategy,
+    trainer_gradient_checkpointing,
+)
+
+from tests.conftest import job_with
+
+
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "lora", "expected"),
+    [
+        (1, 1, True, "single"),
+        (1, 0, False, "single"),
+        (1, 8, True, "ddp"),
+        (2, 0, True, "ddp"),
+        (1, 8, False, "fsdp"),
+        (4, 8, False, "hsdp"),
+        (4, 1, False, "fsdp"),
+        (2, 8, True, "ddp"),
+    ],
+)
+def test_auto_picks_the_cheapest_strategy_that_fits(
+    nodes: int, gpus: int, lora: bool, expected: str
+) -> None:
+    job = job_with(resources={"nodes": nodes, "gpusPerNode": gpus}, peft={"enabled": lora})
+    assert resolve_strategy(job.spec) == expected
+
+
+def test_hsdp_shards_inside_a_node_and_replicates_across_nodes() -> None:
+    job = job_with(resources={"nodes": 4, "gpusPerNode": 8}, parallelism={"strategy": "hsdp"})
+    config = accelerate_config(job.spec)
+    assert config["distributed_type"] == "FSDP"
+    assert config["num_machines"] == 4
+    assert config["num_processes"] == 32
+    assert config["fsdp_config"]["fsdp_version"] == 2
+    assert config["fsdp_config"]["fsdp_reshard_after_forward"] is True
+    assert config["parallelism_config"] == {
+        "parallelism_config_dp_replicate_size": 4,
+        "parallelism_config_dp_shard_size": 8,
+        "parallelism_config_tp_size": 1,
+        "parallelism_config_cp_size": 1,
+    }
+
+
+def test_fsdp1_spells_hsdp_as_hybrid_shard() -> None:
+    job = job_with(
+        resources={"nodes": 2, "gpusPerNode": 8},
+        parallelism={"strategy": "hsdp", "fsdpVersion": 1},
+    )
+    config = accelerate_config(job.spec)
+    assert config["fsdp_config"]["fsdp_sharding_strategy"] == "HYBRID_SHARD"
+    assert config["fsdp_config"]["fsdp_use_orig_params"] is True
+    assert "parallelism_config" not in config
+
+
+def test_fsdp_on_one_node_has_no_replication_group() -> None:
+    job = job_with(resources={"gpusPerNode": 8}, parallelism={"strategy": "fsdp"})
+    config = accelerate_config(job.spec)
+    assert config["distributed_type"] == "FSDP"
+    assert "parallelism_config" not in config
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "hsdp"])
+def test_activation_checkpointing_is_never_applied_twice(strategy: str) -> None:
+    job = job_with(
+        resources={"nodes": 2, "gpusPerNode": 8},
+        parallelism={"strategy": strategy, "activationCheckpointing": True},
+    )
+    config: dict[str, Any] = accelerate_config(job.spec)
+    by_fsdp = config.get("fsdp_config", {}).get("fsdp_activation_checkpointing", False)
+    by_trainer = trainer_gradient_checkpointing(job.spec)
+    assert by_fsdp != by_trainer, "exactly one layer checkpoints activations"
+
+
+def test_cpu_runs_use_gloo_without_mixed_precision() -> None:
+    config = accelerate_config(job_with(resources={"nodes": 2, "gpusPerNode": 0}).spec)
+    assert config["distributed_type"] == "MULTI_CPU"
+    assert config["use_cpu"] is True
+    assert config["mixed_precision"] == "no"
+    assert "gpu_ids" not in config
+
+
+def test_gpu_runs_use_bf16() -> None:
+    config = accelerate_config(job_with(resources={"gpusPerNode": 8}).spec)
+    assert config["mixed_precision"] == "bf16"
+    assert config["distributed_type"] == "MULTI_GPU"

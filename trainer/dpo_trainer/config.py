@@ -1,0 +1,240 @@
+"""The pod contract between the operator and the trainer.
+
+Everything a training, eval or promote pod receives is defined here: the files mounted at
+/etc/dpo, the environment variables, the exit codes and the trainer config schema. The operator
+renders it (`dpo_operator.render`), the trainer reads it. Pydantic only: no torch, so the operator
+can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+# Files mounted into every pod from the DPOJob's ConfigMap.
+CONFIG_DIR = "/etc/dpo"
+TRAINER_CONFIG_FILE = "trainer.json"
+ACCELERATE_CONFIG_FILE = "accelerate.yaml"
+TRAINER_CONFIG_PATH = f"{CONFIG_DIR}/{TRAINER_CONFIG_FILE}"
+ACCELERATE_CONFIG_PATH = f"{CONFIG_DIR}/{ACCELERATE_CONFIG_FILE}"
+TERMINATION_LOG = "/dev/termination-log"
+
+# Environment variables every training pod receives.
+ENV_JOB = "DPO_JOB"
+ENV_NAMESPACE = "DPO_NAMESPACE"
+ENV_NNODES = "NNODES"
+ENV_NPROC_PER_NODE = "NPROC_PER_NODE"
+ENV_NODE_RANK = "NODE_RANK"
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_METRICS_PORT = "DPO_METRICS_PORT"
+
+DEFAULT_MASTER_PORT = 29500
+DEFAULT_METRICS_PORT = 9400
+
+# Exit codes: the operator decides whether to retry from these alone.
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # bad config or data: retrying cannot help
+EXIT_GATE_REJECTED = 3  # eval only: the adapter failed a gate criterion
+NON_RETRYABLE_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_GATE_REJECTED})
+
+# The loss types TRL's DPOConfig accepts (trl>=1.0, `DPOConfig.loss_type`), plus reference-free
+# SimPO, which runs through TRL's CPO trainer and so cannot be combined with the others. The
+# trainer test tier checks this list against the installed TRL so it cannot drift.
+LossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+    "simpo",
+]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+SIMPO = "simpo"
+DPO_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t != SIMPO)
+
+ShortStr = Annotated[str, Field(min_length=1, max_length=253)]
+UriStr = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class ContractModel(BaseModel):
+    """Base of every contract and API model: camelCase in JSON/YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+class ModelRef(ContractModel):
+    """A model by hub id, local path or storage URI, at an optional revision."""
+
+    name: UriStr = Field(
+        description="Hub id (org/model), local path, or storage URI (pvc://claim/path, s3://...).",
+    )
+    revision: ShortStr | None = Field(
+        default=None, description="Hub branch, tag or commit; pin it for reproducible runs."
+    )
+
+
+class DataSource(ContractModel):
+    """Preference pairs: a hub dataset (`name` + `split`) or jsonl/parquet files (`uri`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.name) != has(self.uri)",
+                    "message": "set exactly one of name (a hub dataset) or uri (jsonl/parquet "
+                    "files)",
+                }
+            ]
+        }
+    )
+
+    name: ShortStr | None = Field(default=None, description="Hub dataset id, e.g. org/prefs.")
+    split: ShortStr = Field(default="train", description="Dataset split (hub datasets only).")
+    revision: ShortStr | None = Field(default=None, description="Hub dataset revision.")
+    uri: UriStr | None = Field(
+        default=None,
+        description="jsonl or parquet file(s): local path, pvc://claim/path or s3://bucket/key.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_location(self) -> DataSource:
+        if (self.name is None) == (self.uri is None):
+            raise ValueError(
+                "set exactly one of `name` (a hub dataset) or `uri` (jsonl/parquet files)"
+            )
+        return self
+
+
+class ColumnMapping(ContractModel):
+    """Names of the dataset's own columns holding the prompt, chosen and rejected responses."""
+
+    prompt: ShortStr = Field(default="prompt", description="Column with the prompt.")
+    chosen: ShortStr = Field(default="chosen", description="Column with the preferred response.")
+    rejected: ShortStr = Field(
+        default="rejected", description="Column with the dispreferred response."
+    )
+
+
+DataFormat = Literal["auto", "standard", "conversational"]
+
+
+class LoraSettings(ContractModel):
+    """LoRA adapter settings (PEFT)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA scaling alpha.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default=["all-linear"],
+        max_length=64,
+        description='Modules to adapt; ["all-linear"] adapts every linear layer but the head.',
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer.json: the fully resolved configuration a trainer process runs with. No defaults left
+# to guess: the operator fills in everything, so what a pod does is visible in its ConfigMap.
+
+
+class JobIdentity(ContractModel):
+    name: ShortStr
+    namespace: ShortStr
+    uid: ShortStr
+
+
+class DataConfig(ContractModel):
+    train: DataSource
+    eval: DataSource | None
+    format: DataFormat
+    columns: ColumnMapping
+
+
+class TrainingConfig(ContractModel):
+    loss_type: list[LossType] = Field(min_length=1)
+    loss_weights: list[float] | None
+    beta: float = Field(gt=0)
+    simpo_gamma: float
+    learning_rate: float = Field(gt=0)
+    num_train_epochs: float = Field(gt=0)
+    max_steps: int | None
+    per_device_train_batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
+    max_length: int = Field(ge=8)
+    precompute_ref_log_probs: bool
+    seed: int
+    logging_steps: int = Field(ge=1)
+    save_steps: int = Field(ge=1)
+    gradient_checkpointing: bool
+    mixed_precision: Literal["bf16", "no"]
+    ddp_timeout_seconds: int = Field(ge=1)
+    extra: dict[str, object]
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_type == [SIMPO]
+
+
+class DistributedConfig(ContractModel):
+    nnodes: int = Field(ge=1)
+    nproc_per_node: int = Field(ge=1)
+    strategy: Literal["single", "ddp", "fsdp", "hsdp"]
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+class GateConfig(ContractModel):
+    data: DataSource
+    anchor_data: DataSource | None
+    max_samples: int | None
+    min_reward_accuracy: float | None
+    min_reward_margin: float | None
+    max_anchor_nll_increase: float | None
+    must_beat_promoted: bool
+    beat_margin: float
+
+
+class PromotionConfig(ContractModel):
+    target: UriStr
+    mode: Literal["auto", "manual"]
+
+
+class TrainerConfig(ContractModel):
+    """The content of /etc/dpo/trainer.json."""
+
+    job: JobIdentity
+    model: ModelRef
+    reference: ModelRef | None = Field(
+        description="A separate frozen reference; None means the policy itself (adapter disabled "
+        "with LoRA, or a frozen copy of the starting weights without it).",
+    )
+    trust_remote_code: bool
+    data: DataConfig
+    training: TrainingConfig
+    lora: LoraSettings | None
+    distributed: DistributedConfig
+    artifacts_dir: UriStr = Field(
+        description="<output>/<namespace>/<name>/<uid>: checkpoints/, adapter/, train.json, ..."
+    )
+    gate: GateConfig | None
+    promotion: PromotionConfig | None
+    metrics_port: int = Field(ge=1, le=65535)
