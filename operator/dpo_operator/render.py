@@ -320,10 +320,14 @@ def launch_command(job: DPOJob) -> list[str]:
     """`accelerate launch` with machine count, rank, address and port passed explicitly.
 
     accelerate ignores torchrun's PET_* variables; without these flags every node would train
-    alone with world size 1 and report success.
+    alone with world size 1 and report success. `dpo-trainer launch --` runs it as PID 1 and
+    forwards SIGTERM, so the trainer checkpoints before the pod goes away.
     """
     spec = job.spec
     return [
+        "dpo-trainer",
+        "launch",
+        "--",
         "accelerate",
         "launch",
         "--config_file",

@@ -102,8 +102,9 @@ def test_headless_service_resolves_rank_zero_before_it_is_ready() -> None:
 
 def test_launch_passes_machine_count_rank_address_and_port_explicitly() -> None:
     command = trainer(render_training_job(example("llama-8b-lora-infiniband"), 1))["command"]
-    assert command[:2] == ["accelerate", "launch"]
-    flags = dict(zip(command[2::2], command[3::2], strict=False))
+    # PID 1 forwards SIGTERM to accelerate and the trainer, so they checkpoint before exiting.
+    assert command[:5] == ["dpo-trainer", "launch", "--", "accelerate", "launch"]
+    flags = dict(zip(command[5::2], command[6::2], strict=False))
     assert flags["--num_machines"] == "$(NNODES)"
     assert flags["--machine_rank"] == "$(NODE_RANK)"
     assert flags["--main_process_ip"] == "$(MASTER_ADDR)"

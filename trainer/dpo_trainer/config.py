@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 # Files mounted into every pod from the DPOJob's ConfigMap.
@@ -20,6 +20,8 @@ ACCELERATE_CONFIG_FILE = "accelerate.yaml"
 TRAINER_CONFIG_PATH = f"{CONFIG_DIR}/{TRAINER_CONFIG_FILE}"
 ACCELERATE_CONFIG_PATH = f"{CONFIG_DIR}/{ACCELERATE_CONFIG_FILE}"
 TERMINATION_LOG = "/dev/termination-log"
+# Where the short JSON summary goes; tests and `dpo run` point it elsewhere.
+ENV_TERMINATION_LOG = "DPO_TERMINATION_LOG"
 
 # Environment variables every training pod receives.
 ENV_JOB = "DPO_JOB"
@@ -39,6 +41,13 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # bad config or data: retrying cannot help
 EXIT_GATE_REJECTED = 3  # eval only: the adapter failed a gate criterion
 NON_RETRYABLE_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_GATE_REJECTED})
+
+
+class BadInputError(Exception):
+    """Bad config or data: the trainer exits with EXIT_BAD_INPUT and the run is never retried.
+
+    The message names the file (and row and column, for data) and says what to do.
+    """
 
 # The loss types TRL's DPOConfig accepts (trl>=1.0, `DPOConfig.loss_type`), plus reference-free
 # SimPO, which runs through TRL's CPO trainer and so cannot be combined with the others. The
@@ -238,3 +247,22 @@ class TrainerConfig(ContractModel):
     gate: GateConfig | None
     promotion: PromotionConfig | None
     metrics_port: int = Field(ge=1, le=65535)
+
+
+def load_trainer_config(path: str) -> TrainerConfig:
+    """Read trainer.json; a missing or invalid file is bad input."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read the trainer config: {error.strerror}") from None
+    try:
+        return TrainerConfig.model_validate_json(text)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:10]
+        )
+        raise BadInputError(
+            f"{path}: not a valid trainer config ({problems}); render it with `dpo render` from "
+            "the same release as this trainer"
+        ) from None

@@ -1,0 +1,122 @@
+"""Helpers for real CPU training runs: configs rendered from DPOJobs, and local launches."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dpo_operator.api import DPOJob
+from dpo_operator.render import render_config_map, render_training_job, trainer_config
+from dpo_trainer.config import TrainerConfig
+from tests.conftest import job_with
+
+BIN = Path(sys.executable).parent
+
+# A run that learns the synthetic rule in seconds on a 2-core CPU.
+FAST_DPO: dict[str, Any] = {
+    "learningRate": 5e-4,
+    "maxSteps": 40,
+    "perDeviceBatchSize": 8,
+    "maxLength": 64,
+    "loggingSteps": 5,
+    "saveSteps": 20,
+}
+TINY_SPEC: dict[str, Any] = {
+    "model": {"name": "builtin:tiny-llama"},
+    "data": {
+        "train": {"uri": "builtin:synthetic-preferences/train"},
+        "eval": {"uri": "builtin:synthetic-preferences/eval"},
+    },
+    "resources": {"nodes": 1, "gpusPerNode": 0},
+    "peft": {"r": 8, "alpha": 16},
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.trainer)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tiny_job(**spec: Any) -> DPOJob:
+    """A CPU DPOJob on the builtin model and data; `spec` groups replace or extend the defaults."""
+    merged = {**TINY_SPEC, "dpo": dict(FAST_DPO)}
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return job_with(**merged)
+
+
+def local_config(job: DPOJob, workdir: Path) -> TrainerConfig:
+    """The rendered trainer config with artifacts under `workdir` and a free metrics port."""
+    return trainer_config(job).model_copy(
+        update={"artifacts_dir": str(workdir / "artifacts"), "metrics_port": free_port()}
+    )
+
+
+def write_config(config: TrainerConfig, workdir: Path) -> Path:
+    path = workdir / "trainer.json"
+    path.write_text(config.model_dump_json(by_alias=True, indent=2))
+    return path
+
+
+def pod_process(
+    job: DPOJob, rank: int, workdir: Path, config: TrainerConfig, **env: str
+) -> tuple[list[str], dict[str, str]]:
+    """The command and env of training pod `rank`, exactly as rendered, run on this machine.
+
+    Only what a kubelet provides changes: /etc/dpo files become files in `workdir`, the
+    completion index becomes `rank`, rank 0's DNS name becomes 127.0.0.1.
+    """
+    rendered = render_training_job(job, attempt=1)
+    container = rendered["spec"]["template"]["spec"]["containers"][0]
+    accelerate_yaml = workdir / "accelerate.yaml"
+    accelerate_yaml.write_text(render_config_map(job)["data"]["accelerate.yaml"])
+    trainer_json = write_config(config, workdir)
+    values: dict[str, str] = {}
+    for entry in container["env"]:
+        if "valueFrom" in entry:
+            values[entry["name"]] = str(rank)  # the completion index
+        else:
+            values[entry["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: values[m.group(1)], entry["value"]
+            )
+    values["MASTER_ADDR"] = "127.0.0.1"
+    values["MASTER_PORT"] = env.pop("MASTER_PORT", values["MASTER_PORT"])
+    command = [
+        re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], part)
+        .replace("/etc/dpo/accelerate.yaml", str(accelerate_yaml))
+        .replace("/etc/dpo/trainer.json", str(trainer_json))
+        for part in container["command"]
+    ]
+    command[0] = str(BIN / command[0])
+    full_env = {
+        **os.environ,
+        **values,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DPO_TERMINATION_LOG": str(workdir / f"termination-{rank}.json"),
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    return command, full_env
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)

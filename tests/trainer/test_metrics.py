@@ -1,0 +1,64 @@
+"""While a run goes, rank 0's /metrics shows every DESIGN.md training metric; train.json agrees."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from dpo_trainer.metrics import EVAL_METRICS, TRAIN_METRICS
+from tests.trainer.conftest import local_config, pod_process, start, tiny_job
+
+
+def scrape(port: int) -> dict[str, dict[str, float]]:
+    """{metric: {namespace/dpojob: value}} from a live /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    values: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = f"{sample.labels.get('namespace')}/{sample.labels.get('dpojob')}"
+            values.setdefault(sample.name, {})[key] = sample.value
+    return values
+
+
+def test_live_metrics_cover_every_training_metric(tmp_path: Path) -> None:
+    job = tiny_job(dpo={"maxSteps": 80, "loggingSteps": 2, "saveSteps": 40})
+    config = local_config(job, tmp_path)
+    command, env = pod_process(job, 0, tmp_path, config)
+    process = start(command, env, tmp_path / "run.log")
+    seen: dict[str, dict[str, float]] = {}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            seen = scrape(config.metrics_port)
+        except OSError:
+            time.sleep(0.2)
+            continue
+        step = seen.get("dpo_train_step", {}).get("ml/demo", 0)
+        if step >= 10 and all(name in seen for name in TRAIN_METRICS):
+            break
+        time.sleep(0.2)
+    assert process.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+    missing = [name for name in TRAIN_METRICS if name not in seen]
+    assert not missing, f"/metrics lacked {missing} during the run"
+    for name in TRAIN_METRICS:
+        assert set(seen[name]) == {"ml/demo"}, f"{name} is labelled with the job and namespace"
+    print("live /metrics during the run:", {k: round(v["ml/demo"], 4) for k, v in seen.items()
+                                            if k in TRAIN_METRICS})
+
+    summary = json.loads((tmp_path / "artifacts" / "train.json").read_text())
+    last_train = [e for e in summary["logHistory"] if "loss" in e][-1]
+    last_eval = [e for e in summary["logHistory"] if "eval_loss" in e][-1]
+    final = summary["metrics"]
+    assert set(TRAIN_METRICS) <= set(final)
+    assert set(EVAL_METRICS) <= set(final)
+    assert final["dpo_train_loss"] == last_train["loss"]
+    assert final["dpo_train_reward_accuracy"] == last_train["rewards/accuracies"]
+    assert final["dpo_train_reward_margin"] == last_train["rewards/margins"]
+    assert final["dpo_train_step"] == summary["step"] == 80
+    assert final["dpo_eval_reward_accuracy"] == last_eval["eval_rewards/accuracies"]

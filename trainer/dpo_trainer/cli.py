@@ -1,0 +1,123 @@
+"""`dpo-trainer`: the commands training, eval and promote pods run.
+
+Usage:
+    dpo-trainer train --config /etc/dpo/trainer.json   (under `accelerate launch`)
+    dpo-trainer launch -- accelerate launch ...          (PID 1: forwards SIGTERM)
+
+Exit codes (the pod contract): 0 done, 2 bad config or data (never retried), 3 gate rejected,
+anything else an infrastructure failure that may be retried from a checkpoint. Each command
+writes a short JSON summary to the termination log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+from dpo_trainer.config import (
+    ENV_TERMINATION_LOG,
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    TERMINATION_LOG,
+    TRAINER_CONFIG_PATH,
+    BadInputError,
+    load_trainer_config,
+)
+from dpo_trainer.launch import main as launch
+from dpo_trainer.launch import record_exit, register_trainer
+
+log = logging.getLogger("dpo_trainer")
+
+# What an unexpected exception exits with: retryable, like any infrastructure failure.
+EXIT_INFRASTRUCTURE = 1
+
+# Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+_SUMMARY_METRICS = (
+    "dpo_train_loss",
+    "dpo_train_reward_accuracy",
+    "dpo_train_reward_margin",
+    "dpo_eval_reward_accuracy",
+    "dpo_eval_reward_margin",
+)
+
+
+def write_termination_message(summary: dict[str, Any]) -> None:
+    """The small JSON the operator reads from the pod status (never the logs)."""
+    path = os.environ.get(ENV_TERMINATION_LOG, TERMINATION_LOG)
+    text = json.dumps(summary, separators=(",", ":"), sort_keys=True)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        text = json.dumps(
+            {"status": summary.get("status"), "message": str(summary.get("message", ""))[:3500]}
+        )
+    try:
+        with open(path, "w", encoding="utf-8") as stream:
+            stream.write(text)
+    except OSError as error:
+        log.debug("no termination log at %s: %s", path, error)
+
+
+def short_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    metrics = summary.get("metrics", {})
+    return {
+        "status": summary["status"],
+        "step": summary.get("step"),
+        "worldSize": summary.get("worldSize"),
+        "adapterDigest": summary.get("adapterDigest"),
+        "metrics": {name: metrics[name] for name in _SUMMARY_METRICS if name in metrics},
+    }
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dpo_trainer.train import EXIT_INTERRUPTED, TrainingInterrupted, train
+
+    config = load_trainer_config(args.config)
+    try:
+        summary = train(config)
+    except TrainingInterrupted as stop:
+        write_termination_message({"status": "interrupted", "message": str(stop)})
+        log.warning("%s; a restart resumes from the checkpoint", stop)
+        return EXIT_INTERRUPTED
+    write_termination_message(short_summary(summary))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-trainer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train on the preference pairs of trainer.json")
+    train.add_argument("--config", default=TRAINER_CONFIG_PATH, help="path of trainer.json")
+    train.set_defaults(run=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Deprecations inside transformers/TRL are theirs to fix; users cannot act on them.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)\.")
+    if argv[:1] == ["launch"]:
+        return launch(argv[2:] if argv[1:2] == ["--"] else argv[1:])
+    args = build_parser().parse_args(argv)
+    register_trainer(os.getpid())
+    code = EXIT_INFRASTRUCTURE
+    try:
+        code = args.run(args)
+    except BadInputError as error:
+        log.error("%s", error)
+        write_termination_message({"status": "bad-input", "message": str(error)})
+        code = EXIT_BAD_INPUT
+    finally:
+        record_exit(os.getpid(), code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`dpo-trainer launch -- CMD...`: PID 1 of a training pod, around `accelerate launch`.
+
+Three things go wrong without it:
+- In a pod only PID 1 receives SIGTERM. `accelerate launch` forwards nothing with one process
+  per pod, and torchrun SIGKILLs its workers after a short grace period, so the trainers would
+  die mid-checkpoint. Here the trainers register themselves and are signalled directly.
+- Both accelerate launchers turn any trainer failure into exit code 1, which would erase the pod
+  contract's codes (2 = bad input, never retried). Each trainer records its own code, and this
+  process exits with it.
+- Orphaned grandchildren must be reaped by PID 1. This process waits for every descendant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_OK
+
+# Set for the trainers: where each registers its pid and, on the way out, its exit code.
+ENV_LAUNCH_DIR = "DPO_LAUNCH_DIR"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def register_trainer(pid: int) -> None:
+    """Called by a trainer process at start: the launcher signals it directly."""
+    directory = os.environ.get(ENV_LAUNCH_DIR)
+    if directory:
+        (Path(directory) / f"{pid}.pid").write_text("")
+
+
+def record_exit(pid: int, code: int) -> None:
+    """Called by a trainer process on exit: the launcher exits with the most telling code."""
+    directory = os.environ.get(ENV_LAUNCH_DIR)
+    if directory:
+        (Path(directory) / f"{pid}.exit").write_text(str(code))
+
+
+def run_forwarding_signals(command: list[str]) -> int:
+    launch_dir = Path(tempfile.mkdtemp(prefix="dpo-launch-"))
+    _become_subreaper()
+    child = subprocess.Popen(
+        command, start_new_session=True, env={**os.environ, ENV_LAUNCH_DIR: str(launch_dir)}
+    )
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        del frame
+        trainers = [int(p.stem) for p in launch_dir.glob("*.pid")]
+        if not trainers:  # nothing to checkpoint yet: stop everything
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signum)
+        for pid in trainers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    try:
+        status = child.wait()
+        _wait_for_descendants(child.pid)
+        reported = [int(p.read_text()) for p in launch_dir.glob("*.exit")]
+    finally:
+        shutil.rmtree(launch_dir, ignore_errors=True)
+    return outcome(status, reported)
+
+
+def outcome(launcher_status: int, reported: list[int]) -> int:
+    """The pod's exit code: the trainers' own verdict wins over the launcher's generic one."""
+    for code in (EXIT_BAD_INPUT, EXIT_GATE_REJECTED):
+        if code in reported:
+            return code
+    failures = [code for code in reported if code != EXIT_OK]
+    if failures:
+        return failures[0]
+    if launcher_status < 0:  # killed by a signal: report it as a shell would
+        return 128 - launcher_status
+    return launcher_status
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned descendants (Linux), so they can be waited for and reaped."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _wait_for_descendants(group: int) -> None:
+    """Reap adopted descendants; then wait until nothing of the process group is left."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+    while True:
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: dpo-trainer launch -- COMMAND [ARG...]", file=sys.stderr)
+        return 2
+    return run_forwarding_signals(argv)
