@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= operator,dev
+EXTRAS ?= operator,trainer,dev
 
 .PHONY: quickstart test unit lint crd golden clean
 

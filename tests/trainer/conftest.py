@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from dpo_operator.api import DPOJob
 from dpo_operator.render import render_config_map, render_training_job, trainer_config
 from dpo_trainer.config import TrainerConfig
+
 from tests.conftest import job_with
 
 BIN = Path(sys.executable).parent

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from dpo_trainer import models
 from dpo_trainer.train import train
+
 from tests.trainer.conftest import local_config, tiny_job
 
 

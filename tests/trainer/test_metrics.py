@@ -7,9 +7,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from dpo_trainer.metrics import EVAL_METRICS, TRAIN_METRICS
 from prometheus_client.parser import text_string_to_metric_families
 
-from dpo_trainer.metrics import EVAL_METRICS, TRAIN_METRICS
 from tests.trainer.conftest import local_config, pod_process, start, tiny_job
 
 
@@ -48,8 +48,19 @@ def test_live_metrics_cover_every_training_metric(tmp_path: Path) -> None:
     assert not missing, f"/metrics lacked {missing} during the run"
     for name in TRAIN_METRICS:
         assert set(seen[name]) == {"ml/demo"}, f"{name} is labelled with the job and namespace"
-    print("live /metrics during the run:", {k: round(v["ml/demo"], 4) for k, v in seen.items()
-                                            if k in TRAIN_METRICS})
+    print(
+        "live /metrics during the run:",
+        {k: round(v["ml/demo"], 4) for k, v in seen.items() if k in TRAIN_METRICS},
+    )
+
+    # Not a terminal: one readable line per logging step instead of a progress bar.
+    step_lines = [
+        line
+        for line in (tmp_path / "run.log").read_text().splitlines()
+        if line.startswith("step ") and " loss=" in line
+    ]
+    assert len(step_lines) == 80 // 2 + 1  # every 2 steps, plus the first step
+    assert step_lines[-1].startswith("step 80/80 ")
 
     summary = json.loads((tmp_path / "artifacts" / "train.json").read_text())
     last_train = [e for e in summary["logHistory"] if "loss" in e][-1]

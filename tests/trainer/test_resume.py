@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from dpo_trainer.train import EXIT_INTERRUPTED, train
+
 from tests.trainer.conftest import local_config, pod_process, start, tiny_job
 
 # Per-step losses of the resumed run equal the uninterrupted run's to this absolute tolerance
@@ -37,7 +38,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches(tmp_path: Path) ->
         assert time.monotonic() < deadline, "no checkpoint-10 in time"
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)  # what the kubelet does to PID 1
-    assert process.wait(timeout=120) == EXIT_INTERRUPTED, (workdir / "first.log").read_text()[-3000:]
+    assert process.wait(timeout=120) == EXIT_INTERRUPTED, (workdir / "first.log").read_text()[
+        -3000:
+    ]
     interrupted = json.loads((workdir / "termination-0.json").read_text())
     assert interrupted["status"] == "interrupted"
     saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
@@ -57,8 +60,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches(tmp_path: Path) ->
     expected, actual = losses(unbroken), losses(resumed)
     after_resume = [step for step in actual if step > stopped_at]
     worst = max(abs(actual[s] - expected[s]) for s in after_resume)
-    print(f"stopped at step {stopped_at}; resumed steps {after_resume[0]}..{after_resume[-1]}; "
-          f"largest loss difference vs. unbroken run {worst:.2e} (tolerance {LOSS_TOLERANCE})")
+    print(
+        f"stopped at step {stopped_at}; resumed steps {after_resume[0]}..{after_resume[-1]}; "
+        f"largest loss difference vs. unbroken run {worst:.2e} (tolerance {LOSS_TOLERANCE})"
+    )
     assert worst <= LOSS_TOLERANCE
 
     # Once finished, the same command again reports the result and trains nothing.

@@ -77,20 +77,28 @@ class Artifacts:
         """The newest complete checkpoint, fetched from the object store if needed."""
         if not self.is_local:
             remote = f"{self.remote_path}/{CHECKPOINTS}"
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(remote, detail=False)] if (
-                self.fs.exists(remote)
-            ) else []
-            complete = [n for n in names if _CHECKPOINT.match(n) and self.fs.exists(
-                f"{remote}/{n}/{_CHECKPOINT_COMPLETE_MARKER}"
-            )]
+            names = (
+                [p.rsplit("/", 1)[-1] for p in self.fs.ls(remote, detail=False)]
+                if (self.fs.exists(remote))
+                else []
+            )
+            complete = [
+                n
+                for n in names
+                if _CHECKPOINT.match(n)
+                and self.fs.exists(f"{remote}/{n}/{_CHECKPOINT_COMPLETE_MARKER}")
+            ]
             if complete:
                 newest = max(complete, key=_step)
                 if not (self.checkpoints / newest / _CHECKPOINT_COMPLETE_MARKER).exists():
-                    self.fs.get(f"{remote}/{newest}", str(self.checkpoints / newest), recursive=True)
+                    self.fs.get(
+                        f"{remote}/{newest}", str(self.checkpoints / newest), recursive=True
+                    )
         if not self.checkpoints.exists():
             return None
         complete_local = [
-            path for path in self.checkpoints.iterdir()
+            path
+            for path in self.checkpoints.iterdir()
             if _CHECKPOINT.match(path.name) and (path / _CHECKPOINT_COMPLETE_MARKER).exists()
         ]
         return max(complete_local, key=lambda path: _step(path.name), default=None)

@@ -26,7 +26,7 @@ _MARKERS = ["->", "user", "assistant", ":"]
 VOCABULARY = _SPECIAL + _MARKERS + _PROMPT_WORDS + _GOOD_WORDS + _BAD_WORDS
 
 # Deterministic model sizes. `tiny-llama` trains in seconds on a laptop CPU.
-MODEL_PRESETS: dict[str, dict[str, int]] = {
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": {
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -34,6 +34,24 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 256,
+    },
+    # For benchmarks: big enough that a second copy of the weights shows in memory.
+    "small-llama": {
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 1024,
+    },
+    # For GPU benchmarks: ~0.5B parameters, randomly initialised (no weights are downloaded).
+    "llama-0.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 4096,
     },
 }
 _MODEL_FORMAT = 1  # bump when the builtin models change, so cached copies are rebuilt
@@ -79,7 +97,7 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
     return target
 
 
-def _build_model(preset: dict[str, int]) -> Any:
+def _build_model(preset: dict[str, Any]) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,7 +121,8 @@ def build_tokenizer() -> Any:
         models.WordLevel({word: i for i, word in enumerate(VOCABULARY)}, unk_token="<unk>")
     )
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer_class: Any = PreTrainedTokenizerFast  # untyped constructor
+    tokenizer = tokenizer_class(
         tokenizer_object=word_level,
         bos_token="<bos>",
         eos_token="<eos>",
@@ -115,10 +134,11 @@ def build_tokenizer() -> Any:
 
 
 def synthetic_preferences(spec: str) -> list[dict[str, str]]:
-    """Pairs for `synthetic-preferences/<split>[?n=N&flip=true]`.
+    """Pairs for `synthetic-preferences/<split>[?n=N&words=W&flip=true]`.
 
-    Each split has its own seed, so eval prompts and responses are unseen combinations.
-    `flip=true` swaps chosen and rejected: a run trained on it must fail the gate.
+    Each split has its own seed, so eval prompts and responses are unseen combinations. `words`
+    sets the response length (default 3; benchmarks use longer ones). `flip=true` swaps chosen
+    and rejected: a run trained on it must fail the gate.
     """
     path, _, query = spec.partition("?")
     name, _, split = path.partition("/")
@@ -130,12 +150,13 @@ def synthetic_preferences(spec: str) -> list[dict[str, str]]:
     options = {key: values[-1] for key, values in parse_qs(query).items()}
     count = int(options.get("n", 512 if split == "train" else 128))
     flip = options.get("flip", "false").lower() == "true"
+    words = int(options.get("words", 3))
     rng = random.Random(_SPLIT_SEEDS[split])
     pairs = []
     for _ in range(count):
         prompt = " ".join(rng.choices(_PROMPT_WORDS, k=4)) + " ->"
-        good = " " + " ".join(rng.choices(_GOOD_WORDS, k=3))
-        bad = " " + " ".join(rng.choices(_BAD_WORDS, k=3))
+        good = " " + " ".join(rng.choices(_GOOD_WORDS, k=words))
+        bad = " " + " ".join(rng.choices(_BAD_WORDS, k=words))
         chosen, rejected = (bad, good) if flip else (good, bad)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs

@@ -69,17 +69,18 @@ def short_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "step": summary.get("step"),
         "worldSize": summary.get("worldSize"),
         "adapterDigest": summary.get("adapterDigest"),
+        "parametersDigest": summary.get("parametersDigest"),
         "metrics": {name: metrics[name] for name in _SUMMARY_METRICS if name in metrics},
     }
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dpo_trainer.train import EXIT_INTERRUPTED, TrainingInterrupted, train
+    from dpo_trainer.train import EXIT_INTERRUPTED, TrainingInterruptedError, train
 
     config = load_trainer_config(args.config)
     try:
         summary = train(config)
-    except TrainingInterrupted as stop:
+    except TrainingInterruptedError as stop:
         write_termination_message({"status": "interrupted", "message": str(stop)})
         log.warning("%s; a restart resumes from the checkpoint", stop)
         return EXIT_INTERRUPTED

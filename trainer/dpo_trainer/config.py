@@ -49,6 +49,7 @@ class BadInputError(Exception):
     The message names the file (and row and column, for data) and says what to do.
     """
 
+
 # The loss types TRL's DPOConfig accepts (trl>=1.0, `DPOConfig.loss_type`), plus reference-free
 # SimPO, which runs through TRL's CPO trainer and so cannot be combined with the others. The
 # trainer test tier checks this list against the installed TRL so it cannot drift.

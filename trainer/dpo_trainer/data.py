@@ -56,7 +56,12 @@ def load_preferences(
     kept, report = _clean(pairs, label)
     log.info(
         "%s: read %d pairs, dropped %d identical, %d with empty fields, %d duplicates; kept %d",
-        label, report.read, report.identical, report.empty, report.duplicates, report.kept,
+        label,
+        report.read,
+        report.identical,
+        report.empty,
+        report.duplicates,
+        report.kept,
     )
     if not kept:
         raise BadInputError(f"{label}: every pair was dropped while cleaning ({report.as_dict()})")
@@ -166,9 +171,7 @@ def _is_messages(value: Any) -> bool:
 
 
 def _check_format(pairs: list[Row], data_format: DataFormat, label: str) -> None:
-    detected: DataFormat = (
-        "conversational" if _is_messages(pairs[0]["chosen"]) else "standard"
-    )
+    detected: DataFormat = "conversational" if _is_messages(pairs[0]["chosen"]) else "standard"
     if data_format != "auto" and data_format != detected:
         raise BadInputError(
             f"{label}: spec.data.format is {data_format} but row 1 is {detected} "

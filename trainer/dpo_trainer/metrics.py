@@ -31,7 +31,7 @@ DERIVED: dict[str, str] = {
     "tokens_total": "Tokens processed (prompt + responses, all ranks)",
     "tokens_per_second": "Tokens processed per second since the previous log",
 }
-_HELP = {suffix: help_text for suffix, help_text in LOGGED.values()} | DERIVED
+_HELP = dict(LOGGED.values()) | DERIVED
 TRAIN_METRICS = [f"dpo_train_{suffix}" for suffix in _HELP]
 # Evaluation logs carry no learning rate and repeat the training token count.
 _TRAIN_ONLY = {"learning_rate", "tokens_total", "tokens_per_second"}
@@ -40,7 +40,7 @@ LABELS = ("dpojob", "namespace")
 EVAL_PREFIX = "eval_"
 
 
-class PrometheusCallback(TrainerCallback):  # type: ignore[misc]
+class PrometheusCallback(TrainerCallback):
     """Mirrors each log into gauges; serves them on `port` when `serve` (rank 0 only)."""
 
     def __init__(self, job: str, namespace: str, port: int, *, serve: bool) -> None:

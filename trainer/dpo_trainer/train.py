@@ -51,7 +51,7 @@ EXIT_INTERRUPTED = 128 + signal.SIGTERM
 SAVE_TOTAL_LIMIT = 2
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterruptedError(Exception):
     """SIGTERM arrived: a checkpoint was written and the run can resume from it."""
 
 
@@ -63,7 +63,12 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         log.info("%s already finished; reporting its result", artifacts.uri)
         return finished
 
-    state = PartialState(timeout=timedelta(seconds=config.training.ddp_timeout_seconds))
+    # The first PartialState decides the process group for the whole process (a singleton); on
+    # CPU only cpu=True makes it join the other ranks over gloo.
+    state = PartialState(
+        cpu=not torch.cuda.is_available(),
+        timeout=timedelta(seconds=config.training.ddp_timeout_seconds),
+    )
     check_world_size(config.distributed, state.num_processes)
     dtype = torch_dtype(config.training.mixed_precision)
 
@@ -99,7 +104,7 @@ def train(config: TrainerConfig) -> dict[str, Any]:
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if stopper.stopped:
-            raise TrainingInterrupted(f"stopped by signal at step {trainer.state.global_step}")
+            raise TrainingInterruptedError(f"stopped by signal at step {trainer.state.global_step}")
         final_eval = _final_evaluation(trainer) if eval_rows is not None else {}
         return _finish(
             config, artifacts, trainer, metrics, final_eval, train_report, eval_report, started
@@ -189,8 +194,10 @@ def training_arguments(
 def _checkpointing_field(config_class: type[TrainingArguments]) -> str:
     """transformers 5 renamed gradient_checkpointing; use the name this version has."""
     names = {f.name for f in dataclasses.fields(config_class)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else (
-        "gradient_checkpointing"
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else ("gradient_checkpointing")
     )
 
 
@@ -207,7 +214,9 @@ def _config_with_extra(
     try:
         return config_class(**{**fields, **extra})
     except (TypeError, ValueError) as error:
-        raise BadInputError(f"spec.dpo: {config_class.__name__} rejected the settings: {error}") from None
+        raise BadInputError(
+            f"spec.dpo: {config_class.__name__} rejected the settings: {error}"
+        ) from None
 
 
 def _trainer(
@@ -221,7 +230,7 @@ def _trainer(
     dtype: torch.dtype,
     callbacks: list[TrainerCallback],
 ) -> Any:
-    args = training_arguments(config, str(artifacts.checkpoints), dtype)
+    args: Any = training_arguments(config, str(artifacts.checkpoints), dtype)
     peft_config = lora_config(config.lora) if config.lora is not None else None
     datasets = {
         "train_dataset": Dataset.from_list(train_rows),
@@ -231,7 +240,7 @@ def _trainer(
     if config.training.reference_free:
         from trl.experimental.cpo import CPOTrainer
 
-        trainer = CPOTrainer(
+        trainer: Any = CPOTrainer(
             model=policy,
             args=args,
             processing_class=tokenizer,
@@ -307,7 +316,7 @@ def trainable_parameters_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
-class StopOnSignal(TrainerCallback):  # type: ignore[misc]
+class StopOnSignal(TrainerCallback):
     """On SIGTERM, finish the current step, write a checkpoint, and stop.
 
     Every rank must stop at the same step (the checkpoint is a collective), so the flag is
@@ -337,14 +346,13 @@ class StopOnSignal(TrainerCallback):  # type: ignore[misc]
             control.should_training_stop = True
             self.stopped = True
 
-
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-class UploadCheckpoints(TrainerCallback):  # type: ignore[misc]
+class UploadCheckpoints(TrainerCallback):
     """Copy each checkpoint to the object store as soon as it is written."""
 
     def __init__(self, artifacts: Artifacts) -> None:
@@ -357,7 +365,7 @@ class UploadCheckpoints(TrainerCallback):  # type: ignore[misc]
             self.artifacts.upload(f"{CHECKPOINTS}/checkpoint-{state.global_step}")
 
 
-class LogLines(TrainerCallback):  # type: ignore[misc]
+class LogLines(TrainerCallback):
     """One line per logging step when no progress bar is shown (not a terminal)."""
 
     def on_log(
@@ -371,9 +379,18 @@ class LogLines(TrainerCallback):  # type: ignore[misc]
         if not args.disable_tqdm or not state.is_world_process_zero or not logs:
             return
         shown = {
-            key: value for key, value in logs.items()
-            if key in ("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies",
-                       "rewards/margins", "eval_rewards/margins", "learning_rate")
+            key: value
+            for key, value in logs.items()
+            if key
+            in (
+                "loss",
+                "eval_loss",
+                "rewards/accuracies",
+                "eval_rewards/accuracies",
+                "rewards/margins",
+                "eval_rewards/margins",
+                "learning_rate",
+            )
         }
         if not shown:
             return

@@ -1,0 +1,232 @@
+"""Benchmark: step time and peak memory of the reference-model strategies, and our trainer's
+overhead against a bare TRL script doing the same work.
+
+Usage:
+    python tools/bench_trainer.py [--model builtin:small-llama] [--steps 30] [--words 32]
+
+Each variant runs in a fresh process (peak memory is per process). Prints a table and ratios;
+on a GPU also tokens per second and model FLOPs utilisation against the GPU's bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = {
+    "lora, reference = adapter disabled": {"peft": True, "reference": False, "precompute": False},
+    "lora, separate reference copy": {"peft": True, "reference": True, "precompute": False},
+    "lora, precomputed reference log-probs": {"peft": True, "reference": True, "precompute": True},
+}
+BARE_TRL = "bare TRL script (adapter disabled)"
+# Dense bf16 peak of the GPUs this project is benchmarked on, in FLOP/s.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def job_manifest(
+    model: str, steps: int, words: int, variant: dict[str, bool], on_gpu: bool
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"name": model},
+        "data": {"train": {"uri": f"builtin:synthetic-preferences/train?n=2048&words={words}"}},
+        "dpo": {
+            "learningRate": 1e-4,
+            "maxSteps": steps,
+            "perDeviceBatchSize": 8,
+            "maxLength": 4 * words + 16,
+            "loggingSteps": steps,
+            "saveSteps": 10 * steps,
+            "precomputeRefLogProbs": variant["precompute"],
+        },
+        "peft": {"enabled": variant["peft"], "r": 16, "alpha": 32, "dropout": 0.0},
+        "resources": {"nodes": 1, "gpusPerNode": 1 if on_gpu else 0},
+        "parallelism": {"activationCheckpointing": False},
+        "evalGate": {"enabled": False},
+        "output": {"uri": "pvc://bench"},
+    }
+    if variant["reference"]:
+        spec["model"]["reference"] = {"name": model}
+    return {
+        "apiVersion": "dpo.dev/v1alpha1",
+        "kind": "DPOJob",
+        "metadata": {"name": "bench"},
+        "spec": spec,
+    }
+
+
+def measure(
+    trainer_state_history: list[dict[str, Any]], steps: int, started: float
+) -> dict[str, Any]:
+    import torch
+
+    runtime = next(e["train_runtime"] for e in trainer_state_history if "train_runtime" in e)
+    tokens = max((e.get("num_tokens", 0) for e in trainer_state_history), default=0)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "step_seconds": runtime / steps,
+        "peak_bytes": peak,
+        "tokens": tokens,
+        "runtime": runtime,
+        "wall": time.monotonic() - started,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_ours(args: argparse.Namespace, variant: dict[str, bool], workdir: Path) -> dict[str, Any]:
+    import torch
+    from dpo_operator.api import parse_dpojob
+    from dpo_operator.render import trainer_config
+    from dpo_trainer.train import train
+
+    started = time.monotonic()
+    job = parse_dpojob(
+        job_manifest(args.model, args.steps, args.words, variant, torch.cuda.is_available())
+    )
+    config = trainer_config(job).model_copy(
+        update={"artifacts_dir": str(workdir), "metrics_port": free_port()}
+    )
+    summary = train(config)
+    return measure(summary["logHistory"], args.steps, started)
+
+
+def run_bare_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The same work written directly against TRL, as a user script would."""
+    import torch
+    from datasets import Dataset
+    from dpo_trainer.builtin import builtin_model_path, synthetic_preferences
+    from dpo_trainer.models import cache_dir
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    started = time.monotonic()
+    path = builtin_model_path(args.model, cache_dir() / "models")
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    rows = synthetic_preferences(f"synthetic-preferences/train?n=2048&words={args.words}")
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+        args=DPOConfig(
+            output_dir=str(workdir),
+            learning_rate=1e-4,
+            max_steps=args.steps,
+            per_device_train_batch_size=8,
+            max_length=4 * args.words + 16,
+            logging_steps=args.steps,
+            save_strategy="no",
+            report_to="none",
+            gradient_checkpointing=False,
+            bf16=on_gpu,
+            use_cpu=not on_gpu,
+            disable_tqdm=True,
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=LoraConfig(
+            task_type="CAUSAL_LM",
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+        ),
+    )
+    trainer.train()
+    result = measure(trainer.state.log_history, args.steps, started)
+    result["parameters"] = sum(p.numel() for p in trainer.model.parameters())
+    return result
+
+
+def child(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    if args.run == BARE_TRL:
+        result = run_bare_trl(args, workdir)
+    else:
+        result = run_ours(args, VARIANTS[args.run], workdir)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def gpu_report(results: dict[str, dict[str, Any]]) -> None:
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+    parameters = results[BARE_TRL].get("parameters", 0)
+    for label, result in results.items():
+        tokens_per_second = result["tokens"] / result["runtime"]
+        # Training: 6 FLOPs per parameter and token; the reference forward adds 2 (none when
+        # precomputed, and with LoRA the frozen base still does the full forward and backward).
+        flops = 8 * parameters * tokens_per_second
+        mfu = f"{flops / peak:.1%}" if peak else "n/a"
+        print(f"{label:44s} {tokens_per_second:12.0f} tokens/s   MFU {mfu} of {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:small-llama")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--words", type=int, default=32, help="words per response")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        child(args)
+        return
+
+    results: dict[str, dict[str, Any]] = {}
+    for label in [*VARIANTS, BARE_TRL]:
+        command = [
+            sys.executable,
+            __file__,
+            "--run",
+            label,
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--words",
+            str(args.words),
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=False)
+        line = next((x for x in output.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{label} failed:\n{output.stdout[-2000:]}\n{output.stderr[-4000:]}")
+        results[label] = json.loads(line.removeprefix("RESULT "))
+
+    base = results["lora, reference = adapter disabled"]
+    print(f"\nmodel {args.model}, {args.steps} steps, batch 8, {args.words} words per response\n")
+    print(f"{'variant':44s} {'step s':>8s} {'peak MiB':>9s} {'step ratio':>11s} {'mem ratio':>10s}")
+    for label, result in results.items():
+        print(
+            f"{label:44s} {result['step_seconds']:8.3f} {result['peak_bytes'] / 2**20:9.0f} "
+            f"{result['step_seconds'] / base['step_seconds']:11.2f} "
+            f"{result['peak_bytes'] / base['peak_bytes']:10.2f}"
+        )
+    bare = results[BARE_TRL]
+    step_ratio = base["step_seconds"] / bare["step_seconds"]
+    memory_ratio = base["peak_bytes"] / bare["peak_bytes"]
+    print(f"\nour trainer / bare TRL: step time x{step_ratio:.2f}, peak memory x{memory_ratio:.2f}")
+    import torch
+
+    if torch.cuda.is_available():
+        gpu_report(results)
+
+
+if __name__ == "__main__":
+    main()
