@@ -13,9 +13,9 @@ $(BIN)/dpo: pyproject.toml
 	$(BIN)/python -m pip install --quiet --editable '.[$(EXTRAS)]'
 	touch $@
 
+# Trains a tiny model on CPU, gates and promotes it: about a minute on a laptop.
 quickstart: $(BIN)/dpo
-	$(BIN)/dpo validate examples/quickstart.yaml
-	$(BIN)/dpo render examples/quickstart.yaml
+	$(BIN)/dpo run examples/quickstart.yaml
 
 # Every tier: lint, types, layering, then all tests (unit, trainer, cluster, e2e).
 test: lint

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -122,30 +123,37 @@ def pvc_claim(uri: str) -> str | None:
     return uri.removeprefix("pvc://").split("/", 1)[0]
 
 
-def pod_path(uri: str) -> str:
-    """Where a storage URI is reachable inside a pod."""
+ClaimPaths = Mapping[str, str]
+
+
+def pod_path(uri: str, claim_paths: ClaimPaths | None = None) -> str:
+    """Where a storage URI is reachable inside a pod (or, with `claim_paths`, on this machine)."""
     claim = pvc_claim(uri)
     if claim is None:
         return uri
     rest = uri.removeprefix(f"pvc://{claim}").strip("/")
-    return f"{PVC_MOUNT_ROOT}/{claim}" + (f"/{rest}" if rest else "")
+    root = (claim_paths or {}).get(claim, f"{PVC_MOUNT_ROOT}/{claim}")
+    return root + (f"/{rest}" if rest else "")
 
 
-def _in_pod(source: DataSource) -> DataSource:
+def _in_pod(source: DataSource, claim_paths: ClaimPaths | None) -> DataSource:
     if source.uri is None:
         return source
-    return source.model_copy(update={"uri": pod_path(source.uri)})
+    return source.model_copy(update={"uri": pod_path(source.uri, claim_paths)})
 
 
-def _optional_in_pod(source: DataSource | None) -> DataSource | None:
-    return None if source is None else _in_pod(source)
+def _optional_in_pod(
+    source: DataSource | None, claim_paths: ClaimPaths | None
+) -> DataSource | None:
+    return None if source is None else _in_pod(source, claim_paths)
 
 
-def _model_in_pod(ref: ModelRef) -> ModelRef:
-    return ref.model_copy(update={"name": pod_path(ref.name)})
+def _model_in_pod(ref: ModelRef, claim_paths: ClaimPaths | None) -> ModelRef:
+    return ref.model_copy(update={"name": pod_path(ref.name, claim_paths)})
 
 
-def _claims(job: DPOJob) -> list[str]:
+def claims(job: DPOJob) -> list[str]:
+    """The PersistentVolumeClaims the job's pvc:// URIs name."""
     spec = job.spec
     uris = [spec.model.name, spec.output.uri]
     if spec.model.reference:
@@ -163,27 +171,34 @@ def _claims(job: DPOJob) -> list[str]:
     return sorted({claim for uri in uris if (claim := pvc_claim(uri))})
 
 
-def artifacts_dir(job: DPOJob) -> str:
+def artifacts_dir(job: DPOJob, claim_paths: ClaimPaths | None = None) -> str:
     """<output>/<namespace>/<name>/<uid>, as the pods see it."""
-    return f"{pod_path(job.spec.output.uri).rstrip('/')}/{job.namespace}/{job.name}/{run_id(job)}"
+    output = pod_path(job.spec.output.uri, claim_paths).rstrip("/")
+    return f"{output}/{job.namespace}/{job.name}/{run_id(job)}"
 
 
 # ----------------------------------------------------------------------------------------------
 # the trainer config (trainer.json)
 
 
-def trainer_config(job: DPOJob) -> TrainerConfig:
+def trainer_config(job: DPOJob, claim_paths: ClaimPaths | None = None) -> TrainerConfig:
+    """trainer.json: every setting resolved. `claim_paths` maps PVCs to local directories
+    (`dpo run`); by default they are where the pods mount them."""
     spec = job.spec
     gate = spec.eval_gate
-    gate_data = _optional_in_pod(gate.data or spec.data.eval)
+    gate_data = _optional_in_pod(gate.data or spec.data.eval, claim_paths)
     return TrainerConfig(
         job=JobIdentity(name=job.name, namespace=job.namespace, uid=run_id(job)),
-        model=_model_in_pod(ModelRef(name=spec.model.name, revision=spec.model.revision)),
-        reference=_model_in_pod(spec.model.reference) if spec.model.reference else None,
+        model=_model_in_pod(
+            ModelRef(name=spec.model.name, revision=spec.model.revision), claim_paths
+        ),
+        reference=_model_in_pod(spec.model.reference, claim_paths)
+        if spec.model.reference
+        else None,
         trust_remote_code=spec.model.trust_remote_code,
         data=DataConfig(
-            train=_in_pod(spec.data.train),
-            eval=_optional_in_pod(spec.data.eval),
+            train=_in_pod(spec.data.train, claim_paths),
+            eval=_optional_in_pod(spec.data.eval, claim_paths),
             format=spec.data.format,
             columns=spec.data.columns,
         ),
@@ -215,10 +230,10 @@ def trainer_config(job: DPOJob) -> TrainerConfig:
             nproc_per_node=processes_per_node(spec),
             strategy=resolve_strategy(spec),
         ),
-        artifacts_dir=artifacts_dir(job),
+        artifacts_dir=artifacts_dir(job, claim_paths),
         gate=GateConfig(
             data=gate_data,
-            anchor_data=_optional_in_pod(gate.anchor_data),
+            anchor_data=_optional_in_pod(gate.anchor_data, claim_paths),
             max_samples=gate.max_samples,
             min_reward_accuracy=gate.min_reward_accuracy,
             min_reward_margin=gate.min_reward_margin,
@@ -228,7 +243,9 @@ def trainer_config(job: DPOJob) -> TrainerConfig:
         )
         if gate.enabled and gate_data is not None
         else None,
-        promotion=PromotionConfig(target=pod_path(spec.promotion.target), mode=spec.promotion.mode)
+        promotion=PromotionConfig(
+            target=pod_path(spec.promotion.target, claim_paths), mode=spec.promotion.mode
+        )
         if spec.promotion
         else None,
         metrics_port=spec.monitoring.port,
@@ -422,7 +439,7 @@ def _volumes(job: DPOJob, pieces: NetworkPieces | None) -> tuple[list[Manifest],
         {"name": "dpo-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    for claim in _claims(job):
+    for claim in claims(job):
         volumes.append({"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"})
     if pieces is not None:

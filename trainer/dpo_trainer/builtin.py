@@ -59,7 +59,7 @@ _CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} "
     "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
 )
-_SPLIT_SEEDS = {"train": 1, "eval": 2, "test": 3}
+_SPLIT_SEEDS = {"train": 1, "eval": 2, "test": 3, "anchor": 4}
 
 
 def is_builtin(name: str) -> bool:
@@ -138,7 +138,9 @@ def synthetic_preferences(spec: str) -> list[dict[str, str]]:
 
     Each split has its own seed, so eval prompts and responses are unseen combinations. `words`
     sets the response length (default 3; benchmarks use longer ones). `flip=true` swaps chosen
-    and rejected: a run trained on it must fail the gate.
+    and rejected: a run trained on it must fail the gate. The `anchor` split's chosen responses
+    are neutral continuations (prompt words) that preference training should leave alone: an
+    anchor set for the gate's drift check.
     """
     path, _, query = spec.partition("?")
     name, _, split = path.partition("/")
@@ -155,7 +157,8 @@ def synthetic_preferences(spec: str) -> list[dict[str, str]]:
     pairs = []
     for _ in range(count):
         prompt = " ".join(rng.choices(_PROMPT_WORDS, k=4)) + " ->"
-        good = " " + " ".join(rng.choices(_GOOD_WORDS, k=words))
+        chosen_words = _PROMPT_WORDS if split == "anchor" else _GOOD_WORDS
+        good = " " + " ".join(rng.choices(chosen_words, k=words))
         bad = " " + " ".join(rng.choices(_BAD_WORDS, k=words))
         chosen, rejected = (bad, good) if flip else (good, bad)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})

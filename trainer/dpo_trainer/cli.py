@@ -1,7 +1,9 @@
 """`dpo-trainer`: the commands training, eval and promote pods run.
 
 Usage:
-    dpo-trainer train --config /etc/dpo/trainer.json   (under `accelerate launch`)
+    dpo-trainer train --config /etc/dpo/trainer.json     (under `accelerate launch`)
+    dpo-trainer eval --config /etc/dpo/trainer.json      (the gate)
+    dpo-trainer promote --config /etc/dpo/trainer.json   (after the gate passed)
     dpo-trainer launch -- accelerate launch ...          (PID 1: forwards SIGTERM)
 
 Exit codes (the pod contract): 0 done, 2 bad config or data (never retried), 3 gate rejected,
@@ -22,6 +24,7 @@ from typing import Any
 from dpo_trainer.config import (
     ENV_TERMINATION_LOG,
     EXIT_BAD_INPUT,
+    EXIT_GATE_REJECTED,
     EXIT_OK,
     TERMINATION_LOG,
     TRAINER_CONFIG_PATH,
@@ -88,12 +91,52 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from dpo_trainer.evaluate import evaluate
+
+    report = evaluate(load_trainer_config(args.config))
+    passed = report["verdict"] == "Passed"
+    write_termination_message(
+        {
+            "status": "passed" if passed else "rejected",
+            "verdict": report["verdict"],
+            "adapterDigest": report["adapterDigest"],
+            "criteria": report["criteria"],
+            **({"message": report["message"]} if "message" in report else {}),
+        }
+    )
+    if not passed:
+        log.error("%s", report["message"])
+    return EXIT_OK if passed else EXIT_GATE_REJECTED
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from dpo_trainer.promote import promote
+
+    pointer = promote(load_trainer_config(args.config))
+    write_termination_message(
+        {
+            "status": "promoted",
+            "version": pointer["version"],
+            "uri": pointer["uri"],
+            "digest": pointer["digest"],
+            "at": pointer["promotedAt"],
+        }
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-trainer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train on the preference pairs of trainer.json")
-    train.add_argument("--config", default=TRAINER_CONFIG_PATH, help="path of trainer.json")
-    train.set_defaults(run=_train)
+    for name, run, text in (
+        ("train", _train, "train on the preference pairs of trainer.json"),
+        ("eval", _eval, "run the held-out gate on the trained adapter (exit 3 if rejected)"),
+        ("promote", _promote, "publish the gated adapter to the promotion target"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--config", default=TRAINER_CONFIG_PATH, help="path of trainer.json")
+        command.set_defaults(run=run)
     return parser
 
 

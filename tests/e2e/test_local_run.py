@@ -1,0 +1,99 @@
+"""`dpo run`: the quickstart trains, passes the gate and is promoted; bad runs are stopped."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dpo_operator.api import parse_dpojob
+from dpo_operator.local import LocalOptions, free_port, run
+from dpo_trainer.config import EXIT_GATE_REJECTED
+from dpo_trainer.promote import read_current
+
+from tests.conftest import REPO
+
+
+def quickstart(**changes: Any) -> dict[str, Any]:
+    manifest: dict[str, Any] = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    for path, value in changes.items():
+        node = manifest["spec"]
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return manifest
+
+
+def dpo_run(manifest: dict[str, Any], workdir: Path, **options: Any) -> tuple[int, str]:
+    out = io.StringIO()
+    code = run(
+        parse_dpojob(manifest),
+        LocalOptions(workdir=workdir, metrics_port=free_port(), **options),
+        out=out,
+    )
+    print(out.getvalue())
+    return code, out.getvalue()
+
+
+def promotion_target(workdir: Path) -> Path:
+    return workdir / "volumes" / "dpo-runs" / "promoted" / "quickstart"
+
+
+def test_the_quickstart_passes_the_gate_and_is_promoted(tmp_path: Path) -> None:
+    code, output = dpo_run(quickstart(), tmp_path)
+    assert code == 0
+    assert "DPOJob default/quickstart: Succeeded" in output
+    assert "gate       Passed" in output
+    assert "rewardAccuracy" in output
+    assert (tmp_path / "rewards.png").stat().st_size > 10_000
+    current = read_current(str(promotion_target(tmp_path)))
+    assert current is not None
+    assert f"promoted   {current['version']}" in output
+    summary = json.loads(next(tmp_path.rglob("train.json")).read_text())
+    assert summary["metrics"]["dpo_eval_reward_accuracy"] > 0.8
+
+
+def test_flipped_labels_are_rejected_and_nothing_is_promoted(tmp_path: Path) -> None:
+    manifest = quickstart(
+        **{
+            "data.train": {"uri": "builtin:synthetic-preferences/train?flip=true"},
+            "dpo.maxSteps": 30,
+        }
+    )
+    code, output = dpo_run(manifest, tmp_path)
+    assert code == EXIT_GATE_REJECTED
+    assert "DPOJob default/quickstart: Rejected" in output
+    rejection = next(line for line in output.splitlines() if "gate rejected:" in line)
+    assert "rewardAccuracy 0.0" in rejection
+    assert "needs >= 0.6" in rejection
+    assert not promotion_target(tmp_path).exists()
+
+
+def test_manual_promotion_waits_for_approval(tmp_path: Path) -> None:
+    manifest = quickstart(**{"promotion.mode": "manual", "dpo.maxSteps": 20})
+    code, output = dpo_run(manifest, tmp_path)
+    assert code == 0
+    assert "AwaitingApproval" in output
+    assert read_current(str(promotion_target(tmp_path))) is None
+
+    code, output = dpo_run(manifest, tmp_path, approve=True)
+    assert code == 0
+    assert "Succeeded" in output
+    assert "step 1/" not in output, "training is not repeated"
+    assert read_current(str(promotion_target(tmp_path))) is not None
+
+
+def test_a_two_node_job_runs_as_two_local_processes(tmp_path: Path) -> None:
+    manifest = quickstart(**{"resources.nodes": 2, "dpo.maxSteps": 20})
+    code, output = dpo_run(manifest, tmp_path)
+    assert code == 0, output
+    assert "Training: 2 process(es)" in output
+    assert (tmp_path / "logs" / "train-1.log").exists()
+    ranks = [
+        json.loads((tmp_path / "logs" / f"train-{r}.termination.json").read_text()) for r in (0, 1)
+    ]
+    assert [r["worldSize"] for r in ranks] == [2, 2]
+    assert ranks[0]["parametersDigest"] == ranks[1]["parametersDigest"]

@@ -1,0 +1,187 @@
+"""The eval gate and promotion: drift, digests, races, and beating the promoted adapter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dpo_trainer.artifacts import verify_manifest
+from dpo_trainer.config import EXIT_BAD_INPUT, BadInputError, TrainerConfig
+from dpo_trainer.evaluate import evaluate
+from dpo_trainer.promote import read_current
+from dpo_trainer.train import train
+
+from tests.trainer.conftest import BIN, local_config, tiny_job, write_config
+
+ANCHOR = {"uri": "builtin:synthetic-preferences/anchor"}
+
+
+def trained(workdir: Path, **spec: Any) -> TrainerConfig:
+    config = local_config(tiny_job(**spec), workdir)
+    train(config)
+    return config
+
+
+def with_promotion(config: TrainerConfig, target: str, **gate: Any) -> TrainerConfig:
+    """The config with a promotion target (and gate settings) changed, validated again."""
+    assert config.gate is not None
+    return TrainerConfig.model_validate(
+        {
+            **config.model_dump(),
+            "promotion": {"target": target, "mode": "auto"},
+            "gate": {**config.gate.model_dump(), **gate},
+        }
+    )
+
+
+def trainer_cli(command: str, config: TrainerConfig, workdir: Path) -> tuple[int, dict[str, Any]]:
+    termination = workdir / f"{command}.termination.json"
+    result = subprocess.run(
+        [str(BIN / "dpo-trainer"), command, "--config", str(write_config(config, workdir))],
+        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    message = json.loads(termination.read_text()) if termination.exists() else {}
+    return result.returncode, message
+
+
+@pytest.mark.parametrize(("beta", "drifts"), [(1.0, False), (0.01, True)])
+def test_a_very_low_beta_trained_long_trips_the_drift_criterion(
+    tmp_path: Path, beta: float, drifts: bool
+) -> None:
+    config = trained(
+        tmp_path,
+        peft={"enabled": False},
+        dpo={
+            "beta": beta,
+            "maxSteps": 250,
+            "learningRate": 1.5e-3,
+            "saveSteps": 1000,
+            "loggingSteps": 50,
+        },
+        evalGate={"anchorData": ANCHOR, "maxAnchorNllIncrease": 0.2},
+    )
+    report = evaluate(config)
+    criteria = {c["name"]: c for c in report["criteria"]}
+    drift = criteria["anchorNllIncrease"]
+    print(
+        f"beta {beta}: anchor NLL {report['metrics']['referenceAnchorNll']:.3f} -> "
+        f"{report['metrics']['anchorNll']:.3f} ({drift['value']:+.1%}), "
+        f"reward accuracy {criteria['rewardAccuracy']['value']:.3f}"
+    )
+    assert criteria["rewardAccuracy"]["passed"], "the preference itself was learned either way"
+    assert drift["passed"] is not drifts
+    assert report["verdict"] == ("Rejected" if drifts else "Passed")
+    if drifts:
+        assert "anchorNllIncrease" in report["message"]
+        assert "needs <= 0.2" in report["message"]
+
+
+def test_a_corrupted_adapter_fails_eval_and_promote_with_a_digest_error(tmp_path: Path) -> None:
+    config = with_promotion(trained(tmp_path, dpo={"maxSteps": 10}), str(tmp_path / "m"))
+    assert evaluate(config)["verdict"] == "Passed"
+    weights = Path(config.artifacts_dir) / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one byte changed
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(BadInputError, match="digest mismatch"):
+        verify_manifest(weights.parent)
+    for command in ("eval", "promote"):
+        code, message = trainer_cli(command, config, tmp_path)
+        assert code == EXIT_BAD_INPUT, command
+        assert "adapter_model.safetensors: digest mismatch" in message["message"]
+    assert not (tmp_path / "m" / "current").exists(), "nothing was promoted"
+
+
+def test_racing_promotions_leave_a_consistent_current_and_repeats_are_no_ops(
+    tmp_path: Path,
+) -> None:
+    target = str(tmp_path / "models")
+    configs = []
+    for seed in (1, 2):
+        config = with_promotion(
+            trained(tmp_path / f"run{seed}", dpo={"maxSteps": 10, "seed": seed}), target
+        )
+        assert evaluate(config)["verdict"] == "Passed"
+        configs.append(config)
+
+    racers = []
+    for index, config in enumerate(configs * 2):  # each adapter twice, all at once
+        workdir = tmp_path / f"racer{index}"
+        workdir.mkdir()
+        racers.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "dpo-trainer"),
+                    "promote",
+                    "--config",
+                    str(write_config(config, workdir)),
+                ],
+                env={"DPO_TERMINATION_LOG": str(workdir / "t.json"), "PATH": str(BIN)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    assert [racer.wait(timeout=300) for racer in racers] == [0, 0, 0, 0]
+
+    current = read_current(target)
+    assert current is not None
+    digests = {
+        json.loads((Path(c.artifacts_dir) / "eval.json").read_text())["adapterDigest"]
+        for c in configs
+    }
+    assert current["digest"] in digests
+    versions = sorted(p.name for p in (tmp_path / "models" / "versions").iterdir())
+    assert len(versions) == 2, f"one directory per adapter, no leftovers: {versions}"
+    assert (
+        verify_manifest(tmp_path / "models" / "versions" / current["version"]) == current["digest"]
+    )
+
+    pointer = (tmp_path / "models" / "current").read_bytes()
+    winner = next(
+        c
+        for c in configs
+        if json.loads((Path(c.artifacts_dir) / "eval.json").read_text())["adapterDigest"]
+        == current["digest"]
+    )
+    code, _ = trainer_cli("promote", winner, tmp_path)
+    assert code == 0
+    assert (tmp_path / "models" / "current").read_bytes() == pointer, "re-promoting is a no-op"
+
+
+def test_must_beat_promoted_rejects_an_adapter_that_is_no_better(tmp_path: Path) -> None:
+    target = str(tmp_path / "models")
+    first = with_promotion(trained(tmp_path / "first", dpo={"maxSteps": 40}), target)
+    assert evaluate(first)["verdict"] == "Passed"
+    assert trainer_cli("promote", first, tmp_path)[0] == 0
+
+    second = with_promotion(
+        trained(tmp_path / "second", dpo={"maxSteps": 40, "seed": 7}),
+        target,
+        must_beat_promoted=True,
+        beat_margin=0.05,
+    )
+    report = evaluate(second)
+    beats = next(c for c in report["criteria"] if c["name"] == "beatsPromoted")
+    print(
+        f"second adapter vs promoted: reward accuracy {beats['value']:+.4f} "
+        f"(needs > {beats['threshold']})"
+    )
+    assert report["verdict"] == "Rejected"
+    assert not beats["passed"]
+    assert "beatsPromoted" in report["message"]
+    assert read_current(target)["digest"] == report_digest(first)
+
+
+def report_digest(config: TrainerConfig) -> str:
+    digest: str = json.loads((Path(config.artifacts_dir) / "eval.json").read_text())[
+        "adapterDigest"
+    ]
+    return digest
