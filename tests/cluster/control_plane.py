@@ -1,0 +1,348 @@
+"""A real Kubernetes control plane for tests: etcd, kube-apiserver and kube-controller-manager.
+
+What envtest does for Go operators, plus the controller-manager, so that the real Job
+controller and garbage collector act. The binaries come from tools/build-control-plane.sh
+(cached under ~/.cache/dpo-operator). There is no kubelet and no scheduler: `Kubelet` plays the
+kubelet's part by writing pod status, which is what the Job controller reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+
+REPO = Path(__file__).resolve().parents[2]
+K8S_VERSION = os.environ.get("K8S_VERSION", "v1.37.2")
+CACHE = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-operator")
+BIN = CACHE / "bin" / K8S_VERSION
+ADMIN_TOKEN = "dpo-test-admin-token"  # a static token of group system:masters
+READY_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ensure_binaries() -> Path:
+    """Build or fetch what is missing (minutes, once per machine); returns the bin directory."""
+    names = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
+    if not all((BIN / name).exists() for name in names):
+        subprocess.run(
+            [str(REPO / "tools" / "build-control-plane.sh")],
+            check=True,
+            env={**os.environ, "K8S_VERSION": K8S_VERSION},
+        )
+    return BIN
+
+
+@dataclass
+class ControlPlane:
+    """A running control plane in `workdir`; `kubeconfig` holds admin credentials."""
+
+    workdir: Path
+    server: str
+    kubeconfig: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    @classmethod
+    def start(cls, workdir: Path) -> ControlPlane:
+        bin_dir = ensure_binaries()
+        workdir.mkdir(parents=True, exist_ok=True)
+        keys = workdir / "keys"
+        keys.mkdir(exist_ok=True)
+        _openssl("genrsa", "-out", str(keys / "sa.key"), "2048")
+        _openssl("rsa", "-in", str(keys / "sa.key"), "-pubout", "-out", str(keys / "sa.pub"))
+        (keys / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin-uid,system:masters\n")
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        server = f"https://127.0.0.1:{api_port}"
+        plane = cls(workdir, server, workdir / "kubeconfig", [])
+        try:
+            plane._spawn(
+                "etcd",
+                [
+                    str(bin_dir / "etcd"),
+                    "--data-dir",
+                    str(workdir / "etcd"),
+                    "--listen-client-urls",
+                    f"http://127.0.0.1:{etcd_port}",
+                    "--advertise-client-urls",
+                    f"http://127.0.0.1:{etcd_port}",
+                    "--listen-peer-urls",
+                    f"http://127.0.0.1:{peer_port}",
+                    "--initial-advertise-peer-urls",
+                    f"http://127.0.0.1:{peer_port}",
+                    "--initial-cluster",
+                    f"default=http://127.0.0.1:{peer_port}",
+                    "--unsafe-no-fsync",
+                ],
+            )
+            plane._spawn(
+                "kube-apiserver",
+                [
+                    str(bin_dir / "kube-apiserver"),
+                    "--etcd-servers",
+                    f"http://127.0.0.1:{etcd_port}",
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--advertise-address",
+                    "127.0.0.1",
+                    # Loopback only: no Endpoints for the kubernetes Service (nothing here uses it).
+                    "--endpoint-reconciler-type",
+                    "none",
+                    "--secure-port",
+                    str(api_port),
+                    "--cert-dir",
+                    str(workdir / "certs"),
+                    "--token-auth-file",
+                    str(keys / "tokens.csv"),
+                    "--authorization-mode",
+                    "RBAC",
+                    "--service-account-issuer",
+                    "https://kubernetes.default.svc.cluster.local",
+                    "--service-account-key-file",
+                    str(keys / "sa.pub"),
+                    "--service-account-signing-key-file",
+                    str(keys / "sa.key"),
+                    "--api-audiences",
+                    "https://kubernetes.default.svc.cluster.local",
+                    "--service-cluster-ip-range",
+                    "10.96.0.0/16",
+                    "--enable-admission-plugins",
+                    "NamespaceLifecycle,ServiceAccount,Priority,"
+                    "DefaultTolerationSeconds,ResourceQuota,PodSecurity",
+                ],
+            )
+            plane._write_kubeconfig()
+            plane._wait_ready()
+            plane._spawn(
+                "kube-controller-manager",
+                [
+                    str(bin_dir / "kube-controller-manager"),
+                    "--kubeconfig",
+                    str(plane.kubeconfig),
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--secure-port",
+                    str(free_port()),
+                    "--leader-elect=false",
+                    "--controllers",
+                    "job-controller,garbage-collector-controller,"
+                    "serviceaccount-controller,serviceaccount-token-controller,namespace-controller,"
+                    "ttl-after-finished-controller,endpointslice-controller",
+                    "--service-account-private-key-file",
+                    str(keys / "sa.key"),
+                    "--root-ca-file",
+                    str(workdir / "certs" / "apiserver.crt"),
+                    "--concurrent-job-syncs",
+                    "10",
+                ],
+            )
+            plane._wait_for_default_service_account()
+        except BaseException:
+            plane.stop()
+            raise
+        return plane
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = (self.workdir / f"{name}.log").open("wb")
+        self.processes.append(
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+
+    def _write_kubeconfig(self) -> None:
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: test, cluster: {{server: '{self.server}', "
+            f"certificate-authority: '{self.workdir / 'certs' / 'apiserver.crt'}'}}}}]\n"
+            f"users: [{{name: admin, user: {{token: {ADMIN_TOKEN}}}}}]\n"
+            "contexts: [{name: test, context: {cluster: test, user: admin}}]\n"
+            "current-context: test\n"
+        )
+
+    def _wait_ready(self) -> None:
+        certificate = self.workdir / "certs" / "apiserver.crt"
+        request = urllib.request.Request(
+            f"{self.server}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if not certificate.exists():  # the apiserver writes its self-signed cert first
+                time.sleep(0.2)
+                continue
+            context = ssl.create_default_context(cafile=str(certificate))
+            try:
+                with urllib.request.urlopen(request, context=context, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"kube-apiserver not ready after {READY_TIMEOUT}s: {self.tail()}")
+
+    def _wait_for_default_service_account(self) -> None:
+        core = self.core()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                core.read_namespaced_service_account("default", "default")
+                return
+            except client.ApiException:
+                time.sleep(0.3)
+        raise TimeoutError("no default ServiceAccount: is kube-controller-manager running?")
+
+    def _check_alive(self) -> None:
+        for process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args[0]} exited {process.returncode}: {self.tail()}")
+
+    def tail(self) -> str:
+        return "\n".join(
+            f"--- {log.name}\n" + log.read_text(errors="replace")[-2000:]
+            for log in sorted(self.workdir.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def api_client(self) -> client.ApiClient:
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api_client())
+
+    def batch(self) -> client.BatchV1Api:
+        return client.BatchV1Api(self.api_client())
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "helm"), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+
+class Kubelet:
+    """Does what a kubelet would to pods: reports them Running, Succeeded or Failed."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.core = plane.core()
+
+    def pods(self, namespace: str, job_name: str) -> list[client.V1Pod]:
+        pods = self.core.list_namespaced_pod(
+            namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}"
+        ).items
+        return sorted(pods, key=lambda pod: pod.metadata.name)
+
+    def wait_for_pods(
+        self, namespace: str, job_name: str, count: int, timeout: float = 60
+    ) -> list[client.V1Pod]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pods = [
+                p for p in self.pods(namespace, job_name) if p.metadata.deletion_timestamp is None
+            ]
+            if len(pods) >= count:
+                return pods
+            time.sleep(0.2)
+        raise TimeoutError(f"the Job controller made {len(pods)} of {count} pods for {job_name}")
+
+    def running(self, pod: client.V1Pod) -> None:
+        self._status(pod, "Running", {"running": {"startedAt": _now()}}, ready=True)
+
+    def succeeded(self, pod: client.V1Pod, message: str = "") -> None:
+        self.terminated(pod, 0, message)
+
+    def terminated(self, pod: client.V1Pod, exit_code: int, message: str = "") -> None:
+        state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "reason": "Completed" if exit_code == 0 else "Error",
+                "message": message,
+                "startedAt": _now(),
+                "finishedAt": _now(),
+            }
+        }
+        self._status(pod, "Succeeded" if exit_code == 0 else "Failed", state, ready=False)
+
+    def _status(self, pod: client.V1Pod, phase: str, state: dict[str, Any], *, ready: bool) -> None:
+        container_statuses = [
+            {
+                "name": container.name,
+                "image": container.image,
+                "imageID": "",
+                "ready": ready,
+                "restartCount": 0,
+                "started": ready,
+                "state": state,
+            }
+            for container in pod.spec.containers
+        ]
+        conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+        body = {
+            "status": {
+                "phase": phase,
+                "podIP": "10.1.0.1",
+                "startTime": _now(),
+                "conditions": conditions,
+                "containerStatuses": container_statuses,
+            }
+        }
+        self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, body)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _openssl(*args: str) -> None:
+    if shutil.which("openssl") is None:
+        raise RuntimeError(
+            "openssl is needed to make the service-account keys; apt-get install openssl"
+        )
+    subprocess.run(["openssl", *args], check=True, capture_output=True)

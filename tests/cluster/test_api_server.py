@@ -1,0 +1,276 @@
+"""The CRD and the rendered objects on a real kube-apiserver and controller-manager."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import pytest
+import yaml
+from dpo_operator.render import render_all, to_yaml
+
+from tests.cluster.control_plane import ControlPlane, Kubelet
+from tests.conftest import EXAMPLES, MINIMAL, REPO, example
+
+EXAMPLE_NAMESPACES = ("ml-training", "team-a")
+
+
+@pytest.fixture(scope="module")
+def namespaces(crd_installed: ControlPlane) -> ControlPlane:
+    for namespace in EXAMPLE_NAMESPACES:
+        crd_installed.kubectl("create", "namespace", namespace)
+    return crd_installed
+
+
+def test_every_example_applies_and_kubectl_shows_the_printer_columns(
+    namespaces: ControlPlane,
+) -> None:
+    for path in EXAMPLES:
+        result = namespaces.kubectl("apply", "-f", str(path))
+        assert "created" in result.stdout or "configured" in result.stdout
+    table = namespaces.kubectl("get", "dpo", "--all-namespaces").stdout.splitlines()
+    assert table[0].split() == [
+        "NAMESPACE",
+        "NAME",
+        "PHASE",
+        "NODES",
+        "STEP",
+        "ACCURACY",
+        "MARGIN",
+        "GATE",
+        "AGE",
+    ]
+    assert len(table) == 1 + len(EXAMPLES)
+    quickstart = next(line for line in table if " quickstart " in line).split()
+    assert quickstart[2] == "1", "the Nodes column reads spec.resources.nodes"
+
+
+def test_the_api_server_fills_in_the_defaults(namespaces: ControlPlane) -> None:
+    namespaces.kubectl("apply", "-f", str(REPO / "examples" / "ipo-lora.yaml"))
+    stored = yaml.safe_load(namespaces.kubectl("get", "dpo", "gemma-ipo-lora", "-o", "yaml").stdout)
+    spec = stored["spec"]
+    assert spec["dpo"]["lossType"] == ["ipo"]
+    assert spec["runPolicy"]["maxRestarts"] == 3
+    assert spec["network"]["profile"] == "tcp"
+    assert spec["evalGate"]["minRewardAccuracy"] == 0.6
+
+
+def _manifest(name: str, **spec: Any) -> dict[str, Any]:
+    manifest = copy.deepcopy(MINIMAL)
+    manifest["metadata"] = {"name": name, "namespace": "default"}
+    for path, value in spec.items():
+        node = manifest["spec"]
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return manifest
+
+
+# (case, manifest, what `kubectl apply` must say)
+REJECTED = [
+    (
+        "hsdp-one-node",
+        _manifest("a", **{"parallelism.strategy": "hsdp"}),
+        "hsdp replicates across nodes and needs resources.nodes > 1",
+    ),
+    (
+        "hsdp-one-gpu",
+        _manifest("b", **{"parallelism.strategy": "hsdp", "resources.nodes": 2}),
+        "hsdp shards inside a node and needs resources.gpusPerNode >= 2",
+    ),
+    (
+        "fsdp-cpu",
+        _manifest("c", **{"parallelism.strategy": "fsdp", "resources.gpusPerNode": 0}),
+        "fsdp and hsdp shard over GPUs",
+    ),
+    (
+        "rdma-cpu",
+        _manifest("d", **{"network.profile": "efa", "resources.gpusPerNode": 0}),
+        "RDMA network profiles move GPU memory",
+    ),
+    (
+        "no-held-out",
+        _manifest("e", data={"train": {"uri": "s3://b/t.jsonl"}}),
+        "the eval gate needs held-out pairs",
+    ),
+    (
+        "promote-ungated",
+        _manifest("f", **{"evalGate.enabled": False, "promotion": {"target": "s3://m"}}),
+        "nothing is promoted without a gate",
+    ),
+    (
+        "beat-unpromoted",
+        _manifest("g", **{"evalGate.mustBeatPromoted": True}),
+        "evalGate.mustBeatPromoted compares with the promoted adapter",
+    ),
+    (
+        "simpo-reference",
+        _manifest("h", **{"dpo.lossType": ["simpo"], "model.reference": {"name": "r"}}),
+        "simpo is reference-free: remove model.reference",
+    ),
+    (
+        "simpo-combined",
+        _manifest("i", **{"dpo.lossType": ["simpo", "sft"]}),
+        "simpo is reference-free and runs through TRL's CPO trainer",
+    ),
+    (
+        "weights",
+        _manifest("j", **{"dpo.lossType": ["sigmoid", "sft"], "dpo.lossWeights": [1.0]}),
+        "lossWeights needs one weight per entry of lossType",
+    ),
+    (
+        "roce-no-networks",
+        _manifest("k", **{"network.profile": "roce"}),
+        "roce and tcpxo need secondaryNetworks",
+    ),
+    (
+        "contract-env",
+        _manifest("l", env=[{"name": "MASTER_ADDR", "value": "x"}]),
+        "env may not set the pod contract's variables",
+    ),
+    (
+        "data-both",
+        _manifest("m", **{"data.train": {"name": "o/d", "uri": "s3://b/k"}}),
+        "set exactly one of name (a hub dataset) or uri",
+    ),
+    ("long-name", _manifest("n" * 50), "metadata.name must be at most 49"),
+    ("unknown-loss", _manifest("o", **{"dpo.lossType": ["dpo"]}), 'Unsupported value: "dpo"'),
+    (
+        "local-output",
+        _manifest("p", **{"output.uri": "/data/out"}),
+        "spec.output.uri in body should match",
+    ),
+    (
+        "zero-nodes",
+        _manifest("q", **{"resources.nodes": 0}),
+        "spec.resources.nodes in body should be greater than or equal to 1",
+    ),
+    (
+        "unknown-field",
+        _manifest("r", **{"dpo.maxPromptLength": 512}),
+        'unknown field "spec.dpo.maxPromptLength"',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"), [pytest.param(m, text, id=case) for case, m, text in REJECTED]
+)
+def test_kubectl_apply_of_a_bad_manifest_says_what_is_wrong(
+    crd_installed: ControlPlane, manifest: dict[str, Any], message: str
+) -> None:
+    result = crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest), check=False)
+    assert result.returncode != 0, f"accepted: {manifest}"
+    assert message in result.stderr, result.stderr
+
+
+def test_training_settings_are_frozen_once_training_started(crd_installed: ControlPlane) -> None:
+    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_manifest("frozen")))
+    crd_installed.kubectl(
+        "patch",
+        "dpo",
+        "frozen",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status": {"phase": "Training", "startTime": "2026-11-23T00:00:00Z"}}',
+    )
+    changed = crd_installed.kubectl(
+        "patch",
+        "dpo",
+        "frozen",
+        "--type=merge",
+        "-p",
+        '{"spec": {"dpo": {"beta": 0.5}}}',
+        check=False,
+    )
+    assert changed.returncode != 0
+    assert "cannot change once training has started; create a new DPOJob instead" in changed.stderr
+    crd_installed.kubectl(
+        "patch", "dpo", "frozen", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}'
+    )
+
+
+def test_every_rendered_object_of_every_example_is_created(namespaces: ControlPlane) -> None:
+    for path in EXAMPLES:
+        job = example(path.stem)
+        rendered = to_yaml(render_all(job))
+        result = namespaces.kubectl("create", "-f", "-", stdin=rendered)
+        created = [line for line in result.stdout.splitlines() if line.endswith(" created")]
+        assert len(created) == len(render_all(job)), f"{path.name}: {result.stdout}"
+
+
+def test_the_job_controller_makes_pods_with_the_promised_hostnames_and_env(
+    crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    plane = crd_installed
+    plane.kubectl("create", "namespace", "contract")
+    job = example("llama-8b-lora-infiniband").model_copy(deep=True)
+    job.metadata.namespace = "contract"
+    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+
+    pods = kubelet.wait_for_pods("contract", "llama-8b-ultrafeedback-train-1", 2)
+    by_index = {
+        pod.metadata.annotations["batch.kubernetes.io/job-completion-index"]: pod for pod in pods
+    }
+    assert sorted(by_index) == ["0", "1"]
+    for index, pod in by_index.items():
+        assert pod.spec.hostname == f"llama-8b-ultrafeedback-train-1-{index}"
+        assert pod.spec.subdomain == "llama-8b-ultrafeedback-nodes"
+        env = {e.name: e for e in pod.spec.containers[0].env}
+        assert env["MASTER_ADDR"].value == (
+            "llama-8b-ultrafeedback-train-1-0.llama-8b-ultrafeedback-nodes"
+        )
+        assert env["NODE_RANK"].value_from.field_ref.field_path == (
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        )
+        assert env["NNODES"].value == "2"
+    service = plane.core().read_namespaced_service("llama-8b-ultrafeedback-nodes", "contract")
+    assert service.spec.publish_not_ready_addresses is True
+    assert service.spec.cluster_ip == "None"
+
+
+def _job_condition(plane: ControlPlane, namespace: str, name: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = plane.batch().read_namespaced_job(name, namespace)
+        for condition in job.status.conditions or []:
+            if condition.type in ("Complete", "Failed") and condition.status == "True":
+                return str(condition.type)
+        time.sleep(0.2)
+    raise TimeoutError(f"Job {namespace}/{name} did not finish")
+
+
+def test_pods_reported_succeeded_complete_the_job(
+    crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    plane = crd_installed
+    plane.kubectl("create", "namespace", "happy")
+    job = example("quickstart").model_copy(deep=True)
+    job.metadata.namespace = "happy"
+    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+    (pod,) = kubelet.wait_for_pods("happy", "quickstart-train-1", 1)
+    kubelet.running(pod)
+    kubelet.succeeded(pod, message='{"status": "completed", "step": 60}')
+    assert _job_condition(plane, "happy", "quickstart-train-1") == "Complete"
+    (done,) = kubelet.pods("happy", "quickstart-train-1")
+    terminated = done.status.container_statuses[0].state.terminated
+    assert terminated.exit_code == 0
+    assert terminated.message == '{"status": "completed", "step": 60}'
+
+
+def test_one_failed_pod_fails_the_whole_training_job(
+    crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    plane = crd_installed
+    plane.kubectl("create", "namespace", "sad")
+    job = example("llama-8b-lora-infiniband").model_copy(deep=True)
+    job.metadata.namespace = "sad"
+    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+    pods = kubelet.wait_for_pods("sad", "llama-8b-ultrafeedback-train-1", 2)
+    kubelet.running(pods[0])
+    kubelet.terminated(pods[1], 1, "NCCL timeout")
+    # backoffLimit 0: the operator, not the Job, restarts the group from its checkpoint.
+    assert _job_condition(plane, "sad", "llama-8b-ultrafeedback-train-1") == "Failed"
