@@ -893,6 +893,16 @@ class DPOJobStatus(ContractModel):
     restarts: int = 0
     start_time: datetime | None = None
     completion_time: datetime | None = None
+    suspended_at: datetime | None = Field(
+        default=None, description="When the current suspension began."
+    )
+    suspended_seconds: float = Field(
+        default=0.0, description="Time spent suspended; not counted against the deadline."
+    )
+    children_deleted: bool = Field(
+        default=False,
+        description="ttlSecondsAfterFinished removed the child Jobs; they are never re-created.",
+    )
     metrics: TrainingMetrics | None = None
     evaluation: EvaluationStatus | None = None
     promotion: PromotionStatus | None = None

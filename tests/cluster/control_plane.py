@@ -327,7 +327,7 @@ class Kubelet:
         body = {
             "status": {
                 "phase": phase,
-                "podIP": "10.1.0.1",
+                "podIP": "127.0.0.1",  # the operator scrapes rank 0 here: loopback only
                 "startTime": _now(),
                 "conditions": conditions,
                 "containerStatuses": container_statuses,

@@ -1,0 +1,425 @@
+"""The DPOJob state machine: one pure function from (DPOJob, what the cluster shows) to
+(actions, new status, events).
+
+It is level-triggered: it reads only the DPOJob (spec and status) and the observed children,
+never memory of past events, so a restarted operator carries on from cluster state alone and the
+same observations always give the same decision.
+
+    Pending -> (Queued) -> Training -> Evaluating -> (AwaitingApproval) -> Promoting -> Succeeded
+                 Suspended <-'  |  `-> restart (attempt + 1)   `-> Rejected
+                                `-> Failed (bad input, restarts exhausted, deadline)
+
+Invariants (property-tested): a promote Job is only created after the eval Job of the same
+training attempt succeeded with verdict Passed; restarts never exceed runPolicy.maxRestarts;
+there is never more than one training Job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED
+
+from dpo_operator.api import (
+    TERMINAL_PHASES,
+    Condition,
+    DPOJob,
+    DPOJobStatus,
+    EvaluationStatus,
+    GateCriterion,
+    Phase,
+    PromotionStatus,
+    TrainingMetrics,
+)
+
+Component = Literal["train", "eval", "promote"]
+Outcome = Literal["Pending", "Running", "Complete", "Failed"]
+APPROVE_ANNOTATION = "dpo.dev/approve"
+
+
+@dataclass(frozen=True)
+class PodState:
+    """What a pod's status says: phase, the main container's exit code and message."""
+
+    name: str
+    phase: str
+    exit_code: int | None = None
+    message: str = ""
+    disrupted: bool = False  # DisruptionTarget: preempted or evicted, not the pod's fault
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    name: str
+    component: Component
+    attempt: int
+    suspended: bool
+    outcome: Outcome
+    deleting: bool = False
+    pods: tuple[PodState, ...] = ()
+
+
+@dataclass(frozen=True)
+class Observed:
+    now: datetime
+    jobs: tuple[ChildJob, ...] = ()
+    has_config_map: bool = False
+    has_service: bool = False
+    metrics: TrainingMetrics | None = None
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create a child: the config map, the service, or a Job of `attempt`."""
+
+    kind: Literal["config", "service", "train", "eval", "promote"]
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    job: str
+
+
+@dataclass(frozen=True)
+class Suspend:
+    job: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class DeleteChildren:
+    """ttlSecondsAfterFinished: remove every child; the DPOJob record stays."""
+
+
+Action = Create | Delete | Suspend | DeleteChildren
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: DPOJobStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def reconcile(job: DPOJob, observed: Observed) -> Decision:
+    """What to do next for `job`, given the children observed now."""
+    status = (job.status or DPOJobStatus()).model_copy(deep=True)
+    status.observed_generation = job.metadata.generation
+    status.attempt = status.attempt or 1
+    decision = Decision(status)
+    _Machine(job, observed, decision).run()
+    return decision
+
+
+class _Machine:
+    def __init__(self, job: DPOJob, observed: Observed, decision: Decision) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.observed = observed
+        self.decision = decision
+        self.status = decision.status
+        self.now = observed.now
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def child(self, component: Component, attempt: int) -> ChildJob | None:
+        return next(
+            (j for j in self.observed.jobs if j.component == component and j.attempt == attempt),
+            None,
+        )
+
+    def act(self, action: Action) -> None:
+        self.decision.actions.append(action)
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.decision.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def phase(self, phase: Phase, message: str, reason: str | None = None) -> None:
+        if self.status.phase != phase:
+            self.event(reason or phase, message, warning=phase in ("Failed", "Rejected"))
+        self.status.phase = phase
+        self.status.message = message
+
+    def condition(self, kind: str, value: bool, reason: str, message: str) -> None:
+        wanted = "True" if value else "False"
+        existing = next((c for c in self.status.conditions if c.type == kind), None)
+        since = self.now
+        if existing is not None and existing.status == wanted:
+            since = existing.last_transition_time or self.now
+        updated = Condition(
+            type=kind,
+            status=wanted,
+            reason=reason,
+            message=message,
+            last_transition_time=since,
+            observed_generation=self.job.metadata.generation,
+        )
+        self.status.conditions = [c for c in self.status.conditions if c.type != kind] + [updated]
+
+    def finish(self, phase: Phase, message: str, reason: str) -> None:
+        self.phase(phase, message, reason)
+        self.status.completion_time = self.status.completion_time or self.now
+        self.condition("Training", False, reason, message)
+        self.condition("Succeeded" if phase == "Succeeded" else "Failed", True, reason, message)
+        for child in self.observed.jobs:
+            if child.outcome in ("Pending", "Running") and not child.deleting:
+                self.act(Delete(child.name))
+
+    # -- the machine ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.condition("SpecValid", True, "Valid", "the spec is valid")
+        if self.status.phase in TERMINAL_PHASES:
+            self.expire_children()
+            return
+        if not self.observed.has_config_map:
+            self.act(Create("config"))
+        if not self.observed.has_service:
+            self.act(Create("service"))
+        if self.deadline_exceeded():
+            return
+        attempt = self.status.attempt or 1
+        train = self.child("train", attempt)
+        if train is None or train.outcome != "Complete":
+            self.training(train, attempt)
+            return
+        if not self.spec.eval_gate.enabled:
+            self.finish("Succeeded", "training finished; no gate configured", "Trained")
+            return
+        evaluation = self.child("eval", attempt)
+        if not self.evaluated(evaluation, attempt):
+            return
+        if self.spec.promotion is None:
+            self.finish("Succeeded", "the gate passed; no promotion target", "GatePassed")
+            return
+        self.promoting(attempt)
+
+    def deadline_exceeded(self) -> bool:
+        limit = self.spec.run_policy.active_deadline_seconds
+        if limit is None or self.status.start_time is None:
+            return False
+        suspended = self.status.suspended_seconds
+        if self.status.suspended_at is not None:
+            suspended += (self.now - self.status.suspended_at).total_seconds()
+        active = (self.now - self.status.start_time).total_seconds() - suspended
+        if active <= limit:
+            return False
+        self.finish(
+            "Failed",
+            f"ran {active:.0f}s, over runPolicy.activeDeadlineSeconds {limit}",
+            "DeadlineExceeded",
+        )
+        return True
+
+    def training(self, train: ChildJob | None, attempt: int) -> None:
+        others = [
+            j
+            for j in self.observed.jobs
+            if j.component == "train" and j.attempt != attempt and not j.deleting
+        ]
+        for stale in others:  # never two training Jobs at once
+            self.act(Delete(stale.name))
+        suspend = self.spec.run_policy.suspend
+        if suspend and self.status.suspended_at is None:
+            self.status.suspended_at = self.now
+        if not suspend and self.status.suspended_at is not None:
+            self.status.suspended_seconds += (self.now - self.status.suspended_at).total_seconds()
+            self.status.suspended_at = None
+        if train is None:
+            if any(j.component == "train" for j in self.observed.jobs):
+                self.phase(
+                    "Training",
+                    f"waiting for the previous attempt to go before attempt {attempt} starts",
+                    "Restarting",
+                )
+                return
+            if suspend:
+                self.phase("Suspended", "runPolicy.suspend is true; no pods run")
+                self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+                return
+            self.act(Create("train", attempt))
+            self.phase("Pending", f"creating training attempt {attempt}", "Created")
+            return
+        if train.outcome == "Failed":
+            self.training_failed(train, attempt)
+            return
+        if train.suspended != suspend and not (train.suspended and self.queued_by_kueue()):
+            self.act(Suspend(train.name, suspend))
+        if suspend:
+            self.phase("Suspended", "runPolicy.suspend is true; checkpoints are kept")
+            self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+            return
+        self.condition("Suspended", False, "Resumed", "not suspended")
+        if train.suspended:
+            self.phase("Queued", f"waiting for Kueue to admit {train.name}")
+            return
+        if self.status.start_time is None:
+            self.status.start_time = self.now
+        running = sum(pod.phase == "Running" for pod in train.pods)
+        self.phase(
+            "Training", f"attempt {attempt}: {running}/{self.spec.resources.nodes} pods running"
+        )
+        self.condition("Training", True, "Running", f"attempt {attempt}")
+        if self.observed.metrics is not None:
+            self.status.metrics = self.observed.metrics
+
+    def queued_by_kueue(self) -> bool:
+        return self.spec.scheduling.queue_name is not None and not self.spec.run_policy.suspend
+
+    def training_failed(self, train: ChildJob, attempt: int) -> None:
+        failed = [pod for pod in train.pods if pod.phase == "Failed"]
+        bad_input = next((p for p in failed if p.exit_code == EXIT_BAD_INPUT), None)
+        if bad_input is not None:
+            self.finish("Failed", f"bad config or data: {_reason(bad_input.message)}", "BadInput")
+            return
+        disrupted = bool(failed) and all(pod.disrupted for pod in failed)
+        restarts = self.status.restarts
+        if not disrupted and restarts >= self.spec.run_policy.max_restarts:
+            codes = sorted({p.exit_code for p in failed if p.exit_code is not None})
+            self.finish(
+                "Failed",
+                f"attempt {attempt} failed (exit codes {codes}) and runPolicy.maxRestarts "
+                f"({self.spec.run_policy.max_restarts}) restarts are used up",
+                "RestartsExhausted",
+            )
+            return
+        if not disrupted:
+            self.status.restarts = restarts + 1
+        self.status.attempt = attempt + 1
+        self.act(Delete(train.name))
+        why = (
+            "pods were disrupted (not counted)"
+            if disrupted
+            else (f"restart {self.status.restarts}/{self.spec.run_policy.max_restarts}")
+        )
+        self.event(
+            "Restarting",
+            f"attempt {attempt} failed; {why}; resuming from the last checkpoint",
+            warning=True,
+        )
+        self.phase("Training", f"restarting from the last checkpoint ({why})", "Restarting")
+
+    def evaluated(self, evaluation: ChildJob | None, attempt: int) -> bool:
+        """Runs the gate; True once it passed."""
+        if evaluation is None:
+            self.act(Create("eval", attempt))
+            self.condition("Training", False, "Trained", f"attempt {attempt} finished")
+            self.phase("Evaluating", "running the held-out gate", "Trained")
+            return False
+        if evaluation.outcome in ("Pending", "Running"):
+            self.phase("Evaluating", "running the held-out gate")
+            return False
+        pod = _finished_pod(evaluation)
+        verdict = _json(pod.message if pod else "")
+        if evaluation.outcome == "Complete" and verdict.get("verdict") == "Passed":
+            self.record_verdict(verdict, passed=True)
+            return True
+        rejected = pod is not None and pod.exit_code == EXIT_GATE_REJECTED
+        if rejected:
+            self.record_verdict(verdict, passed=False)
+            self.finish(
+                "Rejected", verdict.get("message", "the gate rejected the adapter"), "GateRejected"
+            )
+            return False
+        reason = _reason(pod.message) if pod else "no pod"
+        self.finish("Failed", f"the gate could not run: {reason}", "GateFailed")
+        return False
+
+    def record_verdict(self, verdict: dict[str, Any], *, passed: bool) -> None:
+        if self.status.evaluation is None:
+            self.event(
+                "GatePassed" if passed else "GateRejected",
+                "gate passed" if passed else verdict.get("message", "gate rejected"),
+                warning=not passed,
+            )
+        self.status.evaluation = EvaluationStatus(
+            verdict="Passed" if passed else "Rejected",
+            criteria=[GateCriterion.model_validate(c) for c in verdict.get("criteria", [])],
+        )
+        self.condition(
+            "GatePassed",
+            passed,
+            "Passed" if passed else "Rejected",
+            verdict.get("message", "every criterion holds"),
+        )
+
+    def promoting(self, attempt: int) -> None:
+        promotion = self.spec.promotion
+        assert promotion is not None
+        promote = self.child("promote", attempt)
+        approved = self.job.metadata.annotations.get(APPROVE_ANNOTATION) == "true"
+        if promote is None:
+            if promotion.mode == "manual" and not approved:
+                self.phase(
+                    "AwaitingApproval",
+                    f"the gate passed; approve with: kubectl annotate "
+                    f"dpo {self.job.name} {APPROVE_ANNOTATION}=true",
+                )
+                return
+            self.act(Create("promote", attempt))
+            self.phase("Promoting", f"publishing to {promotion.target}")
+            return
+        if promote.outcome in ("Pending", "Running"):
+            self.phase("Promoting", f"publishing to {promotion.target}")
+            return
+        pod = _finished_pod(promote)
+        result = _json(pod.message if pod else "")
+        if promote.outcome == "Complete" and "version" in result:
+            if self.status.promotion is None:
+                self.event("Promoted", f"{result['version']} -> {result['uri']}")
+            self.status.promotion = PromotionStatus(
+                version=result["version"],
+                uri=result["uri"],
+                digest=result["digest"],
+                at=result.get("at"),
+            )
+            self.condition("Promoted", True, "Promoted", result["uri"])
+            self.finish("Succeeded", f"promoted {result['version']}", "Promoted")
+            return
+        reason = _reason(pod.message) if pod else "no pod"
+        self.finish("Failed", f"promotion failed: {reason}", "PromotionFailed")
+
+    def expire_children(self) -> None:
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        if ttl is None or self.status.children_deleted or self.status.completion_time is None:
+            return
+        if (self.now - self.status.completion_time).total_seconds() >= ttl:
+            self.act(DeleteChildren())
+            self.status.children_deleted = True
+            self.event(
+                "ChildrenDeleted",
+                f"ttlSecondsAfterFinished ({ttl}s) passed; the record and the artifacts stay",
+            )
+
+
+def _finished_pod(child: ChildJob) -> PodState | None:
+    """The pod whose termination tells the Job's story: the last one that finished."""
+    finished = [p for p in child.pods if p.phase in ("Succeeded", "Failed")]
+    failed = [p for p in finished if p.phase == "Failed" and not p.disrupted]
+    candidates = failed or finished
+    return candidates[-1] if candidates else None
+
+
+def _json(message: str) -> dict[str, Any]:
+    try:
+        loaded = json.loads(message)
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _reason(message: str) -> str:
+    parsed = _json(message)
+    text = parsed.get("message") or message or "no termination message"
+    return str(text)[:2000]

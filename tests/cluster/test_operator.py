@@ -1,0 +1,348 @@
+"""The operator, as a separate process, drives DPOJobs on the real control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dpo_trainer.metrics import PrometheusCallback
+
+from tests.cluster.control_plane import ControlPlane, Kubelet, free_port
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+PASSED = json.dumps(
+    {
+        "status": "passed",
+        "verdict": "Passed",
+        "adapterDigest": "sha256:ab",
+        "criteria": [{"name": "rewardAccuracy", "value": 0.93, "threshold": 0.6, "passed": True}],
+    }
+)
+REJECTED = json.dumps(
+    {
+        "status": "rejected",
+        "verdict": "Rejected",
+        "message": "gate rejected: rewardAccuracy 0.0312 (needs >= 0.6)",
+        "criteria": [
+            {"name": "rewardAccuracy", "value": 0.0312, "threshold": 0.6, "passed": False}
+        ],
+    }
+)
+PROMOTED = json.dumps(
+    {
+        "status": "promoted",
+        "version": "quickstart-ab12",
+        "uri": "/mnt/pvc/dpo-runs/promoted/quickstart/versions/quickstart-ab12",
+        "digest": "sha256:ab12",
+        "at": "2026-11-23T12:00:00+00:00",
+    }
+)
+
+
+class Operator:
+    """`dpo operator` in its own process, stoppable and restartable mid-run."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = plane.workdir / "operator.log"
+        self.metrics_port = free_port()
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "dpo"),
+                "operator",
+                "--all-namespaces",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--liveness-port",
+                str(free_port()),
+            ],
+            env=env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def operator(crd_installed: ControlPlane) -> Iterator[Operator]:
+    running = Operator(crd_installed)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.kill()
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise TimeoutError(f"{what}: still {last!r} after {timeout}s")
+
+
+class Scenario:
+    """One DPOJob in its own namespace, and what the test does as kubelet."""
+
+    def __init__(self, plane: ControlPlane, kubelet: Kubelet, namespace: str, **spec: Any) -> None:
+        self.plane, self.kubelet, self.namespace = plane, kubelet, namespace
+        manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+        manifest["metadata"]["namespace"] = namespace
+        for path, value in spec.items():
+            node = manifest["spec"]
+            *parents, last = path.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        self.manifest = manifest
+        plane.kubectl("create", "namespace", namespace)
+        plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+
+    def dpojob(self) -> dict[str, Any]:
+        return yaml.safe_load(
+            self.plane.kubectl(
+                "get", "dpo", "quickstart", "-n", self.namespace, "-o", "yaml"
+            ).stdout
+        )
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.dpojob().get("status") or {}
+        return status
+
+    def wait_phase(self, phase: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(
+            f"{self.namespace} phase {phase}",  # type: ignore[no-any-return]
+            lambda: (s := self.status()).get("phase") == phase and s,
+            timeout,
+        )
+
+    def pod(self, job: str) -> Any:
+        (pod,) = self.kubelet.wait_for_pods(self.namespace, f"quickstart-{job}", 1)
+        return pod
+
+    def jobs(self) -> list[str]:
+        return sorted(
+            j.metadata.name for j in self.plane.batch().list_namespaced_job(self.namespace).items
+        )
+
+    def events(self) -> list[str]:
+        return [
+            e.reason
+            for e in self.plane.core().list_namespaced_event(self.namespace).items
+            if e.involved_object.kind == "DPOJob"
+        ]
+
+
+def test_the_happy_path_ends_promoted_with_status_at_every_step(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    metrics_port = free_port()
+    run = Scenario(
+        crd_installed,
+        kubelet,
+        "op-happy",
+        **{"monitoring.port": metrics_port, "monitoring.intervalSeconds": 5},
+    )
+    train = run.pod("train-1")
+    kubelet.running(train)
+    status = run.wait_phase("Training")
+    assert status["startTime"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Training"] == "True"
+
+    # Rank 0 serves its metrics (the trainer's own exporter); the operator mirrors them.
+    exporter = PrometheusCallback("quickstart", "op-happy", metrics_port, serve=True)
+    try:
+        for name, value in (
+            ("dpo_train_step", 42),
+            ("dpo_train_loss", 0.61),
+            ("dpo_train_reward_accuracy", 0.875),
+            ("dpo_train_reward_margin", 0.25),
+        ):
+            exporter.set(name, value)
+        wait_for(
+            "metrics in status",
+            lambda: (run.status().get("metrics") or {}).get("step") == 42,
+            timeout=40,
+        )
+    finally:
+        exporter.close()
+    columns = crd_installed.kubectl("get", "dpo", "-n", "op-happy").stdout.splitlines()[1].split()
+    assert columns[1:6] == ["Training", "1", "42", "0.875", "0.25"]
+
+    kubelet.succeeded(train, json.dumps({"status": "completed", "step": 60}))
+    run.wait_phase("Evaluating")
+    kubelet.succeeded(run.pod("eval-1"), PASSED)
+    run.wait_phase("Promoting")
+    kubelet.succeeded(run.pod("promote-1"), PROMOTED)
+    status = run.wait_phase("Succeeded")
+    assert status["promotion"]["version"] == "quickstart-ab12"
+    assert status["promotion"]["digest"] == "sha256:ab12"
+    assert status["evaluation"]["verdict"] == "Passed"
+    assert status["completionTime"]
+    row = crd_installed.kubectl("get", "dpo", "-n", "op-happy").stdout.splitlines()[1].split()
+    assert row[1] == "Succeeded"
+    assert row[6] == "Passed"
+    described = crd_installed.kubectl("describe", "dpo", "quickstart", "-n", "op-happy").stdout
+    for reason in ("Created", "Trained", "GatePassed", "Promoted"):
+        assert reason in described, f"kubectl describe lacks the {reason} event"
+    assert run.jobs() == ["quickstart-eval-1", "quickstart-promote-1", "quickstart-train-1"]
+
+
+def test_a_retryable_failure_restarts_the_group(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    run = Scenario(crd_installed, kubelet, "op-retry")
+    kubelet.terminated(run.pod("train-1"), 137, "OOMKilled")
+    wait_for("attempt 2", lambda: run.status().get("attempt") == 2)
+    kubelet.running(run.pod("train-2"))
+    status = run.wait_phase("Training")
+    assert status["restarts"] == 1
+    assert "quickstart-train-1" not in wait_for(
+        "old attempt deleted",
+        lambda: (jobs := run.jobs()) and "quickstart-train-1" not in jobs and jobs,
+    )
+    assert "Restarting" in run.events()
+
+
+def test_bad_data_fails_at_once_with_the_trainers_message(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    run = Scenario(crd_installed, kubelet, "op-bad")
+    message = json.dumps({"status": "bad-input", "message": "prefs.jsonl: row 3, column 'chosen'"})
+    kubelet.terminated(run.pod("train-1"), 2, message)
+    status = run.wait_phase("Failed")
+    assert status["message"] == "bad config or data: prefs.jsonl: row 3, column 'chosen'"
+    assert status.get("restarts", 0) == 0
+    assert run.jobs() == ["quickstart-train-1"]
+
+
+def test_a_rejected_gate_ends_rejected_and_promotes_nothing(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    run = Scenario(crd_installed, kubelet, "op-rejected")
+    kubelet.succeeded(run.pod("train-1"))
+    kubelet.terminated(run.pod("eval-1"), 3, REJECTED)
+    status = run.wait_phase("Rejected")
+    assert "rewardAccuracy 0.0312 (needs >= 0.6)" in status["message"]
+    assert status["evaluation"]["verdict"] == "Rejected"
+    time.sleep(2)
+    assert not any("promote" in job for job in run.jobs())
+
+
+def test_manual_promotion_waits_for_the_approval_annotation(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    run = Scenario(crd_installed, kubelet, "op-manual", **{"promotion.mode": "manual"})
+    kubelet.succeeded(run.pod("train-1"))
+    kubelet.succeeded(run.pod("eval-1"), PASSED)
+    status = run.wait_phase("AwaitingApproval")
+    assert "kubectl annotate dpo quickstart dpo.dev/approve=true" in status["message"]
+    assert not any("promote" in job for job in run.jobs())
+    crd_installed.kubectl(
+        "annotate", "dpo", "quickstart", "-n", "op-manual", "dpo.dev/approve=true"
+    )
+    run.wait_phase("Promoting")
+
+
+def test_suspend_stops_the_pods_and_resume_continues(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    run = Scenario(crd_installed, kubelet, "op-suspend")
+    kubelet.running(run.pod("train-1"))
+    run.wait_phase("Training")
+    crd_installed.kubectl(
+        "patch",
+        "dpo",
+        "quickstart",
+        "-n",
+        "op-suspend",
+        "--type=merge",
+        "-p",
+        '{"spec": {"runPolicy": {"suspend": true}}}',
+    )
+    run.wait_phase("Suspended")
+    job = crd_installed.batch().read_namespaced_job("quickstart-train-1", "op-suspend")
+    assert job.spec.suspend is True
+    crd_installed.kubectl(
+        "patch",
+        "dpo",
+        "quickstart",
+        "-n",
+        "op-suspend",
+        "--type=merge",
+        "-p",
+        '{"spec": {"runPolicy": {"suspend": false}}}',
+    )
+    wait_for(
+        "unsuspended",
+        lambda: (
+            crd_installed.batch()
+            .read_namespaced_job("quickstart-train-1", "op-suspend")
+            .spec.suspend
+            is False
+        ),
+    )
+    assert run.jobs() == ["quickstart-train-1"], "the same Job resumes; checkpoints stay"
+
+
+def test_deleting_the_dpojob_removes_its_children(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    run = Scenario(crd_installed, kubelet, "op-delete")
+    run.pod("train-1")
+    crd_installed.kubectl("delete", "dpo", "quickstart", "-n", "op-delete", "--wait=true")
+    wait_for(
+        "children garbage-collected",
+        lambda: (
+            run.jobs() == []
+            and not crd_installed.core()
+            .list_namespaced_config_map("op-delete", label_selector="dpo.dev/job-name=quickstart")
+            .items
+        ),
+    )
+
+
+@pytest.mark.parametrize("phase", ["Training", "Evaluating", "Promoting"])
+def test_an_operator_killed_mid_phase_carries_on_without_duplicates(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet, phase: str
+) -> None:
+    run = Scenario(crd_installed, kubelet, f"op-kill-{phase.lower()}")
+    steps = {
+        "Training": lambda: kubelet.running(run.pod("train-1")),
+        "Evaluating": lambda: kubelet.succeeded(run.pod("train-1")),
+        "Promoting": lambda: (
+            kubelet.succeeded(run.pod("train-1")),
+            kubelet.succeeded(run.pod("eval-1"), PASSED),
+        ),
+    }
+    steps[phase]()
+    run.wait_phase(phase)
+    operator.kill()
+    operator.start()
+    if phase == "Training":
+        kubelet.succeeded(run.pod("train-1"))
+    if phase in ("Training", "Evaluating"):
+        kubelet.succeeded(run.pod("eval-1"), PASSED)
+    kubelet.succeeded(run.pod("promote-1"), PROMOTED)
+    run.wait_phase("Succeeded")
+    assert run.jobs() == ["quickstart-eval-1", "quickstart-promote-1", "quickstart-train-1"]

@@ -1,0 +1,353 @@
+"""The DPOJob state machine: every transition, and invariants over random child states."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from dpo_operator.api import DPOJob, DPOJobStatus
+from dpo_operator.lifecycle import (
+    ChildJob,
+    Create,
+    Delete,
+    DeleteChildren,
+    Observed,
+    PodState,
+    Suspend,
+    reconcile,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import job_with
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+PASSED = json.dumps(
+    {
+        "verdict": "Passed",
+        "criteria": [{"name": "rewardAccuracy", "value": 0.9, "threshold": 0.6, "passed": True}],
+    }
+)
+REJECTED = json.dumps(
+    {
+        "verdict": "Rejected",
+        "message": "gate rejected: rewardAccuracy 0.1 (needs >= 0.6)",
+        "criteria": [{"name": "rewardAccuracy", "value": 0.1, "threshold": 0.6, "passed": False}],
+    }
+)
+PROMOTED = json.dumps(
+    {
+        "status": "promoted",
+        "version": "demo-abc",
+        "uri": "s3://m/versions/demo-abc",
+        "digest": "sha256:abc",
+        "at": "2026-11-23T12:00:00+00:00",
+    }
+)
+
+
+def job(
+    status: dict[str, Any] | None = None, annotations: dict[str, str] | None = None, **spec: Any
+) -> DPOJob:
+    base = job_with(**{"promotion": {"target": "s3://m"}, **spec})
+    update: dict[str, Any] = {}
+    if status is not None:
+        update["status"] = DPOJobStatus.model_validate(status)
+    if annotations:
+        update["metadata"] = base.metadata.model_copy(update={"annotations": annotations})
+    return base.model_copy(update=update)
+
+
+def child(
+    component: str,
+    attempt: int,
+    outcome: str,
+    *pods: PodState,
+    suspended: bool = False,
+    deleting: bool = False,
+) -> ChildJob:
+    names = {"train": "demo-train", "eval": "demo-eval", "promote": "demo-promote"}
+    return ChildJob(
+        f"{names[component]}-{attempt}",
+        component,
+        attempt,
+        suspended,  # type: ignore[arg-type]
+        outcome,
+        deleting,
+        tuple(pods),
+    )  # type: ignore[arg-type]
+
+
+def observed(*jobs: ChildJob, now: datetime = NOW) -> Observed:
+    return Observed(now=now, jobs=jobs, has_config_map=True, has_service=True)
+
+
+def pod(
+    phase: str, exit_code: int | None = None, message: str = "", disrupted: bool = False
+) -> PodState:
+    return PodState("p", phase, exit_code, message, disrupted)
+
+
+def test_a_new_job_gets_its_config_service_and_first_training_job() -> None:
+    decision = reconcile(job(), Observed(now=NOW))
+    assert decision.actions == [Create("config"), Create("service"), Create("train", 1)]
+    assert decision.status.phase == "Pending"
+    assert decision.status.attempt == 1
+
+
+def test_running_pods_mean_training() -> None:
+    decision = reconcile(job(), observed(child("train", 1, "Running", pod("Running"))))
+    assert decision.status.phase == "Training"
+    assert decision.status.start_time == NOW
+    assert decision.actions == []
+    assert any(c.type == "Training" and c.status == "True" for c in decision.status.conditions)
+
+
+def test_a_queued_job_waits_for_kueue() -> None:
+    queued = job(scheduling={"queueName": "q"})
+    decision = reconcile(queued, observed(child("train", 1, "Pending", suspended=True)))
+    assert decision.status.phase == "Queued"
+    assert decision.actions == [], "Kueue unsuspends the Job, not the operator"
+
+
+def test_suspend_stops_the_pods_and_resume_starts_them_again() -> None:
+    suspended = job(runPolicy={"suspend": True})
+    decision = reconcile(suspended, observed(child("train", 1, "Running", pod("Running"))))
+    assert decision.actions == [Suspend("demo-train-1", True)]
+    assert decision.status.phase == "Suspended"
+    assert decision.status.suspended_at == NOW
+
+    later = NOW + timedelta(minutes=10)
+    resumed = job(status=decision.status.model_dump(by_alias=True))
+    decision = reconcile(resumed, observed(child("train", 1, "Pending", suspended=True), now=later))
+    assert decision.actions == [Suspend("demo-train-1", False)]
+    assert decision.status.suspended_seconds == 600
+    assert decision.status.suspended_at is None
+
+
+def test_a_retryable_failure_restarts_the_whole_group_from_its_checkpoint() -> None:
+    failed = child("train", 1, "Failed", pod("Failed", 1, "NCCL error"), pod("Failed", 137))
+    decision = reconcile(job(status={"attempt": 1, "phase": "Training"}), observed(failed))
+    assert decision.actions == [Delete("demo-train-1")]
+    assert decision.status.restarts == 1
+    assert decision.status.attempt == 2
+    assert any(e.reason == "Restarting" for e in decision.events)
+    # Next round: the old Job is gone, so attempt 2 is created.
+    after = reconcile(job(status=decision.status.model_dump(by_alias=True)), observed())
+    assert after.actions == [Create("train", 2)]
+
+
+def test_the_next_attempt_waits_until_the_old_job_is_gone() -> None:
+    status = {"attempt": 2, "restarts": 1, "phase": "Training"}
+    old = child("train", 1, "Failed", pod("Failed", 1), deleting=True)
+    decision = reconcile(job(status=status), observed(old))
+    assert decision.actions == []
+    assert decision.status.phase == "Training"
+
+
+def test_preempted_pods_restart_without_counting() -> None:
+    preempted = child("train", 1, "Failed", pod("Failed", 143, disrupted=True))
+    decision = reconcile(job(status={"attempt": 1, "restarts": 3}), observed(preempted))
+    assert decision.status.restarts == 3
+    assert decision.status.attempt == 2
+    assert decision.actions == [Delete("demo-train-1")]
+
+
+def test_restarts_stop_at_max_restarts() -> None:
+    failed = child("train", 4, "Failed", pod("Failed", 1))
+    decision = reconcile(job(status={"attempt": 4, "restarts": 3}), observed(failed))
+    assert decision.status.phase == "Failed"
+    assert "maxRestarts (3) restarts are used up" in (decision.status.message or "")
+    assert decision.actions == []
+
+
+def test_bad_input_fails_at_once_with_the_trainers_message() -> None:
+    message = json.dumps({"status": "bad-input", "message": "prefs.jsonl: row 3, column 'chosen'"})
+    failed = child("train", 1, "Failed", pod("Failed", 2, message))
+    decision = reconcile(job(), observed(failed))
+    assert decision.status.phase == "Failed"
+    assert decision.status.message == "bad config or data: prefs.jsonl: row 3, column 'chosen'"
+    assert decision.status.restarts == 0
+
+
+def test_finished_training_starts_the_gate() -> None:
+    decision = reconcile(job(), observed(child("train", 1, "Complete", pod("Succeeded", 0))))
+    assert decision.actions == [Create("eval", 1)]
+    assert decision.status.phase == "Evaluating"
+
+
+def test_a_passed_gate_starts_the_promotion() -> None:
+    jobs = (
+        child("train", 1, "Complete"),
+        child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
+    )
+    decision = reconcile(job(), observed(*jobs))
+    assert decision.actions == [Create("promote", 1)]
+    assert decision.status.phase == "Promoting"
+    assert decision.status.evaluation is not None
+    assert decision.status.evaluation.verdict == "Passed"
+
+
+def test_a_rejected_gate_ends_rejected_with_the_failed_criteria() -> None:
+    jobs = (child("train", 1, "Complete"), child("eval", 1, "Failed", pod("Failed", 3, REJECTED)))
+    decision = reconcile(job(), observed(*jobs))
+    assert decision.status.phase == "Rejected"
+    assert "rewardAccuracy 0.1 (needs >= 0.6)" in (decision.status.message or "")
+    assert not any(isinstance(a, Create) and a.kind == "promote" for a in decision.actions)
+    assert decision.status.evaluation is not None
+    assert decision.status.evaluation.criteria[0].passed is False
+
+
+def test_manual_promotion_waits_for_the_approval_annotation() -> None:
+    jobs = (
+        child("train", 1, "Complete"),
+        child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
+    )
+    manual = job(promotion={"target": "s3://m", "mode": "manual"})
+    waiting = reconcile(manual, observed(*jobs))
+    assert waiting.status.phase == "AwaitingApproval"
+    assert waiting.actions == []
+    approved = job(
+        promotion={"target": "s3://m", "mode": "manual"}, annotations={"dpo.dev/approve": "true"}
+    )
+    assert reconcile(approved, observed(*jobs)).actions == [Create("promote", 1)]
+
+
+def test_a_finished_promotion_records_version_and_digest() -> None:
+    jobs = (
+        child("train", 1, "Complete"),
+        child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
+        child("promote", 1, "Complete", pod("Succeeded", 0, PROMOTED)),
+    )
+    decision = reconcile(job(), observed(*jobs))
+    assert decision.status.phase == "Succeeded"
+    assert decision.status.promotion is not None
+    assert decision.status.promotion.version == "demo-abc"
+    assert decision.status.completion_time == NOW
+    assert any(e.reason == "Promoted" for e in decision.events)
+
+
+def test_no_promotion_target_means_success_after_the_gate() -> None:
+    jobs = (
+        child("train", 1, "Complete"),
+        child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
+    )
+    decision = reconcile(job_with(), observed(*jobs))
+    assert decision.status.phase == "Succeeded"
+
+
+def test_the_deadline_fails_the_run_without_counting_suspended_time() -> None:
+    start = NOW - timedelta(hours=2)
+    running = child("train", 1, "Running", pod("Running"))
+    within = job(
+        status={"startTime": start, "suspendedSeconds": 3600},
+        runPolicy={"activeDeadlineSeconds": 4000},
+    )
+    assert reconcile(within, observed(running)).status.phase == "Training"
+    over = job(status={"startTime": start}, runPolicy={"activeDeadlineSeconds": 4000})
+    decision = reconcile(over, observed(running))
+    assert decision.status.phase == "Failed"
+    assert decision.actions == [Delete("demo-train-1")]
+
+
+def test_ttl_removes_children_once_and_never_recreates_them() -> None:
+    done = {"phase": "Succeeded", "completionTime": NOW - timedelta(seconds=120), "attempt": 1}
+    expiring = job(status=done, runPolicy={"ttlSecondsAfterFinished": 60})
+    decision = reconcile(expiring, observed(child("train", 1, "Complete")))
+    assert decision.actions == [DeleteChildren()]
+    assert decision.status.children_deleted is True
+    gone = job(
+        status=decision.status.model_dump(by_alias=True), runPolicy={"ttlSecondsAfterFinished": 60}
+    )
+    assert reconcile(gone, Observed(now=NOW)).actions == [], "terminal runs create nothing"
+
+
+def test_the_same_observations_give_the_same_decision() -> None:
+    jobs = (child("train", 1, "Complete"), child("eval", 1, "Running", pod("Running")))
+    first, second = reconcile(job(), observed(*jobs)), reconcile(job(), observed(*jobs))
+    assert first.actions == second.actions
+    assert first.status == second.status
+
+
+# -- invariants over random child states ----------------------------------------------------
+
+OUTCOMES = st.sampled_from(["Pending", "Running", "Complete", "Failed"])
+PODS = st.lists(
+    st.builds(
+        PodState,
+        name=st.just("p"),
+        phase=st.sampled_from(["Pending", "Running", "Succeeded", "Failed"]),
+        exit_code=st.sampled_from([None, 0, 1, 2, 3, 137]),
+        message=st.sampled_from(["", PASSED, REJECTED, PROMOTED, "oops"]),
+        disrupted=st.booleans(),
+    ),
+    max_size=3,
+)
+CHILDREN = st.lists(
+    st.builds(
+        ChildJob,
+        name=st.sampled_from(["a", "b", "c"]),
+        component=st.sampled_from(["train", "eval", "promote"]),
+        attempt=st.integers(1, 5),
+        suspended=st.booleans(),
+        outcome=OUTCOMES,
+        deleting=st.booleans(),
+        pods=PODS.map(tuple),
+    ),
+    max_size=6,
+)
+STATUSES = st.fixed_dictionaries(
+    {
+        "attempt": st.integers(1, 5),
+        "restarts": st.integers(0, 3),
+        "phase": st.sampled_from(
+            ["Pending", "Training", "Evaluating", "Promoting", "AwaitingApproval"]
+        ),
+    }
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    children=CHILDREN,
+    status=STATUSES,
+    manual=st.booleans(),
+    approved=st.booleans(),
+    max_restarts=st.integers(0, 3),
+)
+def test_invariants_hold_for_any_observed_children(
+    children: list[ChildJob],
+    status: dict[str, Any],
+    manual: bool,
+    approved: bool,
+    max_restarts: int,
+) -> None:
+    status["restarts"] = min(status["restarts"], max_restarts)
+    subject = job(
+        status=status,
+        annotations={"dpo.dev/approve": "true"} if approved else None,
+        promotion={"target": "s3://m", "mode": "manual" if manual else "auto"},
+        runPolicy={"maxRestarts": max_restarts},
+    )
+    decision = reconcile(subject, observed(*children))
+    attempt = status["attempt"]
+
+    for action in decision.actions:
+        if isinstance(action, Create) and action.kind == "promote":
+            evaluation = next(
+                c for c in children if c.component == "eval" and c.attempt == action.attempt
+            )
+            assert evaluation.outcome == "Complete"
+            assert any(
+                json.loads(p.message or "{}").get("verdict") == "Passed"
+                for p in evaluation.pods
+                if p.message.startswith("{")
+            )
+            assert action.attempt == attempt, "the gate of the same training attempt"
+            assert not manual or approved
+    assert decision.status.restarts <= max_restarts
+    creates_training = [a for a in decision.actions if isinstance(a, Create) and a.kind == "train"]
+    if creates_training:
+        assert len(creates_training) == 1
+        assert not any(c.component == "train" for c in children), "never two training Jobs"
