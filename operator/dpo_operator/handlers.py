@@ -63,6 +63,9 @@ RECONCILE_ERRORS = Counter("dpo_operator_reconcile_errors_total", "Reconciles th
 RESTARTS = Counter("dpo_operator_restarts_total", "Training pod groups restarted")
 GATE_VERDICTS = Counter("dpo_operator_gate_verdicts_total", "Eval gate verdicts", ["verdict"])
 PROMOTIONS = Counter("dpo_operator_promotions_total", "Adapters promoted")
+API_REQUESTS = Counter(
+    "dpo_operator_api_requests_total", "Kubernetes API requests made by reconciles", ["method"]
+)
 
 # Events that also move an operator counter.
 _COUNTED = {
@@ -79,6 +82,15 @@ class Reconciler:
     """Reads the cluster, runs the state machine, writes back. One instance per operator."""
 
     def __init__(self, api: client.ApiClient) -> None:
+        call_api = api.call_api
+
+        def counted_call_api(*args: Any, **kwargs: Any) -> Any:
+            API_REQUESTS.labels(
+                method=str(args[1] if len(args) > 1 else kwargs.get("method"))
+            ).inc()
+            return call_api(*args, **kwargs)
+
+        api.call_api = counted_call_api  # type: ignore[method-assign]
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,51 @@ def test_an_operator_killed_mid_phase_carries_on_without_duplicates(
     kubelet.succeeded(run.pod("promote-1"), PROMOTED)
     run.wait_phase("Succeeded")
     assert run.jobs() == ["quickstart-eval-1", "quickstart-promote-1", "quickstart-train-1"]
+
+
+def test_a_spec_the_operator_refuses_gets_a_condition_not_a_crash(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    # The CRD cannot check extra's keys; the operator's validation can.
+    run = Scenario(crd_installed, kubelet, "op-invalid", **{"dpo.extra": {"beta": 0.3}})
+    status = wait_for("SpecValid condition", lambda: (s := run.status()).get("conditions") and s)
+    (condition,) = [c for c in status["conditions"] if c["type"] == "SpecValid"]
+    assert condition["status"] == "False"
+    assert "spec.dpo.extra: beta cannot be set through extra" in condition["message"]
+    assert run.jobs() == []
+    assert "InvalidSpec" in run.events()
+    # Fixed spec: the same DPOJob goes ahead.
+    crd_installed.kubectl(
+        "patch",
+        "dpo",
+        "quickstart",
+        "-n",
+        "op-invalid",
+        "--type=json",
+        "-p",
+        '[{"op": "remove", "path": "/spec/dpo/extra"}]',
+    )
+    run.pod("train-1")
+    assert operator.process is not None and operator.process.poll() is None
+
+
+def test_the_operator_serves_its_own_metrics(operator: Operator) -> None:
+    url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+    text = wait_for("operator metrics", lambda: _get(url))
+    for name in (
+        "dpo_operator_dpojobs",
+        "dpo_operator_reconcile_seconds",
+        "dpo_operator_reconcile_errors_total",
+        "dpo_operator_restarts_total",
+        "dpo_operator_gate_verdicts_total",
+        "dpo_operator_promotions_total",
+    ):
+        assert f"# TYPE {name}" in text or f"# TYPE {name.removesuffix('_total')}" in text, name
+
+
+def _get(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
