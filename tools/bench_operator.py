@@ -139,9 +139,8 @@ def main() -> None:
             f"p99 {percentile(latencies, 0.99):.2f}s  max {max(latencies):.2f}s  "
             f"({len(latencies)}/{args.jobs} seen)"
         )
-        print(
-            f"reconciles              {reconciles:.0f}  mean {reconcile_time / reconciles * 1000:.1f} ms"
-        )
+        mean_ms = reconcile_time / reconciles * 1000
+        print(f"reconciles              {reconciles:.0f}  mean {mean_ms:.1f} ms")
         print(
             f"API requests / DPOJob   {requests / args.jobs:.1f} (reconciles; kopf's watches "
             "and annotation patches not counted)"

@@ -372,7 +372,8 @@ def test_a_spec_the_operator_refuses_gets_a_condition_not_a_crash(
         '[{"op": "remove", "path": "/spec/dpo/extra"}]',
     )
     run.pod("train-1")
-    assert operator.process is not None and operator.process.poll() is None
+    assert operator.process is not None
+    assert operator.process.poll() is None, "the operator kept running"
 
 
 def test_the_operator_serves_its_own_metrics(operator: Operator) -> None:
