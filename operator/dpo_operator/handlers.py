@@ -11,7 +11,9 @@ status schema is strict and the API server would prune anything it does not decl
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -63,6 +65,9 @@ RECONCILE_ERRORS = Counter("dpo_operator_reconcile_errors_total", "Reconciles th
 RESTARTS = Counter("dpo_operator_restarts_total", "Training pod groups restarted")
 GATE_VERDICTS = Counter("dpo_operator_gate_verdicts_total", "Eval gate verdicts", ["verdict"])
 PROMOTIONS = Counter("dpo_operator_promotions_total", "Adapters promoted")
+for _verdict in ("Passed", "Rejected"):
+    # Exported at 0 from the start, so increase() sees the first verdict as a rise.
+    GATE_VERDICTS.labels(verdict=_verdict)
 API_REQUESTS = Counter(
     "dpo_operator_api_requests_total", "Kubernetes API requests made by reconciles", ["method"]
 )
@@ -75,6 +80,8 @@ _COUNTED = {
     "Promoted": lambda: PROMOTIONS.inc(),
 }
 TIMER_INTERVAL = 15.0
+# The trainer image for DPOJobs that set none (the chart sets it to its own release).
+ENV_TRAINER_IMAGE = "DPO_TRAINER_IMAGE"
 SCRAPE_TIMEOUT = 3.0
 
 
@@ -104,9 +111,20 @@ class Reconciler:
                 self._reconcile(namespace, name)
             except ApiException as error:
                 RECONCILE_ERRORS.inc()
+                if error.status == 403:
+                    self._report_forbidden(namespace, name, error)
+                    raise kopf.TemporaryError("forbidden", delay=30) from error
                 if error.status in (409, 429) or error.status >= 500:
                     raise kopf.TemporaryError(f"{error.status} {error.reason}", delay=2) from error
                 raise
+
+    def _report_forbidden(self, namespace: str, name: str, error: ApiException) -> None:
+        """RBAC is missing a verb: say which, on the DPOJob, where users look."""
+        detail = _api_message(error)
+        message = f"the operator may not do this: {detail}; grant it in the operator's Role"
+        log.error("[%s/%s] %s", namespace, name, message)
+        raw = {"metadata": {"name": name, "namespace": namespace}}
+        self._post_event(raw, Event("Warning", "Forbidden", message))
 
     def _reconcile(self, namespace: str, name: str) -> None:
         try:
@@ -245,6 +263,11 @@ class Reconciler:
                         raise
 
     def _create(self, job: DPOJob, action: Create) -> None:
+        trainer_image = os.environ.get(ENV_TRAINER_IMAGE)
+        if job.spec.image is None and trainer_image:
+            job = job.model_copy(
+                update={"spec": job.spec.model_copy(update={"image": trainer_image})}
+            )
         renderers = {
             "config": lambda: render_config_map(job),
             "service": lambda: render_service(job),
@@ -387,6 +410,13 @@ class Reconciler:
             "Suspended",
         ):
             DPOJOBS.labels(phase=phase).set(counts.get(phase, 0))
+
+
+def _api_message(error: ApiException) -> str:
+    try:
+        return str(json.loads(error.body or "")["message"])
+    except (TypeError, ValueError, KeyError):
+        return f"{error.status} {error.reason}"
 
 
 def _without_nulls(value: Any) -> Any:

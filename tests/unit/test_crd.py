@@ -149,3 +149,10 @@ def test_crd_file_is_a_single_yaml_document() -> None:
     documents = list(yaml.safe_load_all((REPO / "crds" / "dpojob.yaml").read_text()))
     assert len(documents) == 1
     assert documents[0]["kind"] == "CustomResourceDefinition"
+
+
+def test_the_charts_crd_is_the_generated_one() -> None:
+    chart_crd = REPO / "charts" / "dpo-operator" / "crds" / "dpojob.yaml"
+    assert chart_crd.read_text() == (REPO / "crds" / "dpojob.yaml").read_text(), (
+        "copy crds/dpojob.yaml into charts/dpo-operator/crds/ (make crd does both)"
+    )

@@ -1,0 +1,256 @@
+"""The Helm chart: lint, template, schema; installed on the real control plane, its RBAC is
+enough for the operator's whole happy path, and uninstalling leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.cluster.control_plane import BIN as K8S_BIN
+from tests.cluster.control_plane import ControlPlane, Kubelet, free_port
+from tests.conftest import REPO
+
+CHART = REPO / "charts" / "dpo-operator"
+RELEASE, RELEASE_NAMESPACE = "dpo", "dpo-system"
+VALUES_SETS = {
+    "default": [],
+    "namespaced": ["--set", "watchNamespaces={team-a,team-b}"],
+    "monitoring": [
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+    ],
+}
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+PASSED = json.dumps({"verdict": "Passed", "criteria": []})
+PROMOTED = json.dumps(
+    {
+        "version": "v",
+        "uri": "s3://m/versions/v",
+        "digest": "sha256:0",
+        "at": "2026-11-23T12:00:00+00:00",
+    }
+)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(K8S_BIN / "helm"), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}:\n{result.stderr}")
+    return result
+
+
+def rendered(values: list[str]) -> list[dict[str, Any]]:
+    text = helm("template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, *values).stdout
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+@pytest.mark.parametrize("values", VALUES_SETS.values(), ids=VALUES_SETS.keys())
+def test_the_chart_lints_and_renders_valid_kubernetes_objects(values: list[str]) -> None:
+    assert "0 chart(s) failed" in helm("lint", str(CHART), *values).stdout
+    for obj in rendered(values):
+        if obj["kind"] in PROMETHEUS_OPERATOR_KINDS:
+            continue  # CRDs of the Prometheus Operator: not in the Kubernetes schema
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_namespaced_mode_grants_roles_only_where_it_watches() -> None:
+    objects = rendered(VALUES_SETS["namespaced"])
+    roles = {(o["kind"], o["metadata"].get("namespace")) for o in objects if "Role" in o["kind"]}
+    assert ("Role", "team-a") in roles
+    assert ("Role", "team-b") in roles
+    cluster_roles = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert len(cluster_roles) == 1, "only the framework's cluster-scoped reads"
+    assert all(r["apiGroups"] != ["batch"] for r in cluster_roles[0]["rules"])
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args
+    assert "--all-namespaces" not in args
+
+
+def test_the_operator_pod_is_locked_down_and_probed() -> None:
+    deployment = next(o for o in rendered([]) if o["kind"] == "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["limits"]["memory"]
+
+
+def test_two_replicas_are_refused_by_the_values_schema() -> None:
+    result = helm("lint", str(CHART), "--set", "replicas=2", check=False)
+    assert result.returncode != 0
+    assert "/replicas" in result.stdout + result.stderr
+
+
+def test_the_dashboard_configmap_carries_the_grafana_sidecar_label() -> None:
+    dashboard = next(o for o in rendered([]) if o["kind"] == "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dashboard["data"]["dpo-operator.json"])["panels"]
+    assert len(panels) >= 15
+
+
+# -- on the control plane ----------------------------------------------------------------------
+
+
+class ChartOperator:
+    """`dpo operator` authenticated as the chart's ServiceAccount (a TokenRequest token)."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        token = (
+            plane.core()
+            .create_namespaced_service_account_token(
+                "dpo-dpo-operator",
+                RELEASE_NAMESPACE,
+                client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+                ),
+            )
+            .status.token
+        )
+        config = yaml.safe_load(plane.kubeconfig.read_text())
+        config["users"] = [{"name": "operator", "user": {"token": token}}]
+        config["contexts"][0]["context"]["user"] = "operator"
+        self.kubeconfig = plane.workdir / "operator-sa.kubeconfig"
+        self.kubeconfig.write_text(yaml.safe_dump(config))
+        self.log = plane.workdir / "chart-operator.log"
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "dpo"),
+                "operator",
+                "--all-namespaces",
+                "--metrics-port",
+                str(free_port()),
+                "--liveness-port",
+                str(free_port()),
+            ],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def installed(crd_installed: ControlPlane) -> Iterator[ControlPlane]:
+    crd_installed.helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        RELEASE_NAMESPACE,
+        "--create-namespace",
+        "--wait=false",
+    )
+    yield crd_installed
+
+
+def wait_for(what: str, check: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(what)
+
+
+def quickstart_in(plane: ControlPlane, namespace: str) -> None:
+    manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    manifest["metadata"]["namespace"] = namespace
+    plane.kubectl("create", "namespace", namespace)
+    plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+
+
+def phase(plane: ControlPlane, namespace: str) -> str:
+    return str(
+        plane.kubectl(
+            "get", "dpo", "quickstart", "-n", namespace, "-o", "jsonpath={.status.phase}"
+        ).stdout
+    )
+
+
+def test_the_charts_rbac_is_enough_for_the_whole_happy_path(
+    installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    operator = ChartOperator(installed)
+    try:
+        quickstart_in(installed, "chart-happy")
+        (train,) = kubelet.wait_for_pods("chart-happy", "quickstart-train-1", 1)
+        kubelet.succeeded(train)
+        (evaluation,) = kubelet.wait_for_pods("chart-happy", "quickstart-eval-1", 1)
+        kubelet.succeeded(evaluation, PASSED)
+        (promote,) = kubelet.wait_for_pods("chart-happy", "quickstart-promote-1", 1)
+        kubelet.succeeded(promote, PROMOTED)
+        wait_for("Succeeded", lambda: phase(installed, "chart-happy") == "Succeeded")
+        assert "Forbidden" not in operator.log.read_text()
+    finally:
+        operator.stop()
+
+
+def test_a_role_missing_one_verb_fails_visibly(installed: ControlPlane) -> None:
+    role = json.loads(
+        installed.kubectl("get", "clusterrole", "dpo-dpo-operator", "-o", "json").stdout
+    )
+    original = json.dumps(role)
+    for rule in role["rules"]:
+        if rule["resources"] == ["jobs"]:
+            rule["verbs"].remove("create")
+    installed.kubectl("replace", "-f", "-", stdin=json.dumps(role))
+    operator = ChartOperator(installed)
+    try:
+        quickstart_in(installed, "chart-forbidden")
+
+        def forbidden_event() -> str:
+            events = installed.core().list_namespaced_event("chart-forbidden").items
+            return next((e.message for e in events if e.reason == "Forbidden"), "")
+
+        message = wait_for("a Forbidden event on the DPOJob", forbidden_event)
+        assert 'cannot create resource "jobs"' in message
+        assert "grant it in the operator's Role" in message
+        assert not installed.batch().list_namespaced_job("chart-forbidden").items
+    finally:
+        operator.stop()
+        restored = json.loads(original)
+        restored["metadata"].pop("resourceVersion", None)
+        installed.kubectl("replace", "-f", "-", stdin=json.dumps(restored))
+
+
+def test_helm_uninstall_leaves_no_operator_objects(installed: ControlPlane) -> None:
+    installed.helm("uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait")
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    leftovers = installed.kubectl(
+        "get",
+        "deployments,serviceaccounts,services,configmaps,roles,rolebindings,"
+        "clusterroles,clusterrolebindings",
+        "--all-namespaces",
+        "-l",
+        selector,
+        "-o",
+        "name",
+    ).stdout.split()
+    assert leftovers == []
+    # The CRD stays (Helm never deletes crds/), so existing DPOJobs and their records survive.
+    installed.kubectl("get", "crd", "dpojobs.dpo.dev")
