@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +153,7 @@ class ChartOperator:
 
 
 @pytest.fixture(scope="module")
-def installed(crd_installed: ControlPlane) -> Iterator[ControlPlane]:
+def installed(crd_installed: ControlPlane) -> ControlPlane:
     crd_installed.helm(
         "install",
         RELEASE,
@@ -164,7 +163,7 @@ def installed(crd_installed: ControlPlane) -> Iterator[ControlPlane]:
         "--create-namespace",
         "--wait=false",
     )
-    yield crd_installed
+    return crd_installed
 
 
 def wait_for(what: str, check: Any, timeout: float = 60) -> Any:
