@@ -33,6 +33,22 @@ def minimal_manifest() -> dict[str, Any]:
     return copy.deepcopy(MINIMAL)
 
 
+def set_fields(manifest: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """Set dotted paths under `spec` (creating groups on the way); returns the manifest."""
+    for path, value in changes.items():
+        node = manifest["spec"]
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return manifest
+
+
+def example_manifest(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
+    return loaded
+
+
 def example(name: str) -> DPOJob:
     return parse_dpojob(yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text()))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -83,16 +82,10 @@ def measure(
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def run_ours(args: argparse.Namespace, variant: dict[str, bool], workdir: Path) -> dict[str, Any]:
     import torch
     from dpo_operator.api import parse_dpojob
+    from dpo_operator.local import free_port
     from dpo_operator.render import trainer_config
     from dpo_trainer.train import train
 

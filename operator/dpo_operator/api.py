@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from dpo_trainer.config import (
     ENV_JOB,
@@ -841,6 +841,7 @@ Phase = Literal[
     "Failed",
     "Suspended",
 ]
+PHASES: tuple[str, ...] = get_args(Phase)
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Rejected", "Failed"})
 
 

@@ -30,7 +30,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from dpo_operator.api import API_VERSION as DPOJOB_API_VERSION
-from dpo_operator.api import GROUP, KIND, PLURAL, VERSION, DPOJob, TrainingMetrics, describe_errors
+from dpo_operator.api import (
+    GROUP,
+    KIND,
+    PHASES,
+    PLURAL,
+    VERSION,
+    DPOJob,
+    TrainingMetrics,
+    describe_errors,
+)
 from dpo_operator.lifecycle import (
     ChildJob,
     Create,
@@ -397,18 +406,7 @@ class Reconciler:
         counts: dict[str, int] = defaultdict(int)
         for phase in self._phases.values():
             counts[phase] += 1
-        for phase in (
-            "Pending",
-            "Queued",
-            "Training",
-            "Evaluating",
-            "AwaitingApproval",
-            "Promoting",
-            "Succeeded",
-            "Rejected",
-            "Failed",
-            "Suspended",
-        ):
+        for phase in PHASES:
             DPOJOBS.labels(phase=phase).set(counts.get(phase, 0))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo_operator.local import free_port
 from kubernetes import client, config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,13 +28,6 @@ CACHE = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-operat
 BIN = CACHE / "bin" / K8S_VERSION
 ADMIN_TOKEN = "dpo-test-admin-token"  # a static token of group system:masters
 READY_TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ensure_binaries() -> Path:

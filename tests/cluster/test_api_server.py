@@ -11,7 +11,7 @@ import yaml
 from dpo_operator.render import render_all, to_yaml
 
 from tests.cluster.control_plane import ControlPlane, Kubelet
-from tests.conftest import EXAMPLES, MINIMAL, REPO, example
+from tests.conftest import EXAMPLES, MINIMAL, REPO, example, set_fields
 
 EXAMPLE_NAMESPACES = ("ml-training", "team-a")
 
@@ -59,13 +59,7 @@ def test_the_api_server_fills_in_the_defaults(namespaces: ControlPlane) -> None:
 def _manifest(name: str, **spec: Any) -> dict[str, Any]:
     manifest = copy.deepcopy(MINIMAL)
     manifest["metadata"] = {"name": name, "namespace": "default"}
-    for path, value in spec.items():
-        node = manifest["spec"]
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return manifest
+    return set_fields(manifest, **spec)
 
 
 # (case, manifest, what `kubectl apply` must say)
@@ -202,14 +196,19 @@ def test_every_rendered_object_of_every_example_is_created(namespaces: ControlPl
         assert len(created) == len(render_all(job)), f"{path.name}: {result.stdout}"
 
 
+def create_rendered(plane: ControlPlane, name: str, namespace: str) -> None:
+    """Every object `dpo render` makes for example `name`, created in a new `namespace`."""
+    plane.kubectl("create", "namespace", namespace)
+    job = example(name).model_copy(deep=True)
+    job.metadata.namespace = namespace
+    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+
+
 def test_the_job_controller_makes_pods_with_the_promised_hostnames_and_env(
     crd_installed: ControlPlane, kubelet: Kubelet
 ) -> None:
     plane = crd_installed
-    plane.kubectl("create", "namespace", "contract")
-    job = example("llama-8b-lora-infiniband").model_copy(deep=True)
-    job.metadata.namespace = "contract"
-    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+    create_rendered(plane, "llama-8b-lora-infiniband", "contract")
 
     pods = kubelet.wait_for_pods("contract", "llama-8b-ultrafeedback-train-1", 2)
     by_index = {
@@ -247,10 +246,7 @@ def test_pods_reported_succeeded_complete_the_job(
     crd_installed: ControlPlane, kubelet: Kubelet
 ) -> None:
     plane = crd_installed
-    plane.kubectl("create", "namespace", "happy")
-    job = example("quickstart").model_copy(deep=True)
-    job.metadata.namespace = "happy"
-    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+    create_rendered(plane, "quickstart", "happy")
     (pod,) = kubelet.wait_for_pods("happy", "quickstart-train-1", 1)
     kubelet.running(pod)
     kubelet.succeeded(pod, message='{"status": "completed", "step": 60}')
@@ -265,10 +261,7 @@ def test_one_failed_pod_fails_the_whole_training_job(
     crd_installed: ControlPlane, kubelet: Kubelet
 ) -> None:
     plane = crd_installed
-    plane.kubectl("create", "namespace", "sad")
-    job = example("llama-8b-lora-infiniband").model_copy(deep=True)
-    job.metadata.namespace = "sad"
-    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+    create_rendered(plane, "llama-8b-lora-infiniband", "sad")
     pods = kubelet.wait_for_pods("sad", "llama-8b-ultrafeedback-train-1", 2)
     kubelet.running(pods[0])
     kubelet.terminated(pods[1], 1, "NCCL timeout")

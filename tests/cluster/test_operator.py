@@ -17,7 +17,7 @@ import yaml
 from dpo_trainer.metrics import PrometheusCallback
 
 from tests.cluster.control_plane import ControlPlane, Kubelet, free_port
-from tests.conftest import REPO
+from tests.conftest import example_manifest, set_fields
 
 BIN = Path(sys.executable).parent
 PASSED = json.dumps(
@@ -107,14 +107,8 @@ class Scenario:
 
     def __init__(self, plane: ControlPlane, kubelet: Kubelet, namespace: str, **spec: Any) -> None:
         self.plane, self.kubelet, self.namespace = plane, kubelet, namespace
-        manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+        manifest = set_fields(example_manifest("quickstart"), **spec)
         manifest["metadata"]["namespace"] = namespace
-        for path, value in spec.items():
-            node = manifest["spec"]
-            *parents, last = path.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
         self.manifest = manifest
         plane.kubectl("create", "namespace", namespace)
         plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
@@ -135,6 +129,12 @@ class Scenario:
             f"{self.namespace} phase {phase}",  # type: ignore[no-any-return]
             lambda: (s := self.status()).get("phase") == phase and s,
             timeout,
+        )
+
+    def suspend(self, suspend: bool) -> None:
+        patch = json.dumps({"spec": {"runPolicy": {"suspend": suspend}}})
+        self.plane.kubectl(
+            "patch", "dpo", "quickstart", "-n", self.namespace, "--type=merge", "-p", patch
         )
 
     def pod(self, job: str) -> Any:
@@ -271,29 +271,11 @@ def test_suspend_stops_the_pods_and_resume_continues(
     run = Scenario(crd_installed, kubelet, "op-suspend")
     kubelet.running(run.pod("train-1"))
     run.wait_phase("Training")
-    crd_installed.kubectl(
-        "patch",
-        "dpo",
-        "quickstart",
-        "-n",
-        "op-suspend",
-        "--type=merge",
-        "-p",
-        '{"spec": {"runPolicy": {"suspend": true}}}',
-    )
+    run.suspend(True)
     run.wait_phase("Suspended")
     job = crd_installed.batch().read_namespaced_job("quickstart-train-1", "op-suspend")
     assert job.spec.suspend is True
-    crd_installed.kubectl(
-        "patch",
-        "dpo",
-        "quickstart",
-        "-n",
-        "op-suspend",
-        "--type=merge",
-        "-p",
-        '{"spec": {"runPolicy": {"suspend": false}}}',
-    )
+    run.suspend(False)
     wait_for(
         "unsuspended",
         lambda: (

@@ -7,24 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from dpo_operator.api import parse_dpojob
 from dpo_operator.local import LocalOptions, free_port, run
 from dpo_trainer.config import EXIT_GATE_REJECTED
 from dpo_trainer.promote import read_current
 
-from tests.conftest import REPO
+from tests.conftest import example_manifest, set_fields
 
 
 def quickstart(**changes: Any) -> dict[str, Any]:
-    manifest: dict[str, Any] = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-    for path, value in changes.items():
-        node = manifest["spec"]
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return manifest
+    return set_fields(example_manifest("quickstart"), **changes)
 
 
 def dpo_run(manifest: dict[str, Any], workdir: Path, **options: Any) -> tuple[int, str]:

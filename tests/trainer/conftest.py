@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from dpo_operator.api import DPOJob
+from dpo_operator.local import free_port
 from dpo_operator.render import render_config_map, render_training_job, trainer_config
 from dpo_trainer.config import TrainerConfig
 
@@ -44,13 +45,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.trainer)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tiny_job(**spec: Any) -> DPOJob:
@@ -120,3 +114,18 @@ def pod_process(
 
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def trainer_cli(command: str, config: TrainerConfig, workdir: Path) -> tuple[int, dict[str, Any]]:
+    """`dpo-trainer COMMAND --config` in a process; its exit code and termination message."""
+    termination = workdir / f"{command}.termination.json"
+    result = subprocess.run(
+        [str(BIN / "dpo-trainer"), command, "--config", str(write_config(config, workdir))],
+        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    message = json.loads(termination.read_text()) if termination.exists() else {}
+    return result.returncode, message

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 from dpo_trainer.config import EXIT_BAD_INPUT, BadInputError, ColumnMapping, DataSource
 from dpo_trainer.data import load_preferences
 
-from tests.trainer.conftest import BIN, local_config, tiny_job, write_config
+from tests.trainer.conftest import local_config, tiny_job, trainer_cli
 
 STANDARD = ColumnMapping()
 
@@ -125,16 +124,7 @@ def test_bad_data_exits_2_with_the_reason_in_the_termination_message(tmp_path: P
     config = local_config(tiny_job(), tmp_path).model_copy(deep=True)
     config.data.train.uri = str(data)
     config.data.eval = None
-    termination = tmp_path / "termination.json"
-    result = subprocess.run(
-        [str(BIN / "dpo-trainer"), "train", "--config", str(write_config(config, tmp_path))],
-        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-2000:]
-    message = json.loads(termination.read_text())
+    code, message = trainer_cli("train", config, tmp_path)
+    assert code == EXIT_BAD_INPUT
     assert message["status"] == "bad-input"
     assert f"{data}: row 1 has no column rejected" in message["message"]

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from dpo_trainer.config import EXIT_BAD_INPUT
 
 from tests.trainer.conftest import (
-    BIN,
     free_port,
     local_config,
     pod_process,
     start,
     tiny_job,
-    write_config,
+    trainer_cli,
 )
 
 
@@ -47,17 +45,8 @@ def test_a_launch_that_lost_its_rendezvous_fails_instead_of_training_alone(
     tmp_path: Path,
 ) -> None:
     job = tiny_job(resources={"nodes": 2, "gpusPerNode": 0})
-    config_path = write_config(local_config(job, tmp_path), tmp_path)
-    termination = tmp_path / "termination.json"
-    result = subprocess.run(
-        [str(BIN / "dpo-trainer"), "train", "--config", str(config_path)],
-        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-2000:]
-    message = json.loads(termination.read_text())["message"]
+    code, termination = trainer_cli("train", local_config(job, tmp_path), tmp_path)
+    assert code == EXIT_BAD_INPUT
+    message = termination["message"]
     assert "world size is 1 but the config expects 2 nodes x 1 processes = 2" in message
     assert not (tmp_path / "artifacts" / "adapter").exists()

@@ -14,7 +14,7 @@ from dpo_trainer.evaluate import evaluate
 from dpo_trainer.promote import read_current
 from dpo_trainer.train import train
 
-from tests.trainer.conftest import BIN, local_config, tiny_job, write_config
+from tests.trainer.conftest import BIN, local_config, tiny_job, trainer_cli, write_config
 
 ANCHOR = {"uri": "builtin:synthetic-preferences/anchor"}
 
@@ -35,20 +35,6 @@ def with_promotion(config: TrainerConfig, target: str, **gate: Any) -> TrainerCo
             "gate": {**config.gate.model_dump(), **gate},
         }
     )
-
-
-def trainer_cli(command: str, config: TrainerConfig, workdir: Path) -> tuple[int, dict[str, Any]]:
-    termination = workdir / f"{command}.termination.json"
-    result = subprocess.run(
-        [str(BIN / "dpo-trainer"), command, "--config", str(write_config(config, workdir))],
-        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    message = json.loads(termination.read_text()) if termination.exists() else {}
-    return result.returncode, message
 
 
 @pytest.mark.parametrize(("beta", "drifts"), [(1.0, False), (0.01, True)])
