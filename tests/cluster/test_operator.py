@@ -57,6 +57,7 @@ class Operator:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = plane.workdir / "operator.log"
         self.metrics_port = free_port()
+        self.liveness_port = free_port()
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
@@ -68,7 +69,7 @@ class Operator:
                 "--metrics-port",
                 str(self.metrics_port),
                 "--liveness-port",
-                str(free_port()),
+                str(self.liveness_port),
             ],
             env=env,
             stdout=self.log.open("ab"),
@@ -356,6 +357,11 @@ def test_a_spec_the_operator_refuses_gets_a_condition_not_a_crash(
     run.pod("train-1")
     assert operator.process is not None
     assert operator.process.poll() is None, "the operator kept running"
+
+
+def test_the_operator_answers_its_liveness_probe(operator: Operator) -> None:
+    healthz = f"http://127.0.0.1:{operator.liveness_port}/healthz"
+    assert wait_for("kopf liveness endpoint", lambda: _get(healthz))
 
 
 def test_the_operator_serves_its_own_metrics(operator: Operator) -> None:
