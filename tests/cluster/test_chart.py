@@ -17,7 +17,7 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.control_plane import BIN as K8S_BIN
-from tests.cluster.control_plane import ControlPlane, Kubelet, free_port
+from tests.cluster.control_plane import PROMETHEUS_OPERATOR_CRDS, ControlPlane, Kubelet, free_port
 from tests.conftest import REPO
 
 CHART = REPO / "charts" / "dpo-operator"
@@ -64,9 +64,30 @@ def rendered(values: list[str]) -> list[dict[str, Any]]:
 def test_the_chart_lints_and_renders_valid_kubernetes_objects(values: list[str]) -> None:
     assert "0 chart(s) failed" in helm("lint", str(CHART), *values).stdout
     for obj in rendered(values):
-        if obj["kind"] in PROMETHEUS_OPERATOR_KINDS:
-            continue  # CRDs of the Prometheus Operator: not in the Kubernetes schema
-        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+        if obj["kind"] not in PROMETHEUS_OPERATOR_KINDS:  # those: next test, on the API server
+            kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_monitoring_objects_validate_against_the_prometheus_operator_crds(
+    crd_installed: ControlPlane,
+) -> None:
+    for crd in sorted(PROMETHEUS_OPERATOR_CRDS.glob("*.yaml")):
+        crd_installed.kubectl("apply", "--server-side", "-f", str(crd))
+    crd_installed.kubectl("wait", "--for=condition=Established", "crd", "--all")
+    crd_installed.kubectl("create", "namespace", RELEASE_NAMESPACE, check=False)
+    monitoring = [
+        o for o in rendered(VALUES_SETS["monitoring"]) if o["kind"] in PROMETHEUS_OPERATOR_KINDS
+    ]
+    assert {o["kind"] for o in monitoring} == PROMETHEUS_OPERATOR_KINDS
+    result = crd_installed.kubectl(
+        "apply",
+        "--dry-run=server",
+        "--validate=strict",
+        "-f",
+        "-",
+        stdin=yaml.safe_dump_all(monitoring),
+    )
+    assert result.stdout.count("(server dry run)") == len(monitoring)
 
 
 def test_the_namespaced_mode_grants_roles_only_where_it_watches() -> None:
