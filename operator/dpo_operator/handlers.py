@@ -64,6 +64,7 @@ from dpo_operator.render import (
     render_service,
     render_training_job,
     service_name,
+    training_job_name,
 )
 
 log = logging.getLogger("dpo_operator")
@@ -188,7 +189,7 @@ class Reconciler:
                 )
             )
         attempt = (job.status.attempt if job.status else None) or 1
-        training_job = f"{job.name}-train-{attempt}"
+        training_job = training_job_name(job, attempt)
         return Observed(
             now=datetime.now(UTC),
             jobs=tuple(jobs),

@@ -15,12 +15,13 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from dpo_trainer.config import (
+    ACCELERATE_CONFIG_FILE,
     ACCELERATE_CONFIG_PATH,
     ENV_MASTER_ADDR,
     ENV_MASTER_PORT,
@@ -31,10 +32,10 @@ from dpo_trainer.config import (
 )
 
 from dpo_operator.api import DPOJob
-from dpo_operator.parallelism import accelerate_config
 from dpo_operator.render import (
     Manifest,
     claims,
+    render_config_map,
     render_eval_job,
     render_promote_job,
     render_training_job,
@@ -75,6 +76,48 @@ def local_gpus() -> int:
         return 0
     listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
     return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+
+
+def kubelet_process(
+    container: Manifest,
+    rank: int,
+    master_port: int,
+    files: Mapping[str, Path],
+    termination_log: Path,
+    warn: Callable[[str], None],
+) -> tuple[list[str], dict[str, str]]:
+    """What a kubelet would start for `container` of pod `rank`, as a local command and env.
+
+    The completion index becomes `rank`, rank 0's DNS name 127.0.0.1 at `master_port`, the
+    pod's /etc/dpo files the local `files`; secrets come from this environment if set.
+    """
+    values: dict[str, str] = {}
+    for entry in container["env"]:
+        source = entry.get("valueFrom", {})
+        if "fieldRef" in source:  # the only fieldRef rendered: the completion index
+            values[entry["name"]] = str(rank)
+        elif "secretKeyRef" in source:
+            if entry["name"] in os.environ:
+                values[entry["name"]] = os.environ[entry["name"]]
+            else:
+                warn(f"note: secret env {entry['name']} is not set here; left unset")
+        else:
+            values[entry["name"]] = _expand(entry["value"], values)
+    if ENV_MASTER_ADDR in values:
+        values[ENV_MASTER_ADDR] = "127.0.0.1"
+        values[ENV_MASTER_PORT] = str(master_port)
+    command = [_expand(part, values) for part in container["command"]]
+    for pod_file, local_file in files.items():
+        command = [part.replace(pod_file, str(local_file)) for part in command]
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        **values,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        ENV_TERMINATION_LOG: str(termination_log),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return command, env
 
 
 def for_this_machine(job: DPOJob, cpu: bool) -> DPOJob:
@@ -118,8 +161,6 @@ class LocalRun:
         print(text, file=self.out, flush=True)
 
     def write_files(self) -> None:
-        import yaml
-
         for path in self.claim_paths.values():
             Path(path).mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -127,40 +168,16 @@ class LocalRun:
             self.config.model_dump_json(by_alias=True, indent=2) + "\n"
         )
         self.files[ACCELERATE_CONFIG_PATH].write_text(
-            yaml.safe_dump(accelerate_config(self.job.spec), sort_keys=False)
+            render_config_map(self.job)["data"][ACCELERATE_CONFIG_FILE]
         )
 
     def process(
         self, container: Manifest, name: str, rank: int, master_port: int
     ) -> tuple[list[str], dict[str, str]]:
         """The container's command and env as a kubelet would start it, on this machine."""
-        values: dict[str, str] = {}
-        for entry in container["env"]:
-            source = entry.get("valueFrom", {})
-            if "fieldRef" in source:  # the only fieldRef rendered: the completion index
-                values[entry["name"]] = str(rank)
-            elif "secretKeyRef" in source:
-                if entry["name"] in os.environ:
-                    values[entry["name"]] = os.environ[entry["name"]]
-                else:
-                    self.say(f"note: secret env {entry['name']} is not set here; left unset")
-            else:
-                values[entry["name"]] = _expand(entry["value"], values)
-        if ENV_MASTER_ADDR in values:
-            values[ENV_MASTER_ADDR] = "127.0.0.1"
-            values[ENV_MASTER_PORT] = str(master_port)
-        command = [_expand(part, values) for part in container["command"]]
-        for pod_file, local_file in self.files.items():
-            command = [part.replace(pod_file, str(local_file)) for part in command]
-        bin_dir = str(Path(sys.executable).parent)
-        env = {
-            **os.environ,
-            **values,
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            ENV_TERMINATION_LOG: str(self.termination(name, rank)),
-            "PYTHONUNBUFFERED": "1",
-        }
-        return command, env
+        return kubelet_process(
+            container, rank, master_port, self.files, self.termination(name, rank), self.say
+        )
 
     def termination(self, name: str, rank: int) -> Path:
         return self.workdir / "logs" / f"{name}-{rank}.termination.json"

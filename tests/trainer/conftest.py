@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +10,15 @@ from typing import Any
 
 import pytest
 from dpo_operator.api import DPOJob
-from dpo_operator.local import free_port
+from dpo_operator.local import free_port, kubelet_process
 from dpo_operator.render import render_config_map, render_training_job, trainer_config
-from dpo_trainer.config import TrainerConfig
+from dpo_trainer.config import (
+    ACCELERATE_CONFIG_FILE,
+    ACCELERATE_CONFIG_PATH,
+    DEFAULT_MASTER_PORT,
+    TRAINER_CONFIG_PATH,
+    TrainerConfig,
+)
 
 from tests.conftest import job_with
 
@@ -72,44 +76,25 @@ def write_config(config: TrainerConfig, workdir: Path) -> Path:
 
 
 def pod_process(
-    job: DPOJob, rank: int, workdir: Path, config: TrainerConfig, **env: str
+    job: DPOJob, rank: int, workdir: Path, config: TrainerConfig, master_port: int | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """The command and env of training pod `rank`, exactly as rendered, run on this machine.
-
-    Only what a kubelet provides changes: /etc/dpo files become files in `workdir`, the
-    completion index becomes `rank`, rank 0's DNS name becomes 127.0.0.1.
-    """
-    rendered = render_training_job(job, attempt=1)
-    container = rendered["spec"]["template"]["spec"]["containers"][0]
+    """The command and env of training pod `rank`, exactly as rendered, run on this machine
+    the way `dpo run` starts it (see dpo_operator.local.kubelet_process)."""
+    container = render_training_job(job, attempt=1)["spec"]["template"]["spec"]["containers"][0]
     accelerate_yaml = workdir / "accelerate.yaml"
-    accelerate_yaml.write_text(render_config_map(job)["data"]["accelerate.yaml"])
-    trainer_json = write_config(config, workdir)
-    values: dict[str, str] = {}
-    for entry in container["env"]:
-        if "valueFrom" in entry:
-            values[entry["name"]] = str(rank)  # the completion index
-        else:
-            values[entry["name"]] = re.sub(
-                r"\$\((\w+)\)", lambda m: values[m.group(1)], entry["value"]
-            )
-    values["MASTER_ADDR"] = "127.0.0.1"
-    values["MASTER_PORT"] = env.pop("MASTER_PORT", values["MASTER_PORT"])
-    command = [
-        re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], part)
-        .replace("/etc/dpo/accelerate.yaml", str(accelerate_yaml))
-        .replace("/etc/dpo/trainer.json", str(trainer_json))
-        for part in container["command"]
-    ]
-    command[0] = str(BIN / command[0])
-    full_env = {
-        **os.environ,
-        **values,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "DPO_TERMINATION_LOG": str(workdir / f"termination-{rank}.json"),
-        "PYTHONUNBUFFERED": "1",
-        **env,
+    accelerate_yaml.write_text(render_config_map(job)["data"][ACCELERATE_CONFIG_FILE])
+    files = {
+        ACCELERATE_CONFIG_PATH: accelerate_yaml,
+        TRAINER_CONFIG_PATH: write_config(config, workdir),
     }
-    return command, full_env
+    return kubelet_process(
+        container,
+        rank,
+        master_port or DEFAULT_MASTER_PORT,
+        files,
+        workdir / f"termination-{rank}.json",
+        print,
+    )
 
 
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

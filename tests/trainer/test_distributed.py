@@ -20,10 +20,10 @@ from tests.trainer.conftest import (
 def test_two_nodes_over_gloo_train_together_and_agree(tmp_path: Path) -> None:
     job = tiny_job(resources={"nodes": 2, "gpusPerNode": 0}, dpo={"maxSteps": 20})
     config = local_config(job, tmp_path)
-    port = str(free_port())
+    port = free_port()
     processes = []
     for rank in (0, 1):
-        command, env = pod_process(job, rank, tmp_path, config, MASTER_PORT=port)
+        command, env = pod_process(job, rank, tmp_path, config, master_port=port)
         assert "--machine_rank" in command
         assert "--main_process_ip" in command
         processes.append(start(command, env, tmp_path / f"rank-{rank}.log"))
