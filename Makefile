@@ -34,7 +34,7 @@ prometheus:
 
 # The fast tier while you work: pure functions only, a few seconds.
 unit: $(BIN)/dpo
-	$(BIN)/pytest -m "not trainer and not cluster and not e2e"
+	$(BIN)/pytest -m "not trainer and not cluster and not e2e and not distributed"
 
 lint: $(BIN)/dpo
 	$(BIN)/ruff check .

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from dpo_operator.api import DPOJob, parse_dpojob
+from dpo_operator.local import LocalOptions, free_port, run
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -63,3 +65,25 @@ def job_with(**spec_overrides: Any) -> DPOJob:
 @pytest.fixture(params=EXAMPLES, ids=lambda path: path.stem)
 def example_job(request: pytest.FixtureRequest) -> DPOJob:
     return parse_dpojob(yaml.safe_load(request.param.read_text()))
+
+
+def quickstart(**changes: Any) -> dict[str, Any]:
+    """The quickstart example's manifest with dotted spec fields changed."""
+    return set_fields(example_manifest("quickstart"), **changes)
+
+
+def dpo_run(manifest: dict[str, Any], workdir: Path, **options: Any) -> tuple[int, str]:
+    """`dpo run` on a manifest; its exit code and everything it printed."""
+    out = io.StringIO()
+    code = run(
+        parse_dpojob(manifest),
+        LocalOptions(workdir=workdir, metrics_port=free_port(), **options),
+        out=out,
+    )
+    print(out.getvalue())
+    return code, out.getvalue()
+
+
+def promotion_target(workdir: Path) -> Path:
+    """Where `dpo run` puts the quickstart's promotion target (pvc://dpo-runs/promoted/...)."""
+    return workdir / "volumes" / "dpo-runs" / "promoted" / "quickstart"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED
+from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_WRONG_ENVIRONMENT
 
 from dpo_operator.api import (
     TERMINAL_PHASES,
@@ -282,6 +282,14 @@ class _Machine:
         bad_input = next((p for p in failed if p.exit_code == EXIT_BAD_INPUT), None)
         if bad_input is not None:
             self.finish("Failed", f"bad config or data: {_reason(bad_input.message)}", "BadInput")
+            return
+        wrong = next((p for p in failed if p.exit_code == EXIT_WRONG_ENVIRONMENT), None)
+        if wrong is not None:
+            self.finish(
+                "Failed",
+                f"the pods are not what was rendered: {_reason(wrong.message)}",
+                "WrongEnvironment",
+            )
             return
         disrupted = bool(failed) and all(pod.disrupted for pod in failed)
         restarts = self.status.restarts

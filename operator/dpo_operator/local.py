@@ -28,6 +28,7 @@ from dpo_trainer.config import (
     ENV_TERMINATION_LOG,
     EXIT_BAD_INPUT,
     EXIT_GATE_REJECTED,
+    EXIT_WRONG_ENVIRONMENT,
     TRAINER_CONFIG_PATH,
 )
 
@@ -84,12 +85,14 @@ def kubelet_process(
     master_port: int,
     files: Mapping[str, Path],
     termination_log: Path,
+    tmp: Path,
     warn: Callable[[str], None],
 ) -> tuple[list[str], dict[str, str]]:
     """What a kubelet would start for `container` of pod `rank`, as a local command and env.
 
     The completion index becomes `rank`, rank 0's DNS name 127.0.0.1 at `master_port`, the
-    pod's /etc/dpo files the local `files`; secrets come from this environment if set.
+    pod's /etc/dpo files the local `files`, its own /tmp volume the directory `tmp` (pods share
+    no disk but their volumes); secrets come from this environment if set.
     """
     values: dict[str, str] = {}
     for entry in container["env"]:
@@ -115,25 +118,11 @@ def kubelet_process(
         **values,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         ENV_TERMINATION_LOG: str(termination_log),
+        "TMPDIR": str(tmp),
         "PYTHONUNBUFFERED": "1",
     }
+    tmp.mkdir(parents=True, exist_ok=True)
     return command, env
-
-
-def for_this_machine(job: DPOJob, cpu: bool) -> DPOJob:
-    """With --cpu, the same job on the CPU: no GPUs, ddp over gloo, plain TCP."""
-    if not cpu:
-        return job
-    spec = job.spec
-    strategy = "ddp" if spec.parallelism.strategy in ("fsdp", "hsdp") else spec.parallelism.strategy
-    local_spec = spec.model_copy(
-        update={
-            "resources": spec.resources.model_copy(update={"gpus_per_node": 0}),
-            "parallelism": spec.parallelism.model_copy(update={"strategy": strategy}),
-            "network": spec.network.model_copy(update={"profile": "tcp"}),
-        }
-    )
-    return job.model_copy(update={"spec": local_spec})
 
 
 class LocalRun:
@@ -148,7 +137,7 @@ class LocalRun:
             claim: str(options.volumes.get(claim, self.workdir / "volumes" / claim).resolve())
             for claim in claims(job)
         }
-        config = trainer_config(job, self.claim_paths)
+        config = trainer_config(job, self.claim_paths, cpu=options.cpu)
         if options.metrics_port is not None:
             config = config.model_copy(update={"metrics_port": options.metrics_port})
         self.config = config
@@ -168,7 +157,7 @@ class LocalRun:
             self.config.model_dump_json(by_alias=True, indent=2) + "\n"
         )
         self.files[ACCELERATE_CONFIG_PATH].write_text(
-            render_config_map(self.job)["data"][ACCELERATE_CONFIG_FILE]
+            render_config_map(self.job, cpu=self.options.cpu)["data"][ACCELERATE_CONFIG_FILE]
         )
 
     def process(
@@ -176,7 +165,13 @@ class LocalRun:
     ) -> tuple[list[str], dict[str, str]]:
         """The container's command and env as a kubelet would start it, on this machine."""
         return kubelet_process(
-            container, rank, master_port, self.files, self.termination(name, rank), self.say
+            container,
+            rank,
+            master_port,
+            self.files,
+            self.termination(name, rank),
+            self.workdir / "pods" / f"{name}-{rank}" / "tmp",
+            self.say,
         )
 
     def termination(self, name: str, rank: int) -> Path:
@@ -226,16 +221,24 @@ class LocalRun:
         restarts, limit = 0, self.job.spec.run_policy.max_restarts
         while True:
             attempt = restarts + 1
+            layout = self.config.distributed
             self.say(
-                f"Training: {self.job.spec.resources.nodes} process(es), attempt {attempt}; "
-                f"live metrics at http://127.0.0.1:{self.config.metrics_port}/metrics"
+                f"Training: {layout.strategy} on {layout.nnodes} pod(s) x "
+                f"{layout.nproc_per_node} {layout.device} process(es), attempt {attempt}; live "
+                f"metrics at http://127.0.0.1:{self.config.metrics_port}/metrics"
             )
-            codes = self.run_pods(render_training_job(self.job, attempt), "train")
+            codes = self.run_pods(
+                render_training_job(self.job, attempt, cpu=self.options.cpu), "train"
+            )
             if all(code == 0 for code in codes):
                 return Outcome("Trained", 0)
-            if EXIT_BAD_INPUT in codes:
-                reason = self.message("train").get("message", "bad config or data")
-                return Outcome("Failed", EXIT_BAD_INPUT, [f"bad input: {reason}"])
+            for fatal, what in (
+                (EXIT_BAD_INPUT, "bad input"),
+                (EXIT_WRONG_ENVIRONMENT, "not what was rendered"),
+            ):
+                if fatal in codes:
+                    reason = self.message("train").get("message", what)
+                    return Outcome("Failed", fatal, [f"{what}: {reason}"])
             if restarts >= limit:
                 return Outcome(
                     "Failed",
@@ -253,7 +256,7 @@ class LocalRun:
 
     def evaluate(self) -> tuple[Outcome, dict[str, Any]]:
         self.say("Evaluating: the held-out gate")
-        (code,) = self.run_pods(render_eval_job(self.job, 1), "eval")
+        (code,) = self.run_pods(render_eval_job(self.job, 1, cpu=self.options.cpu), "eval")
         report = self.message("eval")
         if code == 0:
             return Outcome("Passed", 0), report
@@ -295,7 +298,7 @@ def run(
             file=out,
         )
         return EXIT_BAD_INPUT
-    local = LocalRun(for_this_machine(job, options.cpu), options, out)
+    local = LocalRun(job, options, out)
     local.write_files()
     local.say(f"DPOJob {job.namespace}/{job.name}: run directory {local.workdir}")
     outcome = local.train()
@@ -348,6 +351,9 @@ def _summary(
             f"reward accuracy {metrics.get('dpo_train_reward_accuracy', 0):.3f}  "
             f"margin {metrics.get('dpo_train_reward_margin', 0):.4f}"
         )
+        ran = summary.get("distributed")
+        if ran:
+            say(f"ran        {describe_distributed_run(ran)}")
         plot = plot_rewards(summary.get("logHistory", []), local.workdir / "rewards.png")
         if plot:
             say(f"plot       {plot}")
@@ -362,6 +368,21 @@ def _summary(
     if promotion:
         say(f"promoted   {promotion.get('version')} -> {promotion.get('uri')}")
     say(f"artifacts  {local.config.artifacts_dir}")
+
+
+def describe_distributed_run(ran: Mapping[str, Any]) -> str:
+    """One line from train.json's `distributed`: what the trainer really ran on."""
+    kind = ran["distributedType"]
+    if kind == "FSDP":
+        shape = ran["meshShape"] or []
+        mesh = "x".join(str(size) for size in shape)
+        over = (
+            f"a {mesh} mesh ({', '.join(ran['meshDims'] or [])})"
+            if len(shape) > 1
+            else f"{mesh} ranks"
+        )
+        kind = f"FSDP{ran['fsdpVersion']} sharded over {over}"
+    return f"{kind}, world size {ran['worldSize']}, parameters on {ran['device']}"
 
 
 def plot_rewards(history: list[dict[str, Any]], path: Path) -> Path | None:

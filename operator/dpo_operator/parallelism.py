@@ -1,12 +1,17 @@
-"""How a DPOJob spreads over processes: the resolved strategy and its accelerate config."""
+"""How a DPOJob spreads over processes: the resolved strategy and its accelerate config.
+
+`cpu=True` keeps the job's process layout and strategy but runs it on CPUs over gloo: what
+`dpo run --cpu` and the distributed test tier run, so that the accelerate/FSDP code users run on
+GPUs is the code the tests execute (the trainer refuses a silent change of strategy).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from dpo_operator.api import DPOJobSpec
+from dpo_trainer.config import Strategy
 
-ResolvedStrategy = Literal["single", "ddp", "fsdp", "hsdp"]
+from dpo_operator.api import DPOJobSpec
 
 
 def processes_per_node(spec: DPOJobSpec) -> int:
@@ -18,7 +23,7 @@ def world_size(spec: DPOJobSpec) -> int:
     return spec.resources.nodes * processes_per_node(spec)
 
 
-def resolve_strategy(spec: DPOJobSpec) -> ResolvedStrategy:
+def resolve_strategy(spec: DPOJobSpec) -> Strategy:
     """The strategy to run: `auto` picks the cheapest one that fits.
 
     One process needs no distribution. LoRA keeps the base weights frozen and its optimizer state
@@ -36,31 +41,33 @@ def resolve_strategy(spec: DPOJobSpec) -> ResolvedStrategy:
     return "hsdp" if spec.resources.nodes > 1 and spec.resources.gpus_per_node > 1 else "fsdp"
 
 
-def mixed_precision(spec: DPOJobSpec) -> Literal["bf16", "no"]:
+def fsdp_version(spec: DPOJobSpec) -> Literal[1, 2] | None:
+    """The FSDP implementation that shards the job, or None when nothing is sharded."""
+    return spec.parallelism.fsdp_version if resolve_strategy(spec) in ("fsdp", "hsdp") else None
+
+
+def on_cpu(spec: DPOJobSpec, cpu: bool) -> bool:
+    return cpu or spec.resources.gpus_per_node == 0
+
+
+def mixed_precision(spec: DPOJobSpec, *, cpu: bool = False) -> Literal["bf16", "no"]:
     """bf16 on GPUs (the trainer falls back to fp32 where the GPU lacks it); fp32 on CPU."""
-    return "bf16" if spec.resources.gpus_per_node > 0 else "no"
+    return "no" if on_cpu(spec, cpu) else "bf16"
 
 
-def trainer_gradient_checkpointing(spec: DPOJobSpec) -> bool:
-    """Whether the Trainer itself checkpoints activations.
-
-    Under fsdp/hsdp, FSDP's own activation checkpointing is used instead: enabling both wraps
-    layers twice and breaks the backward pass.
-    """
-    return spec.parallelism.activation_checkpointing and resolve_strategy(spec) in ("single", "ddp")
-
-
-def accelerate_config(spec: DPOJobSpec) -> dict[str, Any]:
+def accelerate_config(spec: DPOJobSpec, *, cpu: bool = False) -> dict[str, Any]:
     """The content of /etc/dpo/accelerate.yaml.
 
     Machine rank and the main process address are per pod and passed on the command line; only
-    what all pods share is here.
+    what all pods share is here. Several processes per pod are started by accelerate's torchrun
+    launcher (MULTI_GPU, FSDP), which also spawns them on CPUs; one process per pod on CPU uses
+    the plain launcher (MULTI_CPU) with the ranks from the pod's env.
     """
     strategy = resolve_strategy(spec)
-    on_cpu = spec.resources.gpus_per_node == 0
+    one_process_per_pod = spec.resources.gpus_per_node == 0
     distributed_type = {
         "single": "NO",
-        "ddp": "MULTI_CPU" if on_cpu else "MULTI_GPU",
+        "ddp": "MULTI_CPU" if one_process_per_pod else "MULTI_GPU",
         "fsdp": "FSDP",
         "hsdp": "FSDP",
     }[strategy]
@@ -72,12 +79,12 @@ def accelerate_config(spec: DPOJobSpec) -> dict[str, Any]:
         "machine_rank": 0,
         "rdzv_backend": "static",
         "same_network": True,
-        "mixed_precision": mixed_precision(spec),
-        "use_cpu": on_cpu,
+        "mixed_precision": mixed_precision(spec, cpu=cpu),
+        "use_cpu": on_cpu(spec, cpu),
         "downcast_bf16": "no",
         "main_training_function": "main",
     }
-    if not on_cpu:
+    if not on_cpu(spec, cpu):
         config["gpu_ids"] = "all"
     if strategy in ("fsdp", "hsdp"):
         config["fsdp_config"] = _fsdp_config(spec, strategy)
@@ -91,15 +98,21 @@ def accelerate_config(spec: DPOJobSpec) -> dict[str, Any]:
     return config
 
 
-def _fsdp_config(spec: DPOJobSpec, strategy: ResolvedStrategy) -> dict[str, Any]:
+def _fsdp_config(spec: DPOJobSpec, strategy: Strategy) -> dict[str, Any]:
     parallelism = spec.parallelism
     config: dict[str, Any] = {
         "fsdp_version": parallelism.fsdp_version,
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        # Checkpoints stay sharded (each rank writes its own part, fast, what resume reads); the
+        # trainer gathers full tensors once for the final artifact.
         "fsdp_state_dict_type": "SHARDED_STATE_DICT",
         "fsdp_cpu_ram_efficient_loading": True,
         "fsdp_offload_params": parallelism.cpu_offload,
-        "fsdp_activation_checkpointing": parallelism.activation_checkpointing,
+        # Activations are checkpointed by the Trainer (transformers' gradient checkpointing, as in
+        # TRL's own FSDP2 config), never by FSDP: its checkpoint wrapper renames every layer, so
+        # PEFT finds none of the adapter's weights when saving it, and both at once break the
+        # backward pass.
+        "fsdp_activation_checkpointing": False,
     }
     if parallelism.fsdp_version == 2:
         config["fsdp_reshard_after_forward"] = True

@@ -29,6 +29,7 @@ from dpo_trainer.config import (
     ENV_NPROC_PER_NODE,
     EXIT_BAD_INPUT,
     EXIT_GATE_REJECTED,
+    EXIT_WRONG_ENVIRONMENT,
     TRAINER_CONFIG_FILE,
     TRAINER_CONFIG_PATH,
     DataConfig,
@@ -47,10 +48,11 @@ from dpo_operator.api import API_VERSION, KIND, DPOJob
 from dpo_operator.network import NetworkPieces, network_pieces
 from dpo_operator.parallelism import (
     accelerate_config,
+    fsdp_version,
     mixed_precision,
+    on_cpu,
     processes_per_node,
     resolve_strategy,
-    trainer_gradient_checkpointing,
 )
 
 Manifest = dict[str, Any]
@@ -181,9 +183,12 @@ def artifacts_dir(job: DPOJob, claim_paths: ClaimPaths | None = None) -> str:
 # the trainer config (trainer.json)
 
 
-def trainer_config(job: DPOJob, claim_paths: ClaimPaths | None = None) -> TrainerConfig:
+def trainer_config(
+    job: DPOJob, claim_paths: ClaimPaths | None = None, *, cpu: bool = False
+) -> TrainerConfig:
     """trainer.json: every setting resolved. `claim_paths` maps PVCs to local directories
-    (`dpo run`); by default they are where the pods mount them."""
+    (`dpo run`); by default they are where the pods mount them. `cpu` runs the job's process
+    layout on CPUs (see `parallelism`)."""
     spec = job.spec
     gate = spec.eval_gate
     gate_data = _optional_in_pod(gate.data or spec.data.eval, claim_paths)
@@ -217,8 +222,8 @@ def trainer_config(job: DPOJob, claim_paths: ClaimPaths | None = None) -> Traine
             seed=spec.dpo.seed,
             logging_steps=spec.dpo.logging_steps,
             save_steps=spec.dpo.save_steps,
-            gradient_checkpointing=trainer_gradient_checkpointing(spec),
-            mixed_precision=mixed_precision(spec),
+            gradient_checkpointing=spec.parallelism.activation_checkpointing,
+            mixed_precision=mixed_precision(spec, cpu=cpu),
             ddp_timeout_seconds=spec.network.collective_timeout_seconds,
             extra=spec.dpo.extra,
         ),
@@ -229,6 +234,8 @@ def trainer_config(job: DPOJob, claim_paths: ClaimPaths | None = None) -> Traine
             nnodes=spec.resources.nodes,
             nproc_per_node=processes_per_node(spec),
             strategy=resolve_strategy(spec),
+            fsdp_version=fsdp_version(spec),
+            device="cpu" if on_cpu(spec, cpu) else "cuda",
         ),
         artifacts_dir=artifacts_dir(job, claim_paths),
         gate=GateConfig(
@@ -256,15 +263,15 @@ def trainer_config(job: DPOJob, claim_paths: ClaimPaths | None = None) -> Traine
 # objects
 
 
-def render_all(job: DPOJob, attempt: int = 1) -> list[Manifest]:
+def render_all(job: DPOJob, attempt: int = 1, *, cpu: bool = False) -> list[Manifest]:
     """Every child of `job` for training attempt `attempt` (what `dpo render` prints)."""
     children = [
-        render_config_map(job),
+        render_config_map(job, cpu=cpu),
         render_service(job),
-        render_training_job(job, attempt),
+        render_training_job(job, attempt, cpu=cpu),
     ]
     if job.spec.eval_gate.enabled:
-        children.append(render_eval_job(job, attempt))
+        children.append(render_eval_job(job, attempt, cpu=cpu))
     if job.spec.promotion is not None:
         children.append(render_promote_job(job, attempt))
     return children
@@ -301,15 +308,17 @@ def _metadata(job: DPOJob, name: str, component: str, **extra_labels: str) -> Ma
     return metadata
 
 
-def render_config_map(job: DPOJob) -> Manifest:
-    trainer_json = trainer_config(job).model_dump_json(by_alias=True, indent=2)
+def render_config_map(job: DPOJob, *, cpu: bool = False) -> Manifest:
+    trainer_json = trainer_config(job, cpu=cpu).model_dump_json(by_alias=True, indent=2)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job), "config"),
         "data": {
             TRAINER_CONFIG_FILE: trainer_json + "\n",
-            ACCELERATE_CONFIG_FILE: yaml.safe_dump(accelerate_config(job.spec), sort_keys=False),
+            ACCELERATE_CONFIG_FILE: yaml.safe_dump(
+                accelerate_config(job.spec, cpu=cpu), sort_keys=False
+            ),
         },
     }
 
@@ -528,10 +537,13 @@ def _job(
     }
 
 
-def render_training_job(job: DPOJob, attempt: int) -> Manifest:
+def render_training_job(job: DPOJob, attempt: int, *, cpu: bool = False) -> Manifest:
     """An Indexed Job of `nodes` pods; pod i is machine rank i (its completion index)."""
     spec = job.spec
-    pieces = network_pieces(spec.network, spec.resources.gpus_per_node)
+    gpus = 0 if cpu else spec.resources.gpus_per_node
+    # CPUs have no GPU NICs: plain TCP, whatever fabric the job's GPUs would use.
+    network = spec.network.model_copy(update={"profile": "tcp"}) if cpu else spec.network
+    pieces = network_pieces(network, gpus)
     volumes, mounts = _volumes(job, pieces)
     container: Manifest = {
         "name": TRAINER_CONTAINER,
@@ -546,7 +558,7 @@ def render_training_job(job: DPOJob, attempt: int) -> Manifest:
             {"name": "metrics", "containerPort": spec.monitoring.port, "protocol": "TCP"},
         ],
         "resources": _resources(
-            spec.resources.gpus_per_node,
+            gpus,
             spec.resources.gpu_resource_name,
             spec.resources.cpu,
             spec.resources.memory,
@@ -651,7 +663,7 @@ def _single_pod_job(
                         "onExitCodes": {
                             "containerName": component,
                             "operator": "In",
-                            "values": non_retryable,
+                            "values": sorted(non_retryable),  # the API wants them in order
                         },
                     },
                     # Preemption and node drains are not the pod's fault.
@@ -665,11 +677,12 @@ def _single_pod_job(
     )
 
 
-def render_eval_job(job: DPOJob, attempt: int) -> Manifest:
+def render_eval_job(job: DPOJob, attempt: int, *, cpu: bool = False) -> Manifest:
     """The gate: scores the adapter of training attempt `attempt` on held-out pairs."""
     spec = job.spec
     gate = spec.eval_gate.resources
     gpus = gate.gpus if gate.gpus is not None else min(spec.resources.gpus_per_node, 1)
+    gpus = 0 if cpu else gpus
     return _single_pod_job(
         job,
         eval_job_name(job, attempt),
@@ -678,7 +691,7 @@ def render_eval_job(job: DPOJob, attempt: int) -> Manifest:
         gpus,
         gate.cpu if gate.cpu is not None else spec.resources.cpu,
         gate.memory if gate.memory is not None else spec.resources.memory,
-        [EXIT_BAD_INPUT, EXIT_GATE_REJECTED],
+        [EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_WRONG_ENVIRONMENT],
     )
 
 
@@ -692,7 +705,7 @@ def render_promote_job(job: DPOJob, attempt: int) -> Manifest:
         0,
         "500m",
         "2Gi",
-        [EXIT_BAD_INPUT],
+        [EXIT_BAD_INPUT, EXIT_WRONG_ENVIRONMENT],
     )
 
 

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
-from typing import Any
 
-from dpo_operator.api import parse_dpojob
-from dpo_operator.local import LocalOptions, free_port, run
 from dpo_trainer.config import EXIT_GATE_REJECTED
 from dpo_trainer.promote import read_current
 
-from tests.conftest import example_manifest, set_fields
-
-
-def quickstart(**changes: Any) -> dict[str, Any]:
-    return set_fields(example_manifest("quickstart"), **changes)
-
-
-def dpo_run(manifest: dict[str, Any], workdir: Path, **options: Any) -> tuple[int, str]:
-    out = io.StringIO()
-    code = run(
-        parse_dpojob(manifest),
-        LocalOptions(workdir=workdir, metrics_port=free_port(), **options),
-        out=out,
-    )
-    print(out.getvalue())
-    return code, out.getvalue()
-
-
-def promotion_target(workdir: Path) -> Path:
-    return workdir / "volumes" / "dpo-runs" / "promoted" / "quickstart"
+from tests.conftest import dpo_run, promotion_target, quickstart
 
 
 def test_the_quickstart_passes_the_gate_and_is_promoted(tmp_path: Path) -> None:
@@ -82,7 +59,7 @@ def test_a_two_node_job_runs_as_two_local_processes(tmp_path: Path) -> None:
     manifest = quickstart(**{"resources.nodes": 2, "dpo.maxSteps": 20})
     code, output = dpo_run(manifest, tmp_path)
     assert code == 0, output
-    assert "Training: 2 process(es)" in output
+    assert "Training: ddp on 2 pod(s) x 1 cpu process(es)" in output
     assert (tmp_path / "logs" / "train-1.log").exists()
     ranks = [
         json.loads((tmp_path / "logs" / f"train-{r}.termination.json").read_text()) for r in (0, 1)

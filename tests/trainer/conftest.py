@@ -62,9 +62,10 @@ def tiny_job(**spec: Any) -> DPOJob:
     return job_with(**merged)
 
 
-def local_config(job: DPOJob, workdir: Path) -> TrainerConfig:
-    """The rendered trainer config with artifacts under `workdir` and a free metrics port."""
-    return trainer_config(job).model_copy(
+def local_config(job: DPOJob, workdir: Path, *, cpu: bool = False) -> TrainerConfig:
+    """The rendered trainer config with artifacts under `workdir` and a free metrics port;
+    `cpu` runs a GPU job's process layout on CPUs."""
+    return trainer_config(job, cpu=cpu).model_copy(
         update={"artifacts_dir": str(workdir / "artifacts"), "metrics_port": free_port()}
     )
 
@@ -76,13 +77,21 @@ def write_config(config: TrainerConfig, workdir: Path) -> Path:
 
 
 def pod_process(
-    job: DPOJob, rank: int, workdir: Path, config: TrainerConfig, master_port: int | None = None
+    job: DPOJob,
+    rank: int,
+    workdir: Path,
+    config: TrainerConfig,
+    master_port: int | None = None,
+    *,
+    cpu: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """The command and env of training pod `rank`, exactly as rendered, run on this machine
     the way `dpo run` starts it (see dpo_operator.local.kubelet_process)."""
-    container = render_training_job(job, attempt=1)["spec"]["template"]["spec"]["containers"][0]
+    container = render_training_job(job, attempt=1, cpu=cpu)["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     accelerate_yaml = workdir / "accelerate.yaml"
-    accelerate_yaml.write_text(render_config_map(job)["data"][ACCELERATE_CONFIG_FILE])
+    accelerate_yaml.write_text(render_config_map(job, cpu=cpu)["data"][ACCELERATE_CONFIG_FILE])
     files = {
         ACCELERATE_CONFIG_PATH: accelerate_yaml,
         TRAINER_CONFIG_PATH: write_config(config, workdir),
@@ -93,6 +102,7 @@ def pod_process(
         master_port or DEFAULT_MASTER_PORT,
         files,
         workdir / f"termination-{rank}.json",
+        workdir / f"pod-{rank}" / "tmp",
         print,
     )
 

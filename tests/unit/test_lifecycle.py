@@ -171,6 +171,22 @@ def test_bad_input_fails_at_once_with_the_trainers_message() -> None:
     assert decision.status.restarts == 0
 
 
+def test_pods_that_are_not_what_was_rendered_fail_at_once_and_say_why() -> None:
+    message = json.dumps(
+        {"status": "wrong-environment", "message": "torch sees no CUDA device; check the driver"}
+    )
+    failed = child("train", 1, "Failed", pod("Failed", 4, message), pod("Failed", 4, message))
+    decision = reconcile(job(), observed(failed))
+    assert decision.status.phase == "Failed"
+    assert decision.status.message == (
+        "the pods are not what was rendered: torch sees no CUDA device; check the driver"
+    )
+    assert decision.status.restarts == 0, "the same pods would fail the same way"
+    assert not any(isinstance(action, Create) for action in decision.actions)
+    failed_condition = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failed_condition.reason == "WrongEnvironment"
+
+
 def test_finished_training_starts_the_gate() -> None:
     decision = reconcile(job(), observed(child("train", 1, "Complete", pod("Succeeded", 0))))
     assert decision.actions == [Create("eval", 1)]

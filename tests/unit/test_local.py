@@ -6,10 +6,11 @@ import io
 from pathlib import Path
 
 import pytest
+import yaml
 from dpo_operator import local
-from dpo_operator.local import LocalOptions, LocalRun, for_this_machine, run
-from dpo_operator.render import render_training_job
-from dpo_trainer.config import EXIT_BAD_INPUT
+from dpo_operator.local import LocalOptions, LocalRun, run
+from dpo_operator.render import render_config_map, render_training_job, trainer_config
+from dpo_trainer.config import ACCELERATE_CONFIG_FILE, EXIT_BAD_INPUT
 
 from tests.conftest import example
 
@@ -26,26 +27,38 @@ def test_a_gpu_job_on_a_machine_without_gpus_says_to_use_cpu(
     )
 
 
-def test_cpu_flag_runs_the_same_job_without_gpus_or_rdma() -> None:
-    job = for_this_machine(example("full-finetune-hsdp-efa"), cpu=True)
-    assert job.spec.resources.gpus_per_node == 0
-    assert job.spec.parallelism.strategy == "ddp"
-    assert job.spec.network.profile == "tcp"
-    assert job.spec.resources.nodes == 4
-    assert for_this_machine(example("quickstart"), cpu=False) == example("quickstart")
+def test_cpu_flag_keeps_the_strategy_and_layout_without_gpus_or_rdma() -> None:
+    job = example("full-finetune-hsdp-efa")
+    config = trainer_config(job, cpu=True).distributed
+    assert (config.strategy, config.nnodes, config.nproc_per_node) == ("hsdp", 4, 8)
+    assert config.device == "cpu"
+    accelerate = yaml.safe_load(render_config_map(job, cpu=True)["data"][ACCELERATE_CONFIG_FILE])
+    assert accelerate["distributed_type"] == "FSDP"
+    assert accelerate["use_cpu"] is True
+    assert accelerate["mixed_precision"] == "no"
+    assert accelerate["parallelism_config"]["parallelism_config_dp_replicate_size"] == 4
+    container = render_training_job(job, 1, cpu=True)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"memory": "1800Gi"}, "no GPU or EFA devices"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NCCL_IB_DISABLE"] == "1", "plain TCP on CPUs"
+    assert "FI_PROVIDER" not in env
+    assert trainer_config(job).distributed.device == "cuda"
 
 
 def test_pods_become_processes_as_a_kubelet_would_start_them(tmp_path: Path) -> None:
-    job = for_this_machine(example("llama-8b-lora-infiniband"), cpu=True)
+    job = example("quickstart").model_copy(deep=True)
+    job.spec.resources.nodes = 2
+    job.spec.output.uri = "pvc://dpo-checkpoints"
     runner = LocalRun(
         job,
-        LocalOptions(workdir=tmp_path, volumes={"dpo-checkpoints": tmp_path / "ckpt"}),
+        LocalOptions(workdir=tmp_path, volumes={"dpo-checkpoints": tmp_path / "ckpt"}, cpu=True),
         io.StringIO(),
     )
     container = render_training_job(job, 1)["spec"]["template"]["spec"]["containers"][0]
     command, env = runner.process(container, "train", rank=1, master_port=4321)
     assert env["NODE_RANK"] == "1"
     assert env["RANK"] == "1", "$(NODE_RANK) expanded"
+    assert env["TMPDIR"] == str(tmp_path / "pods" / "train-1" / "tmp"), "each pod has its own /tmp"
     assert env["MASTER_ADDR"] == "127.0.0.1"
     assert env["MASTER_PORT"] == "4321"
     assert "$(" not in " ".join(command)

@@ -8,8 +8,8 @@ import pytest
 from dpo_operator.parallelism import (
     accelerate_config,
     resolve_strategy,
-    trainer_gradient_checkpointing,
 )
+from dpo_operator.render import trainer_config
 
 from tests.conftest import job_with
 
@@ -69,15 +69,17 @@ def test_fsdp_on_one_node_has_no_replication_group() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "hsdp"])
-def test_activation_checkpointing_is_never_applied_twice(strategy: str) -> None:
+@pytest.mark.parametrize("wanted", [True, False])
+def test_activations_are_checkpointed_by_the_trainer_never_by_fsdp(
+    strategy: str, wanted: bool
+) -> None:
     job = job_with(
         resources={"nodes": 2, "gpusPerNode": 8},
-        parallelism={"strategy": strategy, "activationCheckpointing": True},
+        parallelism={"strategy": strategy, "activationCheckpointing": wanted},
     )
     config: dict[str, Any] = accelerate_config(job.spec)
-    by_fsdp = config.get("fsdp_config", {}).get("fsdp_activation_checkpointing", False)
-    by_trainer = trainer_gradient_checkpointing(job.spec)
-    assert by_fsdp != by_trainer, "exactly one layer checkpoints activations"
+    assert config.get("fsdp_config", {}).get("fsdp_activation_checkpointing", False) is False
+    assert trainer_config(job).training.gradient_checkpointing is wanted
 
 
 def test_cpu_runs_use_gloo_without_mixed_precision() -> None:

@@ -23,6 +23,7 @@ from dpo_operator.render import (
 from dpo_trainer.config import (
     EXIT_BAD_INPUT,
     EXIT_GATE_REJECTED,
+    EXIT_WRONG_ENVIRONMENT,
     TRAINER_CONFIG_FILE,
     TrainerConfig,
 )
@@ -225,12 +226,16 @@ def test_the_group_is_restarted_by_the_operator_never_pod_by_pod() -> None:
     assert spec["podReplacementPolicy"] == "Failed"
 
 
-def test_eval_and_promote_never_retry_bad_input_or_a_rejection() -> None:
+def test_eval_and_promote_never_retry_bad_input_a_wrong_environment_or_a_rejection() -> None:
     job = example("quickstart")
     evaluation, promote = render_eval_job(job, 1), render_promote_job(job, 1)
     eval_rules = evaluation["spec"]["podFailurePolicy"]["rules"]
     assert eval_rules[0]["action"] == "FailJob"
-    assert eval_rules[0]["onExitCodes"]["values"] == [EXIT_BAD_INPUT, EXIT_GATE_REJECTED]
+    assert eval_rules[0]["onExitCodes"]["values"] == [
+        EXIT_BAD_INPUT,
+        EXIT_GATE_REJECTED,
+        EXIT_WRONG_ENVIRONMENT,
+    ]
     assert trainer(evaluation)["command"] == [
         "dpo-trainer",
         "eval",
@@ -238,7 +243,8 @@ def test_eval_and_promote_never_retry_bad_input_or_a_rejection() -> None:
         "/etc/dpo/trainer.json",
     ]
     assert promote["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [
-        EXIT_BAD_INPUT
+        EXIT_BAD_INPUT,
+        EXIT_WRONG_ENVIRONMENT,
     ]
     assert "nvidia.com/gpu" not in json.dumps(trainer(promote)["resources"])
 

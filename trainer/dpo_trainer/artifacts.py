@@ -1,8 +1,10 @@
 """The run's artifacts directory: `<output>/<namespace>/<name>/<uid>/`.
 
 Holds `checkpoints/`, `adapter/` (with a `manifest.json` of sha256 digests), `train.json` and
-`eval.json`. A local path (a mounted PVC) is used directly; an object-store URI gets a local
-mirror that is uploaded after every checkpoint and at the end, and downloaded on restart.
+`eval.json`. A path (a mounted PVC, shared by every pod) is used directly. A URI (`s3://`,
+`gs://`, ...; `file://` stands in for a bucket in tests) is an object store that the pods share
+while their disks are their own: each pod works in a local mirror under its temporary directory,
+uploads what it wrote, and downloads what it needs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from dpo_trainer.config import BadInputError
 
@@ -27,8 +28,9 @@ ADAPTER = "adapter"
 TRAIN_REPORT = "train.json"
 EVAL_REPORT = "eval.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# The Trainer writes trainer_state.json last: a checkpoint without it was cut off mid-save.
-_CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
+# The Trainer writes trainer_state.json last, and it is uploaded last: a checkpoint without it
+# was cut off mid-save or mid-upload.
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
 
 
 class Artifacts:
@@ -37,10 +39,11 @@ class Artifacts:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.fs, self.remote_path = fsspec.core.url_to_fs(uri)
-        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.is_local = "://" not in uri
         if self.is_local:
             self.root = Path(self.remote_path)
         else:
+            # The pod's own temporary directory: nothing here is seen by another pod.
             digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
             self.root = Path(tempfile.gettempdir()) / "dpo-artifacts" / digest
         self.root.mkdir(parents=True, exist_ok=True)
@@ -53,55 +56,96 @@ class Artifacts:
     def adapter(self) -> Path:
         return self.root / ADAPTER
 
+    def _remote(self, relative: str) -> str:
+        return f"{self.remote_path}/{relative}"
+
     def read_json(self, name: str) -> dict[str, Any] | None:
-        if not self.is_local and self.fs.exists(f"{self.remote_path}/{name}"):
-            self.fs.get(f"{self.remote_path}/{name}", str(self.root / name))
-        path = self.root / name
-        if not path.exists():
+        if self.is_local:
+            path = self.root / name
+            return json.loads(path.read_text()) if path.exists() else None
+        if not self.fs.exists(self._remote(name)):
             return None
-        loaded: dict[str, Any] = json.loads(path.read_text())
+        loaded: dict[str, Any] = json.loads(self.fs.cat_file(self._remote(name)))
         return loaded
 
     def write_json(self, name: str, content: dict[str, Any]) -> None:
         write_json_atomically(self.root / name, content)
         self.upload(name)
 
-    def upload(self, relative: str) -> None:
-        """Copy a file or folder of the local mirror to the object store (no-op when local)."""
+    def upload(self, relative: str, *, skip: tuple[str, ...] = ()) -> None:
+        """Copy a file or folder of the local mirror to the store (no-op for a mounted path);
+        files named in `skip` stay behind."""
         if self.is_local:
             return
         source = self.root / relative
-        self.fs.put(str(source), f"{self.remote_path}/{relative}", recursive=source.is_dir())
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for path in files:
+            if path.name not in skip:
+                remote = self._remote(str(path.relative_to(self.root)))
+                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(path), remote)
+
+    def fetch(self, relative: str) -> Path:
+        """The local copy of a folder of the store, downloaded unless already here."""
+        local = self.root / relative
+        if not self.is_local and self.fs.exists(self._remote(relative)):
+            shutil.rmtree(local, ignore_errors=True)
+            self.fs.get(self._remote(relative), str(local), recursive=True)
+        return local
+
+    def latest_remote_checkpoint(self) -> str | None:
+        """Name of the newest checkpoint whose every file reached the store."""
+        remote = self._remote(CHECKPOINTS)
+        if self.is_local or not self.fs.exists(remote):
+            return None
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(remote, detail=False)]
+        complete = [
+            n
+            for n in names
+            if _CHECKPOINT.match(n) and self.fs.exists(f"{remote}/{n}/{CHECKPOINT_COMPLETE_MARKER}")
+        ]
+        return max(complete, key=_step, default=None)
+
+    def download_checkpoint(self, name: str) -> None:
+        """Bring a complete checkpoint of the store into the local mirror, unless it is here."""
+        local = self.checkpoints / name
+        if (local / CHECKPOINT_COMPLETE_MARKER).exists():
+            return
+        shutil.rmtree(local, ignore_errors=True)
+        self.fs.get(self._remote(f"{CHECKPOINTS}/{name}"), str(local), recursive=True)
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint, fetched from the object store if needed."""
-        if not self.is_local:
-            remote = f"{self.remote_path}/{CHECKPOINTS}"
-            names = (
-                [p.rsplit("/", 1)[-1] for p in self.fs.ls(remote, detail=False)]
-                if (self.fs.exists(remote))
-                else []
-            )
-            complete = [
-                n
-                for n in names
-                if _CHECKPOINT.match(n)
-                and self.fs.exists(f"{remote}/{n}/{_CHECKPOINT_COMPLETE_MARKER}")
-            ]
-            if complete:
-                newest = max(complete, key=_step)
-                if not (self.checkpoints / newest / _CHECKPOINT_COMPLETE_MARKER).exists():
-                    self.fs.get(
-                        f"{remote}/{newest}", str(self.checkpoints / newest), recursive=True
-                    )
+        """The newest complete checkpoint in the local mirror (or the mounted path)."""
         if not self.checkpoints.exists():
             return None
-        complete_local = [
+        complete = [
             path
             for path in self.checkpoints.iterdir()
-            if _CHECKPOINT.match(path.name) and (path / _CHECKPOINT_COMPLETE_MARKER).exists()
+            if _CHECKPOINT.match(path.name) and (path / CHECKPOINT_COMPLETE_MARKER).exists()
         ]
-        return max(complete_local, key=lambda path: _step(path.name), default=None)
+        return max(complete, key=lambda path: _step(path.name), default=None)
+
+    def prune_checkpoints(self, keep: int, *, remote: bool) -> None:
+        """Delete all but the newest `keep` checkpoints here (and in the store, with `remote`)."""
+        if self.checkpoints.exists():
+            local = sorted(
+                (p for p in self.checkpoints.iterdir() if _CHECKPOINT.match(p.name)),
+                key=lambda p: _step(p.name),
+            )
+            for path in local[:-keep]:
+                shutil.rmtree(path, ignore_errors=True)
+        base = self._remote(CHECKPOINTS)
+        if remote and not self.is_local and self.fs.exists(base):
+            names = sorted(
+                (
+                    n
+                    for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, False))
+                    if _CHECKPOINT.match(n)
+                ),
+                key=_step,
+            )
+            for name in names[:-keep]:
+                self.fs.rm(f"{base}/{name}", recursive=True)
 
 
 def _step(name: str) -> int:
@@ -142,7 +186,8 @@ def manifest_digest(files: dict[str, str]) -> str:
 
 
 def verify_manifest(directory: Path) -> str:
-    """Check every file against manifest.json; returns the digest, or raises naming the file."""
+    """Check every file against manifest.json, and that no file is missing from it; returns the
+    digest, or raises naming the file."""
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         raise BadInputError(f"{directory}: no {MANIFEST}; the adapter was not written completely")
@@ -157,6 +202,16 @@ def verify_manifest(directory: Path) -> str:
                 f"{path}: digest mismatch (manifest sha256 {expected[:12]}..., file "
                 f"{actual[:12]}...); the adapter is corrupted: retrain or restore it"
             )
+    unlisted = sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST and str(p.relative_to(directory)) not in files
+    )
+    if unlisted:
+        raise BadInputError(
+            f"{directory}: {', '.join(unlisted)} not listed in {MANIFEST}; the adapter was "
+            "changed after it was written: retrain or restore it"
+        )
     return manifest_digest(files)
 
 

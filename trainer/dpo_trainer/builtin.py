@@ -8,12 +8,18 @@ above 0.5 means DPO works end to end. Used by the tests and the quickstart.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 SYNTHETIC_PREFERENCES = "synthetic-preferences"
@@ -55,6 +61,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 _MODEL_FORMAT = 1  # bump when the builtin models change, so cached copies are rebuilt
+_COMPLETE_MARKER = ".complete"
 _CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} "
     "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
@@ -70,7 +77,9 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
     """Build `builtin:<preset>` once into `cache_dir` and return its path.
 
     The model is saved like any checkpoint and then loaded through the ordinary path-loading
-    code, so tests exercise what real runs do.
+    code, so tests exercise what real runs do. Every process of a job may ask at once: one
+    builds under a lock while the others wait and reuse it. An entry is complete only once its
+    marker is written (last); one left half-built by a crash is rebuilt, never trusted.
     """
     preset = name.removeprefix(BUILTIN_PREFIX)
     if preset not in MODEL_PRESETS:
@@ -78,23 +87,39 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
             f"unknown builtin model {name!r}; available: "
             + ", ".join(BUILTIN_PREFIX + p for p in sorted(MODEL_PRESETS))
         )
-    target = cache_dir / f"{preset}-v{_MODEL_FORMAT}"
-    if (target / "config.json").exists():
+    entry = f"{preset}-v{_MODEL_FORMAT}"
+    target = cache_dir / entry
+    if (target / _COMPLETE_MARKER).exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=cache_dir))
-    try:
-        _build_model(MODEL_PRESETS[preset]).save_pretrained(staging)
-        build_tokenizer().save_pretrained(staging)
-        # Several processes may build at once: the first rename wins, the others reuse it.
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with (cache_dir / f".{entry}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        if (target / _COMPLETE_MARKER).exists():
+            return target  # built by another process while this one waited
+        for leftover in [target, *cache_dir.glob(f".{entry}-*")]:
+            if leftover.exists():
+                log.warning("%s: an interrupted build left it incomplete; rebuilding", leftover)
+                shutil.rmtree(leftover)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry}-", dir=cache_dir))
+        # A fresh interpreter: once torch.distributed is initialized, transformers writes model
+        # files on global rank 0 only, so a build by any other rank would save no weights.
+        subprocess.run(
+            [sys.executable, "-m", __name__, preset, str(staging)],
+            check=True,
+            capture_output=True,
+        )
+        missing = [f for f in ("config.json", "model.safetensors") if not (staging / f).exists()]
+        if missing:
+            raise RuntimeError(f"building {name} into {staging} wrote no {', '.join(missing)}")
+        (staging / _COMPLETE_MARKER).write_text(f"{entry}\n")
+        staging.rename(target)
     return target
+
+
+def save_preset(preset: str, directory: Path) -> None:
+    """Save the model and tokenizer of `preset` into `directory` (run in a fresh process)."""
+    _build_model(MODEL_PRESETS[preset]).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
 
 
 def _build_model(preset: dict[str, Any]) -> Any:
@@ -163,3 +188,7 @@ def synthetic_preferences(spec: str) -> list[dict[str, str]]:
         chosen, rejected = (bad, good) if flip else (good, bad)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
+
+
+if __name__ == "__main__":
+    save_preset(sys.argv[1], Path(sys.argv[2]))

@@ -7,7 +7,8 @@ Usage:
     dpo-trainer launch -- accelerate launch ...          (PID 1: forwards SIGTERM)
 
 Exit codes (the pod contract): 0 done, 2 bad config or data (never retried), 3 gate rejected,
-anything else an infrastructure failure that may be retried from a checkpoint. Each command
+4 the pod's devices or distributed setup are not what was rendered (never retried), anything
+else an infrastructure failure that may be retried from a checkpoint. Each command
 writes a short JSON summary to the termination log.
 """
 
@@ -26,9 +27,11 @@ from dpo_trainer.config import (
     EXIT_BAD_INPUT,
     EXIT_GATE_REJECTED,
     EXIT_OK,
+    EXIT_WRONG_ENVIRONMENT,
     TERMINATION_LOG,
     TRAINER_CONFIG_PATH,
     BadInputError,
+    WrongEnvironmentError,
     load_trainer_config,
 )
 from dpo_trainer.launch import main as launch
@@ -71,6 +74,7 @@ def short_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "status": summary["status"],
         "step": summary.get("step"),
         "worldSize": summary.get("worldSize"),
+        "distributed": summary.get("distributed"),
         "adapterDigest": summary.get("adapterDigest"),
         "parametersDigest": summary.get("parametersDigest"),
         "metrics": {name: metrics[name] for name in _SUMMARY_METRICS if name in metrics},
@@ -87,7 +91,9 @@ def _train(args: argparse.Namespace) -> int:
         write_termination_message({"status": "interrupted", "message": str(stop)})
         log.warning("%s; a restart resumes from the checkpoint", stop)
         return EXIT_INTERRUPTED
-    write_termination_message(short_summary(summary))
+    # The processes of a pod share its termination log: the pod's first one reports.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        write_termination_message(short_summary(summary))
     return EXIT_OK
 
 
@@ -158,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         write_termination_message({"status": "bad-input", "message": str(error)})
         code = EXIT_BAD_INPUT
+    except WrongEnvironmentError as error:
+        log.error("%s", error)
+        write_termination_message({"status": "wrong-environment", "message": str(error)})
+        code = EXIT_WRONG_ENVIRONMENT
     finally:
         record_exit(os.getpid(), code)
     return code

@@ -40,13 +40,22 @@ DEFAULT_METRICS_PORT = 9400
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # bad config or data: retrying cannot help
 EXIT_GATE_REJECTED = 3  # eval only: the adapter failed a gate criterion
-NON_RETRYABLE_EXIT_CODES = frozenset({EXIT_BAD_INPUT, EXIT_GATE_REJECTED})
+# The pod's devices or distributed setup differ from what was rendered (no CUDA where GPUs were
+# asked for, fewer GPUs, a strategy the launcher did not keep): the run stops before training.
+EXIT_WRONG_ENVIRONMENT = 4
 
 
 class BadInputError(Exception):
     """Bad config or data: the trainer exits with EXIT_BAD_INPUT and the run is never retried.
 
     The message names the file (and row and column, for data) and says what to do.
+    """
+
+
+class WrongEnvironmentError(Exception):
+    """What runs differs from what was rendered: the trainer exits with EXIT_WRONG_ENVIRONMENT.
+
+    The message says what was expected, what was found, and what to change.
     """
 
 
@@ -202,14 +211,51 @@ class TrainingConfig(ContractModel):
         return self.loss_type == [SIMPO]
 
 
+Strategy = Literal["single", "ddp", "fsdp", "hsdp"]
+Device = Literal["cuda", "cpu"]
+
+
 class DistributedConfig(ContractModel):
+    """The process layout the operator rendered; the trainer checks that this is what runs."""
+
     nnodes: int = Field(ge=1)
     nproc_per_node: int = Field(ge=1)
-    strategy: Literal["single", "ddp", "fsdp", "hsdp"]
+    strategy: Strategy
+    fsdp_version: Literal[1, 2] | None = Field(
+        default=None, description="FSDP implementation for fsdp and hsdp; None otherwise."
+    )
+    device: Device = Field(
+        default="cuda",
+        description="cuda: one GPU per process, and no CUDA is an error. cpu: the same process "
+        "layout and strategy on CPUs over gloo (tests, `dpo run --cpu`, CPU-only pods).",
+    )
 
     @property
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...] | None:
+        """The device mesh the parameters are sharded over: all ranks for fsdp, (replicate
+        across nodes, shard within a node) for hsdp; None when nothing is sharded."""
+        if self.strategy == "fsdp":
+            return (self.world_size,)
+        if self.strategy == "hsdp":
+            return (self.nnodes, self.nproc_per_node)
+        return None
+
+
+class DistributedRun(ContractModel):
+    """What a training run really ran on, read back from accelerate and the parameters."""
+
+    distributed_type: str = Field(description="accelerate's DistributedType, e.g. FSDP.")
+    fsdp_version: int | None
+    mesh_shape: list[int] | None = Field(
+        description="Shape of the mesh the parameters are sharded over (None: not sharded)."
+    )
+    mesh_dims: list[str] | None
+    world_size: int
+    device: str = Field(description="Device type of the parameters: cuda or cpu.")
 
 
 class GateConfig(ContractModel):

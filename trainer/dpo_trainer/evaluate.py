@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dpo_trainer.artifacts import EVAL_REPORT, Artifacts, verify_manifest
+from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, Artifacts, verify_manifest
 from dpo_trainer.config import BadInputError, GateConfig, ModelRef, TrainerConfig
 from dpo_trainer.data import load_preferences
 from dpo_trainer.models import load_model, load_tokenizer, torch_dtype
@@ -79,7 +79,7 @@ def evaluate(config: TrainerConfig) -> dict[str, Any]:
     if gate is None:
         raise BadInputError("trainer.json has no gate: set spec.evalGate and held-out data")
     artifacts = Artifacts(config.artifacts_dir)
-    adapter_dir = artifacts.adapter
+    adapter_dir = artifacts.fetch(ADAPTER)
     if not adapter_dir.exists():
         raise BadInputError(
             f"{adapter_dir}: no trained adapter; the training Job must succeed first"

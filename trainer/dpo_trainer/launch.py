@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_OK
+from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_OK, EXIT_WRONG_ENVIRONMENT
 
 # Set for the trainers: where each registers its pid and, on the way out, its exit code.
 ENV_LAUNCH_DIR = "DPO_LAUNCH_DIR"
@@ -75,7 +75,7 @@ def run_forwarding_signals(command: list[str]) -> int:
 
 def outcome(launcher_status: int, reported: list[int]) -> int:
     """The pod's exit code: the trainers' own verdict wins over the launcher's generic one."""
-    for code in (EXIT_BAD_INPUT, EXIT_GATE_REJECTED):
+    for code in (EXIT_BAD_INPUT, EXIT_WRONG_ENVIRONMENT, EXIT_GATE_REJECTED):
         if code in reported:
             return code
     failures = [code for code in reported if code != EXIT_OK]

@@ -22,7 +22,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dpo_trainer.artifacts import EVAL_REPORT, MANIFEST, Artifacts, verify_manifest
+from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, MANIFEST, Artifacts, verify_manifest
 from dpo_trainer.config import BadInputError, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ def promote(config: TrainerConfig) -> dict[str, Any]:
     if config.promotion is None:
         raise BadInputError("trainer.json has no promotion: set spec.promotion.target")
     artifacts = Artifacts(config.artifacts_dir)
-    digest = verify_manifest(artifacts.adapter)
+    adapter = artifacts.fetch(ADAPTER)
+    digest = verify_manifest(adapter)
     report = artifacts.read_json(EVAL_REPORT)
     if report is None:
         raise BadInputError(f"{artifacts.uri}: no {EVAL_REPORT}; the eval gate must pass first")
@@ -86,9 +87,9 @@ def promote(config: TrainerConfig) -> dict[str, Any]:
     version = version_name(config.job.name, digest)
     destination = f"{root}/{VERSIONS}/{version}"
     if isinstance(fs, LocalFileSystem):
-        _copy_local(artifacts.adapter, Path(destination), digest)
+        _copy_local(adapter, Path(destination), digest)
     else:
-        _copy_remote(fs, artifacts.adapter, destination, digest)
+        _copy_remote(fs, adapter, destination, digest)
     pointer = {
         "version": version,
         "digest": digest,

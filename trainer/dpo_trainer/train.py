@@ -9,12 +9,12 @@ its recorded result instead of training twice.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import signal
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -22,25 +22,35 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from datasets import Dataset
+from torch.utils.data import DataLoader
 from transformers import (
     PrinterCallback,
     TrainerCallback,
     TrainerControl,
     TrainerState,
     TrainingArguments,
+    set_seed,
 )
 from trl import DPOConfig, DPOTrainer
 
 from dpo_trainer.artifacts import (
     ADAPTER,
+    CHECKPOINT_COMPLETE_MARKER,
     CHECKPOINTS,
     TRAIN_REPORT,
     Artifacts,
     replace_directory,
     write_manifest,
 )
-from dpo_trainer.config import BadInputError, DistributedConfig, TrainerConfig
+from dpo_trainer.config import BadInputError, DistributedConfig, DistributedRun, TrainerConfig
 from dpo_trainer.data import load_preferences
+from dpo_trainer.distributed import (
+    check_run,
+    describe_run,
+    keep_fsdp_on_cpu,
+    parameters_digest,
+    require_devices,
+)
 from dpo_trainer.metrics import PrometheusCallback
 from dpo_trainer.models import load_model, load_tokenizer, lora_config, torch_dtype
 
@@ -63,13 +73,17 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         log.info("%s already finished; reporting its result", artifacts.uri)
         return finished
 
+    distributed = config.distributed
+    require_devices(distributed)
     # The first PartialState decides the process group for the whole process (a singleton); on
     # CPU only cpu=True makes it join the other ranks over gloo.
     state = PartialState(
-        cpu=not torch.cuda.is_available(),
+        cpu=distributed.device == "cpu",
         timeout=timedelta(seconds=config.training.ddp_timeout_seconds),
     )
-    check_world_size(config.distributed, state.num_processes)
+    check_world_size(distributed, state.num_processes)
+    if distributed.device == "cpu" and distributed.strategy in ("fsdp", "hsdp"):
+        keep_fsdp_on_cpu()
     dtype = torch_dtype(config.training.mixed_precision)
 
     train_rows, train_report = load_preferences(
@@ -82,6 +96,9 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         )
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    # Seeded before the policy is built, so a LoRA adapter starts the same on every rank and in
+    # every run with the same seed, whatever the process did before.
+    set_seed(config.training.seed)
     policy = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=dtype)
     reference = None
     if config.reference is not None and not config.training.reference_free:
@@ -93,24 +110,45 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         config.job.name, config.job.namespace, config.metrics_port, serve=state.is_main_process
     )
     stopper = StopOnSignal()
-    callbacks: list[TrainerCallback] = [metrics, stopper, LogLines()]
+    checked = CheckDistributed(distributed)
+    callbacks: list[TrainerCallback] = [checked, metrics, stopper, LogLines()]
     trainer = _trainer(
         config, artifacts, policy, reference, tokenizer, train_rows, eval_rows, dtype, callbacks
     )
-    resume = artifacts.latest_checkpoint()
-    if resume is not None:
-        log.info("resuming from %s", resume)
+    resume = _checkpoint_to_resume(artifacts, state)
     started = time.monotonic()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if stopper.stopped:
             raise TrainingInterruptedError(f"stopped by signal at step {trainer.state.global_step}")
         final_eval = _final_evaluation(trainer) if eval_rows is not None else {}
+        assert checked.ran is not None, "on_train_begin ran"
         return _finish(
-            config, artifacts, trainer, metrics, final_eval, train_report, eval_report, started
+            config,
+            artifacts,
+            trainer,
+            metrics,
+            checked.ran,
+            final_eval,
+            train_report,
+            eval_report,
+            started,
         )
     finally:
         metrics.close()
+
+
+def _checkpoint_to_resume(artifacts: Artifacts, state: PartialState) -> Path | None:
+    """The newest complete checkpoint, brought into this pod by one process per pod."""
+    if state.is_local_main_process:
+        name = artifacts.latest_remote_checkpoint()
+        if name is not None:
+            artifacts.download_checkpoint(name)
+    state.wait_for_everyone()
+    resume = artifacts.latest_checkpoint()
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    return resume
 
 
 def _final_evaluation(trainer: Any) -> dict[str, float]:
@@ -167,7 +205,7 @@ def training_arguments(
         "report_to": "none",
         "disable_tqdm": not sys.stderr.isatty(),
         "dataloader_num_workers": 0,
-        "use_cpu": not torch.cuda.is_available(),
+        "use_cpu": config.distributed.device == "cpu",
     }
     if training.reference_free:
         from trl.experimental.cpo import CPOConfig
@@ -249,7 +287,7 @@ def _trainer(
             **datasets,
         )
     else:
-        trainer = DPOTrainer(
+        trainer = PrecomputeOnEveryRank(
             model=policy,
             ref_model=reference,
             args=args,
@@ -260,7 +298,55 @@ def _trainer(
         )
     # LogLines prints one readable line per log instead of the raw dict.
     trainer.remove_callback(PrinterCallback)
+    for callback in callbacks:
+        if isinstance(callback, NeedsAccelerator):
+            callback.accelerator = trainer.accelerator
     return trainer
+
+
+class PrecomputeOnEveryRank(DPOTrainer):
+    """TRL's DPOTrainer, with the precomputed reference log-probs kept in every rank's memory.
+
+    TRL's precompute has only global rank 0 write the new columns to a dataset cache file, in
+    that process's own temporary directory for an in-memory dataset, and every rank then reads
+    that file: other processes, and every other pod, cannot open it. Here each rank adds the
+    gathered values to its own copy of the dataset; nothing on disk is shared, so it works
+    within a pod and across pods alike.
+    """
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator)
+        )
+        reference: Any = self.ref_model or self.model
+        # Under FSDP the policy is sharded and placed on its GPU only when training starts; a
+        # LoRA reference is that policy with the adapter disabled, so it visits the GPU here.
+        home = next(reference.parameters()).device
+        visiting = home != self.accelerator.device
+        if visiting:
+            reference.to(self.accelerator.device)
+        chosen, rejected = [], []
+        for batch in loader:
+            chosen_logps, rejected_logps = self.compute_ref_log_probs(  # type: ignore[no-untyped-call]
+                reference, batch
+            )
+            chosen_logps, rejected_logps = self.accelerator.gather_for_metrics(
+                (chosen_logps, rejected_logps)
+            )
+            chosen.append(chosen_logps.float().cpu())
+            rejected.append(rejected_logps.float().cpu())
+        if visiting:
+            reference.to(home)
+        chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
+        if len(chosen_all) != len(dataset):
+            raise RuntimeError(
+                f"precomputed {len(chosen_all)} reference log-probs for the {len(dataset)} pairs "
+                f"of the {name} set"
+            )
+        log.info("precomputed reference log-probs for %d %s pairs", len(dataset), name)
+        return dataset.add_column("ref_chosen_logps", chosen_all.tolist()).add_column(
+            "ref_rejected_logps", rejected_all.tolist()
+        )
 
 
 def _finish(
@@ -268,13 +354,21 @@ def _finish(
     artifacts: Artifacts,
     trainer: Any,
     metrics: PrometheusCallback,
+    ran: DistributedRun,
     final_eval: dict[str, float],
     train_report: Any,
     eval_report: Any,
     started: float,
 ) -> dict[str, Any]:
-    """Save the adapter with its manifest and write train.json (rank 0 writes files)."""
+    """Save the whole adapter (or model) with its manifest and write train.json.
+
+    Every rank takes part: gathering sharded tensors is a collective. Rank 0 writes the files.
+    """
     staging = artifacts.root / f".{ADAPTER}.partial"
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded for resume; the final artifact is gathered into full tensors
+        # so PEFT and transformers load it as they load any checkpoint.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
     summary: dict[str, Any] = {
         "status": "completed",
@@ -282,7 +376,8 @@ def _finish(
         "namespace": config.job.namespace,
         "uid": config.job.uid,
         "step": trainer.state.global_step,
-        "worldSize": trainer.accelerator.num_processes,
+        "worldSize": ran.world_size,
+        "distributed": ran.model_dump(by_alias=True),
         "seconds": round(time.monotonic() - started, 3),
         "metrics": dict(metrics.latest),
         "eval": {k: v for k, v in final_eval.items() if isinstance(v, int | float)},
@@ -292,7 +387,7 @@ def _finish(
         },
         "adapter": f"{artifacts.uri.rstrip('/')}/{ADAPTER}",
         "logHistory": trainer.state.log_history,
-        "parametersDigest": trainable_parameters_digest(trainer.model),
+        "parametersDigest": _agreed_digest(trainer),
     }
     if trainer.accelerator.is_main_process:
         if config.lora is None:
@@ -300,20 +395,50 @@ def _finish(
         summary["adapterDigest"] = write_manifest(staging)
         replace_directory(staging, artifacts.adapter)
         artifacts.upload(ADAPTER)
-        artifacts.upload(CHECKPOINTS)
         artifacts.write_json(TRAIN_REPORT, summary)
     trainer.accelerator.wait_for_everyone()
     return summary
 
 
-def trainable_parameters_digest(model: Any) -> str:
-    """A digest of the trainable weights: equal on every rank when they trained together."""
-    digest = hashlib.sha256()
-    for name, parameter in sorted(model.named_parameters()):
-        if parameter.requires_grad:
-            digest.update(name.encode())
-            digest.update(parameter.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+def _agreed_digest(trainer: Any) -> str:
+    """The parameters digest, checked to be the same on every rank: ranks that trained apart
+    (a broken collective, a wrong mesh) must not produce an artifact."""
+    from accelerate.utils import gather_object
+
+    digest = parameters_digest(trainer.model)
+    log.info("rank %d: parameters digest %s", trainer.accelerator.process_index, digest)
+    every_rank = set(gather_object([digest]))
+    if len(every_rank) != 1:
+        raise RuntimeError(f"the ranks hold different weights after training: {sorted(every_rank)}")
+    return digest
+
+
+class NeedsAccelerator:
+    """A callback that is handed the trainer's accelerator once the trainer exists."""
+
+    accelerator: Any = None
+
+
+class CheckDistributed(TrainerCallback, NeedsAccelerator):
+    """Once the model is prepared, records what really runs and stops when it is not what
+    trainer.json renders (before the first step)."""
+
+    def __init__(self, expected: DistributedConfig) -> None:
+        self.expected = expected
+        self.ran: DistributedRun | None = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **_: Any,
+    ) -> None:
+        self.ran = describe_run(self.accelerator, model)
+        if state.is_world_process_zero:
+            log.info("running %s", self.ran.model_dump_json(by_alias=True))
+        check_run(self.expected, self.ran)
 
 
 class StopOnSignal(TrainerCallback):
@@ -352,8 +477,13 @@ class StopOnSignal(TrainerCallback):
         signal.signal(signal.SIGTERM, self._previous)
 
 
-class UploadCheckpoints(TrainerCallback):
-    """Copy each checkpoint to the object store as soon as it is written."""
+class UploadCheckpoints(TrainerCallback, NeedsAccelerator):
+    """Copy each checkpoint to the object store as soon as it is written, whole.
+
+    A sharded checkpoint is written by every rank into its own pod's disk, so one process per
+    pod uploads what its pod holds; once every pod is done, rank 0 uploads the completion marker
+    that makes the checkpoint count for resume, and drops checkpoints beyond the newest few.
+    """
 
     def __init__(self, artifacts: Artifacts) -> None:
         self.artifacts = artifacts
@@ -361,8 +491,17 @@ class UploadCheckpoints(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
+        if self.artifacts.is_local:
+            return
+        name = f"{CHECKPOINTS}/checkpoint-{state.global_step}"
+        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG state last)
+        if self.accelerator.is_local_main_process:
+            self.artifacts.upload(name, skip=(CHECKPOINT_COMPLETE_MARKER,))
+        self.accelerator.wait_for_everyone()
         if state.is_world_process_zero:
-            self.artifacts.upload(f"{CHECKPOINTS}/checkpoint-{state.global_step}")
+            self.artifacts.upload(f"{name}/{CHECKPOINT_COMPLETE_MARKER}")
+        if self.accelerator.is_local_main_process:
+            self.artifacts.prune_checkpoints(SAVE_TOTAL_LIMIT, remote=state.is_world_process_zero)
 
 
 class LogLines(TrainerCallback):

@@ -1,0 +1,195 @@
+"""FSDP and HSDP really executed on CPU over gloo: the rendered pods, started as `dpo run --cpu`
+starts them (one process per pod; accelerate's launcher spawns one trainer per "GPU" in it).
+
+Runs are shared between tests through session fixtures: each configuration trains once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from dpo_operator.api import DPOJob
+from dpo_operator.local import free_port
+from dpo_trainer.config import TrainerConfig
+
+from tests.trainer.conftest import local_config, pod_process, tiny_job
+
+# Every run sees the same 8 pairs per optimizer step: 2 processes x 4, 4 processes x 2, or one
+# process x 8, so the losses of the sharded runs can be compared with a single process.
+GLOBAL_BATCH = 8
+STEPS = 8
+SAVE_STEPS = 4
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.distributed)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A process layout: what resources.nodes x gpusPerNode and the strategy render."""
+
+    strategy: str
+    nodes: int
+    gpus_per_node: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * max(self.gpus_per_node, 1)
+
+
+SINGLE = Layout("single", 1, 0)
+DDP_TWO_PODS = Layout("ddp", 2, 0)
+FSDP = Layout("fsdp", 1, 2)
+HSDP = Layout("hsdp", 2, 2)
+
+
+def distributed_job(layout: Layout, *, lora: bool, precompute: bool = False) -> DPOJob:
+    return tiny_job(
+        resources={"nodes": layout.nodes, "gpusPerNode": layout.gpus_per_node},
+        parallelism={"strategy": "auto" if layout.strategy == "single" else layout.strategy},
+        # No dropout: every layout must see exactly the same computation.
+        peft={"enabled": lora, "dropout": 0.0},
+        dpo={
+            "maxSteps": STEPS,
+            "saveSteps": SAVE_STEPS,
+            "loggingSteps": 1,
+            "perDeviceBatchSize": GLOBAL_BATCH // layout.world_size,
+            "precomputeRefLogProbs": precompute,
+        },
+    )
+
+
+@dataclass
+class Run:
+    """A finished (or stopped) launch of every pod of a training Job."""
+
+    workdir: Path
+    config: TrainerConfig
+    codes: list[int]
+
+    @property
+    def artifacts(self) -> Path:
+        """Where the artifacts are: the mounted path, or the stand-in bucket's folder."""
+        return Path(self.config.artifacts_dir.removeprefix("file://"))
+
+    def log(self, pod: int = 0) -> str:
+        return (self.workdir / f"pod-{pod}.log").read_text()
+
+    def termination(self, pod: int = 0) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads((self.workdir / f"termination-{pod}.json").read_text())
+        return loaded
+
+    def summary(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads((self.artifacts / "train.json").read_text())
+        return loaded
+
+    def losses(self) -> dict[int, float]:
+        return {e["step"]: e["loss"] for e in self.summary()["logHistory"] if "loss" in e}
+
+    def assert_succeeded(self) -> None:
+        for pod, code in enumerate(self.codes):
+            assert code == 0, f"pod {pod} exited {code}:\n{self.log(pod)[-4000:]}"
+
+
+def prepare(
+    job: DPOJob,
+    workdir: Path,
+    *,
+    bucket: bool = False,
+    tamper_accelerate: dict[str, Any] | None = None,
+) -> tuple[TrainerConfig, list[tuple[list[str], dict[str, str]]]]:
+    """trainer.json and each pod's command and env; `bucket` puts the artifacts in a `file://`
+    store that the pods reach only by upload and download, each working in its own /tmp;
+    `tamper_accelerate` changes the rendered accelerate.yaml (a launcher that differs)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cpu = job.spec.resources.gpus_per_node > 0
+    config = local_config(job, workdir, cpu=cpu)
+    if bucket:
+        config = config.model_copy(update={"artifacts_dir": f"file://{workdir / 'bucket'}"})
+    port = free_port()
+    pods = [
+        pod_process(job, rank, workdir, config, master_port=port, cpu=cpu)
+        for rank in range(job.spec.resources.nodes)
+    ]
+    if tamper_accelerate:
+        accelerate = workdir / "accelerate.yaml"
+        accelerate.write_text(
+            yaml.safe_dump({**yaml.safe_load(accelerate.read_text()), **tamper_accelerate})
+        )
+    return config, pods
+
+
+def launch(
+    job: DPOJob,
+    workdir: Path,
+    *,
+    bucket: bool = False,
+    tamper_accelerate: dict[str, Any] | None = None,
+    crash_after_checkpoint: int | None = None,
+    timeout: float = 600,
+) -> Run:
+    """Start every pod's process and wait for all. With `crash_after_checkpoint`, SIGKILL every
+    pod's whole process tree once that checkpoint is complete in the artifacts (a crash: nothing
+    more is saved)."""
+    config, pods = prepare(job, workdir, bucket=bucket, tamper_accelerate=tamper_accelerate)
+    processes = [
+        subprocess.Popen(
+            command,
+            env=env,
+            stdout=(workdir / f"pod-{rank}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for rank, (command, env) in enumerate(pods)
+    ]
+    run = Run(workdir, config, [])
+    if crash_after_checkpoint is not None:
+        checkpoint = run.artifacts / "checkpoints" / f"checkpoint-{crash_after_checkpoint}"
+        deadline = time.monotonic() + timeout
+        while not (checkpoint / "trainer_state.json").exists():
+            for rank, process in enumerate(processes):
+                assert process.poll() is None, f"pod {rank} ended early:\n{run.log(rank)[-3000:]}"
+            assert time.monotonic() < deadline, f"no {checkpoint.name} in time"
+            time.sleep(0.05)
+        # The whole tree of each pod, as a node loss takes it: the launcher, accelerate's
+        # launcher (its own session) and every trainer.
+        doomed = [psutil.Process(p.pid) for p in processes]
+        doomed += [child for pod in list(doomed) for child in pod.children(recursive=True)]
+        for process in doomed:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    deadline = time.monotonic() + timeout
+    run.codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
+    return run
+
+
+LAYOUTS = {"single": SINGLE, "fsdp": FSDP, "hsdp": HSDP}
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Run]:
+    """Each layout x (full fine-tune, LoRA) trained once. hsdp keeps its artifacts in a
+    `file://` store reached only by upload and download, each pod in its own /tmp."""
+    finished = {}
+    for name, layout in LAYOUTS.items():
+        for kind in ("full", "lora"):
+            workdir = tmp_path_factory.mktemp(f"{name}-{kind}")
+            run = launch(
+                distributed_job(layout, lora=kind == "lora"), workdir, bucket=layout is HSDP
+            )
+            run.assert_succeeded()
+            finished[(name, kind)] = run
+    return finished
