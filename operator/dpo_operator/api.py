@@ -155,6 +155,8 @@ REMOVED_FIELDS = {
     "set spec.dpo.maxLength for the whole sequence",
     "rpoAlpha": "removed in TRL 1.x: for RPO set lossType: [sigmoid, sft] with "
     "lossWeights: [1.0, <alpha>]",
+    "fsdpVersion": "removed: fsdp and hsdp always run FSDP2 (FSDP1 is deprecated in PyTorch and "
+    "cannot run off a GPU, so it could not be tested); delete the field",
 }
 
 
@@ -402,7 +404,6 @@ class ParallelismSpec(ContractModel):
         "node and replicates across nodes. auto: one process needs none; LoRA and CPU use ddp; "
         "a full fine-tune uses fsdp on one node and hsdp on several.",
     )
-    fsdp_version: Literal[1, 2] = Field(default=2, description="FSDP implementation (2 = FSDP2).")
     activation_checkpointing: bool = Field(
         default=True, description="Recompute activations in backward: less memory, ~30% slower."
     )

@@ -41,9 +41,12 @@ def resolve_strategy(spec: DPOJobSpec) -> Strategy:
     return "hsdp" if spec.resources.nodes > 1 and spec.resources.gpus_per_node > 1 else "fsdp"
 
 
-def fsdp_version(spec: DPOJobSpec) -> Literal[1, 2] | None:
-    """The FSDP implementation that shards the job, or None when nothing is sharded."""
-    return spec.parallelism.fsdp_version if resolve_strategy(spec) in ("fsdp", "hsdp") else None
+FSDP_VERSION: Literal[2] = 2
+
+
+def fsdp_version(spec: DPOJobSpec) -> Literal[2] | None:
+    """The FSDP implementation that shards the job (always FSDP2), or None when nothing is."""
+    return FSDP_VERSION if resolve_strategy(spec) in ("fsdp", "hsdp") else None
 
 
 def on_cpu(spec: DPOJobSpec, cpu: bool) -> bool:
@@ -87,8 +90,8 @@ def accelerate_config(spec: DPOJobSpec, *, cpu: bool = False) -> dict[str, Any]:
     if not on_cpu(spec, cpu):
         config["gpu_ids"] = "all"
     if strategy in ("fsdp", "hsdp"):
-        config["fsdp_config"] = _fsdp_config(spec, strategy)
-        if strategy == "hsdp" and spec.parallelism.fsdp_version == 2:
+        config["fsdp_config"] = _fsdp_config(spec)
+        if strategy == "hsdp":
             config["parallelism_config"] = {
                 "parallelism_config_dp_replicate_size": spec.resources.nodes,
                 "parallelism_config_dp_shard_size": spec.resources.gpus_per_node,
@@ -98,10 +101,10 @@ def accelerate_config(spec: DPOJobSpec, *, cpu: bool = False) -> dict[str, Any]:
     return config
 
 
-def _fsdp_config(spec: DPOJobSpec, strategy: Strategy) -> dict[str, Any]:
+def _fsdp_config(spec: DPOJobSpec) -> dict[str, Any]:
     parallelism = spec.parallelism
-    config: dict[str, Any] = {
-        "fsdp_version": parallelism.fsdp_version,
+    return {
+        "fsdp_version": FSDP_VERSION,
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         # Checkpoints stay sharded (each rank writes its own part, fast, what resume reads); the
         # trainer gathers full tensors once for the final artifact.
@@ -113,13 +116,5 @@ def _fsdp_config(spec: DPOJobSpec, strategy: Strategy) -> dict[str, Any]:
         # PEFT finds none of the adapter's weights when saving it, and both at once break the
         # backward pass.
         "fsdp_activation_checkpointing": False,
+        "fsdp_reshard_after_forward": True,
     }
-    if parallelism.fsdp_version == 2:
-        config["fsdp_reshard_after_forward"] = True
-    else:
-        # FSDP1 spells HSDP as a sharding strategy; it needs the original parameters for LoRA
-        # and broadcasts rank 0's weights when loading on one rank's CPU.
-        config["fsdp_sharding_strategy"] = "HYBRID_SHARD" if strategy == "hsdp" else "FULL_SHARD"
-        config["fsdp_use_orig_params"] = True
-        config["fsdp_sync_module_states"] = True
-    return config

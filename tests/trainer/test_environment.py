@@ -54,7 +54,7 @@ def test_what_hsdp_should_run_passes() -> None:
         ({"mesh_shape": [16]}, "sharded over a mesh of shape [16] (expected [2, 8])"),
         ({"world_size": 8}, "world size 8 (expected 16)"),
         ({"device": "cpu"}, "parameters on cpu (expected cuda)"),
-        ({"fsdp_version": 1}, "FSDP version 1 (expected 2)"),
+        ({"fsdp_version": None}, "FSDP version None (expected 2)"),
     ],
 )
 def test_each_difference_from_the_rendered_layout_is_refused_by_name(

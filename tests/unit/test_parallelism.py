@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from dpo_operator.api import describe_errors, parse_dpojob
 from dpo_operator.parallelism import (
     accelerate_config,
     resolve_strategy,
 )
 from dpo_operator.render import trainer_config
+from pydantic import ValidationError
 
-from tests.conftest import job_with
+from tests.conftest import job_with, minimal_manifest, set_fields
 
 
 @pytest.mark.parametrize(
@@ -50,15 +52,15 @@ def test_hsdp_shards_inside_a_node_and_replicates_across_nodes() -> None:
     }
 
 
-def test_fsdp1_spells_hsdp_as_hybrid_shard() -> None:
-    job = job_with(
-        resources={"nodes": 2, "gpusPerNode": 8},
-        parallelism={"strategy": "hsdp", "fsdpVersion": 1},
-    )
-    config = accelerate_config(job.spec)
-    assert config["fsdp_config"]["fsdp_sharding_strategy"] == "HYBRID_SHARD"
-    assert config["fsdp_config"]["fsdp_use_orig_params"] is True
-    assert "parallelism_config" not in config
+def test_fsdp1_is_refused_with_what_to_do() -> None:
+    manifest = set_fields(minimal_manifest(), **{"parallelism.fsdpVersion": 1})
+    with pytest.raises(ValidationError) as refused:
+        parse_dpojob(manifest)
+    assert describe_errors(refused.value) == [
+        "spec.parallelism.fsdpVersion: removed: fsdp and hsdp always run FSDP2 (FSDP1 is "
+        "deprecated in PyTorch and cannot run off a GPU, so it could not be tested); delete the "
+        "field"
+    ]
 
 
 def test_fsdp_on_one_node_has_no_replication_group() -> None:

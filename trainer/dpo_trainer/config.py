@@ -221,8 +221,8 @@ class DistributedConfig(ContractModel):
     nnodes: int = Field(ge=1)
     nproc_per_node: int = Field(ge=1)
     strategy: Strategy
-    fsdp_version: Literal[1, 2] | None = Field(
-        default=None, description="FSDP implementation for fsdp and hsdp; None otherwise."
+    fsdp_version: Literal[2] | None = Field(
+        default=None, description="FSDP implementation for fsdp and hsdp (2); None otherwise."
     )
     device: Device = Field(
         default="cuda",

@@ -10,7 +10,6 @@ trainer.json's `distributed`. It also computes the one parameters digest every r
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any
 
 import torch
@@ -131,8 +130,7 @@ def check_run(expected: DistributedConfig, ran: DistributedRun) -> None:
         differences.append(f"parameters on {ran.device} (expected {expected.device})")
     if expected.fsdp_version is not None and ran.fsdp_version != expected.fsdp_version:
         differences.append(f"FSDP version {ran.fsdp_version} (expected {expected.fsdp_version})")
-    # FSDP2 shards into DTensors whose mesh is visible; FSDP1's flat parameters show none.
-    wanted_mesh = expected.mesh_shape if expected.fsdp_version != 1 else None
+    wanted_mesh = expected.mesh_shape
     if wanted_mesh is not None and tuple(ran.mesh_shape or ()) != wanted_mesh:
         differences.append(
             f"parameters sharded over a mesh of shape {ran.mesh_shape} (expected "
@@ -148,25 +146,17 @@ def check_run(expected: DistributedConfig, ran: DistributedRun) -> None:
         )
 
 
-# Modules that activation checkpointing, FSDP1 and torch.compile wrap around layers: they add a
-# segment to parameter names that the saved checkpoint does not have.
-_WRAPPER_SEGMENT = re.compile(r"(_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod)\.")
-
-
 def parameters_digest(model: Any) -> str:
-    """sha256 over the full trainable tensors, by their checkpoint names in order: the same on
-    every rank, and the same for the saved artifact loaded back.
+    """sha256 over the full trainable tensors, in name order: the same on every rank, and the
+    same for the saved artifact loaded back.
 
     Sharded (DTensor) parameters are gathered first, which is a collective: every rank must call
     this at the same point.
     """
     from torch.distributed.tensor import DTensor
 
-    named = sorted(
-        (_WRAPPER_SEGMENT.sub("", name), parameter) for name, parameter in model.named_parameters()
-    )
     digest = hashlib.sha256()
-    for name, parameter in named:
+    for name, parameter in sorted(model.named_parameters(), key=lambda item: item[0]):
         if not parameter.requires_grad:
             continue
         full = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
