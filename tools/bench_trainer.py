@@ -1,11 +1,14 @@
-"""Benchmark: step time and peak memory of the reference-model strategies, and our trainer's
-overhead against a bare TRL script doing the same work.
+"""Benchmark: step time and peak memory of the reference strategies (LoRA with the adapter
+disabled, a full fine-tune holding two full copies, a full fine-tune with precomputed reference
+log-probs), and our trainer's overhead against a bare TRL script doing the same work.
 
 Usage:
-    python tools/bench_trainer.py [--model builtin:small-llama] [--steps 30] [--words 32]
+    python tools/bench_trainer.py [--model builtin:llama-0.5b] [--steps 30] [--words 32]
 
 Each variant runs in a fresh process (peak memory is per process). Prints a table and ratios;
-on a GPU also tokens per second and model FLOPs utilisation against the GPU's bf16 peak.
+on a GPU (default model: the ~0.5B builtin:llama-0.5b, built locally) also tokens per second,
+model FLOPs utilisation against the GPU's bf16 peak, and the memory plan's estimate next to the
+measured peak.
 """
 
 from __future__ import annotations
@@ -22,8 +25,19 @@ from typing import Any
 
 VARIANTS = {
     "lora, reference = adapter disabled": {"peft": True, "reference": False, "precompute": False},
-    "lora, separate reference copy": {"peft": True, "reference": True, "precompute": False},
-    "lora, precomputed reference log-probs": {"peft": True, "reference": True, "precompute": True},
+    "full, two full copies (policy + reference)": {
+        "peft": False,
+        "reference": True,
+        "precompute": False,
+    },
+    "full, precomputed reference log-probs": {"peft": False, "reference": True, "precompute": True},
+}
+# FLOPs per parameter and token: forward and backward of the policy (6), plus the reference's
+# forward (2) unless it was precomputed.
+FLOPS_PER_PARAMETER_TOKEN = {
+    "lora, reference = adapter disabled": 8,
+    "full, two full copies (policy + reference)": 8,
+    "full, precomputed reference log-probs": 6,
 }
 BARE_TRL = "bare TRL script (adapter disabled)"
 # Dense bf16 peak of the GPUs this project is benchmarked on, in FLOP/s.
@@ -97,7 +111,18 @@ def run_ours(args: argparse.Namespace, variant: dict[str, bool], workdir: Path) 
         update={"artifacts_dir": str(workdir), "metrics_port": free_port()}
     )
     summary = train(config)
-    return measure(summary["logHistory"], args.steps, started)
+    result = measure(summary["logHistory"], args.steps, started)
+    result["planned_bytes"] = planned_bytes(job, on_gpu=torch.cuda.is_available())
+    return result
+
+
+def planned_bytes(job: Any, on_gpu: bool) -> int:
+    """The memory plan's estimate for this one-process run (bf16 on a GPU, fp32 on CPU)."""
+    from dpo_operator.plan import Layout, estimate, model_shape
+
+    shape = model_shape(job.spec)
+    assert shape is not None, "builtin models have known sizes"
+    return estimate(job.spec, shape, Layout("single", 1), 0, dtype_bytes=2 if on_gpu else 4).total
 
 
 def run_bare_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -162,22 +187,34 @@ def gpu_report(results: dict[str, dict[str, Any]]) -> None:
     name = torch.cuda.get_device_name()
     peak = next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
     parameters = results[BARE_TRL].get("parameters", 0)
+    print(f"\n{'variant':44s} {'tokens/s':>10s} {'MFU':>7s} {'planned GiB':>12s} {'peak GiB':>9s}")
     for label, result in results.items():
         tokens_per_second = result["tokens"] / result["runtime"]
-        # Training: 6 FLOPs per parameter and token; the reference forward adds 2 (none when
-        # precomputed, and with LoRA the frozen base still does the full forward and backward).
-        flops = 8 * parameters * tokens_per_second
+        # With LoRA the frozen base still runs the full forward and backward.
+        flops = FLOPS_PER_PARAMETER_TOKEN.get(label, 8) * parameters * tokens_per_second
         mfu = f"{flops / peak:.1%}" if peak else "n/a"
-        print(f"{label:44s} {tokens_per_second:12.0f} tokens/s   MFU {mfu} of {name}")
+        planned = result.get("planned_bytes")
+        planned_text = f"{planned / 2**30:12.2f}" if planned else f"{'-':>12s}"
+        print(
+            f"{label:44s} {tokens_per_second:10.0f} {mfu:>7s} {planned_text} "
+            f"{result['peak_bytes'] / 2**30:9.2f}"
+        )
+    print(f"(MFU against the bf16 dense peak of {name})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="builtin:small-llama")
+    parser.add_argument(
+        "--model", help="default: builtin:llama-0.5b on a GPU, builtin:small-llama on CPU"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--words", type=int, default=32, help="words per response")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model is None:
+        import torch
+
+        args.model = "builtin:llama-0.5b" if torch.cuda.is_available() else "builtin:small-llama"
     if args.run:
         child(args)
         return

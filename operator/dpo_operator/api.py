@@ -40,6 +40,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -75,6 +76,52 @@ def _check_quantity(value: str | int) -> str:
             f"{value!r} is not a Kubernetes quantity; write e.g. 8, 500m, 64Gi or 1.5Ti"
         )
     return text
+
+
+_QUANTITY_SUFFIXES = {
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "Pi": 1 << 50,
+    "Ei": 1 << 60,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "m": 10**-3,
+}
+
+
+def parse_quantity(value: str | int) -> int:
+    """A valid Kubernetes quantity as a whole number (bytes, for memory)."""
+    text = str(value)
+    number = re.match(r"^[0-9.]+(?:[eE][+-]?[0-9]+)?", text)
+    assert number is not None, f"{text!r} was validated as a quantity"
+    suffix = text[number.end() :]
+    return int(float(number.group()) * _QUANTITY_SUFFIXES.get(suffix, 1))
+
+
+# A parameter count: 70B, 8.03B, 500M, or a plain integer.
+PARAMETER_COUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMBT]?$"
+_PARAMETER_SCALE = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+ParameterCount = Annotated[
+    str | int,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": PARAMETER_COUNT_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+
+def parse_parameter_count(value: str | int) -> int:
+    text = str(value)
+    return int(float(text.rstrip("KMBT")) * _PARAMETER_SCALE[text[len(text.rstrip("KMBT")) :]])
 
 
 Quantity = Annotated[
@@ -215,9 +262,23 @@ class ModelSpec(ContractModel):
         description="A separate frozen reference model. Default: the policy itself (with LoRA, "
         "the adapter disabled, so no second copy is loaded).",
     )
+    parameters: ParameterCount | None = Field(
+        default=None,
+        description="Parameter count (e.g. 70B, 8.03B) for the memory plan, when the model is "
+        "none of the builtin or well-known ones `dpo plan` recognises by name.",
+    )
     trust_remote_code: bool = Field(
         default=False, description="Run model code shipped in the checkpoint (security risk)."
     )
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameter_count(cls, value: str | int | None) -> str | int | None:
+        if value is not None and not re.match(PARAMETER_COUNT_PATTERN, str(value)):
+            raise ValueError(
+                f"{value!r} is not a parameter count; write e.g. 70B, 8.03B, 500M or 7615616512"
+            )
+        return value
 
 
 class DataSpec(ContractModel):
@@ -385,8 +446,14 @@ class ResourcesSpec(ContractModel):
     shm_size: Quantity = Field(
         default="16Gi", description="Size of /dev/shm (RAM-backed) for NCCL and data loaders."
     )
+    gpu_memory: Quantity | None = Field(
+        default=None,
+        description="Memory of one GPU, e.g. 80Gi, for the memory plan. Default: read from a GPU "
+        "product label in scheduling.nodeSelector (nvidia.com/gpu.product, "
+        "cloud.google.com/gke-accelerator, node.kubernetes.io/instance-type).",
+    )
 
-    @field_validator("cpu", "memory", "shm_size")
+    @field_validator("cpu", "memory", "shm_size", "gpu_memory")
     @classmethod
     def _quantity(cls, value: str | int | None) -> str | None:
         return None if value is None else _check_quantity(value)
@@ -768,7 +835,7 @@ class DPOJobSpec(ContractModel):
     )
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> DPOJobSpec:
+    def _cross_field_rules(self, info: ValidationInfo) -> DPOJobSpec:
         strategy = self.parallelism.strategy
         nodes, gpus = self.resources.nodes, self.resources.gpus_per_node
         problems: list[str] = []
@@ -814,6 +881,12 @@ class DPOJobSpec(ContractModel):
                 f"env: {', '.join(reserved)} belong to the pod contract and are set by the "
                 "operator; remove them"
             )
+        if not problems and not (info.context or {}).get(WITHOUT_MEMORY_PLAN):
+            # Memory arithmetic the API server's CEL cannot do: `dpo validate`, `dpo run` and the
+            # operator check it (imported here: the planner reads these models).
+            from dpo_operator.plan import plan
+
+            problems += plan(self).problems
         if problems:
             # One line per problem, each led by its path below spec: see describe_errors.
             raise ValueError("\n".join(problems))
@@ -952,9 +1025,13 @@ class DPOJob(ContractModel):
 # errors users can act on
 
 
-def parse_dpojob(manifest: object) -> DPOJob:
+# Validation context: skip the memory plan's check (`dpo plan` shows a job that fits nowhere).
+WITHOUT_MEMORY_PLAN = "withoutMemoryPlan"
+
+
+def parse_dpojob(manifest: object, *, check_memory: bool = True) -> DPOJob:
     """Validate a manifest (a dict from YAML/JSON or the API server) into a DPOJob."""
-    return DPOJob.model_validate(manifest)
+    return DPOJob.model_validate(manifest, context={WITHOUT_MEMORY_PLAN: not check_memory})
 
 
 def describe_errors(error: ValidationError) -> list[str]:
@@ -1025,6 +1102,7 @@ PATTERN_HINTS = {
     QUALIFIED_NAME_PATTERN: "a resource name or label key such as nvidia.com/gpu",
     ENV_NAME_PATTERN: "an environment variable name such as HF_TOKEN",
     QUANTITY_PATTERN: "a Kubernetes quantity such as 8, 500m or 64Gi",
+    PARAMETER_COUNT_PATTERN: "a parameter count such as 70B, 8.03B or 500M",
     STORAGE_URI_PATTERN: _STORAGE_URI_HINT,
 }
 

@@ -3,6 +3,7 @@
 Usage:
     dpo validate FILE...          exit 0, or 1 with one line per problem
     dpo render FILE [--attempt N] the child objects as YAML, like `helm template`
+    dpo plan FILE                 per-GPU memory by part, the strategy chosen and why
     dpo run FILE                  train, gate and promote on this machine
     dpo operator -A | -n NS       run the operator
     dpo crd                       the CustomResourceDefinition as YAML
@@ -23,6 +24,7 @@ from dpo_operator.api import KIND, DPOJob, describe_errors, parse_dpojob
 from dpo_operator.crd import crd_manifest
 from dpo_operator.local import LocalOptions
 from dpo_operator.local import run as run_locally
+from dpo_operator.plan import format_plan, plan
 from dpo_operator.render import render_all, to_yaml
 
 
@@ -34,7 +36,7 @@ class ManifestError(Exception):
         self.problems = problems
 
 
-def load_dpojobs(path: Path) -> list[DPOJob]:
+def load_dpojobs(path: Path, *, check_memory: bool = True) -> list[DPOJob]:
     """Every DPOJob document in a YAML file; raises ManifestError naming each problem."""
     try:
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -54,7 +56,7 @@ def load_dpojobs(path: Path) -> list[DPOJob]:
             problems.append(f"{label}: kind: expected {KIND}, got {kind!r}")
             continue
         try:
-            jobs.append(parse_dpojob(document))
+            jobs.append(parse_dpojob(document, check_memory=check_memory))
         except ValidationError as error:
             problems += [f"{label}: {line}" for line in describe_errors(error)]
     if problems:
@@ -89,6 +91,22 @@ def _render(args: argparse.Namespace) -> int:
         objects += render_all(job, attempt=args.attempt)
     sys.stdout.write(to_yaml(objects))
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    try:
+        jobs = load_dpojobs(args.file, check_memory=False)
+    except ManifestError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return 1
+    fits = True
+    for job in jobs:
+        result = plan(job.spec)
+        print(f"DPOJob {job.namespace}/{job.name}")
+        print(format_plan(job.spec, result))
+        print()
+        fits = fits and not result.problems
+    return 0 if fits else 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -172,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--attempt", type=int, default=1, help="training attempt to render (default 1)"
     )
     render.set_defaults(run=_render)
+
+    plan_command = commands.add_parser(
+        "plan", help="print the per-GPU memory plan and the chosen strategy"
+    )
+    plan_command.add_argument("file", type=Path, metavar="FILE")
+    plan_command.set_defaults(run=_plan)
 
     run = commands.add_parser("run", help="train, gate and promote a DPOJob on this machine")
     run.add_argument("file", type=Path, metavar="FILE")

@@ -1,8 +1,9 @@
 """Network profiles: the NCCL/libfabric variables and pod pieces each GPU fabric needs.
 
 Each profile follows its vendor's reference manifests (NVIDIA network operator for InfiniBand and
-RoCE, the AWS EFA device plugin, GKE's GPUDirect-TCPXO guide). The user's `network.env` is
-applied last, so an override always wins.
+RoCE, the AWS EFA device plugin, GKE's GPUDirect-TCPXO guide). Each pins `NCCL_NET`, so a missing
+transport or plugin fails at start instead of falling back to TCP at a fraction of the speed.
+The user's `network.env` is applied last, so an override always wins.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from dpo_trainer.config import ENV_LIBRARY_PATH
 
 from dpo_operator.api import NetworkSpec
 
@@ -71,12 +74,15 @@ def _rdma_resource(network: NetworkSpec) -> dict[str, str]:
 
 
 def _tcp(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
-    return NetworkPieces(env={"NCCL_SOCKET_IFNAME": _NOT_LOOPBACK, "NCCL_IB_DISABLE": "1"})
+    return NetworkPieces(
+        env={"NCCL_NET": "Socket", "NCCL_SOCKET_IFNAME": _NOT_LOOPBACK, "NCCL_IB_DISABLE": "1"}
+    )
 
 
 def _infiniband(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
     return NetworkPieces(
         env={
+            "NCCL_NET": "IB",
             "NCCL_IB_DISABLE": "0",
             "NCCL_IB_HCA": "mlx5",
             # GPUDirect RDMA across the PCIe root complex: NIC reads GPU memory directly.
@@ -93,6 +99,7 @@ def _infiniband(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
 def _roce(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
     return NetworkPieces(
         env={
+            "NCCL_NET": "IB",
             "NCCL_IB_DISABLE": "0",
             "NCCL_IB_HCA": "mlx5",
             # RoCEv2 over IPv4 is GID index 3 on ConnectX NICs.
@@ -110,6 +117,8 @@ def _roce(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
 def _efa(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
     return NetworkPieces(
         env={
+            # The AWS OFI NCCL plugin in the trainer image; its libfabric drives the EFA devices.
+            "NCCL_NET": "AWS Libfabric",
             "FI_PROVIDER": "efa",
             "FI_EFA_USE_DEVICE_RDMA": "1",
             "FI_EFA_FORK_SAFE": "1",
@@ -155,7 +164,10 @@ def _tcpxo(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
     lib64 = f"{_TCPXO_LIBRARIES}/lib64"
     return NetworkPieces(
         env={
-            "LD_LIBRARY_PATH": lib64,
+            # The FasTrak plugin comes from the node's driver directory; the launcher appends it
+            # to the image's LD_LIBRARY_PATH (a pod env value would replace it).
+            ENV_LIBRARY_PATH: lib64,
+            "NCCL_NET": "FasTrak",
             "NCCL_SOCKET_IFNAME": "eth0",
             "NCCL_FASTRAK_CTRL_DEV": "eth0",
             "NCCL_FASTRAK_IFNAME": ",".join(nic_names),

@@ -1,4 +1,5 @@
-"""How a DPOJob spreads over processes: the resolved strategy and its accelerate config.
+"""How a DPOJob spreads over processes: the layout the memory plan chose, and its accelerate
+config.
 
 `cpu=True` keeps the job's process layout and strategy but runs it on CPUs over gloo: what
 `dpo run --cpu` and the distributed test tier run, so that the accelerate/FSDP code users run on
@@ -12,6 +13,9 @@ from typing import Any, Literal
 from dpo_trainer.config import Strategy
 
 from dpo_operator.api import DPOJobSpec
+from dpo_operator.plan import Layout, plan
+
+FSDP_VERSION: Literal[2] = 2
 
 
 def processes_per_node(spec: DPOJobSpec) -> int:
@@ -23,25 +27,15 @@ def world_size(spec: DPOJobSpec) -> int:
     return spec.resources.nodes * processes_per_node(spec)
 
 
+def layout(spec: DPOJobSpec) -> Layout:
+    """The strategy and shard group the memory plan chose (`auto`: the cheapest that fits)."""
+    chosen = plan(spec).choice
+    assert chosen is not None, "DPOJobSpec validation rejects a job that fits nowhere"
+    return chosen
+
+
 def resolve_strategy(spec: DPOJobSpec) -> Strategy:
-    """The strategy to run: `auto` picks the cheapest one that fits.
-
-    One process needs no distribution. LoRA keeps the base weights frozen and its optimizer state
-    tiny, so replicating (ddp) is cheapest; CPU runs use ddp over gloo. A full fine-tune holds
-    ~16 bytes per parameter of weights, gradients and Adam state, so it is sharded: fsdp on one
-    node, hsdp (shard in a node, replicate across nodes) on several.
-    """
-    strategy = spec.parallelism.strategy
-    if strategy != "auto":
-        return strategy
-    if world_size(spec) == 1:
-        return "single"
-    if spec.peft.enabled or spec.resources.gpus_per_node == 0:
-        return "ddp"
-    return "hsdp" if spec.resources.nodes > 1 and spec.resources.gpus_per_node > 1 else "fsdp"
-
-
-FSDP_VERSION: Literal[2] = 2
+    return layout(spec).strategy
 
 
 def fsdp_version(spec: DPOJobSpec) -> Literal[2] | None:
@@ -66,14 +60,14 @@ def accelerate_config(spec: DPOJobSpec, *, cpu: bool = False) -> dict[str, Any]:
     launcher (MULTI_GPU, FSDP), which also spawns them on CPUs; one process per pod on CPU uses
     the plain launcher (MULTI_CPU) with the ranks from the pod's env.
     """
-    strategy = resolve_strategy(spec)
+    chosen = layout(spec)
     one_process_per_pod = spec.resources.gpus_per_node == 0
     distributed_type = {
         "single": "NO",
         "ddp": "MULTI_CPU" if one_process_per_pod else "MULTI_GPU",
         "fsdp": "FSDP",
         "hsdp": "FSDP",
-    }[strategy]
+    }[chosen.strategy]
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed_type,
@@ -89,15 +83,17 @@ def accelerate_config(spec: DPOJobSpec, *, cpu: bool = False) -> dict[str, Any]:
     }
     if not on_cpu(spec, cpu):
         config["gpu_ids"] = "all"
-    if strategy in ("fsdp", "hsdp"):
+    if chosen.strategy in ("fsdp", "hsdp"):
         config["fsdp_config"] = _fsdp_config(spec)
-        if strategy == "hsdp":
-            config["parallelism_config"] = {
-                "parallelism_config_dp_replicate_size": spec.resources.nodes,
-                "parallelism_config_dp_shard_size": spec.resources.gpus_per_node,
-                "parallelism_config_tp_size": 1,
-                "parallelism_config_cp_size": 1,
-            }
+    if chosen.strategy == "hsdp":
+        # Shard groups of `shard` GPUs (one node, or as many nodes as the model needs), each
+        # group a replica.
+        config["parallelism_config"] = {
+            "parallelism_config_dp_replicate_size": world_size(spec) // chosen.shard,
+            "parallelism_config_dp_shard_size": chosen.shard,
+            "parallelism_config_tp_size": 1,
+            "parallelism_config_cp_size": 1,
+        }
     return config
 
 

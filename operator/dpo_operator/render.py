@@ -49,11 +49,12 @@ from dpo_operator.network import NetworkPieces, network_pieces
 from dpo_operator.parallelism import (
     accelerate_config,
     fsdp_version,
+    layout,
     mixed_precision,
     on_cpu,
     processes_per_node,
-    resolve_strategy,
 )
+from dpo_operator.plan import GIB, plan
 
 Manifest = dict[str, Any]
 
@@ -192,6 +193,7 @@ def trainer_config(
     spec = job.spec
     gate = spec.eval_gate
     gate_data = _optional_in_pod(gate.data or spec.data.eval, claim_paths)
+    chosen = layout(spec)
     return TrainerConfig(
         job=JobIdentity(name=job.name, namespace=job.namespace, uid=run_id(job)),
         model=_model_in_pod(
@@ -233,12 +235,14 @@ def trainer_config(
         distributed=DistributedConfig(
             nnodes=spec.resources.nodes,
             nproc_per_node=processes_per_node(spec),
-            strategy=resolve_strategy(spec),
+            strategy=chosen.strategy,
             fsdp_version=fsdp_version(spec),
+            shard_group_size=chosen.shard if chosen.strategy == "hsdp" else None,
             device="cpu" if on_cpu(spec, cpu) else "cuda",
         ),
         artifacts_dir=artifacts_dir(job, claim_paths),
         gate=GateConfig(
+            gpus=eval_gpus(job, cpu=cpu),
             data=gate_data,
             anchor_data=_optional_in_pod(gate.anchor_data, claim_paths),
             max_samples=gate.max_samples,
@@ -677,20 +681,39 @@ def _single_pod_job(
     )
 
 
+def eval_gpus(job: DPOJob, *, cpu: bool = False) -> int:
+    """GPUs of the eval pod: evalGate.resources.gpus, else as many as the memory plan says the
+    bf16 model needs (one when its size is unknown)."""
+    spec = job.spec
+    if cpu or spec.resources.gpus_per_node == 0:
+        return 0
+    if spec.eval_gate.resources.gpus is not None:
+        return spec.eval_gate.resources.gpus
+    return plan(spec).eval_gpus or 1
+
+
+def eval_memory(job: DPOJob) -> str | int | None:
+    """Memory of the eval pod: evalGate.resources.memory, else what loading the bf16 model
+    takes (when its size is known), else the training pods' memory."""
+    spec = job.spec
+    if spec.eval_gate.resources.memory is not None:
+        return spec.eval_gate.resources.memory
+    planned = plan(spec).eval_memory
+    return f"{planned // GIB}Gi" if planned else spec.resources.memory
+
+
 def render_eval_job(job: DPOJob, attempt: int, *, cpu: bool = False) -> Manifest:
     """The gate: scores the adapter of training attempt `attempt` on held-out pairs."""
     spec = job.spec
     gate = spec.eval_gate.resources
-    gpus = gate.gpus if gate.gpus is not None else min(spec.resources.gpus_per_node, 1)
-    gpus = 0 if cpu else gpus
     return _single_pod_job(
         job,
         eval_job_name(job, attempt),
         "eval",
         attempt,
-        gpus,
+        eval_gpus(job, cpu=cpu),
         gate.cpu if gate.cpu is not None else spec.resources.cpu,
-        gate.memory if gate.memory is not None else spec.resources.memory,
+        eval_memory(job),
         [EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_WRONG_ENVIRONMENT],
     )
 

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @dataclass(frozen=True)
-class Layout:
+class PodLayout:
     """A process layout: what resources.nodes x gpusPerNode and the strategy render."""
 
     strategy: str
@@ -50,13 +50,13 @@ class Layout:
         return self.nodes * max(self.gpus_per_node, 1)
 
 
-SINGLE = Layout("single", 1, 0)
-DDP_TWO_PODS = Layout("ddp", 2, 0)
-FSDP = Layout("fsdp", 1, 2)
-HSDP = Layout("hsdp", 2, 2)
+SINGLE = PodLayout("single", 1, 0)
+DDP_TWO_PODS = PodLayout("ddp", 2, 0)
+FSDP = PodLayout("fsdp", 1, 2)
+HSDP = PodLayout("hsdp", 2, 2)
 
 
-def distributed_job(layout: Layout, *, lora: bool, precompute: bool = False) -> DPOJob:
+def distributed_job(layout: PodLayout, *, lora: bool, precompute: bool = False) -> DPOJob:
     return tiny_job(
         resources={"nodes": layout.nodes, "gpusPerNode": layout.gpus_per_node},
         parallelism={"strategy": "auto" if layout.strategy == "single" else layout.strategy},

@@ -15,7 +15,7 @@ from tests.distributed.conftest import (
     HSDP,
     SAVE_STEPS,
     STEPS,
-    Layout,
+    PodLayout,
     Run,
     distributed_job,
     launch,
@@ -42,7 +42,7 @@ def largest_difference(run: Run, baseline: Run, steps: range) -> float:
     ids=["fsdp-full-mounted-volume", "hsdp-lora-object-store"],
 )
 def test_a_crashed_run_resumes_from_its_sharded_checkpoint_and_matches(
-    runs: dict[tuple[str, str], Run], tmp_path: Path, layout: Layout, kind: str, bucket: bool
+    runs: dict[tuple[str, str], Run], tmp_path: Path, layout: PodLayout, kind: str, bucket: bool
 ) -> None:
     job = distributed_job(layout, lora=kind == "lora")
     crashed = launch(job, tmp_path, bucket=bucket, crash_after_checkpoint=SAVE_STEPS)
@@ -80,7 +80,7 @@ def test_a_crashed_run_resumes_from_its_sharded_checkpoint_and_matches(
 def test_precomputed_reference_log_probs_train_like_a_live_reference(
     runs: dict[tuple[str, str], Run],
     tmp_path: Path,
-    layout: Layout,
+    layout: PodLayout,
     kind: str,
     baseline: str,
     bucket: bool,

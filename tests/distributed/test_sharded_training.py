@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dpo_operator.plan import Layout, estimate, model_shape
 from dpo_trainer.artifacts import MANIFEST, verify_manifest
 from dpo_trainer.distributed import parameters_digest
 from dpo_trainer.models import model_location
@@ -19,7 +20,7 @@ from tests.distributed.conftest import (
     FSDP,
     LAYOUTS,
     STEPS,
-    Layout,
+    PodLayout,
     Run,
     distributed_job,
     launch,
@@ -69,7 +70,7 @@ def test_sharded_losses_match_one_process(
     assert sharded[STEPS] < sharded[1], "it learns"
 
 
-def rank_digests(run: Run, layout: Layout) -> dict[int, str]:
+def rank_digests(run: Run, layout: PodLayout) -> dict[int, str]:
     found = {}
     for pod in range(layout.nodes):
         for rank, digest in re.findall(r"rank (\d+): parameters digest (\w+)", run.log(pod)):
@@ -164,3 +165,30 @@ def test_a_launcher_that_drops_fsdp_stops_the_run_instead_of_training_ddp(tmp_pa
     assert "renders fsdp on 1 node(s) x 2 cpu process(es)" in message
     assert "distributed type MULTI_CPU (expected FSDP)" in message
     assert not (run.artifacts / "adapter").exists()
+
+
+@pytest.mark.parametrize("name", ["single", "fsdp", "hsdp"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_the_memory_plan_matches_the_model_states_each_rank_really_holds(
+    runs: dict[tuple[str, str], Run], name: str, kind: str
+) -> None:
+    """The plan's weights, gradients and optimizer parts (fp32 here: CPU) against the bytes rank 0
+    held of parameters, trainable parameters and AdamW states after its first step."""
+    run, layout = runs[(name, kind)], LAYOUTS[name]
+    job = distributed_job(layout, lora=kind == "lora")
+    shape = model_shape(job.spec)
+    assert shape is not None
+    rendered = run.config.distributed
+    shard = {"single": 1, "fsdp": rendered.world_size, "hsdp": rendered.shard_group_size}[name]
+    assert shard is not None
+    planned = estimate(job.spec, shape, Layout(rendered.strategy, shard), 0, dtype_bytes=4).parts
+    measured = run.summary()["memory"]
+    pairs = {
+        "weights": measured["parameterBytes"],
+        "gradients": measured["trainableBytes"],
+        "optimizer": measured["optimizerBytes"],
+    }
+    for part, actual in pairs.items():
+        print(f"{name} {kind} {part}: planned {planned[part]} bytes, measured {actual}")
+        assert actual == pytest.approx(planned[part], rel=0.02), part
+    assert measured["peakBytes"] > measured["parameterBytes"]

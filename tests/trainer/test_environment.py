@@ -38,7 +38,7 @@ def test_a_gpu_job_on_a_pod_without_cuda_stops_before_training(tmp_path: Path) -
     print(message)
     assert code == EXIT_WRONG_ENVIRONMENT
     assert termination["status"] == "wrong-environment"
-    assert "distributed.device is cuda (1 GPU(s) per pod) but" in message
+    assert "trainer.json (distributed.device: cuda) asks for 1 GPU(s) per pod but" in message
     assert "resources.gpusPerNode" in message
     assert not (tmp_path / "artifacts" / "adapter").exists()
 
@@ -64,3 +64,13 @@ def test_each_difference_from_the_rendered_layout_is_refused_by_name(
         check_run(HSDP, ran(**changes))
     assert named in str(refused.value)
     assert "renders hsdp on 2 node(s) x 8 cuda process(es)" in str(refused.value)
+
+
+def test_a_gate_that_asks_for_gpus_on_a_pod_without_cuda_stops_at_once(tmp_path: Path) -> None:
+    config = local_config(tiny_job(), tmp_path)
+    assert config.gate is not None
+    gpu_gate = config.model_copy(update={"gate": config.gate.model_copy(update={"gpus": 2})})
+    code, termination = trainer_cli("eval", gpu_gate, tmp_path)
+    print(termination["message"])
+    assert code == EXIT_WRONG_ENVIRONMENT
+    assert "trainer.json (gate.gpus) asks for 2 GPU(s) per pod but" in termination["message"]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dpo_operator.local import free_port
-from dpo_trainer.builtin import builtin_model_path
+from dpo_trainer.builtin import MODEL_FORMAT, builtin_model_path
 from transformers import AutoModelForCausalLM
 
 BUILD = (
@@ -30,6 +30,9 @@ dist.destroy_process_group()
 """
 
 
+ENTRY = f"tiny-llama-v{MODEL_FORMAT}"
+
+
 def assert_complete(entry: Path) -> None:
     names = {p.name for p in entry.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", ".complete"} <= names, names
@@ -47,9 +50,9 @@ def test_four_processes_building_into_an_empty_cache_at_once_all_get_one_whole_m
     ]
     paths = {builder.communicate(timeout=300)[0].strip() for builder in builders}
     assert [b.returncode for b in builders] == [0, 0, 0, 0]
-    assert paths == {str(tmp_path / "tiny-llama-v1")}
-    assert_complete(tmp_path / "tiny-llama-v1")
-    assert not list(tmp_path.glob(".tiny-llama-v1-*")), "no staging directory left behind"
+    assert paths == {str(tmp_path / ENTRY)}
+    assert_complete(tmp_path / ENTRY)
+    assert not list(tmp_path.glob(f".{ENTRY}-*")), "no staging directory left behind"
 
 
 def test_a_build_by_a_non_zero_rank_writes_the_weights(tmp_path: Path) -> None:
@@ -71,14 +74,14 @@ def test_a_build_by_a_non_zero_rank_writes_the_weights(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_complete(cache / "tiny-llama-v1")
+    assert_complete(cache / ENTRY)
 
 
 def test_an_entry_left_half_built_by_a_crash_is_rebuilt_not_trusted(tmp_path: Path) -> None:
-    entry = tmp_path / "tiny-llama-v1"
+    entry = tmp_path / ENTRY
     entry.mkdir()
     (entry / "tokenizer.json").write_text("{}")  # what a crashed build left: no model at all
-    leftover = tmp_path / ".tiny-llama-v1-k3j2"
+    leftover = tmp_path / f".{ENTRY}-k3j2"
     leftover.mkdir()
     assert builtin_model_path("builtin:tiny-llama", tmp_path) == entry
     assert_complete(entry)

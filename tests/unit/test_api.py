@@ -275,7 +275,7 @@ def test_unknown_fields_are_errors_not_dropped() -> None:
     manifest = minimal_manifest()
     manifest["spec"]["model"]["revison"] = "main"
     assert errors_of(manifest) == [
-        "spec.model.revison: unknown field; did you mean revision? allowed here: name, "
+        "spec.model.revison: unknown field; did you mean revision? allowed here: name, parameters, "
         "reference, revision, trustRemoteCode"
     ]
 

@@ -86,3 +86,30 @@ def test_crd_prints_the_custom_resource_definition(capsys: pytest.CaptureFixture
     assert main(["crd"]) == 0
     crd = yaml.safe_load(capsys.readouterr().out)
     assert crd["kind"] == "CustomResourceDefinition"
+
+
+def test_plan_prints_each_part_the_choice_and_the_gate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(REPO / "examples" / "full-finetune-hsdp-efa.yaml")]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "70.55B parameters (known model llama-3.3-70b); full fine-tune" in out
+    assert "node label node.kubernetes.io/instance-type=p5.48xlarge" in out
+    for part in ("weights", "gradients", "optimizer", "reference", "activations", "total"):
+        assert f"  {part}" in out
+    assert "choice     fsdp 32: the first that fits 72.0 GiB per GPU" in out
+    assert "eval gate  3 GPU(s)" in out
+
+
+def test_plan_shows_why_a_job_fits_nowhere_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = yaml.safe_load((REPO / "examples" / "full-finetune-hsdp-efa.yaml").read_text())
+    manifest["spec"]["resources"]["nodes"] = 1
+    one_node = tmp_path / "one-node.yaml"
+    one_node.write_text(yaml.safe_dump(manifest))
+    assert main(["plan", str(one_node)]) == 1
+    out = capsys.readouterr().out
+    assert "fsdp 8" in out
+    assert "problem    resources: this 70.6B-parameter full fine-tune fits on no strategy" in out
+    assert main(["validate", str(one_node)]) == 1
+    assert "spec.resources: this 70.6B-parameter" in capsys.readouterr().err

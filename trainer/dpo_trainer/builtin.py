@@ -8,60 +8,26 @@ above 0.5 means DPO works end to end. Used by the tests and the quickstart.
 
 from __future__ import annotations
 
-import fcntl
-import logging
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-log = logging.getLogger(__name__)
+from dpo_trainer.fetch import cached
+from dpo_trainer.presets import (
+    BAD_WORDS,
+    BUILTIN_PREFIX,
+    GOOD_WORDS,
+    MODEL_PRESETS,
+    PROMPT_WORDS,
+    VOCABULARY,
+)
 
-BUILTIN_PREFIX = "builtin:"
 SYNTHETIC_PREFERENCES = "synthetic-preferences"
 
-_SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>"]
-_PROMPT_WORDS = [f"q{i}" for i in range(32)]
-_GOOD_WORDS = [f"g{i}" for i in range(16)]
-_BAD_WORDS = [f"b{i}" for i in range(16)]
-_MARKERS = ["->", "user", "assistant", ":"]
-VOCABULARY = _SPECIAL + _MARKERS + _PROMPT_WORDS + _GOOD_WORDS + _BAD_WORDS
-
-# Deterministic model sizes. `tiny-llama` trains in seconds on a laptop CPU.
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-llama": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-    },
-    # For benchmarks: big enough that a second copy of the weights shows in memory.
-    "small-llama": {
-        "hidden_size": 512,
-        "intermediate_size": 1408,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 1024,
-    },
-    # For GPU benchmarks: ~0.5B parameters, randomly initialised (no weights are downloaded).
-    "llama-0.5b": {
-        "hidden_size": 1536,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 4096,
-    },
-}
-_MODEL_FORMAT = 1  # bump when the builtin models change, so cached copies are rebuilt
-_COMPLETE_MARKER = ".complete"
+MODEL_FORMAT = 2  # bump when the builtin models change, so cached copies are rebuilt
 _CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} "
     "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
@@ -77,9 +43,8 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
     """Build `builtin:<preset>` once into `cache_dir` and return its path.
 
     The model is saved like any checkpoint and then loaded through the ordinary path-loading
-    code, so tests exercise what real runs do. Every process of a job may ask at once: one
-    builds under a lock while the others wait and reuse it. An entry is complete only once its
-    marker is written (last); one left half-built by a crash is rebuilt, never trusted.
+    code, so tests exercise what real runs do. Every process of a job may ask at once: see
+    `dpo_trainer.fetch.cached`.
     """
     preset = name.removeprefix(BUILTIN_PREFIX)
     if preset not in MODEL_PRESETS:
@@ -87,33 +52,18 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
             f"unknown builtin model {name!r}; available: "
             + ", ".join(BUILTIN_PREFIX + p for p in sorted(MODEL_PRESETS))
         )
-    entry = f"{preset}-v{_MODEL_FORMAT}"
-    target = cache_dir / entry
-    if (target / _COMPLETE_MARKER).exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with (cache_dir / f".{entry}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        if (target / _COMPLETE_MARKER).exists():
-            return target  # built by another process while this one waited
-        for leftover in [target, *cache_dir.glob(f".{entry}-*")]:
-            if leftover.exists():
-                log.warning("%s: an interrupted build left it incomplete; rebuilding", leftover)
-                shutil.rmtree(leftover)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry}-", dir=cache_dir))
+
+    def build(staging: Path) -> None:
         # A fresh interpreter: once torch.distributed is initialized, transformers writes model
         # files on global rank 0 only, so a build by any other rank would save no weights.
         subprocess.run(
-            [sys.executable, "-m", __name__, preset, str(staging)],
-            check=True,
-            capture_output=True,
+            [sys.executable, "-m", __name__, preset, str(staging)], check=True, capture_output=True
         )
         missing = [f for f in ("config.json", "model.safetensors") if not (staging / f).exists()]
         if missing:
             raise RuntimeError(f"building {name} into {staging} wrote no {', '.join(missing)}")
-        (staging / _COMPLETE_MARKER).write_text(f"{entry}\n")
-        staging.rename(target)
-    return target
+
+    return cached(cache_dir, f"{preset}-v{MODEL_FORMAT}", build)
 
 
 def save_preset(preset: str, directory: Path) -> None:
@@ -181,10 +131,10 @@ def synthetic_preferences(spec: str) -> list[dict[str, str]]:
     rng = random.Random(_SPLIT_SEEDS[split])
     pairs = []
     for _ in range(count):
-        prompt = " ".join(rng.choices(_PROMPT_WORDS, k=4)) + " ->"
-        chosen_words = _PROMPT_WORDS if split == "anchor" else _GOOD_WORDS
+        prompt = " ".join(rng.choices(PROMPT_WORDS, k=4)) + " ->"
+        chosen_words = PROMPT_WORDS if split == "anchor" else GOOD_WORDS
         good = " " + " ".join(rng.choices(chosen_words, k=words))
-        bad = " " + " ".join(rng.choices(_BAD_WORDS, k=words))
+        bad = " " + " ".join(rng.choices(BAD_WORDS, k=words))
         chosen, rejected = (bad, good) if flip else (good, bad)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs

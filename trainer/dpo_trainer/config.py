@@ -32,6 +32,8 @@ ENV_NODE_RANK = "NODE_RANK"
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 ENV_METRICS_PORT = "DPO_METRICS_PORT"
+# Directories the launcher appends to the image's LD_LIBRARY_PATH (a node's NCCL plugin).
+ENV_LIBRARY_PATH = "DPO_LIBRARY_PATH"
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_METRICS_PORT = 9400
@@ -224,6 +226,12 @@ class DistributedConfig(ContractModel):
     fsdp_version: Literal[2] | None = Field(
         default=None, description="FSDP implementation for fsdp and hsdp (2); None otherwise."
     )
+    shard_group_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="hsdp: processes sharing one copy of the model (a node's GPUs, or several "
+        "nodes' when one node cannot hold it); each such group is a replica.",
+    )
     device: Device = Field(
         default="cuda",
         description="cuda: one GPU per process, and no CUDA is an error. cpu: the same process "
@@ -241,7 +249,8 @@ class DistributedConfig(ContractModel):
         if self.strategy == "fsdp":
             return (self.world_size,)
         if self.strategy == "hsdp":
-            return (self.nnodes, self.nproc_per_node)
+            shard = self.shard_group_size or self.nproc_per_node
+            return (self.world_size // shard, shard)
         return None
 
 
@@ -259,6 +268,11 @@ class DistributedRun(ContractModel):
 
 
 class GateConfig(ContractModel):
+    gpus: int = Field(
+        default=0,
+        ge=0,
+        description="GPUs of the eval pod; the models are spread over all of them (0: CPU).",
+    )
     data: DataSource
     anchor_data: DataSource | None
     max_samples: int | None

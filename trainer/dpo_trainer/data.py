@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from dpo_trainer.builtin import BUILTIN_PREFIX, is_builtin, synthetic_preferences
+from dpo_trainer.builtin import is_builtin, synthetic_preferences
 from dpo_trainer.config import BadInputError, ColumnMapping, DataFormat, DataSource
+from dpo_trainer.fetch import COMPLETE_MARKER, cached, download, is_remote, remote_entry
+from dpo_trainer.presets import BUILTIN_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +86,23 @@ def _read(source: DataSource, label: str) -> list[Row]:
 def _read_files(uri: str, label: str) -> list[Row]:
     import fsspec
 
-    try:
-        files = fsspec.open_files(uri, mode="rb")
-    except (ValueError, ImportError) as error:
-        raise BadInputError(f"{label}: cannot open ({error}); check the URI scheme") from None
+    if is_remote(uri):
+        # Downloaded first (progress in the log), once per pod, into its temporary directory.
+        local = cached(
+            Path(tempfile.gettempdir()) / "dpo-data",
+            remote_entry(uri),
+            lambda staging: download(uri, staging),
+        )
+        files = [
+            fsspec.open(str(path), mode="rb")
+            for path in sorted(local.rglob("*"))
+            if path.is_file() and path.name != COMPLETE_MARKER
+        ]
+    else:
+        try:
+            files = fsspec.open_files(uri, mode="rb")
+        except (ValueError, ImportError) as error:
+            raise BadInputError(f"{label}: cannot open ({error}); check the URI scheme") from None
     if not files:
         raise BadInputError(f"{label}: no such file; check the path and that its volume is mounted")
     rows: list[Row] = []

@@ -10,6 +10,7 @@ trainer.json's `distributed`. It also computes the one parameters digest every r
 from __future__ import annotations
 
 import hashlib
+import resource
 from typing import Any
 
 import torch
@@ -34,26 +35,24 @@ _EXPECTED_TYPES = {
 }
 
 
-def require_devices(expected: DistributedConfig) -> None:
+def require_gpus(count: int, asked_by: str) -> None:
     """GPUs asked for must be GPUs torch can use, before anything is loaded: never a CPU run in
-    their place."""
-    if expected.device == "cpu":
+    their place. `asked_by` names the setting that asks for them."""
+    if count == 0:
         return
     problem = _cuda_problem()
     if problem is not None:
         raise WrongEnvironmentError(
-            f"trainer.json distributed.device is cuda ({expected.nproc_per_node} GPU(s) per pod) "
-            f"but {problem}; check that the pod got its GPUs (resources.gpusPerNode, "
-            "resources.gpuResourceName), that the node's NVIDIA driver is installed, and that it "
-            f"supports the CUDA {torch.version.cuda} runtime of this image (torch "
-            f"{torch.__version__})"
+            f"{asked_by} asks for {count} GPU(s) per pod but {problem}; check that the pod got "
+            "its GPUs (resources.gpusPerNode, resources.gpuResourceName), that the node's NVIDIA "
+            f"driver is installed, and that it supports the CUDA {torch.version.cuda} runtime of "
+            f"this image (torch {torch.__version__})"
         )
     visible = torch.cuda.device_count()
-    if visible < expected.nproc_per_node:
+    if visible < count:
         raise WrongEnvironmentError(
-            f"trainer.json asks for {expected.nproc_per_node} GPU processes per pod but torch sees "
-            f"{visible} GPU(s); check the pod's GPU limit (resources.gpusPerNode) and "
-            "CUDA_VISIBLE_DEVICES"
+            f"{asked_by} asks for {count} GPU(s) per pod but torch sees {visible}; check the "
+            "pod's GPU limit (resources.gpusPerNode) and CUDA_VISIBLE_DEVICES"
         )
 
 
@@ -144,6 +143,36 @@ def check_run(expected: DistributedConfig, ran: DistributedRun) -> None:
             + ". Launch with the rendered /etc/dpo/accelerate.yaml and the same trainer image "
             "as the operator (`dpo render` shows both)"
         )
+
+
+def state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
+    """Bytes this rank holds of the model's parameters (its shards, when sharded), of the
+    trainable ones (their gradients take as much), and of the optimizer's states."""
+    from torch.distributed.tensor import DTensor
+
+    def local_bytes(tensor: torch.Tensor) -> int:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return local.numel() * local.element_size()
+
+    parameters = list(model.parameters())
+    states = [
+        value
+        for per_parameter in optimizer.state.values()
+        for value in per_parameter.values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    ]
+    return {
+        "parameterBytes": sum(local_bytes(p) for p in parameters),
+        "trainableBytes": sum(local_bytes(p) for p in parameters if p.requires_grad),
+        "optimizerBytes": sum(local_bytes(s) for s in states),
+    }
+
+
+def peak_memory_bytes(device: str) -> int:
+    """The most this process has held: allocated GPU memory, or its resident set on CPU."""
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def parameters_digest(model: Any) -> str:

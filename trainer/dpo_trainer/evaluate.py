@@ -26,6 +26,7 @@ import torch
 from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, Artifacts, verify_manifest
 from dpo_trainer.config import BadInputError, GateConfig, ModelRef, TrainerConfig
 from dpo_trainer.data import load_preferences
+from dpo_trainer.distributed import require_gpus
 from dpo_trainer.models import load_model, load_tokenizer, torch_dtype
 from dpo_trainer.promote import promoted_adapter
 
@@ -78,6 +79,7 @@ def evaluate(config: TrainerConfig) -> dict[str, Any]:
     gate = config.gate
     if gate is None:
         raise BadInputError("trainer.json has no gate: set spec.evalGate and held-out data")
+    require_gpus(gate.gpus, "trainer.json (gate.gpus)")
     artifacts = Artifacts(config.artifacts_dir)
     adapter_dir = artifacts.fetch(ADAPTER)
     if not adapter_dir.exists():
@@ -94,12 +96,9 @@ def evaluate(config: TrainerConfig) -> dict[str, Any]:
         anchors = anchors[: gate.max_samples] if gate.max_samples else anchors
 
     scorer = Scorer(config)
-    with scorer.policy(adapter_dir) as policy:
-        new = scorer.score(policy, pairs)
-        new_anchor = scorer.anchor_nll(policy, anchors)
-    with scorer.reference() as reference:
-        ref = scorer.score(reference, pairs)
-        ref_anchor = scorer.anchor_nll(reference, anchors)
+    # One model at a time: each is released before the next is loaded.
+    new, new_anchor = scorer.scored(scorer.policy(adapter_dir), pairs, anchors)
+    ref, ref_anchor = scorer.scored(scorer.reference(), pairs, anchors)
 
     rewards = scorer.rewards(new, ref)
     drift = (new_anchor - ref_anchor) / ref_anchor
@@ -164,17 +163,39 @@ class Scorer:
     """Tokenizes pairs like TRL does and sums response log-probs under a model."""
 
     def __init__(self, config: TrainerConfig) -> None:
+        assert config.gate is not None
+        gpus = config.gate.gpus
         self.config = config
         self.beta = config.training.beta
         self.loss_type = config.training.loss_type
         self.dtype = torch_dtype(config.training.mixed_precision)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Inputs go to the first GPU; a model too large for one is spread over all of them.
+        self.device = torch.device("cuda" if gpus else "cpu")
+        self.device_map = "auto" if gpus > 1 else None
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self._base: Any = None
 
     def _load(self, ref: ModelRef) -> Any:
-        model = load_model(ref, trust_remote_code=self.config.trust_remote_code, dtype=self.dtype)
-        return model.to(self.device).eval()
+        model = load_model(
+            ref,
+            trust_remote_code=self.config.trust_remote_code,
+            dtype=self.dtype,
+            device_map=self.device_map,
+        )
+        return self._placed(model).eval()
+
+    def _placed(self, model: Any) -> Any:
+        return model if self.device_map else model.to(self.device)
+
+    def scored(
+        self,
+        model: contextlib.AbstractContextManager[Any],
+        pairs: list[dict[str, Any]],
+        anchors: list[dict[str, Any]],
+    ) -> tuple[Scores, float]:
+        """The pairs' scores and the anchor NLL under `model`, which is released afterwards."""
+        with model as loaded:
+            return self.score(loaded, pairs), self.anchor_nll(loaded, anchors)
 
     @contextlib.contextmanager
     def policy(self, adapter_dir: Path) -> Iterator[Any]:
@@ -188,7 +209,7 @@ class Scorer:
 
         if self._base is None:
             self._base = self._load(self.config.model)
-        model = PeftModel.from_pretrained(self._base, str(adapter_dir)).to(self.device).eval()
+        model = self._placed(PeftModel.from_pretrained(self._base, str(adapter_dir))).eval()
         try:
             yield model
         finally:

@@ -1,5 +1,9 @@
 """`dpo-trainer launch -- CMD...`: PID 1 of a training pod, around `accelerate launch`.
 
+It also prepares the environment the fabric needs: the node's NCCL plugin directory appended to
+the image's LD_LIBRARY_PATH, and the locked-memory limit RDMA registration needs raised as far as
+the pod allows (it says so at start when that is not enough).
+
 Three things go wrong without it:
 - In a pod only PID 1 receives SIGTERM. `accelerate launch` forwards nothing with one process
   per pod, and torchrun SIGKILLs its workers after a short grace period, so the trainers would
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -24,7 +29,13 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_OK, EXIT_WRONG_ENVIRONMENT
+from dpo_trainer.config import (
+    ENV_LIBRARY_PATH,
+    EXIT_BAD_INPUT,
+    EXIT_GATE_REJECTED,
+    EXIT_OK,
+    EXIT_WRONG_ENVIRONMENT,
+)
 
 # Set for the trainers: where each registers its pid and, on the way out, its exit code.
 ENV_LAUNCH_DIR = "DPO_LAUNCH_DIR"
@@ -45,11 +56,48 @@ def record_exit(pid: int, code: int) -> None:
         (Path(directory) / f"{pid}.exit").write_text(str(code))
 
 
+def child_environment(parent: dict[str, str], launch_dir: Path) -> dict[str, str]:
+    """The trainers' env: the parent's, with DPO_LIBRARY_PATH appended to LD_LIBRARY_PATH."""
+    env = {**parent, ENV_LAUNCH_DIR: str(launch_dir)}
+    extra = parent.get(ENV_LIBRARY_PATH)
+    if extra:
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (parent.get("LD_LIBRARY_PATH"), extra) if p)
+    return env
+
+
+# NCCL transports that register memory with an RDMA NIC (pinned pages count as locked memory).
+RDMA_TRANSPORTS = ("IB", "AWS Libfabric")
+
+
+def raise_locked_memory_limit(nccl_net: str | None) -> str | None:
+    """Raise the soft RLIMIT_MEMLOCK to the hard one for RDMA transports; the warning to log when
+    it stays limited. A non-root process cannot go past the hard limit, and IPC_LOCK does not
+    apply to it: the node's container runtime must set it (LimitMEMLOCK=infinity)."""
+    if nccl_net not in RDMA_TRANSPORTS:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return (
+        f"NCCL_NET={nccl_net} registers memory with the RDMA NIC, but locked memory is limited "
+        f"to {soft} bytes here and this non-root process cannot raise it: registration will "
+        "fail or stall. Set LimitMEMLOCK=infinity for the nodes' container runtime (containerd's "
+        "default; see the chart's README, 'RDMA nodes')"
+    )
+
+
 def run_forwarding_signals(command: list[str]) -> int:
     launch_dir = Path(tempfile.mkdtemp(prefix="dpo-launch-"))
+    warning = raise_locked_memory_limit(os.environ.get("NCCL_NET"))
+    if warning:
+        print(f"dpo-trainer launch: WARNING: {warning}", file=sys.stderr, flush=True)
     _become_subreaper()
     child = subprocess.Popen(
-        command, start_new_session=True, env={**os.environ, ENV_LAUNCH_DIR: str(launch_dir)}
+        command, start_new_session=True, env=child_environment(dict(os.environ), launch_dir)
     )
 
     def forward(signum: int, frame: FrameType | None) -> None:

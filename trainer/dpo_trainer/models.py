@@ -1,7 +1,9 @@
 """Loading the policy, the optional separate reference, the tokenizer and the LoRA settings.
 
 With LoRA the reference is the policy with its adapter disabled, so no second copy is loaded.
-A separate frozen reference is loaded only when `model.reference` asks for one.
+A separate frozen reference is loaded only when `model.reference` asks for one. Hub ids and
+local paths go to `from_pretrained`; builtin models are built and object-store models
+downloaded to the local cache first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from dpo_trainer.builtin import builtin_model_path, is_builtin
 from dpo_trainer.config import BadInputError, LoraSettings, ModelRef
+from dpo_trainer.fetch import cached, download, is_remote, remote_entry
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,11 @@ def model_location(ref: ModelRef) -> str:
             return str(builtin_model_path(ref.name, cache_dir() / "models"))
         except KeyError as error:
             raise BadInputError(f"model.name: {error.args[0]}") from None
+    if is_remote(ref.name):
+        entry = remote_entry(ref.name, ref.revision)
+        return str(
+            cached(cache_dir() / "models", entry, lambda staging: download(ref.name, staging))
+        )
     return ref.name
 
 
@@ -43,10 +51,16 @@ def torch_dtype(mixed_precision: str) -> Any:
     return torch.float32
 
 
-def load_model(ref: ModelRef, *, trust_remote_code: bool, dtype: Any) -> Any:
+def load_model(
+    ref: ModelRef, *, trust_remote_code: bool, dtype: Any, device_map: str | None = None
+) -> Any:
+    """The model; `device_map="auto"` spreads its layers over every visible GPU."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, ref, trust_remote_code=trust_remote_code, dtype=dtype)
+    options: dict[str, Any] = {"device_map": device_map} if device_map else {}
+    return _load(
+        AutoModelForCausalLM, ref, trust_remote_code=trust_remote_code, dtype=dtype, **options
+    )
 
 
 def load_tokenizer(ref: ModelRef, *, trust_remote_code: bool) -> Any:

@@ -49,7 +49,9 @@ from dpo_trainer.distributed import (
     describe_run,
     keep_fsdp_on_cpu,
     parameters_digest,
-    require_devices,
+    peak_memory_bytes,
+    require_gpus,
+    state_bytes,
 )
 from dpo_trainer.metrics import PrometheusCallback
 from dpo_trainer.models import load_model, load_tokenizer, lora_config, torch_dtype
@@ -74,7 +76,10 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         return finished
 
     distributed = config.distributed
-    require_devices(distributed)
+    require_gpus(
+        distributed.nproc_per_node if distributed.device == "cuda" else 0,
+        "trainer.json (distributed.device: cuda)",
+    )
     # The first PartialState decides the process group for the whole process (a singleton); on
     # CPU only cpu=True makes it join the other ranks over gloo.
     state = PartialState(
@@ -111,7 +116,8 @@ def train(config: TrainerConfig) -> dict[str, Any]:
     )
     stopper = StopOnSignal()
     checked = CheckDistributed(distributed)
-    callbacks: list[TrainerCallback] = [checked, metrics, stopper, LogLines()]
+    measured = MeasureStates()
+    callbacks: list[TrainerCallback] = [checked, measured, metrics, stopper, LogLines()]
     trainer = _trainer(
         config, artifacts, policy, reference, tokenizer, train_rows, eval_rows, dtype, callbacks
     )
@@ -129,6 +135,7 @@ def train(config: TrainerConfig) -> dict[str, Any]:
             trainer,
             metrics,
             checked.ran,
+            measured.states,
             final_eval,
             train_report,
             eval_report,
@@ -296,6 +303,10 @@ def _trainer(
             callbacks=callbacks,
             **datasets,
         )
+    if config.training.precompute_ref_log_probs:
+        # Scored once: a separate reference is not kept for training (TRL frees only the copy
+        # it made itself).
+        trainer.ref_model = None
     # LogLines prints one readable line per log instead of the raw dict.
     trainer.remove_callback(PrinterCallback)
     for callback in callbacks:
@@ -355,6 +366,7 @@ def _finish(
     trainer: Any,
     metrics: PrometheusCallback,
     ran: DistributedRun,
+    states: dict[str, int],
     final_eval: dict[str, float],
     train_report: Any,
     eval_report: Any,
@@ -378,6 +390,8 @@ def _finish(
         "step": trainer.state.global_step,
         "worldSize": ran.world_size,
         "distributed": ran.model_dump(by_alias=True),
+        # Rank 0's model and optimizer states (its shards) and peak: the memory plan's check.
+        "memory": {**states, "peakBytes": peak_memory_bytes(ran.device)},
         "seconds": round(time.monotonic() - started, 3),
         "metrics": dict(metrics.latest),
         "eval": {k: v for k, v in final_eval.items() if isinstance(v, int | float)},
@@ -417,6 +431,26 @@ class NeedsAccelerator:
     """A callback that is handed the trainer's accelerator once the trainer exists."""
 
     accelerator: Any = None
+
+
+class MeasureStates(TrainerCallback):
+    """After the first optimizer step, when the optimizer's states exist: the bytes this rank
+    holds of parameters, trainable parameters and optimizer states."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, int] = {}
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        optimizer: Any = None,
+        **_: Any,
+    ) -> None:
+        if not self.states and optimizer is not None:
+            self.states = state_bytes(model, optimizer)
 
 
 class CheckDistributed(TrainerCallback, NeedsAccelerator):

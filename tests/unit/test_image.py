@@ -1,0 +1,71 @@
+"""The trainer image matches its wheels and carries what each network profile's NCCL_NET loads."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from dpo_operator.api import NetworkSpec
+from dpo_operator.network import network_pieces
+from dpo_trainer.config import ENV_LIBRARY_PATH
+
+from tests.conftest import REPO
+
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+CONSTRAINTS = (REPO / "constraints.txt").read_text()
+PROFILES = {
+    "tcp": {},
+    "infiniband": {},
+    "roce": {"secondaryNetworks": ["roce-a"]},
+    "efa": {},
+    "tcpxo": {"secondaryNetworks": [f"vpc{i}" for i in range(1, 9)]},
+}
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def trainer_stage() -> str:
+    return DOCKERFILE[DOCKERFILE.index("AS trainer") :]
+
+
+def test_the_base_image_cuda_is_not_older_than_the_torch_wheels() -> None:
+    cuda = re.search(r"^ARG CUDA_VERSION=(\d+\.\d+)", DOCKERFILE, re.MULTILINE)
+    base = re.search(r"^ARG TRAINER_BASE_IMAGE=nvidia/cuda:(\S+)", DOCKERFILE, re.MULTILINE)
+    wheel = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+\.\d+)", CONSTRAINTS, re.MULTILINE)
+    assert cuda is not None
+    assert base is not None
+    assert wheel is not None
+    assert base.group(1).startswith("${CUDA_VERSION}-"), "the base image follows CUDA_VERSION"
+    print(f"base image CUDA {cuda.group(1)}, torch wheels' CUDA runtime {wheel.group(1)}")
+    assert version(cuda.group(1)) >= version(wheel.group(1)), (
+        f"the trainer image's CUDA {cuda.group(1)} is older than the wheels' {wheel.group(1)}: "
+        "raise CUDA_VERSION in the Dockerfile"
+    )
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_pins_its_transport_and_the_image_carries_it(profile: str) -> None:
+    env = network_pieces(NetworkSpec.model_validate({"profile": profile, **PROFILES[profile]}), 8)
+    transport = env.env["NCCL_NET"]
+    image = trainer_stage()
+    carried = {
+        "Socket": [],
+        "IB": ["rdma-core", "ibverbs-providers", "libibverbs1"],
+        "AWS Libfabric": ["/opt/amazon/efa", "/opt/aws-ofi-nccl"],
+        # GKE mounts the plugin from the node; the launcher appends the directory.
+        "FasTrak": [],
+    }[transport]
+    assert all(piece in image for piece in carried), (profile, transport)
+    assert "LD_LIBRARY_PATH" not in env.env, "a pod env value would replace the image's path"
+    if transport == "FasTrak":
+        assert env.env[ENV_LIBRARY_PATH] == "/usr/local/nvidia/lib64"
+
+
+def test_the_image_appends_its_fabric_libraries_to_ld_library_path() -> None:
+    path = re.search(r"LD_LIBRARY_PATH=(\S+)", trainer_stage())
+    assert path is not None
+    parts = path.group(1).split(":")
+    assert parts[0] == "${LD_LIBRARY_PATH}", "appended to the base image's own path"
+    assert {"/opt/amazon/efa/lib", "/opt/aws-ofi-nccl/lib"} <= set(parts)

@@ -1,0 +1,202 @@
+"""The memory plan: sizes that must fit, the strategy `auto` picks, and jobs that fit nowhere."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+from dpo_operator.api import describe_errors, parse_dpojob
+from dpo_operator.plan import GIB, gpu_memory, model_shape, plan
+from dpo_operator.render import render_config_map, render_eval_job, trainer_config
+from dpo_trainer.config import ACCELERATE_CONFIG_FILE
+from pydantic import ValidationError
+
+from tests.conftest import job_with, minimal_manifest, set_fields
+
+H100 = {"gpuMemory": "80Gi"}
+
+
+def llama_job(model: str, nodes: int, lora: bool, **changes: Any) -> dict[str, Any]:
+    manifest = set_fields(
+        minimal_manifest(),
+        **{
+            "model.name": model,
+            "resources": {"nodes": nodes, "gpusPerNode": 8, **H100},
+            "peft.enabled": lora,
+            "dpo.maxLength": 2048,
+            "dpo.perDeviceBatchSize": 1,
+        },
+    )
+    return set_fields(manifest, **changes)
+
+
+def chosen(manifest: dict[str, Any]) -> tuple[str, int]:
+    result = plan(parse_dpojob(manifest).spec)
+    assert result.choice is not None
+    return result.choice.strategy, result.choice.shard
+
+
+def test_8b_lora_on_one_node_of_h100_replicates() -> None:
+    job = parse_dpojob(llama_job("meta-llama/Llama-3.1-8B-Instruct", 1, lora=True))
+    result = plan(job.spec)
+    assert result.shape is not None
+    assert result.shape.parameters == pytest.approx(8.03e9, rel=0.01)
+    assert chosen(llama_job("meta-llama/Llama-3.1-8B-Instruct", 1, lora=True)) == ("ddp", 1)
+    assert result.estimates[0].parts["reference"] == 0, "the base with the adapter disabled"
+
+
+def test_32b_full_finetune_on_two_nodes_with_precompute_fits_sharded() -> None:
+    manifest = llama_job(
+        "Qwen/Qwen2.5-32B-Instruct", 2, lora=False, **{"dpo.precomputeRefLogProbs": True}
+    )
+    strategy, _ = chosen(manifest)
+    assert strategy in ("hsdp", "fsdp")
+    result = plan(parse_dpojob(manifest).spec)
+    picked = next(e for e in result.estimates if e.layout == result.choice)
+    assert picked.fits
+    assert picked.parts["reference"] == 0, "precomputed: no reference while training"
+
+
+def test_70b_full_finetune_on_four_nodes_shards_beyond_one_node() -> None:
+    manifest = llama_job("s3://acme/llama-3.3-70b-sft", 4, lora=False)
+    strategy, shard = chosen(manifest)
+    print(f"70B full fine-tune on 4 x 8 H100: {strategy} over {shard} GPUs")
+    assert shard > 8, "one node's eight GPUs cannot hold 70B x 16 bytes"
+
+
+def test_70b_lora_on_two_nodes_shards_but_never_replicates_the_base() -> None:
+    strategy, shard = chosen(llama_job("meta-llama/Llama-3.1-70B-Instruct", 2, lora=True))
+    assert strategy != "ddp", "140 GB of bf16 base weights do not fit one GPU"
+    assert shard >= 8
+
+
+def test_70b_full_finetune_on_one_node_is_refused_naming_the_fixes() -> None:
+    with pytest.raises(ValidationError) as refused:
+        parse_dpojob(llama_job("meta-llama/Llama-3.1-70B-Instruct", 1, lora=False))
+    (message,) = describe_errors(refused.value)
+    print(message)
+    assert message.startswith("spec.resources: this 70.6B-parameter full fine-tune fits on no")
+    for fix in (
+        "resources.nodes: 3",
+        "peft.enabled: true",
+        "dpo.precomputeRefLogProbs: true",
+        "parallelism.cpuOffload: true",
+    ):
+        assert fix in message
+
+
+def test_a_full_finetune_never_keeps_an_unsharded_second_copy_that_does_not_fit() -> None:
+    manifest = llama_job("meta-llama/Llama-3.1-8B-Instruct", 1, lora=False)
+    replicated = set_fields(copy.deepcopy(manifest), **{"parallelism.strategy": "ddp"})
+    with pytest.raises(ValidationError) as refused:
+        parse_dpojob(replicated)
+    assert "fits on no strategy" in describe_errors(refused.value)[0]
+    strategy, _ = chosen(manifest)
+    result = plan(parse_dpojob(manifest).spec)
+    sharded = next(e for e in result.estimates if e.layout == result.choice)
+    assert strategy == "fsdp"
+    assert sharded.parts["reference"] == 2 * result.shape.parameters // 8  # type: ignore[union-attr]
+
+
+def test_a_shard_group_spans_as_many_nodes_as_it_must() -> None:
+    manifest = llama_job(
+        "s3://acme/custom-sft",
+        4,
+        lora=False,
+        **{"model.parameters": "45B", "dpo.precomputeRefLogProbs": True},
+    )
+    job = parse_dpojob(manifest)
+    assert chosen(manifest) == ("hsdp", 16)
+    accelerate = yaml.safe_load(render_config_map(job)["data"][ACCELERATE_CONFIG_FILE])
+    assert accelerate["parallelism_config"]["parallelism_config_dp_replicate_size"] == 2
+    assert accelerate["parallelism_config"]["parallelism_config_dp_shard_size"] == 16
+    distributed = trainer_config(job).distributed
+    assert distributed.shard_group_size == 16
+    assert distributed.mesh_shape == (2, 16)
+
+
+@pytest.mark.parametrize(
+    ("resources", "scheduling", "expected_gib", "source"),
+    [
+        ({"gpuMemory": "141Gi"}, {}, 141, "resources.gpuMemory"),
+        ({}, {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}, 40, "nvidia.com/gpu.product"),
+        ({}, {"cloud.google.com/gke-accelerator": "nvidia-h100-mega-80gb"}, 80, "gke-accelerator"),
+        ({}, {"node.kubernetes.io/instance-type": "p5en.48xlarge"}, 141, "instance-type"),
+    ],
+)
+def test_gpu_memory_comes_from_the_spec_or_a_known_product_label(
+    resources: dict[str, str], scheduling: dict[str, str], expected_gib: int, source: str
+) -> None:
+    job = job_with(
+        resources={"gpusPerNode": 8, **resources}, scheduling={"nodeSelector": scheduling}
+    )
+    memory = gpu_memory(job.spec)
+    assert memory is not None
+    assert memory.bytes == expected_gib * GIB
+    assert source in memory.source
+    assert not memory.assumed
+
+
+def test_unknown_gpus_are_assumed_and_never_refused() -> None:
+    manifest = set_fields(
+        llama_job("meta-llama/Llama-3.1-70B-Instruct", 1, lora=False),
+        resources={"nodes": 1, "gpusPerNode": 8},
+    )
+    job = parse_dpojob(manifest)  # B200s might hold it: nothing is refused on a guess
+    result = plan(job.spec)
+    assert result.gpu is not None
+    assert result.gpu.assumed
+    assert "set resources.gpuMemory" in result.reason
+
+
+def test_an_unknown_model_is_sized_by_spec_model_parameters() -> None:
+    unknown = job_with(model={"name": "s3://acme/our-model"}, resources={"gpusPerNode": 8})
+    assert model_shape(unknown.spec) is None
+    assert "set spec.model.parameters" in plan(unknown.spec).reason
+    sized = job_with(
+        model={"name": "s3://acme/our-model", "parameters": "13B"}, resources={"gpusPerNode": 8}
+    )
+    shape = model_shape(sized.spec)
+    assert shape is not None
+    assert shape.parameters == 13_000_000_000
+    assert "spec.model.parameters (13B)" in shape.source
+
+
+def test_a_bad_parameter_count_says_how_to_write_one() -> None:
+    manifest = set_fields(minimal_manifest(), **{"model.parameters": "seventy"})
+    with pytest.raises(ValidationError) as refused:
+        parse_dpojob(manifest)
+    assert describe_errors(refused.value) == [
+        "spec.model.parameters: 'seventy' is not a parameter count; write e.g. 70B, 8.03B, 500M "
+        "or 7615616512"
+    ]
+
+
+def test_the_gate_gets_the_gpus_its_bf16_weights_need_and_uses_them_all() -> None:
+    job = parse_dpojob(llama_job("s3://acme/llama-3.3-70b-sft", 4, lora=False))
+    container = render_eval_job(job, 1)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "3", "140 GB of bf16 weights"
+    assert container["resources"]["limits"]["memory"] == "173Gi"
+    gate = trainer_config(job).gate
+    assert gate is not None
+    assert gate.gpus == 3, "the scorer spreads the model over all of them"
+    override = set_fields(
+        llama_job("s3://acme/llama-3.3-70b-sft", 4, lora=False),
+        **{"evalGate.resources": {"gpus": 4, "memory": "300Gi"}},
+    )
+    limits = render_eval_job(parse_dpojob(override), 1)["spec"]["template"]["spec"]["containers"][
+        0
+    ]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": "4", "memory": "300Gi"}
+
+
+def test_a_model_no_node_can_hold_for_the_gate_is_refused() -> None:
+    manifest = llama_job(
+        "meta-llama/Llama-3.1-405B", 8, lora=True, **{"resources.gpuMemory": "40Gi"}
+    )
+    with pytest.raises(ValidationError) as refused:
+        parse_dpojob(manifest)
+    problems = describe_errors(refused.value)
+    assert any(p.startswith("spec.evalGate: holding the 405") for p in problems), problems
