@@ -1,12 +1,24 @@
-"""Benchmark: the operator on a real control plane with many DPOJobs.
+"""Benchmark: the operator on a real control plane with many DPOJobs, counted at the API server.
 
 Usage:
-    python tools/bench_operator.py [--jobs 200]
+    python tools/bench_operator.py [--jobs 200 1000]
 
-Starts etcd, kube-apiserver and kube-controller-manager (tests/cluster/control_plane.py), runs
-`dpo operator` as its own process, creates the DPOJobs at once and prints the time from create
-to training Job (p50/p99), reconcile time, API requests per DPOJob and the operator's peak
-memory. Needs the binaries of tools/build-control-plane.sh.
+For each count N: starts etcd, kube-apiserver and kube-controller-manager
+(tests/cluster/control_plane.py), runs `dpo operator` as its own process under its own user,
+creates N DPOJobs at once and plays kubelet for every pod, so that each DPOJob goes through its
+whole lifecycle (training, gate, promotion, Succeeded). It prints the operator's API requests
+per DPOJob lifecycle by verb (measured over the N, before the probes below), its memory with
+the DPOJobs and their children live, and the time from a DPOJob's create to its training Job:
+for the N created at once, and for 20 more created one at a time with the N live (the p50/p99
+of the final line). It ends with one line per N:
+
+    operator bench: jobs=N p50_s=… p99_s=… writes_per_job=… reads_per_job=… rss_mib=…
+
+Requests are counted by the kube-apiserver itself. Its `apiserver_request_total` has no label
+for the client, so the benchmark installs one API Priority and Fairness FlowSchema per verb
+that matches only the operator's user; `apiserver_flowcontrol_dispatched_requests_total` per
+FlowSchema then counts every request the operator made, kopf's own event posts included.
+Needs the binaries of tools/build-control-plane.sh.
 """
 
 from __future__ import annotations
@@ -15,41 +27,91 @@ import argparse
 import copy
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kubernetes import watch  # noqa: E402
+import yaml  # noqa: E402
+from kubernetes import client, watch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.cluster.control_plane import ControlPlane, free_port  # noqa: E402
-from tests.conftest import MINIMAL  # noqa: E402
+from tests.cluster.control_plane import OPERATOR_USER, ControlPlane, Kubelet, Operator  # noqa: E402
+from tests.conftest import example_manifest  # noqa: E402
+from tests.reports import GATE_PASSED, PROMOTED  # noqa: E402
 
 NAMESPACE = "bench"
+VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
+WRITES = ("create", "update", "patch", "delete", "deletecollection")
+FLOW_SCHEMA = "dpo-operator-{}"
+# How long a training pod runs before it succeeds: long enough for the operator to see it run.
+TRAINING_SECONDS = 2.0
+# DPOJobs created one at a time once all N are live, for the latency of the final line.
+PROBES = 20
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+def install_flow_schemas(plane: ControlPlane) -> None:
+    """One FlowSchema per verb for the operator's user, ahead of every built-in one but
+    `exempt`, so the API server counts the operator's requests by verb."""
+    subjects = [{"kind": "User", "user": {"name": OPERATOR_USER}}]
+    schemas = []
+    for verb in (*VERBS, "other"):
+        if verb == "other":  # discovery and other non-resource requests
+            rule: dict[str, object] = {
+                "subjects": subjects,
+                "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
+            }
+        else:
+            resources = {"apiGroups": ["*"], "resources": ["*"], "namespaces": ["*"]}
+            rule = {
+                "subjects": subjects,
+                "resourceRules": [{"verbs": [verb], "clusterScope": True, **resources}],
+            }
+        schemas.append(
+            {
+                "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+                "kind": "FlowSchema",
+                "metadata": {"name": FLOW_SCHEMA.format(verb)},
+                "spec": {
+                    "matchingPrecedence": 100,
+                    "priorityLevelConfiguration": {"name": "workload-high"},
+                    "distinguisherMethod": {"type": "ByUser"},
+                    "rules": [rule],
+                },
+            }
+        )
+    plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(schemas))
+
+
+def operator_requests(plane: ControlPlane) -> Counter[str]:
+    """The operator's requests so far, by verb, as the API server counted them."""
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(plane.apiserver_metrics()):
+        if family.name != "apiserver_flowcontrol_dispatched_requests":
+            continue
         for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
+            schema = sample.labels.get("flow_schema", "")
+            if sample.name.endswith("_total") and schema.startswith("dpo-operator-"):
+                counts[schema.removeprefix("dpo-operator-")] += int(sample.value)
+    return counts
 
 
-def peak_rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -57,99 +119,179 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=200)
-    args = parser.parse_args()
+class PodPlayer:
+    """Plays kubelet for every pod in the namespace: training pods run, then succeed; the gate
+    passes; the promotion succeeds."""
 
+    def __init__(self, plane: ControlPlane) -> None:
+        self.kubelet = Kubelet(plane)
+        self.core = plane.core()
+        self.pool = ThreadPoolExecutor(max_workers=8)
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        seen: set[str] = set()
+        for event in watch.Watch().stream(
+            self.core.list_namespaced_pod, NAMESPACE, timeout_seconds=1800
+        ):
+            pod = event["object"]
+            if event["type"] != "ADDED" or pod.metadata.name in seen:
+                continue
+            seen.add(pod.metadata.name)
+            self.pool.submit(self._play, pod)
+
+    def _play(self, pod: client.V1Pod) -> None:
+        component = pod.metadata.labels["app.kubernetes.io/component"]
+        if component == "train":
+            self.kubelet.running(pod)
+            time.sleep(TRAINING_SECONDS)
+        self.kubelet.succeeded(
+            pod, {"train": "", "eval": GATE_PASSED, "promote": PROMOTED}[component]
+        )
+
+
+def bench(jobs: int) -> str:
     plane = ControlPlane.start(Path(tempfile.mkdtemp(prefix="dpo-bench-")))
     operator = None
     try:
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "dpojob.yaml"))
         plane.kubectl("wait", "--for=condition=Established", "crd/dpojobs.dpo.dev")
         plane.kubectl("create", "namespace", NAMESPACE)
-        metrics_port = free_port()
-        operator = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "dpo"),
-                "operator",
-                "--all-namespaces",
-                "--metrics-port",
-                str(metrics_port),
-                "--liveness-port",
-                str(free_port()),
-            ],
-            env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)},
-            stdout=(plane.workdir / "operator.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        time.sleep(3)  # kopf starts its watches
+        install_flow_schemas(plane)
+        operator = Operator(plane).start()
+        time.sleep(5)  # kopf lists and starts its watches
+        assert operator.process is not None
+        if operator.process.poll() is not None:
+            raise RuntimeError(f"the operator exited: {operator.log.read_text()[-2000:]}")
 
-        created: dict[str, float] = {}
         first_job: dict[str, float] = {}
-        done = threading.Event()
+        succeeded: set[str] = set()
+        all_trained, all_done = threading.Event(), threading.Event()
 
-        def watch_jobs() -> None:
-            stream = watch.Watch().stream(
-                plane.batch().list_namespaced_job, NAMESPACE, timeout_seconds=600
-            )
-            for event in stream:
+        def follow_jobs() -> None:
+            for event in watch.Watch().stream(
+                plane.batch().list_namespaced_job, NAMESPACE, timeout_seconds=1800
+            ):
                 labels = event["object"].metadata.labels or {}
                 owner = labels.get("dpo.dev/job-name")
                 if labels.get("app.kubernetes.io/component") == "train" and owner not in first_job:
                     first_job[owner] = time.monotonic()
-                    if len(first_job) >= args.jobs:
-                        done.set()
-                        return
+                    if len(first_job) >= jobs:
+                        all_trained.set()
 
-        threading.Thread(target=watch_jobs, daemon=True).start()
-        before = scrape(metrics_port)
-        custom = __import__("kubernetes").client.CustomObjectsApi(plane.api_client())
+        custom = client.CustomObjectsApi(plane.api_client())
+
+        def follow_dpojobs() -> None:
+            for event in watch.Watch().stream(
+                custom.list_namespaced_custom_object,
+                "dpo.dev",
+                "v1alpha1",
+                NAMESPACE,
+                "dpojobs",
+                timeout_seconds=1800,
+            ):
+                body = event["object"]
+                if (body.get("status") or {}).get("phase") == "Succeeded":
+                    succeeded.add(body["metadata"]["name"])
+                    if len(succeeded) >= jobs:
+                        all_done.set()
+
+        threading.Thread(target=follow_jobs, daemon=True).start()
+        threading.Thread(target=follow_dpojobs, daemon=True).start()
+        PodPlayer(plane)
+        before = operator_requests(plane)
+        created: dict[str, float] = {}
         started = time.monotonic()
-        for index in range(args.jobs):
-            manifest = copy.deepcopy(MINIMAL)
+        quickstart = example_manifest("quickstart")  # trains, gates and promotes
+        for index in range(jobs):
+            manifest = copy.deepcopy(quickstart)
             manifest["metadata"] = {"name": f"job-{index:04d}", "namespace": NAMESPACE}
             custom.create_namespaced_custom_object(
                 "dpo.dev", "v1alpha1", NAMESPACE, "dpojobs", manifest
             )
             created[f"job-{index:04d}"] = time.monotonic()
         create_seconds = time.monotonic() - started
-        if not done.wait(timeout=600):
-            print(f"only {len(first_job)} of {args.jobs} training Jobs appeared", file=sys.stderr)
-        time.sleep(20)  # let timers and follow-up events settle into steady state
-        after = scrape(metrics_port)
+        if not all_trained.wait(timeout=900):
+            print(f"only {len(first_job)} of {jobs} training Jobs appeared", file=sys.stderr)
+        if not all_done.wait(timeout=1800):
+            print(f"only {len(succeeded)} of {jobs} DPOJobs Succeeded", file=sys.stderr)
+        lifecycle_seconds = time.monotonic() - started
+        time.sleep(10)  # late events and follow-up reconciles settle
+        after = operator_requests(plane)
+        burst = [first_job[name] - created[name] for name in created if name in first_job]
 
-        latencies = [first_job[name] - created[name] for name in created if name in first_job]
-        reconciles = after["dpo_operator_reconcile_seconds_count"] - before.get(
-            "dpo_operator_reconcile_seconds_count", 0
-        )
-        reconcile_time = after["dpo_operator_reconcile_seconds_sum"] - before.get(
-            "dpo_operator_reconcile_seconds_sum", 0
-        )
-        requests = after["dpo_operator_api_requests_total"] - before.get(
-            "dpo_operator_api_requests_total", 0
+        # With all N live, new DPOJobs one at a time: how fast the operator answers one.
+        probes: list[float] = []
+        for index in range(PROBES):
+            name = f"probe-{index:02d}"
+            manifest = copy.deepcopy(quickstart)
+            manifest["metadata"] = {"name": name, "namespace": NAMESPACE}
+            sent = time.monotonic()
+            custom.create_namespaced_custom_object(
+                "dpo.dev", "v1alpha1", NAMESPACE, "dpojobs", manifest
+            )
+            while name not in first_job and time.monotonic() - sent < 60:
+                time.sleep(0.01)
+            probes.append(first_job.get(name, float("inf")) - sent)
+            time.sleep(0.5)
+        rss = rss_mib(operator.process.pid, "VmRSS")
+        cpu = {
+            Path(str(process.args[0])).name: cpu_seconds(process.pid)
+            for process in [operator.process, *plane.processes]
+        }
+        peak = rss_mib(operator.process.pid, "VmHWM")
+
+        requests = after - before
+        writes = sum(requests[verb] for verb in WRITES) / jobs
+        reads = sum(requests[verb] for verb in ("get", "list", "watch")) / jobs
+        print(
+            f"\n{jobs} DPOJobs created in {create_seconds:.1f}s; {len(succeeded)} Succeeded "
+            f"after {lifecycle_seconds:.0f}s (2 CPUs shared by etcd, apiserver, "
+            "controller-manager, operator and this script)"
         )
         print(
-            f"\n{args.jobs} DPOJobs created in {create_seconds:.1f}s "
-            f"(Kubernetes {os.environ.get('K8S_VERSION', 'v1.37.2')}, 2 CPUs shared by "
-            "etcd, apiserver, controller-manager and operator)"
+            f"create -> training Job, all {jobs} created at once: "
+            f"p50 {statistics.median(burst):.2f}s  p99 {percentile(burst, 0.99):.2f}s  "
+            f"max {max(burst):.2f}s  ({len(burst)}/{jobs} seen)"
         )
         print(
-            f"create -> training Job  p50 {statistics.median(latencies):.2f}s  "
-            f"p99 {percentile(latencies, 0.99):.2f}s  max {max(latencies):.2f}s  "
-            f"({len(latencies)}/{args.jobs} seen)"
+            f"create -> training Job, one at a time with {jobs} live: "
+            f"p50 {statistics.median(probes):.3f}s  p99 {percentile(probes, 0.99):.3f}s  "
+            f"({PROBES} DPOJobs)"
         )
-        mean_ms = reconcile_time / reconciles * 1000
-        print(f"reconciles              {reconciles:.0f}  mean {mean_ms:.1f} ms")
+        by_verb = "  ".join(f"{verb} {requests[verb] / jobs:.2f}" for verb in (*VERBS, "other"))
+        print(f"operator requests / DPOJob lifecycle, by verb: {by_verb}")
+        reasons = Counter(
+            event.reason
+            for event in plane.core().list_namespaced_event(NAMESPACE).items
+            if event.involved_object.kind == "DPOJob"
+        )
         print(
-            f"API requests / DPOJob   {requests / args.jobs:.1f} (reconciles; kopf's watches "
-            "and annotation patches not counted)"
+            "Events / DPOJob: "
+            + "  ".join(f"{reason} {count / jobs:.2f}" for reason, count in sorted(reasons.items()))
         )
-        print(f"operator peak memory    {peak_rss_mib(operator.pid):.0f} MiB")
+        print(f"operator memory with {jobs} DPOJobs live: {rss:.0f} MiB (peak {peak:.0f} MiB)")
+        print("CPU seconds: " + "  ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))
+        return (
+            f"operator bench: jobs={jobs} p50_s={statistics.median(probes):.3f} "
+            f"p99_s={percentile(probes, 0.99):.3f} writes_per_job={writes:.2f} "
+            f"reads_per_job={reads:.2f} rss_mib={rss:.0f}"
+        )
     finally:
         if operator is not None:
             operator.kill()
         plane.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, nargs="+", default=[200, 1000])
+    args = parser.parse_args()
+    lines = [bench(jobs) for jobs in args.jobs]
+    print()
+    for line in lines:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,26 @@
 """The DPOJob API (dpo.dev/v1alpha1): spec and status as pydantic models.
 
 The CRD's OpenAPI schema is generated from these models (`dpo_operator.crd`). Each cross-field
-rule lives twice, side by side: as a pydantic validator (for `dpo validate`, `dpo run` and the
-operator) and as a CEL `x-kubernetes-validations` rule (so `kubectl apply` rejects it too).
+rule is written once, in CEL, next to the model it governs (`Rule`): the CRD carries it, so
+`kubectl apply` refuses a manifest that breaks it, and the model evaluates the same expression,
+so `dpo validate`, `dpo run` and the operator refuse it with the same message. Only the memory
+plan (`dpo_operator.plan`), arithmetic CEL cannot do, is checked here alone.
 
-kopf keeps its own progress and diff-base in annotations (see `handlers`), never in `status`:
-the status schema below is strict and the API server prunes any field it does not declare.
+The status schema below is strict: the API server prunes any field it does not declare.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
+import celpy
+from celpy import celtypes
+from celpy.adapter import json_to_cel
 from dpo_trainer.config import (
     ENV_JOB,
     ENV_MASTER_ADDR,
@@ -24,7 +30,6 @@ from dpo_trainer.config import (
     ENV_NNODES,
     ENV_NODE_RANK,
     ENV_NPROC_PER_NODE,
-    SIMPO,
     ColumnMapping,
     ContractModel,
     DataFormat,
@@ -39,6 +44,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -46,7 +52,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, ErrorDetails
 
 GROUP = "dpo.dev"
 VERSION = "v1alpha1"
@@ -207,15 +214,86 @@ REMOVED_FIELDS = {
 }
 
 
-def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    validation = {"rule": rule, "message": message}
-    if field_path:
-        validation["fieldPath"] = field_path
-    return validation
+# Validation context keys: skip the cross-field rules (and the plan), or the memory plan alone.
+WITHOUT_RULES = "withoutRules"
+WITHOUT_MEMORY_PLAN = "withoutMemoryPlan"
 
 
-def _validations(*rules: dict[str, str]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": list(rules)}
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, written once, in CEL.
+
+    The CRD carries it (`x-kubernetes-validations`), so the API server refuses a manifest that
+    breaks it; the model it belongs to evaluates the same expression with cel-python, so `dpo
+    validate`, `dpo run` and the operator refuse the same manifests with the same message.
+    `quoting` is an optional CEL string expression (the API server's messageExpression) that
+    says `message` with the values at fault; the API server estimates its cost, so it only quotes
+    fields of bounded size. A transition rule compares with the stored object (`oldSelf`): only
+    the API server, which has it, can check it.
+    """
+
+    rule: str
+    message: str
+    field_path: str = ""
+    quoting: str | None = None
+    transition: bool = False
+
+    def validation(self) -> dict[str, str]:
+        """The rule as the CRD writes it."""
+        entry = {"rule": self.rule, "message": self.message}
+        if self.quoting:
+            entry["messageExpression"] = self.quoting
+        if self.field_path:
+            entry["fieldPath"] = self.field_path
+        return entry
+
+    def check(self, activation: dict[str, Any]) -> str | None:
+        """The message when the rule does not hold for `activation` (the document as CEL
+        values, `self`), else None."""
+        if _program(self.rule).evaluate(activation):
+            return None
+        message = str(_program(self.quoting).evaluate(activation)) if self.quoting else self.message
+        return f"{self.field_path.lstrip('.')}: {message}" if self.field_path else message
+
+
+def _join(items: Any, separator: Any = "") -> Any:
+    """Kubernetes' CEL `join` (its strings extension), which cel-python lacks."""
+    return celtypes.StringType(str(separator).join(str(item) for item in items))
+
+
+@functools.cache
+def _program(expression: str) -> Any:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(expression), functions={"join": _join})
+
+
+class RuledModel(ContractModel):
+    """A model with cross-field rules: each is a `Rule`, checked here and by the API server."""
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        if cls.rules:
+            target = handler.resolve_ref_schema(schema)
+            target["x-kubernetes-validations"] = [rule.validation() for rule in cls.rules]
+        return schema
+
+    @model_validator(mode="after")
+    def _rules_hold(self, info: ValidationInfo) -> Self:
+        checked = [rule for rule in type(self).rules if not rule.transition]
+        if not checked or (info.context or {}).get(WITHOUT_RULES):
+            return self
+        document = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        activation = {"self": json_to_cel(document)}
+        problems = [p for rule in checked if (p := rule.check(activation)) is not None]
+        if problems:
+            # One line per problem, each led by its path below this model: see describe_errors.
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class ObjectMeta(BaseModel):
@@ -223,24 +301,12 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    name: str = Field(max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    name: str  # checked by a DPOJob rule (metadata has no schema in a CRD)
     namespace: str = "default"
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _explain_name(cls, value: object) -> object:
-        if isinstance(value, str) and (
-            len(value) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, value)
-        ):
-            raise ValueError(
-                f"{value!r} must be at most {MAX_NAME_LENGTH} lowercase letters, digits and '-', "
-                "starting with a letter (it names the pods' hostnames); rename the DPOJob"
-            )
-        return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,11 +347,22 @@ class ModelSpec(ContractModel):
         return value
 
 
+class DataSourceSpec(DataSource, RuledModel):
+    """Preference pairs: a hub dataset (`name` + `split`) or jsonl/parquet files (`uri`)."""
+
+    rules = (
+        Rule(
+            "has(self.name) != has(self.uri)",
+            "set exactly one of name (a hub dataset) or uri (jsonl/parquet files)",
+        ),
+    )
+
+
 class DataSpec(ContractModel):
     """Preference pairs (prompt, chosen, rejected) to train and evaluate on."""
 
-    train: DataSource = Field(description="Training pairs.")
-    eval: DataSource | None = Field(
+    train: DataSourceSpec = Field(description="Training pairs.")
+    eval: DataSourceSpec | None = Field(
         default=None, description="Held-out pairs for evaluation logs and, by default, the gate."
     )
     format: DataFormat = Field(
@@ -297,31 +374,30 @@ class DataSpec(ContractModel):
     )
 
 
-_SIMPO_ALONE = _cel(
-    "!has(self.lossType) || !('simpo' in self.lossType) || size(self.lossType) == 1",
-    "simpo is reference-free and runs through TRL's CPO trainer: it cannot be combined with "
-    "other loss types",
-    ".lossType",
-)
-_WEIGHTS_MATCH = _cel(
-    "!has(self.lossWeights) || !has(self.lossType) || "
-    "size(self.lossWeights) == size(self.lossType)",
-    "lossWeights needs one weight per entry of lossType",
-    ".lossWeights",
-)
-_SIMPO_NO_PRECOMPUTE = _cel(
-    "!has(self.lossType) || !('simpo' in self.lossType) || !has(self.precomputeRefLogProbs) || "
-    "!self.precomputeRefLogProbs",
-    "simpo uses no reference model, so there are no reference log-probs to precompute",
-    ".precomputeRefLogProbs",
-)
-
-
-class DPOSpec(ContractModel):
+class DPOSpec(RuledModel):
     """DPO hyper-parameters (TRL DPOConfig; CPOConfig for simpo)."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(_SIMPO_ALONE, _WEIGHTS_MATCH, _SIMPO_NO_PRECOMPUTE)
+    rules = (
+        Rule(
+            "!has(self.lossType) || !('simpo' in self.lossType) || size(self.lossType) == 1",
+            "simpo is reference-free and runs through TRL's CPO trainer: it cannot be combined "
+            "with other loss types",
+            ".lossType",
+            quoting="'simpo is reference-free and runs through TRL\\'s CPO trainer: it cannot be "
+            "combined with other loss types, got ' + self.lossType.join(', ')",
+        ),
+        Rule(
+            "!has(self.lossWeights) || !has(self.lossType) || "
+            "size(self.lossWeights) == size(self.lossType)",
+            "needs as many entries as lossType: give one weight per loss type",
+            ".lossWeights",
+        ),
+        Rule(
+            "!has(self.lossType) || !('simpo' in self.lossType) || "
+            "!has(self.precomputeRefLogProbs) || !self.precomputeRefLogProbs",
+            "simpo uses no reference model, so there are no reference log-probs to precompute",
+            ".precomputeRefLogProbs",
+        ),
     )
 
     beta: float = Field(
@@ -401,22 +477,6 @@ class DPOSpec(ContractModel):
             )
         return extra
 
-    @model_validator(mode="after")
-    def _loss_combination(self) -> DPOSpec:
-        problems: list[str] = []
-        if SIMPO in self.loss_type and len(self.loss_type) > 1:
-            problems.append(f"lossType: {_SIMPO_ALONE['message']}, got {self.loss_type}")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            problems.append(
-                f"lossWeights: has {len(self.loss_weights)} entries but lossType has "
-                f"{len(self.loss_type)}; give one weight per loss type"
-            )
-        if SIMPO in self.loss_type and self.precompute_ref_log_probs:
-            problems.append(f"precomputeRefLogProbs: {_SIMPO_NO_PRECOMPUTE['message']}")
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
 
 class PeftSpec(LoraSettings):
     """LoRA adapter training; disabled means a full fine-tune."""
@@ -482,24 +542,25 @@ class ParallelismSpec(ContractModel):
 NetworkProfile = Literal["tcp", "infiniband", "roce", "efa", "tcpxo"]
 
 
-class NetworkSpec(ContractModel):
+class NetworkSpec(RuledModel):
     """The fabric between nodes; each profile sets the NCCL variables and pod pieces it needs."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(
-            _cel(
-                "!has(self.profile) || !(self.profile in ['roce', 'tcpxo']) || "
-                "(has(self.secondaryNetworks) && size(self.secondaryNetworks) > 0)",
-                "roce and tcpxo need secondaryNetworks: the Multus attachments (roce) or GKE "
-                "networks (tcpxo) of the GPU NICs",
-                ".secondaryNetworks",
-            ),
-            _cel(
-                f"!has(self.env) || self.env.all(name, name.matches('{ENV_NAME_PATTERN}'))",
-                "env keys must be environment variable names",
-                ".env",
-            ),
-        )
+    rules = (
+        Rule(
+            "!has(self.profile) || !(self.profile in ['roce', 'tcpxo']) || "
+            "(has(self.secondaryNetworks) && size(self.secondaryNetworks) > 0)",
+            "roce and tcpxo need them: list the Multus attachments (roce) or GKE networks (tcpxo) "
+            "of the GPU NICs",
+            ".secondaryNetworks",
+            quoting="'profile ' + self.profile + ' needs them: list the Multus attachments (roce) "
+            "or GKE networks (tcpxo) of the GPU NICs'",
+        ),
+        Rule(
+            f"!has(self.env) || self.env.all(name, name.matches('{ENV_NAME_PATTERN}'))",
+            "keys must be environment variable names: letters, digits, '_', '-' and '.', not "
+            "starting with a digit",
+            ".env",
+        ),
     )
 
     profile: NetworkProfile = Field(
@@ -540,26 +601,6 @@ class NetworkSpec(ContractModel):
         "(the Trainer's ddp_timeout; NCCL itself has no timeout variable).",
     )
 
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        bad = sorted(name for name in env if not re.match(ENV_NAME_PATTERN, name))
-        if bad:
-            raise ValueError(
-                f"{', '.join(bad)} are not environment variable names; use letters, digits, "
-                "'_', '-' and '.', not starting with a digit"
-            )
-        return env
-
-    @model_validator(mode="after")
-    def _secondary_networks(self) -> NetworkSpec:
-        if self.profile in ("roce", "tcpxo") and not self.secondary_networks:
-            raise ValueError(
-                f"secondaryNetworks: profile {self.profile} needs them; list the Multus "
-                "attachments (roce) or GKE networks (tcpxo) of the GPU NICs"
-            )
-        return self
-
 
 class PodResources(ContractModel):
     """Resources of a single-pod Job; unset values follow spec.resources."""
@@ -580,10 +621,10 @@ class EvalGateSpec(ContractModel):
     """The held-out gate: an adapter is promoted only if every set threshold holds."""
 
     enabled: bool = Field(default=True, description="Run the gate after training.")
-    data: DataSource | None = Field(
+    data: DataSourceSpec | None = Field(
         default=None, description="Held-out pairs for the gate (default: spec.data.eval)."
     )
-    anchor_data: DataSource | None = Field(
+    anchor_data: DataSourceSpec | None = Field(
         default=None,
         description="Texts for the drift check (default: the held-out chosen responses).",
     )
@@ -748,61 +789,68 @@ _IMMUTABLE_AFTER_START = (
     "output",
 )
 
-_SPEC_RULES = (
-    _cel(
-        "self.parallelism.strategy != 'hsdp' || self.resources.nodes > 1",
-        "hsdp replicates across nodes and needs resources.nodes > 1; use fsdp on one node",
-        ".parallelism.strategy",
-    ),
-    _cel(
-        "self.parallelism.strategy != 'hsdp' || self.resources.gpusPerNode > 1",
-        "hsdp shards inside a node and needs resources.gpusPerNode >= 2; use ddp otherwise",
-        ".parallelism.strategy",
-    ),
-    _cel(
-        "!(self.parallelism.strategy in ['fsdp', 'hsdp']) || self.resources.gpusPerNode > 0",
-        "fsdp and hsdp shard over GPUs: set resources.gpusPerNode >= 1 or use ddp on CPU",
-        ".parallelism.strategy",
-    ),
-    _cel(
-        "self.network.profile == 'tcp' || self.resources.gpusPerNode > 0",
-        "RDMA network profiles move GPU memory: set resources.gpusPerNode >= 1 or use tcp",
-        ".network.profile",
-    ),
-    _cel(
-        "!self.evalGate.enabled || has(self.data.eval) || has(self.evalGate.data)",
-        "the eval gate needs held-out pairs: set data.eval or evalGate.data",
-        ".evalGate",
-    ),
-    _cel(
-        "!has(self.promotion) || self.evalGate.enabled",
-        "nothing is promoted without a gate: enable evalGate or remove promotion",
-        ".promotion",
-    ),
-    _cel(
-        "!self.evalGate.mustBeatPromoted || has(self.promotion)",
-        "evalGate.mustBeatPromoted compares with the promoted adapter: set promotion.target",
-        ".evalGate.mustBeatPromoted",
-    ),
-    _cel(
-        "!('simpo' in self.dpo.lossType) || !has(self.model.reference)",
-        "simpo is reference-free: remove model.reference",
-        ".model.reference",
-    ),
-    _cel(
-        "!has(self.env) || self.env.all(e, !(e.name in "
-        + str(list(RESERVED_ENV)).replace('"', "'")
-        + "))",
-        "env may not set the pod contract's variables (" + ", ".join(RESERVED_ENV) + ")",
-        ".env",
-    ),
-)
+_RESERVED_ENV_LIST = "[" + ", ".join(f"'{name}'" for name in RESERVED_ENV) + "]"
 
 
-class DPOJobSpec(ContractModel):
+class DPOJobSpec(RuledModel):
     """What to train, on what, on how many machines, and where it goes."""
 
-    model_config = ConfigDict(json_schema_extra=_validations(*_SPEC_RULES))
+    rules = (
+        Rule(
+            "self.parallelism.strategy != 'hsdp' || self.resources.nodes > 1",
+            "hsdp replicates across nodes and needs resources.nodes > 1; use fsdp on one node",
+            ".parallelism.strategy",
+        ),
+        Rule(
+            "self.parallelism.strategy != 'hsdp' || self.resources.gpusPerNode > 1",
+            "hsdp shards inside a node and needs resources.gpusPerNode >= 2; use ddp otherwise",
+            ".parallelism.strategy",
+        ),
+        Rule(
+            "!(self.parallelism.strategy in ['fsdp', 'hsdp']) || self.resources.gpusPerNode > 0",
+            "fsdp and hsdp shard over GPUs but resources.gpusPerNode is 0; set it >= 1 or use "
+            "ddp on CPU",
+            ".parallelism.strategy",
+            quoting="self.parallelism.strategy + ' shards over GPUs but resources.gpusPerNode is "
+            "0; set it >= 1 or use ddp on CPU'",
+        ),
+        Rule(
+            "self.network.profile == 'tcp' || self.resources.gpusPerNode > 0",
+            "RDMA network profiles move GPU memory but resources.gpusPerNode is 0; set it >= 1 "
+            "or use tcp",
+            ".network.profile",
+            quoting="self.network.profile + ' moves GPU memory over RDMA but "
+            "resources.gpusPerNode is 0; set it >= 1 or use tcp'",
+        ),
+        Rule(
+            "!self.evalGate.enabled || has(self.data.eval) || has(self.evalGate.data)",
+            "the gate needs held-out pairs; set data.eval or evalGate.data (or evalGate.enabled: "
+            "false, which also rules out promotion)",
+            ".evalGate",
+        ),
+        Rule(
+            "!has(self.promotion) || self.evalGate.enabled",
+            "nothing is promoted without a gate; enable evalGate or remove promotion",
+            ".promotion",
+        ),
+        Rule(
+            "!self.evalGate.mustBeatPromoted || has(self.promotion)",
+            "compares with the promoted adapter; set promotion.target",
+            ".evalGate.mustBeatPromoted",
+        ),
+        Rule(
+            "!('simpo' in self.dpo.lossType) || !has(self.model.reference)",
+            "simpo is reference-free; remove model.reference",
+            ".model.reference",
+        ),
+        Rule(
+            f"!has(self.env) || self.env.all(e, !(e.name in {_RESERVED_ENV_LIST}))",
+            "may not set the pod contract's variables, which are set by the operator ("
+            + ", ".join(RESERVED_ENV)
+            + "); remove them",
+            ".env",
+        ),
+    )
 
     model: ModelSpec
     data: DataSpec
@@ -835,60 +883,15 @@ class DPOJobSpec(ContractModel):
     )
 
     @model_validator(mode="after")
-    def _cross_field_rules(self, info: ValidationInfo) -> DPOJobSpec:
-        strategy = self.parallelism.strategy
-        nodes, gpus = self.resources.nodes, self.resources.gpus_per_node
-        problems: list[str] = []
-        if strategy == "hsdp" and nodes < 2:
-            problems.append(
-                f"parallelism.strategy: hsdp replicates across nodes and needs resources.nodes "
-                f"> 1, got {nodes}; use fsdp on one node"
-            )
-        if strategy == "hsdp" and gpus < 2:
-            problems.append(
-                f"parallelism.strategy: hsdp shards inside a node and needs "
-                f"resources.gpusPerNode >= 2, got {gpus}; use ddp otherwise"
-            )
-        if strategy in ("fsdp", "hsdp") and gpus == 0:
-            problems.append(
-                f"parallelism.strategy: {strategy} shards over GPUs but resources.gpusPerNode is "
-                "0; set it >= 1 or use ddp on CPU"
-            )
-        if self.network.profile != "tcp" and gpus == 0:
-            problems.append(
-                f"network.profile: {self.network.profile} moves GPU memory over RDMA but "
-                "resources.gpusPerNode is 0; set it >= 1 or use tcp"
-            )
-        if self.eval_gate.enabled and self.data.eval is None and self.eval_gate.data is None:
-            problems.append(
-                "evalGate: the gate needs held-out pairs; set data.eval or evalGate.data "
-                "(or evalGate.enabled: false, which also rules out promotion)"
-            )
-        if self.promotion is not None and not self.eval_gate.enabled:
-            problems.append(
-                "promotion: nothing is promoted without a gate; enable evalGate or remove promotion"
-            )
-        if self.eval_gate.must_beat_promoted and self.promotion is None:
-            problems.append(
-                "evalGate.mustBeatPromoted: compares with the promoted adapter; set "
-                "promotion.target"
-            )
-        if SIMPO in self.dpo.loss_type and self.model.reference is not None:
-            problems.append("model.reference: simpo is reference-free; remove model.reference")
-        reserved = sorted({e.name for e in self.env}.intersection(RESERVED_ENV))
-        if reserved:
-            problems.append(
-                f"env: {', '.join(reserved)} belong to the pod contract and are set by the "
-                "operator; remove them"
-            )
-        if not problems and not (info.context or {}).get(WITHOUT_MEMORY_PLAN):
-            # Memory arithmetic the API server's CEL cannot do: `dpo validate`, `dpo run` and the
-            # operator check it (imported here: the planner reads these models).
-            from dpo_operator.plan import plan
+    def _fits_in_memory(self, info: ValidationInfo) -> DPOJobSpec:
+        """Memory arithmetic CEL cannot do: `dpo validate`, `dpo run` and the operator check it
+        after every rule held (the planner, imported here, reads these models)."""
+        if (info.context or {}).get(WITHOUT_MEMORY_PLAN) or (info.context or {}).get(WITHOUT_RULES):
+            return self
+        from dpo_operator.plan import plan
 
-            problems += plan(self).problems
+        problems = plan(self).problems
         if problems:
-            # One line per problem, each led by its path below spec: see describe_errors.
             raise ValueError("\n".join(problems))
         return self
 
@@ -983,28 +986,26 @@ class DPOJobStatus(ContractModel):
     promotion: PromotionStatus | None = None
 
 
-_ROOT_RULES = (
-    _cel(
-        f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
-        f"self.metadata.name.matches('{NAME_PATTERN}')",
-        f"metadata.name must be at most {MAX_NAME_LENGTH} lowercase letters, digits and '-', "
-        "starting with a letter: it names the pods' hostnames",
-    ),
-    _cel(
-        "!has(oldSelf.status) || !has(oldSelf.status.startTime) || ("
-        + " && ".join(f"self.spec.{f} == oldSelf.spec.{f}" for f in _IMMUTABLE_AFTER_START)
-        + ")",
-        "spec."
-        + ", spec.".join(_IMMUTABLE_AFTER_START)
-        + " cannot change once training has started; create a new DPOJob instead",
-    ),
-)
-
-
-class DPOJob(ContractModel):
+class DPOJob(RuledModel):
     """DPOJob runs Direct Preference Optimization fine-tuning, gates and promotes the result."""
 
-    model_config = ConfigDict(json_schema_extra=_validations(*_ROOT_RULES))
+    rules = (
+        Rule(
+            f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+            f"self.metadata.name.matches('{NAME_PATTERN}')",
+            f"metadata.name: must be at most {MAX_NAME_LENGTH} lowercase letters, digits and '-', "
+            "starting with a letter (it names the pods' hostnames); rename the DPOJob",
+        ),
+        Rule(
+            "!has(oldSelf.status) || !has(oldSelf.status.startTime) || ("
+            + " && ".join(f"self.spec.{f} == oldSelf.spec.{f}" for f in _IMMUTABLE_AFTER_START)
+            + ")",
+            "spec."
+            + ", spec.".join(_IMMUTABLE_AFTER_START)
+            + " cannot change once training has started; create a new DPOJob instead",
+            transition=True,
+        ),
+    )
 
     api_version: Literal["dpo.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["DPOJob"]
@@ -1025,13 +1026,17 @@ class DPOJob(ContractModel):
 # errors users can act on
 
 
-# Validation context: skip the memory plan's check (`dpo plan` shows a job that fits nowhere).
-WITHOUT_MEMORY_PLAN = "withoutMemoryPlan"
+def parse_dpojob(
+    manifest: object, *, check_memory: bool = True, check_rules: bool = True
+) -> DPOJob:
+    """Validate a manifest (a dict from YAML/JSON or the API server) into a DPOJob.
 
-
-def parse_dpojob(manifest: object, *, check_memory: bool = True) -> DPOJob:
-    """Validate a manifest (a dict from YAML/JSON or the API server) into a DPOJob."""
-    return DPOJob.model_validate(manifest, context={WITHOUT_MEMORY_PLAN: not check_memory})
+    `check_memory=False` skips the memory plan (`dpo plan` shows a job that fits nowhere);
+    `check_rules=False` skips the rules and the plan, for a spec already found valid (the
+    operator checks each generation once).
+    """
+    context = {WITHOUT_MEMORY_PLAN: not check_memory, WITHOUT_RULES: not check_rules}
+    return DPOJob.model_validate(manifest, context=context)
 
 
 def describe_errors(error: ValidationError) -> list[str]:
@@ -1088,12 +1093,16 @@ def _describe(detail: ErrorDetails) -> list[str]:
         return [f"{path}: must be {_TYPE_NAMES[kind]}, got {_short(value)}{_about(loc)}"]
     message = detail["msg"].removeprefix("Value error, ")
     if kind == "value_error":
-        # Cross-field validators report several problems, one per line, each with its own path.
-        return [
-            f"{path}.{line}" if re.match(r"^[a-zA-Z.]+: ", line) else f"{path}: {line}"
-            for line in message.split("\n")
-        ]
+        # Cross-field rules report several problems, one per line, each led by its own path.
+        return [_at(loc, line) for line in message.split("\n")]
     return [f"{path}: {message}, got {_short(value)}"]
+
+
+def _at(loc: list[str], line: str) -> str:
+    """A rule's problem line, under the path of the model that reported it."""
+    if not re.match(r"^[a-zA-Z.]+: ", line):
+        return f"{'.'.join(loc) or '(document)'}: {line}"
+    return ".".join([*loc, line]) if loc else line
 
 
 PATTERN_HINTS = {

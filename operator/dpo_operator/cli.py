@@ -25,7 +25,7 @@ from dpo_operator.crd import crd_manifest
 from dpo_operator.local import LocalOptions
 from dpo_operator.local import run as run_locally
 from dpo_operator.plan import format_plan, plan
-from dpo_operator.render import render_all, to_yaml
+from dpo_operator.render import DEFAULT_TRAINER_IMAGE, Settings, render_all, to_yaml
 
 
 class ManifestError(Exception):
@@ -88,7 +88,7 @@ def _render(args: argparse.Namespace) -> int:
         return 1
     objects: list[dict[str, Any]] = []
     for job in jobs:
-        objects += render_all(job, attempt=args.attempt)
+        objects += render_all(job, attempt=args.attempt, settings=_settings(args))
     sys.stdout.write(to_yaml(objects))
     return 0
 
@@ -153,6 +153,8 @@ def _operator(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if not args.verbose:  # kopf logs every handler call at INFO: one line per watch event
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     start_http_server(args.metrics_port)
     del handlers
     kopf.run(
@@ -162,8 +164,22 @@ def _operator(args: argparse.Namespace) -> int:
         standalone=args.peering is None,
         peering_name=args.peering,
         priority=args.priority,
+        memo=kopf.Memo(render_settings=_settings(args)),
     )
     return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """What `dpo operator` adds to every DPOJob it renders; `dpo render` takes the same flags."""
+    return Settings(trainer_image=args.trainer_image)
+
+
+def _add_settings(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--trainer-image",
+        default=DEFAULT_TRAINER_IMAGE,
+        help="trainer image of DPOJobs that set no spec.image (default: %(default)s)",
+    )
 
 
 def _crd(args: argparse.Namespace) -> int:
@@ -189,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--attempt", type=int, default=1, help="training attempt to render (default 1)"
     )
+    _add_settings(render)
     render.set_defaults(run=_render)
 
     plan_command = commands.add_parser(
@@ -229,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("--priority", type=int, default=0, help="peering priority")
     operator.add_argument("--verbose", action="store_true")
+    _add_settings(operator)
     operator.set_defaults(run=_operator)
 
     crd = commands.add_parser("crd", help="print the DPOJob CustomResourceDefinition")

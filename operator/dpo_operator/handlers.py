@@ -1,26 +1,31 @@
-"""kopf wiring: every DPOJob event, child Job/Pod event and timer tick runs the same reconcile.
+"""The Kubernetes executor: kopf wiring around `lifecycle.decide`. All of the operator's
+Kubernetes I/O is in this module.
 
-The reconcile reads the DPOJob and its children, asks `lifecycle.reconcile` what to do, applies
-the actions, writes status once (merge patch on /status), and posts Events only after that write
-succeeded. All Kubernetes I/O of the operator is in this module.
-
-kopf keeps its own progress and diff-base in `dpo.dev/*` annotations, never in status: the
-status schema is strict and the API server would prune anything it does not declare.
+kopf keeps one watch stream per kind and, through its indexes, an in-memory view of every
+DPOJob and of the Jobs, Pods, ConfigMaps and Services labelled with one (`dpo.dev/job-name`):
+a reconcile reads that cache, never GETs or LISTs. Each index update queues its DPOJob; a few
+workers take DPOJobs off the queue one at a time each (like controller-runtime's work queue), so
+a DPOJob is never reconciled twice at once. A reconcile asks `decide` what to do, creates,
+deletes or suspends children, writes status once (a merge patch on /status, only when it
+changed) and then posts the decision's events through kopf. Time itself wakes a DPOJob only
+when it is due: the next metrics scrape while training, the deadline, the TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import heapq
 import json
 import logging
-import os
-import threading
 import time
 import urllib.request
-from collections import defaultdict
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import kopf
 from kubernetes import client, config
@@ -29,40 +34,40 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from dpo_operator.api import API_VERSION as DPOJOB_API_VERSION
 from dpo_operator.api import (
     GROUP,
-    KIND,
     PHASES,
     PLURAL,
+    TERMINAL_PHASES,
     VERSION,
     DPOJob,
     TrainingMetrics,
     describe_errors,
+    parse_dpojob,
 )
 from dpo_operator.lifecycle import (
+    Action,
     ChildJob,
+    Component,
     Create,
     Decision,
     Delete,
     DeleteChildren,
     Event,
+    JobState,
     Observed,
-    Outcome,
     PodState,
     Suspend,
-    reconcile,
+    decide,
 )
 from dpo_operator.render import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_JOB,
+    Manifest,
+    Settings,
     config_map_name,
-    render_config_map,
-    render_eval_job,
-    render_promote_job,
-    render_service,
-    render_training_job,
+    render_child,
     service_name,
     training_job_name,
 )
@@ -78,9 +83,6 @@ PROMOTIONS = Counter("dpo_operator_promotions_total", "Adapters promoted")
 for _verdict in ("Passed", "Rejected"):
     # Exported at 0 from the start, so increase() sees the first verdict as a rise.
     GATE_VERDICTS.labels(verdict=_verdict)
-API_REQUESTS = Counter(
-    "dpo_operator_api_requests_total", "Kubernetes API requests made by reconciles", ["method"]
-)
 
 # Events that also move an operator counter.
 _COUNTED = {
@@ -89,333 +91,547 @@ _COUNTED = {
     "GateRejected": lambda: GATE_VERDICTS.labels(verdict="Rejected").inc(),
     "Promoted": lambda: PROMOTIONS.inc(),
 }
-TIMER_INTERVAL = 15.0
-# The trainer image for DPOJobs that set none (the chart sets it to its own release).
-ENV_TRAINER_IMAGE = "DPO_TRAINER_IMAGE"
+
+WORKERS = 16
+# A reconcile that failed on the API is tried again after this long, then longer.
+RETRY_SECONDS = (1.0, 5.0, 30.0)
 SCRAPE_TIMEOUT = 3.0
+USER_AGENT = "dpo-operator"
+# Writes take the raw response: the client's decoding of it into its models is most of the
+# operator's CPU per write, and nothing reads them.
+UNDECODED: Any = {"_preload_content": False}
+
+Key = tuple[str, str]  # (namespace, DPOJob name)
 
 
-class Reconciler:
-    """Reads the cluster, runs the state machine, writes back. One instance per operator."""
+# -- what the indexes keep: only what `decide` reads, not whole objects ---------------------
 
-    def __init__(self, api: client.ApiClient) -> None:
-        call_api = api.call_api
 
-        def counted_call_api(*args: Any, **kwargs: Any) -> Any:
-            API_REQUESTS.labels(
-                method=str(args[1] if len(args) > 1 else kwargs.get("method"))
-            ).inc()
-            return call_api(*args, **kwargs)
+@dataclass(frozen=True)
+class SeenJob:
+    name: str
+    component: Component
+    attempt: int
+    suspended: bool
+    state: JobState
+    deleting: bool
 
-        api.call_api = counted_call_api  # type: ignore[method-assign]
-        self.custom = client.CustomObjectsApi(api)
-        self.core = client.CoreV1Api(api)
-        self.batch = client.BatchV1Api(api)
-        self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-        self._phases: dict[tuple[str, str], str] = {}
 
-    def reconcile(self, namespace: str, name: str) -> None:
-        """Bring one DPOJob a step further; safe to call again at any time."""
-        with self._locks[(namespace, name)], RECONCILE_SECONDS.time():
-            try:
-                self._reconcile(namespace, name)
-            except ApiException as error:
-                RECONCILE_ERRORS.inc()
-                if error.status == 403:
-                    self._report_forbidden(namespace, name, error)
-                    raise kopf.TemporaryError("forbidden", delay=30) from error
-                if error.status in (409, 429) or error.status >= 500:
-                    raise kopf.TemporaryError(f"{error.status} {error.reason}", delay=2) from error
-                raise
+@dataclass(frozen=True)
+class SeenPod:
+    job: str
+    state: PodState
+    rank_zero_ip: str | None  # a running rank 0 serves the training metrics
 
-    def _report_forbidden(self, namespace: str, name: str, error: ApiException) -> None:
-        """RBAC is missing a verb: say which, on the DPOJob, where users look."""
-        detail = _api_message(error)
-        message = f"the operator may not do this: {detail}; grant it in the operator's Role"
-        log.error("[%s/%s] %s", namespace, name, message)
-        raw = {"metadata": {"name": name, "namespace": namespace}}
-        self._post_event(raw, Event("Warning", "Forbidden", message))
 
-    def _reconcile(self, namespace: str, name: str) -> None:
-        try:
-            raw: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
-                GROUP, VERSION, namespace, PLURAL, name
+def _owner(labels: Mapping[str, str], namespace: str | None) -> Key:
+    return (namespace or "default", labels[LABEL_JOB])
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def dpojob_bodies(
+    body: kopf.Body, name: str, namespace: str | None, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    kept = ("apiVersion", "kind", "spec", "status")
+    copied = copy.deepcopy({k: body[k] for k in kept if k in body})
+    # managedFields is most of a stored object and nothing here reads it.
+    copied["metadata"] = {
+        k: copy.deepcopy(v) for k, v in body.metadata.items() if k != "managedFields"
+    }
+    return {(namespace or "default", name): copied}
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
+def dpojob_jobs(
+    name: str, labels: Mapping[str, str], namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Key, SeenJob]:
+    return {_owner(labels, namespace): _seen_job(name, labels, body)}
+
+
+def _seen_job(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenJob:
+    status = body.status
+    state: JobState = "Running" if status.get("active") else "Pending"
+    for condition in status.get("conditions") or []:
+        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
+            state = condition["type"]
+    return SeenJob(
+        name=name,
+        component=labels.get(LABEL_COMPONENT, "train"),  # type: ignore[arg-type]
+        attempt=int(labels.get(LABEL_ATTEMPT, "1")),
+        suspended=bool(body.spec.get("suspend")),
+        state=state,
+        deleting=body.meta.get("deletionTimestamp") is not None,
+    )
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def dpojob_pods(
+    name: str, labels: Mapping[str, str], namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Key, SeenPod]:
+    return {_owner(labels, namespace): _seen_pod(name, labels, body)}
+
+
+def _seen_pod(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenPod:
+    status = body.status
+    exit_code, message = None, ""
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code, message = terminated.get("exitCode"), terminated.get("message") or ""
+            break
+    disrupted = any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    phase = status.get("phase") or "Pending"
+    index = (body.meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
+    return SeenPod(
+        job=labels.get("batch.kubernetes.io/job-name", ""),
+        state=PodState(name, phase, exit_code, message, disrupted),
+        rank_zero_ip=status.get("podIP") if index == "0" and phase == "Running" else None,
+    )
+
+
+@kopf.index("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+def dpojob_config_maps(
+    name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
+) -> dict[Key, str]:
+    key = _owner(labels, namespace)
+    return {key: name}
+
+
+@kopf.index("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
+def dpojob_services(
+    name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
+) -> dict[Key, str]:
+    key = _owner(labels, namespace)
+    return {key: name}
+
+
+# -- the work queue --------------------------------------------------------------------------
+
+
+class WorkQueue:
+    """DPOJobs to reconcile: each at most once in the queue, never by two workers at once, and
+    a clock for those that are due at a time."""
+
+    def __init__(self) -> None:
+        self.ready: asyncio.Queue[Key] = asyncio.Queue()
+        self.queued: set[Key] = set()
+        self.busy: set[Key] = set()
+        self.again: set[Key] = set()  # woken while busy: reconcile once more after
+        self.due: list[tuple[float, Key]] = []  # a heap; entries not in `next_due` are stale
+        self.next_due: dict[Key, float] = {}
+        self.clock = asyncio.Event()
+
+    def wake(self, key: Key) -> None:
+        if key in self.busy:
+            self.again.add(key)
+        elif key not in self.queued:
+            self.queued.add(key)
+            self.ready.put_nowait(key)
+
+    def wake_at(self, key: Key, when: float) -> None:
+        """Wake `key` at `when` (monotonic), unless it is to be woken sooner already."""
+        if self.next_due.get(key, float("inf")) <= when:
+            return
+        self.next_due[key] = when
+        heapq.heappush(self.due, (when, key))
+        if self.due[0] == (when, key):
+            self.clock.set()  # sooner than what the clock waits for
+
+    async def take(self) -> Key:
+        key = await self.ready.get()
+        self.queued.discard(key)
+        self.busy.add(key)
+        return key
+
+    def done(self, key: Key) -> None:
+        self.busy.discard(key)
+        if key in self.again:
+            self.again.discard(key)
+            self.wake(key)
+
+    async def tick(self) -> None:
+        """Wake each DPOJob when its time comes."""
+        while True:
+            self.clock.clear()
+            now = time.monotonic()
+            while self.due and self.due[0][0] <= now:
+                when, key = heapq.heappop(self.due)
+                if self.next_due.get(key) == when:
+                    del self.next_due[key]
+                    self.wake(key)
+            timeout = self.due[0][0] - now if self.due else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.clock.wait(), timeout)
+
+
+# -- carrying out decisions --------------------------------------------------------------------
+
+
+# How long a create or delete is expected to show in the watch before it is no longer assumed.
+EXPECTATION_SECONDS = 120.0
+
+
+@dataclass
+class Expectations:
+    """What this operator wrote and the watch has not brought back yet, per DPOJob (what
+    controller-runtime calls expectations). A reconcile that worked from the older cache would
+    do it again: create attempt 1 after deciding on attempt 2, or create a child twice."""
+
+    status: dict[Key, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    created: dict[Key, dict[str, tuple[float, ChildJob | None]]] = field(default_factory=dict)
+    deleted: dict[Key, dict[str, float]] = field(default_factory=dict)
+
+    def wrote_status(self, key: Key, revision: int, status: dict[str, Any]) -> None:
+        self.status[key] = (revision, status)
+
+    def created_child(self, key: Key, manifest: Manifest) -> None:
+        metadata = manifest["metadata"]
+        child = None
+        if manifest["kind"] == "Job":
+            child = ChildJob(
+                name=metadata["name"],
+                component=metadata["labels"][LABEL_COMPONENT],
+                attempt=int(metadata["labels"][LABEL_ATTEMPT]),
+                suspended=bool(manifest["spec"].get("suspend")),
+                state="Pending",
             )
-        except ApiException as error:
-            if error.status == 404:
-                self._phases.pop((namespace, name), None)
-                self._export_phases()
-                return
-            raise
-        if raw["metadata"].get("deletionTimestamp"):
-            return
-        try:
-            job = DPOJob.model_validate(raw)
-        except ValidationError as error:
-            self._mark_invalid(raw, describe_errors(error))
-            return
-        observed = self.observe(job)
-        decision = reconcile(job, observed)
-        for action in decision.actions:
-            self.apply(job, action)
-        self._write_status(job, raw, decision)
+        self.created.setdefault(key, {})[metadata["name"]] = (time.monotonic(), child)
 
-    # -- observe -----------------------------------------------------------------------------
+    def deleted_job(self, key: Key, name: str) -> None:
+        self.deleted.setdefault(key, {})[name] = time.monotonic()
 
-    def observe(self, job: DPOJob) -> Observed:
-        namespace, selector = job.namespace, f"{LABEL_JOB}={job.name}"
-        pods_by_job: dict[str, list[PodState]] = defaultdict(list)
-        rank_zero_ip: dict[str, str] = {}
-        pods: list[Any] = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        for pod in pods:
-            owner = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-name", "")
-            pods_by_job[owner].append(_pod_state(pod))
-            index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index")
-            if index == "0" and pod.status and pod.status.pod_ip and pod.status.phase == "Running":
-                rank_zero_ip[owner] = pod.status.pod_ip
-        jobs = []
-        items: list[Any] = self.batch.list_namespaced_job(namespace, label_selector=selector).items
-        for item in items:
-            labels = item.metadata.labels or {}
-            jobs.append(
-                ChildJob(
-                    name=item.metadata.name,
-                    component=labels.get(LABEL_COMPONENT, "train"),
-                    attempt=int(labels.get(LABEL_ATTEMPT, "1")),
-                    suspended=bool(item.spec.suspend),
-                    outcome=_outcome(item),
-                    deleting=item.metadata.deletion_timestamp is not None,
-                    pods=tuple(pods_by_job.get(item.metadata.name, [])),
+    def foresaw(self, key: Key, plural: str, body: Mapping[str, Any], seen: object) -> bool:
+        """Whether an event shows only what this operator expects: the DPOJob as its last
+        status write left it, a child it created as it created it, or a pod that has not
+        started (decide reads only running and finished pods)."""
+        if plural == PLURAL:
+            mine = self.status.get(key)
+            return mine is not None and _revision(body) == mine[0]
+        if isinstance(seen, SeenPod):
+            return seen.state.phase == "Pending"
+        created = self.created.get(key, {})
+        if isinstance(seen, SeenJob):
+            expected = created.get(seen.name, (0.0, None))[1]
+            return expected is not None and expected == ChildJob(
+                seen.name, seen.component, seen.attempt, seen.suspended, seen.state, seen.deleting
+            )
+        return seen in created  # a config map or service, by name
+
+    def forget(self, key: Key) -> None:
+        for kept in (self.status, self.created, self.deleted):
+            kept.pop(key, None)
+
+    def with_status(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
+        """The cached DPOJob, with the status this operator last wrote if the cache is older."""
+        mine = self.status.get(key)
+        if mine is None:
+            return body
+        revision, status = mine
+        if _revision(body) >= revision:
+            del self.status[key]
+            return body
+        return {**body, "status": status}
+
+    def with_children(
+        self, key: Key, jobs: tuple[ChildJob, ...], others: set[str]
+    ) -> tuple[tuple[ChildJob, ...], set[str]]:
+        """The cached Jobs and other children's names, with what was created and deleted
+        since."""
+        now = time.monotonic()
+        seen = {job.name for job in jobs} | others
+        created = self.created.get(key, {})
+        for name in [
+            n for n, (at, _) in created.items() if n in seen or now - at > EXPECTATION_SECONDS
+        ]:
+            del created[name]
+        deleted = self.deleted.get(key, {})
+        live = {job.name for job in jobs if not job.deleting}
+        for name in [
+            n for n, at in deleted.items() if n not in live or now - at > EXPECTATION_SECONDS
+        ]:
+            del deleted[name]
+        amended = tuple(replace(j, deleting=True) if j.name in deleted else j for j in jobs)
+        amended += tuple(child for _, child in created.values() if child is not None)
+        return amended, seen | set(created)
+
+
+@dataclass
+class KubernetesExecutor:
+    """Creates, deletes and suspends a DPOJob's children and writes its status."""
+
+    api: client.ApiClient
+    settings: Settings
+    validated: set[tuple[str, int]] = field(default_factory=set)
+    expected: Expectations = field(default_factory=Expectations)
+
+    def __post_init__(self) -> None:
+        self.custom = client.CustomObjectsApi(self.api)
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+
+    def parse(self, body: Mapping[str, Any]) -> DPOJob:
+        """The DPOJob; its rules and memory plan are checked once per generation."""
+        metadata = body["metadata"]
+        generation = (metadata["uid"], int(metadata.get("generation") or 0))
+        job = parse_dpojob(body, check_rules=generation not in self.validated)
+        self.validated.add(generation)
+        return job
+
+    def apply(self, job: DPOJob, action: Action) -> None:
+        namespace = job.namespace
+        key = (namespace, job.name)
+        if isinstance(action, Create):
+            manifest = render_child(job, action.kind, action.attempt, settings=self.settings)
+            self._create(manifest)
+            self.expected.created_child(key, manifest)
+        elif isinstance(action, Delete):
+            self._delete(self.batch.delete_namespaced_job, action.job, namespace)
+            self.expected.deleted_job(key, action.job)
+        elif isinstance(action, Suspend):
+            _drain(
+                self.batch.patch_namespaced_job(
+                    action.job, namespace, {"spec": {"suspend": action.suspend}}, **UNDECODED
                 )
             )
-        attempt = (job.status.attempt if job.status else None) or 1
-        training_job = training_job_name(job, attempt)
-        return Observed(
-            now=datetime.now(UTC),
-            jobs=tuple(jobs),
-            has_config_map=self._exists(
-                self.core.read_namespaced_config_map, config_map_name(job), namespace
-            ),
-            has_service=self._exists(
-                self.core.read_namespaced_service, service_name(job), namespace
-            ),
-            metrics=self._scrape(job, rank_zero_ip.get(training_job)),
-        )
+        elif isinstance(action, DeleteChildren):
+            for name in action.jobs:
+                self._delete(self.batch.delete_namespaced_job, name, namespace)
+            self._delete(self.core.delete_namespaced_config_map, config_map_name(job), namespace)
+            self._delete(self.core.delete_namespaced_service, service_name(job), namespace)
+
+    def _create(self, manifest: dict[str, Any]) -> None:
+        create: Any = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Service": self.core.create_namespaced_service,
+            "Job": self.batch.create_namespaced_job,
+        }[manifest["kind"]]
+        metadata = manifest["metadata"]
+        try:
+            _drain(create(metadata["namespace"], manifest, **UNDECODED))
+        except ApiException as error:
+            if error.status != 409:  # already there: the cache lagged behind an earlier create
+                raise
+        log.info("[%s] created %s %s", metadata["namespace"], manifest["kind"], metadata["name"])
 
     @staticmethod
-    def _exists(read: Any, name: str, namespace: str) -> bool:
+    def _delete(delete: Any, name: str, namespace: str) -> None:
         try:
-            read(name, namespace)
+            _drain(delete(name, namespace, propagation_policy="Background", **UNDECODED))
         except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
+            if error.status != 404:
+                raise
 
-    def _scrape(self, job: DPOJob, pod_ip: str | None) -> TrainingMetrics | None:
-        """Rank 0's latest step, loss, reward accuracy and margin, every metricsInterval."""
-        if pod_ip is None:
-            return None
-        current = job.status.metrics if job.status else None
-        now = datetime.now(UTC)
-        interval = job.spec.monitoring.interval_seconds
-        if current and current.updated_at and (now - current.updated_at).total_seconds() < interval:
-            return current
+    def write_status(self, job: DPOJob, status: dict[str, Any]) -> int:
+        """Writes status; returns the DPOJob's resourceVersion that carries it."""
+        # A merge patch: explicit nulls remove fields the state machine cleared.
+        response = self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, job.namespace, PLURAL, job.name, {"status": status}, **UNDECODED
+        )
+        return _revision(json.loads(_drain(response)))
+
+    def scrape(self, job: DPOJob, pod_ip: str) -> TrainingMetrics | None:
+        """Rank 0's latest step, loss, reward accuracy and margin."""
         url = f"http://{pod_ip}:{job.spec.monitoring.port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as response:
                 text = response.read().decode()
         except OSError as error:
             log.debug("[%s/%s] no metrics at %s: %s", job.namespace, job.name, url, error)
-            return current
+            return None
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.labels.get("dpojob") == job.name:
                     values[sample.name] = sample.value
         if "dpo_train_step" not in values:
-            return current
+            return None
         return TrainingMetrics(
             step=int(values["dpo_train_step"]),
             loss=values.get("dpo_train_loss"),
             reward_accuracy=values.get("dpo_train_reward_accuracy"),
             reward_margin=values.get("dpo_train_reward_margin"),
-            updated_at=now,
+            updated_at=datetime.now(UTC),
         )
 
-    # -- act ---------------------------------------------------------------------------------
 
-    def apply(self, job: DPOJob, action: Any) -> None:
-        namespace = job.namespace
-        if isinstance(action, Create):
-            self._create(job, action)
-        elif isinstance(action, Delete):
-            self._delete_job(action.job, namespace)
-        elif isinstance(action, Suspend):
-            self.batch.patch_namespaced_job(
-                action.job, namespace, {"spec": {"suspend": action.suspend}}
-            )
-        elif isinstance(action, DeleteChildren):
-            selector = f"{LABEL_JOB}={job.name}"
-            children: list[Any] = self.batch.list_namespaced_job(
-                namespace, label_selector=selector
-            ).items
-            for item in children:
-                self._delete_job(item.metadata.name, namespace)
-            for delete, name in (
-                (self.core.delete_namespaced_config_map, config_map_name(job)),
-                (self.core.delete_namespaced_service, service_name(job)),
-            ):
-                try:
-                    delete(name, namespace)
-                except ApiException as error:
-                    if error.status != 404:
-                        raise
-
-    def _create(self, job: DPOJob, action: Create) -> None:
-        trainer_image = os.environ.get(ENV_TRAINER_IMAGE)
-        if job.spec.image is None and trainer_image:
-            job = job.model_copy(
-                update={"spec": job.spec.model_copy(update={"image": trainer_image})}
-            )
-        renderers = {
-            "config": lambda: render_config_map(job),
-            "service": lambda: render_service(job),
-            "train": lambda: render_training_job(job, action.attempt),
-            "eval": lambda: render_eval_job(job, action.attempt),
-            "promote": lambda: render_promote_job(job, action.attempt),
-        }
-        manifest = renderers[action.kind]()
-        create: Any = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "Service": self.core.create_namespaced_service,
-            "Job": self.batch.create_namespaced_job,
-        }[manifest["kind"]]
-        try:
-            create(job.namespace, manifest)
-            log.info(
-                "[%s/%s] created %s %s",
-                job.namespace,
-                job.name,
-                manifest["kind"],
-                manifest["metadata"]["name"],
-            )
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            self._adopt(manifest)  # it exists already: adopt it, never duplicate it
-
-    def _adopt(self, manifest: dict[str, Any]) -> None:
-        patch = {"metadata": {"ownerReferences": manifest["metadata"].get("ownerReferences", [])}}
-        name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-        patcher: Any = {
-            "ConfigMap": self.core.patch_namespaced_config_map,
-            "Service": self.core.patch_namespaced_service,
-            "Job": self.batch.patch_namespaced_job,
-        }[manifest["kind"]]
-        patcher(name, namespace, patch)
-
-    def _delete_job(self, name: str, namespace: str) -> None:
-        try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-        except ApiException as error:
-            if error.status != 404:
-                raise
-
-    # -- write back ----------------------------------------------------------------------------
-
-    def _write_status(self, job: DPOJob, raw: dict[str, Any], decision: Decision) -> None:
-        status = decision.status
-        new = status.model_dump(by_alias=True, mode="json")
-        if _without_nulls(new) != (raw.get("status") or {}):
-            # A merge patch: explicit nulls remove fields the state machine cleared.
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, job.namespace, PLURAL, job.name, {"status": new}
-            )
-        for event in decision.events:  # only after the status write succeeded
-            self._post_event(raw, event)
-            _COUNTED.get(event.reason, lambda: None)()
-        self._phases[(job.namespace, job.name)] = status.phase or "Pending"
-        self._export_phases()
-
-    def _mark_invalid(self, raw: dict[str, Any], problems: list[str]) -> None:
-        message = "; ".join(problems)
-        metadata = raw["metadata"]
-        status = dict(raw.get("status") or {})
-        conditions = [c for c in status.get("conditions", []) if c.get("type") != "SpecValid"]
-        if any(
-            c.get("type") == "SpecValid" and c.get("message") == message
-            for c in status.get("conditions", [])
-        ):
-            return  # already reported; retrying cannot help until the spec changes
-        conditions.append(
-            {
-                "type": "SpecValid",
-                "status": "False",
-                "reason": "InvalidSpec",
-                "message": message,
-                "lastTransitionTime": datetime.now(UTC).isoformat(timespec="seconds"),
-                "observedGeneration": metadata.get("generation"),
-            }
-        )
-        patch = {
-            "status": {
-                "phase": status.get("phase") or "Pending",
-                "message": f"invalid spec: {message}",
-                "conditions": conditions,
-            }
-        }
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, metadata["namespace"], PLURAL, metadata["name"], patch
-        )
-        self._post_event(raw, Event("Warning", "InvalidSpec", message))
-        log.warning("[%s/%s] invalid spec: %s", metadata["namespace"], metadata["name"], message)
-
-    def _post_event(self, raw: dict[str, Any], event: Event) -> None:
-        metadata = raw["metadata"]
-        now = datetime.now(UTC)
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(
-                generate_name=f"{metadata['name']}.", namespace=metadata["namespace"]
-            ),
-            involved_object=client.V1ObjectReference(
-                api_version=DPOJOB_API_VERSION,
-                kind=KIND,
-                name=metadata["name"],
-                namespace=metadata["namespace"],
-                uid=metadata.get("uid"),
-            ),
-            reason=event.reason,
-            message=event.message[:1024],
-            type=event.type,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            source=client.V1EventSource(component="dpo-operator"),
-            reporting_component="dpo.dev/operator",
-            reporting_instance="dpo-operator",
-        )
-        try:
-            self.core.create_namespaced_event(metadata["namespace"], body)
-        except ApiException as error:  # an event is never worth failing a reconcile for
-            log.warning("could not post event %s: %s", event.reason, error.reason)
-        log.info(
-            "[%s/%s] %s: %s", metadata["namespace"], metadata["name"], event.reason, event.message
-        )
-
-    def _export_phases(self) -> None:
-        counts: dict[str, int] = defaultdict(int)
-        for phase in self._phases.values():
-            counts[phase] += 1
-        for phase in PHASES:
-            DPOJOBS.labels(phase=phase).set(counts.get(phase, 0))
+# -- one reconcile -----------------------------------------------------------------------------
 
 
-def _api_message(error: ApiException) -> str:
+async def reconcile(key: Key, memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Key, Any]]) -> None:
+    """Bring one DPOJob a step further, from the cache; safe to run again at any time."""
+    bodies = list(indexes["dpojob_bodies"].get(key, []))
+    if not bodies:
+        memo.phases.pop(key, None)
+        memo.executor.expected.forget(key)
+        _export_phases(memo.phases)
+        return
+    executor: KubernetesExecutor = memo.executor
+    body = executor.expected.with_status(key, bodies[-1])
+    if body["metadata"].get("deletionTimestamp"):
+        return
     try:
-        return str(json.loads(error.body or "")["message"])
-    except (TypeError, ValueError, KeyError):
-        return f"{error.status} {error.reason}"
+        job = executor.parse(body)
+    except ValidationError as error:
+        await _refuse(executor, body, describe_errors(error))
+        return
+    observed = await _observe(job, key, indexes, executor)
+    decision = decide(job, observed)
+    creates = [action for action in decision.actions if isinstance(action, Create)]
+    for action in decision.actions:
+        if not isinstance(action, Create):
+            await asyncio.to_thread(executor.apply, job, action)
+    # A decision's creates never depend on each other (the config, the service, a Job).
+    await asyncio.gather(*(asyncio.to_thread(executor.apply, job, c) for c in creates))
+    new = decision.status.model_dump(by_alias=True, mode="json")
+    if _without_nulls(new) != (body.get("status") or {}):
+        revision = await asyncio.to_thread(executor.write_status, job, new)
+        executor.expected.wrote_status(key, revision, _without_nulls(new))
+    for event in decision.events:  # only after the status write succeeded
+        _post(body, event)
+        log.info("[%s/%s] %s: %s", job.namespace, job.name, event.reason, event.message)
+        _COUNTED.get(event.reason, lambda: None)()
+    memo.phases[key] = decision.status.phase or "Pending"
+    _export_phases(memo.phases)
+    when = _next_due(job, decision, observed.now)
+    if when is not None:
+        memo.queue.wake_at(key, time.monotonic() + max(when, 0.05))
+
+
+async def _observe(
+    job: DPOJob,
+    key: Key,
+    indexes: Mapping[str, kopf.Index[Key, Any]],
+    executor: KubernetesExecutor,
+) -> Observed:
+    pods: list[SeenPod] = list(indexes["dpojob_pods"].get(key, []))
+    jobs = tuple(
+        ChildJob(
+            name=seen.name,
+            component=seen.component,
+            attempt=seen.attempt,
+            suspended=seen.suspended,
+            state=seen.state,
+            deleting=seen.deleting,
+            pods=tuple(p.state for p in pods if p.job == seen.name),
+        )
+        for seen in indexes["dpojob_jobs"].get(key, [])
+    )
+    others = set(indexes["dpojob_config_maps"].get(key, [])) | set(
+        indexes["dpojob_services"].get(key, [])
+    )
+    jobs, names = executor.expected.with_children(key, jobs, others)
+    now = datetime.now(UTC)
+    metrics = None
+    attempt = (job.status.attempt if job.status else None) or 1
+    rank_zero = next(
+        (
+            p.rank_zero_ip
+            for p in pods
+            if p.rank_zero_ip and p.job == training_job_name(job, attempt)
+        ),
+        None,
+    )
+    current = job.status.metrics if job.status else None
+    if rank_zero and _scrape_due(job, now):
+        metrics = await asyncio.to_thread(executor.scrape, job, rank_zero)
+    return Observed(
+        now=now,
+        jobs=jobs,
+        has_config_map=config_map_name(job) in names,
+        has_service=service_name(job) in names,
+        metrics=metrics or current,
+    )
+
+
+def _drain(response: Any) -> bytes:
+    """The body of an undecoded response, read to the end so its connection goes back to the
+    pool (an unread one is dropped, and the next request pays a new TLS handshake)."""
+    body: bytes = response.data
+    response.release_conn()
+    return body
+
+
+def _revision(body: Mapping[str, Any]) -> int:
+    # resourceVersion is opaque to clients in general; the kube-apiserver's is etcd's revision,
+    # which only grows.
+    return int(body["metadata"]["resourceVersion"])
+
+
+def _scrape_due(job: DPOJob, now: datetime) -> bool:
+    current = job.status.metrics if job.status else None
+    if current is None or current.updated_at is None:
+        return True
+    elapsed = (now - current.updated_at).total_seconds()
+    return elapsed >= job.spec.monitoring.interval_seconds
+
+
+def _next_due(job: DPOJob, decision: Decision, now: datetime) -> float | None:
+    """Seconds until time itself changes something for `job`: its next metrics scrape while it
+    trains, its deadline, the end of its TTL; None when nothing is due."""
+    status = decision.status
+    times: list[float] = []
+    if status.phase == "Training":
+        times.append(float(job.spec.monitoring.interval_seconds))
+    limit = job.spec.run_policy.active_deadline_seconds
+    if limit is not None and status.start_time is not None and status.phase not in TERMINAL_PHASES:
+        suspended = status.suspended_seconds
+        if status.suspended_at is not None:
+            suspended += (now - status.suspended_at).total_seconds()
+        elapsed = (now - status.start_time).total_seconds() - suspended
+        times.append(limit - elapsed + 0.5)
+    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    if ttl is not None and status.completion_time is not None and not status.children_deleted:
+        times.append((status.completion_time + timedelta(seconds=ttl) - now).total_seconds())
+    return min(times) if times else None
+
+
+async def _refuse(executor: KubernetesExecutor, body: dict[str, Any], problems: list[str]) -> None:
+    """A spec the operator cannot run: say so in a SpecValid=False condition and an event, once
+    per change of the spec."""
+    message = "; ".join(problems)
+    status = dict(body.get("status") or {})
+    conditions = [c for c in status.get("conditions", []) if c.get("type") != "SpecValid"]
+    if any(
+        c.get("type") == "SpecValid" and c.get("message") == message
+        for c in status.get("conditions", [])
+    ):
+        return  # already said; retrying cannot help until the spec changes
+    metadata = body["metadata"]
+    conditions.append(
+        {
+            "type": "SpecValid",
+            "status": "False",
+            "reason": "InvalidSpec",
+            "message": message,
+            "lastTransitionTime": datetime.now(UTC).isoformat(timespec="seconds"),
+            "observedGeneration": metadata.get("generation"),
+        }
+    )
+    patch = {
+        "phase": status.get("phase") or "Pending",
+        "message": f"invalid spec: {message}",
+        "conditions": conditions,
+    }
+    await asyncio.to_thread(
+        executor.custom.patch_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        metadata["namespace"],
+        PLURAL,
+        metadata["name"],
+        {"status": patch},
+    )
+    _post(body, Event("Warning", "InvalidSpec", message))
+    log.warning("[%s/%s] invalid spec: %s", metadata["namespace"], metadata["name"], message)
+
+
+def _post(body: dict[str, Any], event: Event) -> None:
+    """An Event on the DPOJob, posted by kopf (in the background, with its retries)."""
+    owner = kopf.Body(cast(kopf.RawBody, body))
+    kopf.event(owner, type=event.type, reason=event.reason, message=event.message[:1024])
 
 
 def _without_nulls(value: Any) -> Any:
@@ -426,76 +642,145 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def _outcome(item: Any) -> Outcome:
-    for condition in (item.status.conditions or []) if item.status else []:
-        if condition.status == "True" and condition.type in ("Complete", "Failed"):
-            return "Complete" if condition.type == "Complete" else "Failed"
-    active = (item.status.active or 0) if item.status else 0
-    return "Running" if active else "Pending"
+def _export_phases(phases: Mapping[Key, str]) -> None:
+    counts = dict.fromkeys(PHASES, 0)
+    for phase in phases.values():
+        counts[phase] += 1
+    for phase, count in counts.items():
+        DPOJOBS.labels(phase=phase).set(count)
 
 
-def _pod_state(pod: Any) -> PodState:
-    status = pod.status or client.V1PodStatus()
-    exit_code, message = None, ""
-    for container in status.container_statuses or []:
-        terminated = container.state.terminated if container.state else None
-        if terminated is not None:
-            exit_code, message = terminated.exit_code, terminated.message or ""
-            break
-    disrupted = any(
-        c.type == "DisruptionTarget" and c.status == "True" for c in status.conditions or []
-    )
-    return PodState(pod.metadata.name, status.phase or "Pending", exit_code, message, disrupted)
+def _api_message(error: ApiException) -> str:
+    try:
+        return str(json.loads(error.body or "")["message"])
+    except (TypeError, ValueError, KeyError):
+        return f"{error.status} {error.reason}"
+
+
+async def _work(memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Key, Any]]) -> None:
+    queue: WorkQueue = memo.queue
+    failures: dict[Key, int] = {}
+    while True:
+        key = await queue.take()
+        started = time.monotonic()
+        try:
+            await reconcile(key, memo, indexes)
+            failures.pop(key, None)
+        except ApiException as error:
+            RECONCILE_ERRORS.inc()
+            tries = failures[key] = failures.get(key, 0) + 1
+            delay = RETRY_SECONDS[min(tries, len(RETRY_SECONDS)) - 1]
+            log.warning("[%s/%s] %s; again in %.0fs", *key, _api_message(error), delay)
+            if error.status == 403:
+                _forbidden(indexes, key, error)
+            queue.wake_at(key, time.monotonic() + delay)
+        except Exception:
+            RECONCILE_ERRORS.inc()
+            log.exception("[%s/%s] reconcile failed; again in %.0fs", *key, RETRY_SECONDS[-1])
+            queue.wake_at(key, time.monotonic() + RETRY_SECONDS[-1])
+        finally:
+            RECONCILE_SECONDS.observe(time.monotonic() - started)
+            queue.done(key)
+
+
+def _forbidden(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key, error: ApiException) -> None:
+    """RBAC is missing a verb: say which, on the DPOJob, where users look."""
+    bodies = list(indexes["dpojob_bodies"].get(key, []))
+    if bodies:
+        message = (
+            f"the operator may not do this: {_api_message(error)}; grant it in the operator's Role"
+        )
+        _post(bodies[-1], Event("Warning", "Forbidden", message))
 
 
 # -- kopf ----------------------------------------------------------------------------------------
 
-_reconciler: Reconciler | None = None
-
-
-def _get_reconciler() -> Reconciler:
-    global _reconciler
-    if _reconciler is None:
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        _reconciler = Reconciler(client.ApiClient())
-    return _reconciler
-
-
-async def _reconcile(namespace: str, name: str) -> None:
-    started = time.monotonic()
-    await asyncio.to_thread(_get_reconciler().reconcile, namespace, name)
-    log.debug("[%s/%s] reconciled in %.3fs", namespace, name, time.monotonic() - started)
-
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-    settings.posting.level = logging.WARNING
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.posting.level = logging.WARNING  # kopf's own log lines are not Events
     settings.watching.server_timeout = 300
-    _get_reconciler()
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    configuration = client.Configuration.get_default_copy()
+    # One connection per worker thread: with fewer, urllib3 drops connections and each new one
+    # is a TLS handshake and a fresh SSL context (CPU and memory that grow with the load).
+    configuration.connection_pool_maxsize = WORKERS
+    api = client.ApiClient(configuration)
+    api.user_agent = USER_AGENT
+    memo.executor = KubernetesExecutor(api, memo.render_settings)
+    memo.queue = WorkQueue()
+    memo.phases = {}
+    memo.seen = {}  # what decide read of each watched object, at its last event
+    memo.tasks = []
+    # The Kubernetes client is synchronous: its calls run in these threads.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="k8s")
+    )
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-async def on_dpojob(name: str, namespace: str | None, **_: Any) -> None:
-    await _reconcile(namespace or "default", name)
+INDEXES = ("dpojob_bodies", "dpojob_jobs", "dpojob_pods", "dpojob_config_maps", "dpojob_services")
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL)
-async def on_timer(name: str, namespace: str | None, **_: Any) -> None:
-    await _reconcile(namespace or "default", name)
-
-
+@kopf.on.event(GROUP, VERSION, PLURAL)
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-async def on_child(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
-    namespace = namespace or "default"
-    try:
-        await _reconcile(namespace, labels[LABEL_JOB])
-    except kopf.TemporaryError as error:  # event handlers are not retried; the timer will be
-        log.info("[%s/%s] will retry: %s", namespace, labels[LABEL_JOB], error)
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+@kopf.on.event("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
+async def on_change(
+    name: str,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    resource: kopf.Resource,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """A DPOJob or one of its children changed (the indexes already hold the change): queue the
+    DPOJob, if what the lifecycle reads of it changed. kopf runs this only once every index is
+    filled, so no reconcile sees half a cache."""
+    if not memo.tasks:
+        # Started here, not at startup: tasks inherit this context, through which kopf posts
+        # the events the workers raise. Each object's memo is kopf's shallow copy of the
+        # operator's: the list is shared, so it is filled, never replaced.
+        indexes = {index: kwargs[index] for index in INDEXES}
+        memo.tasks.extend(asyncio.create_task(_work(memo, indexes)) for _ in range(WORKERS))
+        memo.tasks.append(asyncio.create_task(memo.queue.tick()))
+    key = (namespace or "default", name if resource.plural == PLURAL else labels[LABEL_JOB])
+    watched = (resource.plural, namespace or "", name)
+    if kwargs.get("type") == "DELETED":
+        memo.seen.pop(watched, None)
+    else:
+        seen = _what_decide_reads(resource.plural, name, labels, kwargs["body"])
+        if memo.seen.get(watched) == seen:
+            return  # e.g. the Job controller's bookkeeping: nothing to decide anew
+        memo.seen[watched] = seen
+        if memo.executor.expected.foresaw(key, resource.plural, kwargs["body"], seen):
+            return  # what this operator itself just did, and decided knowing it
+    memo.queue.wake(key)
+
+
+def _what_decide_reads(
+    plural: str, name: str, labels: Mapping[str, str], body: kopf.Body
+) -> object:
+    """The part of a watched object that `decide` reads, to tell news from noise."""
+    if plural == PLURAL:
+        meta = body.meta
+        return (
+            meta.get("generation"),
+            dict(meta.annotations),
+            meta.get("deletionTimestamp"),
+            dict(body.status),
+        )
+    if plural == "jobs":
+        return _seen_job(name, labels, body)
+    if plural == "pods":
+        return _seen_pod(name, labels, body)
+    return name  # config maps and services: only whether they exist
+
+
+@kopf.on.cleanup()
+async def stop_workers(memo: kopf.Memo, **_: Any) -> None:
+    for task in memo.tasks:
+        task.cancel()

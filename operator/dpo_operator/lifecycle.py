@@ -16,12 +16,20 @@ there is never more than one training Job.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
-from dpo_trainer.config import EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_WRONG_ENVIRONMENT
+from dpo_trainer.config import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE_REJECTED,
+    EXIT_WRONG_ENVIRONMENT,
+    Failure,
+    GateVerdict,
+    PromotionResult,
+    TerminationMessage,
+    parse_termination_message,
+)
 
 from dpo_operator.api import (
     TERMINAL_PHASES,
@@ -36,8 +44,11 @@ from dpo_operator.api import (
 )
 
 Component = Literal["train", "eval", "promote"]
-Outcome = Literal["Pending", "Running", "Complete", "Failed"]
+JobState = Literal["Pending", "Running", "Complete", "Failed"]
 APPROVE_ANNOTATION = "dpo.dev/approve"
+EVENTFUL_PHASES = frozenset(
+    {"Queued", "Suspended", "AwaitingApproval", "Succeeded", "Rejected", "Failed"}
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,12 @@ class PodState:
     name: str
     phase: str
     exit_code: int | None = None
-    message: str = ""
+    message: str = ""  # the termination message, as the trainer wrote it
     disrupted: bool = False  # DisruptionTarget: preempted or evicted, not the pod's fault
+
+    @property
+    def reported(self) -> TerminationMessage | None:
+        return parse_termination_message(self.message) if self.message else None
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,7 @@ class ChildJob:
     component: Component
     attempt: int
     suspended: bool
-    outcome: Outcome
+    state: JobState
     deleting: bool = False
     pods: tuple[PodState, ...] = ()
 
@@ -92,7 +107,10 @@ class Suspend:
 
 @dataclass(frozen=True)
 class DeleteChildren:
-    """ttlSecondsAfterFinished: remove every child; the DPOJob record stays."""
+    """ttlSecondsAfterFinished: remove the child Jobs named here, the ConfigMap and the
+    Service; the DPOJob record stays."""
+
+    jobs: tuple[str, ...]
 
 
 Action = Create | Delete | Suspend | DeleteChildren
@@ -112,7 +130,7 @@ class Decision:
     events: list[Event] = field(default_factory=list)
 
 
-def reconcile(job: DPOJob, observed: Observed) -> Decision:
+def decide(job: DPOJob, observed: Observed) -> Decision:
     """What to do next for `job`, given the children observed now."""
     status = (job.status or DPOJobStatus()).model_copy(deep=True)
     status.observed_generation = job.metadata.generation
@@ -146,7 +164,9 @@ class _Machine:
         self.decision.events.append(Event("Warning" if warning else "Normal", reason, message))
 
     def phase(self, phase: Phase, message: str, reason: str | None = None) -> None:
-        if self.status.phase != phase:
+        # Routine progress is in status; an Event marks what a person may need to act on, or
+        # the end. (Each Event is one more write to the API server.)
+        if self.status.phase != phase and phase in EVENTFUL_PHASES:
             self.event(reason or phase, message, warning=phase in ("Failed", "Rejected"))
         self.status.phase = phase
         self.status.message = message
@@ -165,7 +185,13 @@ class _Machine:
             last_transition_time=since,
             observed_generation=self.job.metadata.generation,
         )
-        self.status.conditions = [c for c in self.status.conditions if c.type != kind] + [updated]
+        # In place: the order of conditions is part of the status, and a needless change is a
+        # needless write.
+        kinds = [c.type for c in self.status.conditions]
+        if kind in kinds:
+            self.status.conditions[kinds.index(kind)] = updated
+        else:
+            self.status.conditions.append(updated)
 
     def finish(self, phase: Phase, message: str, reason: str) -> None:
         self.phase(phase, message, reason)
@@ -173,7 +199,7 @@ class _Machine:
         self.condition("Training", False, reason, message)
         self.condition("Succeeded" if phase == "Succeeded" else "Failed", True, reason, message)
         for child in self.observed.jobs:
-            if child.outcome in ("Pending", "Running") and not child.deleting:
+            if child.state in ("Pending", "Running") and not child.deleting:
                 self.act(Delete(child.name))
 
     # -- the machine ---------------------------------------------------------------------------
@@ -191,7 +217,7 @@ class _Machine:
             return
         attempt = self.status.attempt or 1
         train = self.child("train", attempt)
-        if train is None or train.outcome != "Complete":
+        if train is None or train.state != "Complete":
             self.training(train, attempt)
             return
         if not self.spec.eval_gate.enabled:
@@ -236,6 +262,10 @@ class _Machine:
         if not suspend and self.status.suspended_at is not None:
             self.status.suspended_seconds += (self.now - self.status.suspended_at).total_seconds()
             self.status.suspended_at = None
+        if not suspend and any(c.type == "Suspended" for c in self.status.conditions):
+            self.condition("Suspended", False, "Resumed", "runPolicy.suspend is false")
+        nodes = self.spec.resources.nodes
+        waiting = f"attempt {attempt}: waiting for {nodes} pod(s) to start"
         if train is None:
             if any(j.component == "train" for j in self.observed.jobs):
                 self.phase(
@@ -249,9 +279,11 @@ class _Machine:
                 self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
                 return
             self.act(Create("train", attempt))
-            self.phase("Pending", f"creating training attempt {attempt}", "Created")
+            if self.status.start_time is None and not self.queued_by_kueue():
+                self.status.start_time = self.now
+            self.phase("Pending", waiting)
             return
-        if train.outcome == "Failed":
+        if train.state == "Failed":
             self.training_failed(train, attempt)
             return
         if train.suspended != suspend and not (train.suspended and self.queued_by_kueue()):
@@ -260,16 +292,17 @@ class _Machine:
             self.phase("Suspended", "runPolicy.suspend is true; checkpoints are kept")
             self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
             return
-        self.condition("Suspended", False, "Resumed", "not suspended")
         if train.suspended:
             self.phase("Queued", f"waiting for Kueue to admit {train.name}")
             return
         if self.status.start_time is None:
             self.status.start_time = self.now
-        running = sum(pod.phase == "Running" for pod in train.pods)
-        self.phase(
-            "Training", f"attempt {attempt}: {running}/{self.spec.resources.nodes} pods running"
-        )
+        # Succeeded pods count as started: a pod that finished before its Job did is no news.
+        started = sum(pod.phase in ("Running", "Succeeded") for pod in train.pods)
+        if started == 0:
+            self.phase("Pending", waiting)
+            return
+        self.phase("Training", f"attempt {attempt}: {started}/{nodes} pods started")
         self.condition("Training", True, "Running", f"attempt {attempt}")
         if self.observed.metrics is not None:
             self.status.metrics = self.observed.metrics
@@ -281,13 +314,13 @@ class _Machine:
         failed = [pod for pod in train.pods if pod.phase == "Failed"]
         bad_input = next((p for p in failed if p.exit_code == EXIT_BAD_INPUT), None)
         if bad_input is not None:
-            self.finish("Failed", f"bad config or data: {_reason(bad_input.message)}", "BadInput")
+            self.finish("Failed", f"bad config or data: {_reason(bad_input)}", "BadInput")
             return
         wrong = next((p for p in failed if p.exit_code == EXIT_WRONG_ENVIRONMENT), None)
         if wrong is not None:
             self.finish(
                 "Failed",
-                f"the pods are not what was rendered: {_reason(wrong.message)}",
+                f"the pods are not what was rendered: {_reason(wrong)}",
                 "WrongEnvironment",
             )
             return
@@ -325,42 +358,34 @@ class _Machine:
             self.condition("Training", False, "Trained", f"attempt {attempt} finished")
             self.phase("Evaluating", "running the held-out gate", "Trained")
             return False
-        if evaluation.outcome in ("Pending", "Running"):
+        if evaluation.state in ("Pending", "Running"):
             self.phase("Evaluating", "running the held-out gate")
             return False
-        pod = _finished_pod(evaluation)
-        verdict = _json(pod.message if pod else "")
-        if evaluation.outcome == "Complete" and verdict.get("verdict") == "Passed":
-            self.record_verdict(verdict, passed=True)
+        pod = _telling_pod(evaluation)
+        verdict = pod.reported if pod else None
+        passed = isinstance(verdict, GateVerdict) and verdict.verdict == "Passed"
+        if evaluation.state == "Complete" and isinstance(verdict, GateVerdict) and passed:
+            self.record_verdict(verdict)
             return True
-        rejected = pod is not None and pod.exit_code == EXIT_GATE_REJECTED
-        if rejected:
-            self.record_verdict(verdict, passed=False)
+        if isinstance(verdict, GateVerdict) and pod and pod.exit_code == EXIT_GATE_REJECTED:
+            self.record_verdict(verdict)
             self.finish(
-                "Rejected", verdict.get("message", "the gate rejected the adapter"), "GateRejected"
+                "Rejected", verdict.message or "the gate rejected the adapter", "GateRejected"
             )
             return False
-        reason = _reason(pod.message) if pod else "no pod"
-        self.finish("Failed", f"the gate could not run: {reason}", "GateFailed")
+        self.finish("Failed", f"the gate could not run: {_reason(pod)}", "GateFailed")
         return False
 
-    def record_verdict(self, verdict: dict[str, Any], *, passed: bool) -> None:
+    def record_verdict(self, verdict: GateVerdict) -> None:
+        passed = verdict.verdict == "Passed"
+        message = verdict.message or ("every criterion holds" if passed else "gate rejected")
         if self.status.evaluation is None:
-            self.event(
-                "GatePassed" if passed else "GateRejected",
-                "gate passed" if passed else verdict.get("message", "gate rejected"),
-                warning=not passed,
-            )
+            self.event("GatePassed" if passed else "GateRejected", message, warning=not passed)
         self.status.evaluation = EvaluationStatus(
-            verdict="Passed" if passed else "Rejected",
-            criteria=[GateCriterion.model_validate(c) for c in verdict.get("criteria", [])],
+            verdict=verdict.verdict,
+            criteria=[GateCriterion.model_validate(c.model_dump()) for c in verdict.criteria],
         )
-        self.condition(
-            "GatePassed",
-            passed,
-            "Passed" if passed else "Rejected",
-            verdict.get("message", "every criterion holds"),
-        )
+        self.condition("GatePassed", passed, verdict.verdict, message)
 
     def promoting(self, attempt: int) -> None:
         promotion = self.spec.promotion
@@ -378,32 +403,29 @@ class _Machine:
             self.act(Create("promote", attempt))
             self.phase("Promoting", f"publishing to {promotion.target}")
             return
-        if promote.outcome in ("Pending", "Running"):
+        if promote.state in ("Pending", "Running"):
             self.phase("Promoting", f"publishing to {promotion.target}")
             return
-        pod = _finished_pod(promote)
-        result = _json(pod.message if pod else "")
-        if promote.outcome == "Complete" and "version" in result:
-            if self.status.promotion is None:
-                self.event("Promoted", f"{result['version']} -> {result['uri']}")
+        pod = _telling_pod(promote)
+        result = pod.reported if pod else None
+        if promote.state == "Complete" and isinstance(result, PromotionResult):
             self.status.promotion = PromotionStatus(
-                version=result["version"],
-                uri=result["uri"],
-                digest=result["digest"],
-                at=result.get("at"),
+                version=result.version,
+                uri=result.uri,
+                digest=result.digest,
+                at=datetime.fromisoformat(result.promoted_at),
             )
-            self.condition("Promoted", True, "Promoted", result["uri"])
-            self.finish("Succeeded", f"promoted {result['version']}", "Promoted")
+            self.condition("Promoted", True, "Promoted", result.uri)
+            self.finish("Succeeded", f"promoted {result.version} to {result.uri}", "Promoted")
             return
-        reason = _reason(pod.message) if pod else "no pod"
-        self.finish("Failed", f"promotion failed: {reason}", "PromotionFailed")
+        self.finish("Failed", f"promotion failed: {_reason(pod)}", "PromotionFailed")
 
     def expire_children(self) -> None:
         ttl = self.spec.run_policy.ttl_seconds_after_finished
         if ttl is None or self.status.children_deleted or self.status.completion_time is None:
             return
         if (self.now - self.status.completion_time).total_seconds() >= ttl:
-            self.act(DeleteChildren())
+            self.act(DeleteChildren(tuple(child.name for child in self.observed.jobs)))
             self.status.children_deleted = True
             self.event(
                 "ChildrenDeleted",
@@ -411,23 +433,20 @@ class _Machine:
             )
 
 
-def _finished_pod(child: ChildJob) -> PodState | None:
-    """The pod whose termination tells the Job's story: the last one that finished."""
-    finished = [p for p in child.pods if p.phase in ("Succeeded", "Failed")]
-    failed = [p for p in finished if p.phase == "Failed" and not p.disrupted]
-    candidates = failed or finished
+def _telling_pod(child: ChildJob) -> PodState | None:
+    """The pod whose termination tells the Job's story: of a completed Job the pod that
+    succeeded (earlier tries may have failed), of a failed one the last pod that failed."""
+    wanted = "Succeeded" if child.state == "Complete" else "Failed"
+    candidates = [p for p in child.pods if p.phase == wanted and not p.disrupted]
+    candidates = candidates or [p for p in child.pods if p.phase in ("Succeeded", "Failed")]
     return candidates[-1] if candidates else None
 
 
-def _json(message: str) -> dict[str, Any]:
-    try:
-        loaded = json.loads(message)
-    except (json.JSONDecodeError, TypeError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def _reason(message: str) -> str:
-    parsed = _json(message)
-    text = parsed.get("message") or message or "no termination message"
-    return str(text)[:2000]
+def _reason(pod: PodState | None) -> str:
+    """What went wrong, in the trainer's words where it said."""
+    if pod is None:
+        return "no pod finished"
+    reported = pod.reported
+    if isinstance(reported, Failure):
+        return reported.message[:2000]
+    return (pod.message or f"exit code {pod.exit_code}, no termination message")[:2000]

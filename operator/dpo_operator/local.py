@@ -1,24 +1,29 @@
-"""`dpo run FILE`: run a DPOJob on this machine: train, gate, promote.
+"""`dpo run FILE`: a DPOJob on this machine, through the same lifecycle as the operator.
 
-The processes are the rendered pods' containers, started as a kubelet would start them: the
-same command and env, with the completion index as the rank, rank 0 at 127.0.0.1, /etc/dpo
-files written to the run directory and PersistentVolumeClaims mapped to local directories.
-A job of several nodes becomes several local processes talking over gloo.
+`lifecycle.decide` decides; `LocalExecutor` carries its decisions out with processes instead of
+pods. A Job is one process per pod, started as a kubelet would start the rendered container:
+the same command and env, the completion index as the rank, rank 0 at 127.0.0.1, the /etc/dpo
+files in the run directory, each pod with its own /tmp, PersistentVolumeClaims mapped to local
+directories. So phases, group restarts, the gate, manual approval, promotion, suspend and
+deadlines behave here as they do on a cluster.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from dpo_trainer.config import (
     ACCELERATE_CONFIG_FILE,
@@ -30,22 +35,41 @@ from dpo_trainer.config import (
     EXIT_GATE_REJECTED,
     EXIT_WRONG_ENVIRONMENT,
     TRAINER_CONFIG_PATH,
+    DistributedRun,
+    GateReport,
+    TrainingReport,
 )
 
-from dpo_operator.api import DPOJob
+from dpo_operator.api import TERMINAL_PHASES, DPOJob, DPOJobStatus
+from dpo_operator.lifecycle import (
+    APPROVE_ANNOTATION,
+    Action,
+    ChildJob,
+    Component,
+    Create,
+    Delete,
+    DeleteChildren,
+    Event,
+    JobState,
+    Observed,
+    PodState,
+    Suspend,
+    decide,
+)
 from dpo_operator.render import (
     Manifest,
+    Settings,
     claims,
+    render_child,
     render_config_map,
-    render_eval_job,
-    render_promote_job,
-    render_training_job,
     trainer_config,
 )
 
 EXIT_FAILED = 1
 # Trainer output worth showing live; the rest goes to the run's log files.
 _SHOWN = re.compile(r"^step \d|\b(ERROR|WARNING|resuming|gate:|promoted)")
+# How often the run is looked at while its processes work (deadlines, metrics, approval).
+POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -55,13 +79,6 @@ class LocalOptions:
     metrics_port: int | None = None
     approve: bool = False
     cpu: bool = False
-
-
-@dataclass
-class Outcome:
-    phase: str
-    exit_code: int
-    lines: list[str] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -125,19 +142,134 @@ def kubelet_process(
     return command, env
 
 
-class LocalRun:
-    """One `dpo run`: the run directory, its files, and the processes of each phase."""
+class PodStarter(Protocol):
+    """Starts the process of one pod: `dpo run` runs the rendered container; the scenario tests
+    script one."""
 
-    def __init__(self, job: DPOJob, options: LocalOptions, out: IO[str]) -> None:
-        self.job = job
+    def __call__(
+        self, command: list[str], env: dict[str, str], component: Component, attempt: int, rank: int
+    ) -> subprocess.Popen[str]: ...
+
+
+def start_container(
+    command: list[str], env: dict[str, str], component: Component, attempt: int, rank: int
+) -> subprocess.Popen[str]:
+    del component, attempt, rank
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@dataclass
+class LocalPod:
+    """One pod: its process and the termination message it leaves."""
+
+    name: str
+    rank: int
+    process: subprocess.Popen[str]
+    termination: Path
+
+    def observed(self) -> PodState:
+        code = self.process.poll()
+        if code is None:
+            return PodState(self.name, "Running")
+        message = self.termination.read_text() if self.termination.exists() else ""
+        return PodState(self.name, "Succeeded" if code == 0 else "Failed", code, message)
+
+
+@dataclass
+class LocalJob:
+    """A Job: the processes of its pods, kept as the Job controller keeps them. A failed pod is
+    replaced while `backoffLimit` allows and no podFailurePolicy rule fails the Job on its exit
+    code; once the Job has failed, the pods still running are stopped (SIGTERM: they
+    checkpoint). A suspended Job has no pods."""
+
+    name: str
+    component: Component
+    attempt: int
+    manifest: Manifest
+    pods: list[LocalPod] = field(default_factory=list)
+    suspended: bool = False
+    deleting: bool = False
+    failed: bool = False
+    seen_failures: set[str] = field(default_factory=set)
+
+    @property
+    def backoff_limit(self) -> int:
+        return int(self.manifest["spec"].get("backoffLimit", 6))
+
+    @property
+    def fail_job_exit_codes(self) -> set[int]:
+        rules = self.manifest["spec"].get("podFailurePolicy", {}).get("rules", [])
+        return {
+            code
+            for rule in rules
+            if rule["action"] == "FailJob" and "onExitCodes" in rule
+            for code in rule["onExitCodes"]["values"]
+        }
+
+    def new_failures(self) -> list[LocalPod]:
+        """Pods that failed since the last look, to be replaced or to fail the Job."""
+        fresh = [
+            pod
+            for pod in self.pods
+            if pod.name not in self.seen_failures and pod.observed().phase == "Failed"
+        ]
+        self.seen_failures.update(pod.name for pod in fresh)
+        return fresh
+
+    def state(self) -> JobState:
+        if self.suspended:
+            return "Pending"
+        if self.failed:
+            self.stop()
+            return "Failed" if self.finished else "Running"
+        latest = {pod.rank: pod for pod in self.pods}  # each rank's newest pod
+        if latest and all(p.observed().phase == "Succeeded" for p in latest.values()):
+            return "Complete"
+        return "Running" if self.pods else "Pending"
+
+    def stop(self) -> None:
+        for pod in self.pods:
+            if pod.process.poll() is None:
+                pod.process.send_signal(signal.SIGTERM)
+
+    @property
+    def finished(self) -> bool:
+        return all(pod.process.poll() is not None for pod in self.pods)
+
+    def observed(self) -> ChildJob:
+        return ChildJob(
+            name=self.name,
+            component=self.component,
+            attempt=self.attempt,
+            suspended=self.suspended,
+            state=self.state(),
+            deleting=self.deleting,
+            pods=tuple(pod.observed() for pod in self.pods),
+        )
+
+
+class LocalExecutor:
+    """Carries out the lifecycle's actions on this machine; observes what it started."""
+
+    def __init__(
+        self,
+        job: DPOJob,
+        options: LocalOptions,
+        out: IO[str],
+        start_pod: PodStarter = start_container,
+    ) -> None:
         self.options = options
         self.out = out
+        self.start_pod = start_pod
         self.workdir = options.workdir
         self.claim_paths = {
             claim: str(options.volumes.get(claim, self.workdir / "volumes" / claim).resolve())
             for claim in claims(job)
         }
-        config = trainer_config(job, self.claim_paths, cpu=options.cpu)
+        self.settings = Settings(cpu=options.cpu)
+        config = trainer_config(job, self.claim_paths, settings=self.settings)
         if options.metrics_port is not None:
             config = config.model_copy(update={"metrics_port": options.metrics_port})
         self.config = config
@@ -145,11 +277,123 @@ class LocalRun:
             TRAINER_CONFIG_PATH: self.workdir / "trainer.json",
             ACCELERATE_CONFIG_PATH: self.workdir / "accelerate.yaml",
         }
+        self.jobs: dict[str, LocalJob] = {}
+        self.master_ports: dict[str, int] = {}
+        self.has_files = False
+        self._readers: list[threading.Thread] = []
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def write_files(self) -> None:
+    # -- observe ---------------------------------------------------------------------------
+
+    def observe(self) -> Observed:
+        for name in [n for n, j in self.jobs.items() if j.deleting and j.finished]:
+            del self.jobs[name]
+        for local in self.jobs.values():
+            self._replace_failed_pods(local)
+        return Observed(
+            now=datetime.now(UTC),
+            jobs=tuple(job.observed() for job in self.jobs.values()),
+            has_config_map=self.has_files,
+            has_service=self.has_files,
+        )
+
+    def running(self) -> bool:
+        return any(not job.finished for job in self.jobs.values())
+
+    def wait(self, seconds: float) -> None:
+        """Until a process ends or `seconds` pass."""
+        deadline = time.monotonic() + seconds
+        before = {id(p.process): p.process.poll() for j in self.jobs.values() for p in j.pods}
+        while time.monotonic() < deadline:
+            now = {id(p.process): p.process.poll() for j in self.jobs.values() for p in j.pods}
+            if now != before:
+                return
+            time.sleep(0.05)
+
+    # -- act -------------------------------------------------------------------------------
+
+    def apply(self, job: DPOJob, action: Action) -> None:
+        if isinstance(action, Create):
+            self._create(job, action)
+        elif isinstance(action, Delete):
+            self._delete(action.job)
+        elif isinstance(action, Suspend):
+            local = self.jobs.get(action.job)
+            if local is not None and action.suspend:
+                local.stop()  # the pods checkpoint and go; resuming starts a new attempt's pods
+                local.suspended = True
+        elif isinstance(action, DeleteChildren):
+            for name in list(self.jobs):
+                self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        local = self.jobs.get(name)
+        if local is not None:
+            local.stop()
+            local.deleting = True
+
+    def _create(self, job: DPOJob, action: Create) -> None:
+        if action.kind == "config" or action.kind == "service":
+            self._write_files(job)
+            return
+        component: Component = action.kind
+        manifest = render_child(job, component, action.attempt, settings=self.settings)
+        name = manifest["metadata"]["name"]
+        local = LocalJob(name, component, action.attempt, manifest)
+        self.jobs[name] = local
+        self._announce(component)
+        self.master_ports[name] = free_port()
+        for rank in range(int(manifest["spec"].get("completions", 1))):
+            self._start_pod(local, rank)
+
+    def _start_pod(self, local: LocalJob, rank: int) -> None:
+        tries = sum(pod.rank == rank for pod in local.pods)
+        pod = f"{local.name}-{rank}" + (f"-retry{tries}" if tries else "")
+        termination = self.workdir / "logs" / f"{pod}.termination.json"
+        termination.unlink(missing_ok=True)
+        command, env = kubelet_process(
+            local.manifest["spec"]["template"]["spec"]["containers"][0],
+            rank,
+            self.master_ports[local.name],
+            self.files,
+            termination,
+            self.workdir / "pods" / pod / "tmp",
+            self.say,
+        )
+        process = self.start_pod(command, env, local.component, local.attempt, rank)
+        self._follow(process, self.workdir / "logs" / f"{pod}.log", show=rank == 0)
+        local.pods.append(LocalPod(pod, rank, process, termination))
+
+    def _replace_failed_pods(self, local: LocalJob) -> None:
+        """What the Job controller does with a failed pod: replace it, or fail the Job."""
+        for pod in local.new_failures():
+            if local.failed or local.deleting or local.suspended:
+                continue
+            code = pod.process.returncode
+            retries = len(local.seen_failures)
+            if code in local.fail_job_exit_codes or retries > local.backoff_limit:
+                local.failed = True
+                continue
+            self.say(
+                f"  {pod.name} exited {code}; the Job retries it ({retries}/{local.backoff_limit})"
+            )
+            self._start_pod(local, pod.rank)
+
+    def _announce(self, component: Component) -> None:
+        if component != "train":
+            return
+        layout = self.config.distributed
+        self.say(
+            f"  {layout.strategy} on {layout.nnodes} pod(s) x {layout.nproc_per_node} "
+            f"{layout.device} process(es); live metrics at "
+            f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+        )
+
+    def _write_files(self, job: DPOJob) -> None:
+        if self.has_files:
+            return
         for path in self.claim_paths.values():
             Path(path).mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -157,130 +401,34 @@ class LocalRun:
             self.config.model_dump_json(by_alias=True, indent=2) + "\n"
         )
         self.files[ACCELERATE_CONFIG_PATH].write_text(
-            render_config_map(self.job, cpu=self.options.cpu)["data"][ACCELERATE_CONFIG_FILE]
+            render_config_map(job, settings=self.settings)["data"][ACCELERATE_CONFIG_FILE]
         )
+        self.has_files = True
 
-    def process(
-        self, container: Manifest, name: str, rank: int, master_port: int
-    ) -> tuple[list[str], dict[str, str]]:
-        """The container's command and env as a kubelet would start it, on this machine."""
-        return kubelet_process(
-            container,
-            rank,
-            master_port,
-            self.files,
-            self.termination(name, rank),
-            self.workdir / "pods" / f"{name}-{rank}" / "tmp",
-            self.say,
-        )
+    def _follow(self, process: subprocess.Popen[str], log: Path, *, show: bool) -> None:
+        """Copy the pod's output to its log file; show rank 0's progress lines live."""
 
-    def termination(self, name: str, rank: int) -> Path:
-        return self.workdir / "logs" / f"{name}-{rank}.termination.json"
+        def copy() -> None:
+            assert process.stdout is not None
+            with log.open("w") as sink:
+                for line in process.stdout:
+                    sink.write(line)
+                    if show and _SHOWN.search(line):
+                        self.say(f"  {line.rstrip()}")
 
-    def run_pods(self, job_manifest: Manifest, name: str) -> list[int]:
-        """Start one process per pod of the Job; show rank 0's progress; return exit codes."""
-        pod = job_manifest["spec"]["template"]["spec"]
-        container = pod["containers"][0]
-        count = int(job_manifest["spec"].get("completions", 1))
-        port = free_port()
-        processes = []
-        for rank in range(count):
-            command, env = self.process(container, name, rank, port)
-            self.termination(name, rank).unlink(missing_ok=True)
-            log = (self.workdir / "logs" / f"{name}-{rank}.log").open("w")
-            process = subprocess.Popen(
-                command,
-                env=env,
-                stdout=subprocess.PIPE if rank == 0 else log,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            processes.append((process, log))
-        first, first_log = processes[0]
-        assert first.stdout is not None
-        for line in first.stdout:
-            first_log.write(line)
-            if _SHOWN.search(line):
-                self.say(f"  {line.rstrip()}")
-        codes = [process.wait() for process, _ in processes]
-        for _, log in processes:
-            log.close()
-        return codes
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        self._readers.append(reader)
 
-    def message(self, name: str) -> dict[str, Any]:
-        path = self.termination(name, 0)
-        if not path.exists():
-            return {}
-        try:
-            loaded: dict[str, Any] = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return {"message": path.read_text()[-2000:]}
-        return loaded
-
-    def train(self) -> Outcome:
-        restarts, limit = 0, self.job.spec.run_policy.max_restarts
-        while True:
-            attempt = restarts + 1
-            layout = self.config.distributed
-            self.say(
-                f"Training: {layout.strategy} on {layout.nnodes} pod(s) x "
-                f"{layout.nproc_per_node} {layout.device} process(es), attempt {attempt}; live "
-                f"metrics at http://127.0.0.1:{self.config.metrics_port}/metrics"
-            )
-            codes = self.run_pods(
-                render_training_job(self.job, attempt, cpu=self.options.cpu), "train"
-            )
-            if all(code == 0 for code in codes):
-                return Outcome("Trained", 0)
-            for fatal, what in (
-                (EXIT_BAD_INPUT, "bad input"),
-                (EXIT_WRONG_ENVIRONMENT, "not what was rendered"),
-            ):
-                if fatal in codes:
-                    reason = self.message("train").get("message", what)
-                    return Outcome("Failed", fatal, [f"{what}: {reason}"])
-            if restarts >= limit:
-                return Outcome(
-                    "Failed",
-                    EXIT_FAILED,
-                    [
-                        f"training failed with exit codes {codes} after {restarts} restart(s); "
-                        f"see {self.workdir / 'logs'}"
-                    ],
-                )
-            restarts += 1
-            self.say(
-                f"Training failed (exit codes {codes}); restarting from the last checkpoint "
-                f"({restarts}/{limit})"
-            )
-
-    def evaluate(self) -> tuple[Outcome, dict[str, Any]]:
-        self.say("Evaluating: the held-out gate")
-        (code,) = self.run_pods(render_eval_job(self.job, 1, cpu=self.options.cpu), "eval")
-        report = self.message("eval")
-        if code == 0:
-            return Outcome("Passed", 0), report
-        if code == EXIT_GATE_REJECTED:
-            return Outcome(
-                "Rejected", EXIT_GATE_REJECTED, [report.get("message", "rejected")]
-            ), report
-        return Outcome(
-            "Failed",
-            code if code == EXIT_BAD_INPUT else EXIT_FAILED,
-            [f"the gate could not run: {report.get('message', f'exit code {code}')}"],
-        ), report
-
-    def promote(self) -> tuple[Outcome, dict[str, Any]]:
-        self.say("Promoting")
-        (code,) = self.run_pods(render_promote_job(self.job, 1), "promote")
-        result = self.message("promote")
-        if code == 0:
-            return Outcome("Succeeded", 0), result
-        return Outcome(
-            "Failed",
-            code if code == EXIT_BAD_INPUT else EXIT_FAILED,
-            [f"promotion failed: {result.get('message', f'exit code {code}')}"],
-        ), result
+    def close(self) -> None:
+        """Stop whatever still runs (Ctrl-C, or the run stopped waiting) and flush the logs."""
+        for job in self.jobs.values():
+            job.stop()
+        for job in self.jobs.values():
+            for pod in job.pods:
+                pod.process.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
 
 
 def run(
@@ -288,8 +436,13 @@ def run(
     options: LocalOptions,
     out: IO[str] = sys.stdout,
     confirm: Callable[[str], bool] | None = None,
+    start_pod: PodStarter = start_container,
 ) -> int:
-    """Train, gate and promote `job` here; print progress and a summary; return an exit code."""
+    """Run `job` here through the lifecycle; print progress and a summary; return an exit code.
+
+    Stops when the run ends, or when it can only wait for someone: a manual promotion without
+    approval (`--approve`), a suspended job.
+    """
     gpus = local_gpus()
     if job.spec.resources.gpus_per_node > gpus and not options.cpu:
         print(
@@ -298,91 +451,115 @@ def run(
             file=out,
         )
         return EXIT_BAD_INPUT
-    local = LocalRun(job, options, out)
-    local.write_files()
-    local.say(f"DPOJob {job.namespace}/{job.name}: run directory {local.workdir}")
-    outcome = local.train()
-    gate: dict[str, Any] = {}
-    promotion: dict[str, Any] = {}
-    if outcome.exit_code == 0 and job.spec.eval_gate.enabled:
-        outcome, gate = local.evaluate()
-        if outcome.exit_code == 0 and job.spec.promotion is not None:
-            manual = job.spec.promotion.mode == "manual"
-            approved = options.approve or (
-                manual
-                and confirm is not None
-                and confirm(
-                    f"Promote adapter {gate.get('adapterDigest')} to {job.spec.promotion.target}?"
-                )
-            )
-            if manual and not approved:
-                outcome = Outcome(
-                    "AwaitingApproval",
-                    0,
-                    [
-                        "promotion is manual: run again with --approve to promote (training is "
-                        "not repeated; the gate is re-checked)"
-                    ],
-                )
-            else:
-                outcome, promotion = local.promote()
-        elif outcome.exit_code == 0:
-            outcome = Outcome("Succeeded", 0)
-    elif outcome.exit_code == 0:
-        outcome = Outcome("Succeeded", 0)
-    _summary(local, outcome, gate, promotion)
-    return outcome.exit_code
+    if options.approve:
+        job = approved(job)
+    executor = LocalExecutor(job, options, out, start_pod)
+    executor.say(f"DPOJob {job.namespace}/{job.name}: run directory {executor.workdir}")
+    shown_phase = None
+    try:
+        while True:
+            decision = decide(job, executor.observe())
+            for event in decision.events:
+                _report(executor, event)
+            phase = decision.status.phase
+            if phase != shown_phase:  # what `kubectl get dpo -w` shows
+                executor.say(f"[{phase}] {decision.status.message or ''}".rstrip())
+                shown_phase = phase
+            for action in decision.actions:
+                executor.apply(job, action)
+            job = job.model_copy(update={"status": decision.status})
+            if phase in TERMINAL_PHASES or (phase == "Suspended" and not executor.running()):
+                break
+            if phase == "AwaitingApproval":
+                question = f"Promote the gated adapter to {job.spec.promotion.target}?"  # type: ignore[union-attr]
+                if confirm is None or not confirm(question):
+                    break
+                job = approved(job)
+                continue
+            executor.wait(POLL_SECONDS)
+    finally:
+        executor.close()
+    status = job.status or DPOJobStatus()
+    _summary(executor, job, status)
+    return exit_code(status)
 
 
-def _summary(
-    local: LocalRun, outcome: Outcome, gate: dict[str, Any], promotion: dict[str, Any]
-) -> None:
-    say = local.say
+def approved(job: DPOJob) -> DPOJob:
+    """`job` with the approval annotation a person adds with kubectl."""
+    annotations = {**job.metadata.annotations, APPROVE_ANNOTATION: "true"}
+    return job.model_copy(
+        update={"metadata": job.metadata.model_copy(update={"annotations": annotations})}
+    )
+
+
+def exit_code(status: DPOJobStatus) -> int:
+    """`dpo run`'s exit code for where the run stopped."""
+    if status.phase == "Rejected":
+        return EXIT_GATE_REJECTED
+    if status.phase != "Failed":
+        return 0
+    failed = next((c for c in status.conditions if c.type == "Failed"), None)
+    reason = failed.reason if failed else ""
+    return {"BadInput": EXIT_BAD_INPUT, "WrongEnvironment": EXIT_WRONG_ENVIRONMENT}.get(
+        reason, EXIT_FAILED
+    )
+
+
+def _report(executor: LocalExecutor, event: Event) -> None:
+    """The lifecycle's events, as `kubectl describe` would list them."""
+    executor.say(f"{event.type}  {event.reason}: {event.message}")
+
+
+def _summary(executor: LocalExecutor, job: DPOJob, status: DPOJobStatus) -> None:
+    say = executor.say
     say("")
-    say(f"DPOJob {local.job.namespace}/{local.job.name}: {outcome.phase}")
-    for line in outcome.lines:
-        say(f"  {line}")
-    train_report = Path(local.config.artifacts_dir) / "train.json"
-    if train_report.exists():
-        summary = json.loads(train_report.read_text())
-        metrics = summary.get("metrics", {})
+    say(f"DPOJob {job.namespace}/{job.name}: {status.phase}")
+    if status.message:
+        say(f"  {status.message}")
+    if status.phase == "AwaitingApproval":
         say(
-            f"training   step {summary.get('step')}  loss {metrics.get('dpo_train_loss', 0):.4f}  "
+            "  promotion is manual: run again with --approve to promote (training is not "
+            "repeated; the gate is re-checked)"
+        )
+    train_report = Path(executor.config.artifacts_dir) / "train.json"
+    if train_report.exists():
+        summary = TrainingReport.model_validate_json(train_report.read_text())
+        metrics = summary.metrics
+        say(
+            f"training   step {summary.step}  loss {metrics.get('dpo_train_loss', 0):.4f}  "
             f"reward accuracy {metrics.get('dpo_train_reward_accuracy', 0):.3f}  "
             f"margin {metrics.get('dpo_train_reward_margin', 0):.4f}"
         )
-        ran = summary.get("distributed")
-        if ran:
-            say(f"ran        {describe_distributed_run(ran)}")
-        plot = plot_rewards(summary.get("logHistory", []), local.workdir / "rewards.png")
+        say(f"ran        {describe_distributed_run(summary.distributed)}")
+        plot = plot_rewards(summary.log_history, executor.workdir / "rewards.png")
         if plot:
             say(f"plot       {plot}")
-    if gate:
-        say(f"gate       {gate.get('verdict', 'not run')}")
-        for criterion in gate.get("criteria", []):
-            value = criterion["value"]
-            shown = "n/a" if value is None else f"{value:.4f}"
-            verdict = "pass" if criterion["passed"] else "FAIL"
-            threshold = criterion["threshold"]
-            say(f"  {criterion['name']:18s} {shown:>9s}  threshold {threshold:<8} {verdict}")
-    if promotion:
-        say(f"promoted   {promotion.get('version')} -> {promotion.get('uri')}")
-    say(f"artifacts  {local.config.artifacts_dir}")
+    gate_report = Path(executor.config.artifacts_dir) / "eval.json"
+    if status.evaluation is not None and gate_report.exists():
+        gate = GateReport.model_validate_json(gate_report.read_text())
+        say(f"gate       {gate.verdict}")
+        for criterion in gate.criteria:
+            shown = "n/a" if criterion.value is None else f"{criterion.value:.4f}"
+            verdict = "pass" if criterion.passed else "FAIL"
+            say(f"  {criterion.name:18s} {shown:>9s}  threshold {criterion.threshold:<8} {verdict}")
+    if status.promotion is not None:
+        say(f"promoted   {status.promotion.version} -> {status.promotion.uri}")
+    say(f"artifacts  {executor.config.artifacts_dir}")
 
 
-def describe_distributed_run(ran: Mapping[str, Any]) -> str:
+def describe_distributed_run(ran: DistributedRun) -> str:
     """One line from train.json's `distributed`: what the trainer really ran on."""
-    kind = ran["distributedType"]
+    kind = ran.distributed_type
     if kind == "FSDP":
-        shape = ran["meshShape"] or []
+        shape = ran.mesh_shape or []
         mesh = "x".join(str(size) for size in shape)
         over = (
-            f"a {mesh} mesh ({', '.join(ran['meshDims'] or [])})"
+            f"a {mesh} mesh ({', '.join(ran.mesh_dims or [])})"
             if len(shape) > 1
-            else f"{mesh} ranks"
+            else (f"{mesh} ranks")
         )
-        kind = f"FSDP{ran['fsdpVersion']} sharded over {over}"
-    return f"{kind}, world size {ran['worldSize']}, parameters on {ran['device']}"
+        kind = f"FSDP{ran.fsdp_version} sharded over {over}"
+    return f"{kind}, world size {ran.world_size}, parameters on {ran.device}"
 
 
 def plot_rewards(history: list[dict[str, Any]], path: Path) -> Path | None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -78,6 +79,20 @@ def _release() -> str:
 
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/dpo-operator/trainer:{_release()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What rendering takes besides the DPOJob: the operator installation's settings (the chart
+    sets them; `dpo operator` and `dpo render` take the same flags, so both render the same
+    objects) and where the pods run.
+    """
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # for DPOJobs that set no spec.image
+    cpu: bool = False  # the job's process layout on CPUs (`dpo run --cpu`, tests)
+
+
+DEFAULT_SETTINGS = Settings()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,11 +200,10 @@ def artifacts_dir(job: DPOJob, claim_paths: ClaimPaths | None = None) -> str:
 
 
 def trainer_config(
-    job: DPOJob, claim_paths: ClaimPaths | None = None, *, cpu: bool = False
+    job: DPOJob, claim_paths: ClaimPaths | None = None, *, settings: Settings = DEFAULT_SETTINGS
 ) -> TrainerConfig:
     """trainer.json: every setting resolved. `claim_paths` maps PVCs to local directories
-    (`dpo run`); by default they are where the pods mount them. `cpu` runs the job's process
-    layout on CPUs (see `parallelism`)."""
+    (`dpo run`); by default they are where the pods mount them."""
     spec = job.spec
     gate = spec.eval_gate
     gate_data = _optional_in_pod(gate.data or spec.data.eval, claim_paths)
@@ -225,7 +239,7 @@ def trainer_config(
             logging_steps=spec.dpo.logging_steps,
             save_steps=spec.dpo.save_steps,
             gradient_checkpointing=spec.parallelism.activation_checkpointing,
-            mixed_precision=mixed_precision(spec, cpu=cpu),
+            mixed_precision=mixed_precision(spec, cpu=settings.cpu),
             ddp_timeout_seconds=spec.network.collective_timeout_seconds,
             extra=spec.dpo.extra,
         ),
@@ -238,11 +252,11 @@ def trainer_config(
             strategy=chosen.strategy,
             fsdp_version=fsdp_version(spec),
             shard_group_size=chosen.shard if chosen.strategy == "hsdp" else None,
-            device="cpu" if on_cpu(spec, cpu) else "cuda",
+            device="cpu" if on_cpu(spec, settings.cpu) else "cuda",
         ),
         artifacts_dir=artifacts_dir(job, claim_paths),
         gate=GateConfig(
-            gpus=eval_gpus(job, cpu=cpu),
+            gpus=eval_gpus(job, settings=settings),
             data=gate_data,
             anchor_data=_optional_in_pod(gate.anchor_data, claim_paths),
             max_samples=gate.max_samples,
@@ -267,18 +281,35 @@ def trainer_config(
 # objects
 
 
-def render_all(job: DPOJob, attempt: int = 1, *, cpu: bool = False) -> list[Manifest]:
+def render_all(
+    job: DPOJob, attempt: int = 1, *, settings: Settings = DEFAULT_SETTINGS
+) -> list[Manifest]:
     """Every child of `job` for training attempt `attempt` (what `dpo render` prints)."""
     children = [
-        render_config_map(job, cpu=cpu),
+        render_config_map(job, settings=settings),
         render_service(job),
-        render_training_job(job, attempt, cpu=cpu),
+        render_training_job(job, attempt, settings=settings),
     ]
     if job.spec.eval_gate.enabled:
-        children.append(render_eval_job(job, attempt, cpu=cpu))
+        children.append(render_eval_job(job, attempt, settings=settings))
     if job.spec.promotion is not None:
-        children.append(render_promote_job(job, attempt))
+        children.append(render_promote_job(job, attempt, settings=settings))
     return children
+
+
+def render_child(
+    job: DPOJob, kind: str, attempt: int, *, settings: Settings = DEFAULT_SETTINGS
+) -> Manifest:
+    """The child a lifecycle `Create(kind, attempt)` asks for: config, service, train, eval or
+    promote."""
+    renderers: dict[str, Callable[[], Manifest]] = {
+        "config": lambda: render_config_map(job, settings=settings),
+        "service": lambda: render_service(job),
+        "train": lambda: render_training_job(job, attempt, settings=settings),
+        "eval": lambda: render_eval_job(job, attempt, settings=settings),
+        "promote": lambda: render_promote_job(job, attempt, settings=settings),
+    }
+    return renderers[kind]()
 
 
 def labels(job: DPOJob, component: str) -> dict[str, str]:
@@ -312,8 +343,8 @@ def _metadata(job: DPOJob, name: str, component: str, **extra_labels: str) -> Ma
     return metadata
 
 
-def render_config_map(job: DPOJob, *, cpu: bool = False) -> Manifest:
-    trainer_json = trainer_config(job, cpu=cpu).model_dump_json(by_alias=True, indent=2)
+def render_config_map(job: DPOJob, *, settings: Settings = DEFAULT_SETTINGS) -> Manifest:
+    trainer_json = trainer_config(job, settings=settings).model_dump_json(by_alias=True, indent=2)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -321,7 +352,7 @@ def render_config_map(job: DPOJob, *, cpu: bool = False) -> Manifest:
         "data": {
             TRAINER_CONFIG_FILE: trainer_json + "\n",
             ACCELERATE_CONFIG_FILE: yaml.safe_dump(
-                accelerate_config(job.spec, cpu=cpu), sort_keys=False
+                accelerate_config(job.spec, cpu=settings.cpu), sort_keys=False
             ),
         },
     }
@@ -541,17 +572,19 @@ def _job(
     }
 
 
-def render_training_job(job: DPOJob, attempt: int, *, cpu: bool = False) -> Manifest:
+def render_training_job(
+    job: DPOJob, attempt: int, *, settings: Settings = DEFAULT_SETTINGS
+) -> Manifest:
     """An Indexed Job of `nodes` pods; pod i is machine rank i (its completion index)."""
     spec = job.spec
-    gpus = 0 if cpu else spec.resources.gpus_per_node
+    gpus = 0 if settings.cpu else spec.resources.gpus_per_node
     # CPUs have no GPU NICs: plain TCP, whatever fabric the job's GPUs would use.
-    network = spec.network.model_copy(update={"profile": "tcp"}) if cpu else spec.network
+    network = spec.network.model_copy(update={"profile": "tcp"}) if settings.cpu else spec.network
     pieces = network_pieces(network, gpus)
     volumes, mounts = _volumes(job, pieces)
     container: Manifest = {
         "name": TRAINER_CONTAINER,
-        "image": spec.image or DEFAULT_TRAINER_IMAGE,
+        "image": spec.image or settings.trainer_image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": launch_command(job),
         "env": contract_env(job, attempt)
@@ -630,12 +663,13 @@ def _single_pod_job(
     cpu: str | int | None,
     memory: str | int | None,
     non_retryable: list[int],
+    settings: Settings,
 ) -> Manifest:
     spec = job.spec
     volumes, mounts = _volumes(job, None)
     container: Manifest = {
         "name": component,
-        "image": spec.image or DEFAULT_TRAINER_IMAGE,
+        "image": spec.image or settings.trainer_image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["dpo-trainer", component, "--config", TRAINER_CONFIG_PATH],
         "env": [
@@ -681,11 +715,11 @@ def _single_pod_job(
     )
 
 
-def eval_gpus(job: DPOJob, *, cpu: bool = False) -> int:
+def eval_gpus(job: DPOJob, *, settings: Settings = DEFAULT_SETTINGS) -> int:
     """GPUs of the eval pod: evalGate.resources.gpus, else as many as the memory plan says the
     bf16 model needs (one when its size is unknown)."""
     spec = job.spec
-    if cpu or spec.resources.gpus_per_node == 0:
+    if settings.cpu or spec.resources.gpus_per_node == 0:
         return 0
     if spec.eval_gate.resources.gpus is not None:
         return spec.eval_gate.resources.gpus
@@ -702,7 +736,9 @@ def eval_memory(job: DPOJob) -> str | int | None:
     return f"{planned // GIB}Gi" if planned else spec.resources.memory
 
 
-def render_eval_job(job: DPOJob, attempt: int, *, cpu: bool = False) -> Manifest:
+def render_eval_job(
+    job: DPOJob, attempt: int, *, settings: Settings = DEFAULT_SETTINGS
+) -> Manifest:
     """The gate: scores the adapter of training attempt `attempt` on held-out pairs."""
     spec = job.spec
     gate = spec.eval_gate.resources
@@ -711,14 +747,17 @@ def render_eval_job(job: DPOJob, attempt: int, *, cpu: bool = False) -> Manifest
         eval_job_name(job, attempt),
         "eval",
         attempt,
-        eval_gpus(job, cpu=cpu),
+        eval_gpus(job, settings=settings),
         gate.cpu if gate.cpu is not None else spec.resources.cpu,
         eval_memory(job),
         [EXIT_BAD_INPUT, EXIT_GATE_REJECTED, EXIT_WRONG_ENVIRONMENT],
+        settings,
     )
 
 
-def render_promote_job(job: DPOJob, attempt: int) -> Manifest:
+def render_promote_job(
+    job: DPOJob, attempt: int, *, settings: Settings = DEFAULT_SETTINGS
+) -> Manifest:
     """Copies the gated adapter to the promotion target; needs no GPU."""
     return _single_pod_job(
         job,
@@ -729,6 +768,7 @@ def render_promote_job(job: DPOJob, attempt: int) -> Manifest:
         "500m",
         "2Gi",
         [EXIT_BAD_INPUT, EXIT_WRONG_ENVIRONMENT],
+        settings,
     )
 
 

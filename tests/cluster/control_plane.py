@@ -13,8 +13,10 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ CACHE = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-operat
 BIN = CACHE / "bin" / K8S_VERSION
 PROMETHEUS_OPERATOR_CRDS = CACHE / "crds" / "prometheus-operator-v0.85.0"
 ADMIN_TOKEN = "dpo-test-admin-token"  # a static token of group system:masters
+# The operator's own identity (cluster-admin through RBAC, not system:masters), so the API
+# server can tell its requests from everyone else's (see tools/bench_operator.py).
+OPERATOR_USER = "dpo-operator"
+OPERATOR_TOKEN = "dpo-test-operator-token"
 READY_TIMEOUT = 120
 
 
@@ -61,7 +67,10 @@ class ControlPlane:
         keys.mkdir(exist_ok=True)
         _openssl("genrsa", "-out", str(keys / "sa.key"), "2048")
         _openssl("rsa", "-in", str(keys / "sa.key"), "-pubout", "-out", str(keys / "sa.pub"))
-        (keys / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin-uid,system:masters\n")
+        (keys / "tokens.csv").write_text(
+            f"{ADMIN_TOKEN},admin,admin-uid,system:masters\n"
+            f"{OPERATOR_TOKEN},{OPERATOR_USER},operator-uid\n"
+        )
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         server = f"https://127.0.0.1:{api_port}"
         plane = cls(workdir, server, workdir / "kubeconfig", [])
@@ -159,14 +168,41 @@ class ControlPlane:
         )
 
     def _write_kubeconfig(self) -> None:
-        self.kubeconfig.write_text(
+        self.kubeconfig.write_text(self.kubeconfig_for(ADMIN_TOKEN))
+
+    def kubeconfig_for(self, token: str) -> str:
+        """A kubeconfig that authenticates with `token`."""
+        return (
             "apiVersion: v1\nkind: Config\n"
             f"clusters: [{{name: test, cluster: {{server: '{self.server}', "
             f"certificate-authority: '{self.workdir / 'certs' / 'apiserver.crt'}'}}}}]\n"
-            f"users: [{{name: admin, user: {{token: {ADMIN_TOKEN}}}}}]\n"
-            "contexts: [{name: test, context: {cluster: test, user: admin}}]\n"
+            f"users: [{{name: user, user: {{token: {token}}}}}]\n"
+            "contexts: [{name: test, context: {cluster: test, user: user}}]\n"
             "current-context: test\n"
         )
+
+    def operator_kubeconfig(self) -> Path:
+        """Credentials of the operator's own user, bound to cluster-admin."""
+        path = self.workdir / "operator.kubeconfig"
+        if not path.exists():
+            self.kubectl(
+                "create",
+                "clusterrolebinding",
+                "dpo-operator-test",
+                "--clusterrole=cluster-admin",
+                f"--user={OPERATOR_USER}",
+            )
+            path.write_text(self.kubeconfig_for(OPERATOR_TOKEN))
+        return path
+
+    def apiserver_metrics(self) -> str:
+        """The kube-apiserver's own /metrics."""
+        request = urllib.request.Request(
+            f"{self.server}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        context = ssl.create_default_context(cafile=str(self.workdir / "certs" / "apiserver.crt"))
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            return str(response.read().decode())
 
     def _wait_ready(self) -> None:
         certificate = self.workdir / "certs" / "apiserver.crt"
@@ -260,6 +296,60 @@ class ControlPlane:
         if check and result.returncode != 0:
             raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
         return result
+
+
+class Operator:
+    """`dpo operator` in its own process, stoppable and restartable mid-run."""
+
+    def __init__(
+        self,
+        plane: ControlPlane,
+        *args: str,
+        kubeconfig: Path | None = None,
+        log: str = "operator.log",
+    ) -> None:
+        self.plane = plane
+        self.args = args
+        self.kubeconfig = kubeconfig or plane.operator_kubeconfig()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = plane.workdir / log
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+
+    def start(self) -> Operator:
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "dpo"),
+                "operator",
+                "--all-namespaces",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--liveness-port",
+                str(self.liveness_port),
+                *self.args,
+            ],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+    """`check()`'s first truthy value, polled until `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise TimeoutError(f"{what}: still {last!r} after {timeout}s")
 
 
 class Kubelet:

@@ -12,6 +12,7 @@ from dpo_operator.render import render_all, to_yaml
 
 from tests.cluster.control_plane import ControlPlane, Kubelet
 from tests.conftest import EXAMPLES, MINIMAL, REPO, example, set_fields
+from tests.rule_cases import ACCEPTED, BROKEN
 
 EXAMPLE_NAMESPACES = ("ml-training", "team-a")
 
@@ -62,74 +63,8 @@ def _manifest(name: str, **spec: Any) -> dict[str, Any]:
     return set_fields(manifest, **spec)
 
 
-# (case, manifest, what `kubectl apply` must say)
-REJECTED = [
-    (
-        "hsdp-one-node",
-        _manifest("a", **{"parallelism.strategy": "hsdp"}),
-        "hsdp replicates across nodes and needs resources.nodes > 1",
-    ),
-    (
-        "hsdp-one-gpu",
-        _manifest("b", **{"parallelism.strategy": "hsdp", "resources.nodes": 2}),
-        "hsdp shards inside a node and needs resources.gpusPerNode >= 2",
-    ),
-    (
-        "fsdp-cpu",
-        _manifest("c", **{"parallelism.strategy": "fsdp", "resources.gpusPerNode": 0}),
-        "fsdp and hsdp shard over GPUs",
-    ),
-    (
-        "rdma-cpu",
-        _manifest("d", **{"network.profile": "efa", "resources.gpusPerNode": 0}),
-        "RDMA network profiles move GPU memory",
-    ),
-    (
-        "no-held-out",
-        _manifest("e", data={"train": {"uri": "s3://b/t.jsonl"}}),
-        "the eval gate needs held-out pairs",
-    ),
-    (
-        "promote-ungated",
-        _manifest("f", **{"evalGate.enabled": False, "promotion": {"target": "s3://m"}}),
-        "nothing is promoted without a gate",
-    ),
-    (
-        "beat-unpromoted",
-        _manifest("g", **{"evalGate.mustBeatPromoted": True}),
-        "evalGate.mustBeatPromoted compares with the promoted adapter",
-    ),
-    (
-        "simpo-reference",
-        _manifest("h", **{"dpo.lossType": ["simpo"], "model.reference": {"name": "r"}}),
-        "simpo is reference-free: remove model.reference",
-    ),
-    (
-        "simpo-combined",
-        _manifest("i", **{"dpo.lossType": ["simpo", "sft"]}),
-        "simpo is reference-free and runs through TRL's CPO trainer",
-    ),
-    (
-        "weights",
-        _manifest("j", **{"dpo.lossType": ["sigmoid", "sft"], "dpo.lossWeights": [1.0]}),
-        "lossWeights needs one weight per entry of lossType",
-    ),
-    (
-        "roce-no-networks",
-        _manifest("k", **{"network.profile": "roce"}),
-        "roce and tcpxo need secondaryNetworks",
-    ),
-    (
-        "contract-env",
-        _manifest("l", env=[{"name": "MASTER_ADDR", "value": "x"}]),
-        "env may not set the pod contract's variables",
-    ),
-    (
-        "data-both",
-        _manifest("m", **{"data.train": {"name": "o/d", "uri": "s3://b/k"}}),
-        "set exactly one of name (a hub dataset) or uri",
-    ),
-    ("long-name", _manifest("n" * 50), "metadata.name must be at most 49"),
+# Schema checks (no CEL): what `kubectl apply` must say.
+SCHEMA_REFUSALS = [
     ("unknown-loss", _manifest("o", **{"dpo.lossType": ["dpo"]}), 'Unsupported value: "dpo"'),
     (
         "local-output",
@@ -150,9 +85,30 @@ REJECTED = [
 
 
 @pytest.mark.parametrize(
-    ("manifest", "message"), [pytest.param(m, text, id=case) for case, m, text in REJECTED]
+    ("manifest", "field", "message"), [pytest.param(m, f, t, id=c) for c, m, f, t in BROKEN]
 )
-def test_kubectl_apply_of_a_bad_manifest_says_what_is_wrong(
+def test_the_api_server_refuses_what_dpo_validate_refuses_with_the_same_message(
+    crd_installed: ControlPlane, manifest: dict[str, Any], field: str, message: str
+) -> None:
+    result = crd_installed.kubectl(
+        "apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(manifest), check=False
+    )
+    assert result.returncode != 0, f"accepted: {manifest}"
+    assert message in result.stderr, result.stderr
+    assert field.removeprefix("spec.") in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("manifest", [pytest.param(m, id=c) for c, m in ACCEPTED])
+def test_the_api_server_accepts_what_dpo_validate_accepts(
+    crd_installed: ControlPlane, manifest: dict[str, Any]
+) -> None:
+    crd_installed.kubectl("apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(manifest))
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"), [pytest.param(m, text, id=case) for case, m, text in SCHEMA_REFUSALS]
+)
+def test_kubectl_apply_of_a_manifest_the_schema_refuses_says_what_is_wrong(
     crd_installed: ControlPlane, manifest: dict[str, Any], message: str
 ) -> None:
     result = crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest), check=False)

@@ -4,11 +4,7 @@ enough for the operator's whole happy path, and uninstalling leaves nothing behi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -17,8 +13,16 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.control_plane import BIN as K8S_BIN
-from tests.cluster.control_plane import PROMETHEUS_OPERATOR_CRDS, ControlPlane, Kubelet, free_port
+from tests.cluster.control_plane import (
+    PROMETHEUS_OPERATOR_CRDS,
+    ControlPlane,
+    Kubelet,
+    Operator,
+    wait_for,
+)
 from tests.conftest import REPO
+from tests.reports import GATE_PASSED as PASSED
+from tests.reports import PROMOTED
 
 CHART = REPO / "charts" / "dpo-operator"
 RELEASE, RELEASE_NAMESPACE = "dpo", "dpo-system"
@@ -35,15 +39,6 @@ VALUES_SETS = {
     ],
 }
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-PASSED = json.dumps({"verdict": "Passed", "criteria": []})
-PROMOTED = json.dumps(
-    {
-        "version": "v",
-        "uri": "s3://m/versions/v",
-        "digest": "sha256:0",
-        "at": "2026-11-23T12:00:00+00:00",
-    }
-)
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -116,6 +111,18 @@ def test_the_operator_pod_is_locked_down_and_probed() -> None:
     assert container["resources"]["limits"]["memory"]
 
 
+def test_the_trainer_image_value_reaches_the_operator_as_dpo_render_takes_it() -> None:
+    def args(values: list[str]) -> list[str]:
+        deployment = next(o for o in rendered(values) if o["kind"] == "Deployment")
+        found: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        return found
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert f"--trainer-image=ghcr.io/dpo-operator/trainer:{chart['appVersion']}" in args([])
+    pinned = args(["--set", "trainerImage=registry.example.com/dpo-trainer:1"])
+    assert "--trainer-image=registry.example.com/dpo-trainer:1" in pinned
+
+
 def test_two_replicas_are_refused_by_the_values_schema() -> None:
     result = helm("lint", str(CHART), "--set", "replicas=2", check=False)
     assert result.returncode != 0
@@ -132,45 +139,22 @@ def test_the_dashboard_configmap_carries_the_grafana_sidecar_label() -> None:
 # -- on the control plane ----------------------------------------------------------------------
 
 
-class ChartOperator:
+def chart_operator(plane: ControlPlane) -> Operator:
     """`dpo operator` authenticated as the chart's ServiceAccount (a TokenRequest token)."""
-
-    def __init__(self, plane: ControlPlane) -> None:
-        token = (
-            plane.core()
-            .create_namespaced_service_account_token(
-                "dpo-dpo-operator",
-                RELEASE_NAMESPACE,
-                client.AuthenticationV1TokenRequest(
-                    spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
-                ),
-            )
-            .status.token
+    token = (
+        plane.core()
+        .create_namespaced_service_account_token(
+            "dpo-dpo-operator",
+            RELEASE_NAMESPACE,
+            client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+            ),
         )
-        config = yaml.safe_load(plane.kubeconfig.read_text())
-        config["users"] = [{"name": "operator", "user": {"token": token}}]
-        config["contexts"][0]["context"]["user"] = "operator"
-        self.kubeconfig = plane.workdir / "operator-sa.kubeconfig"
-        self.kubeconfig.write_text(yaml.safe_dump(config))
-        self.log = plane.workdir / "chart-operator.log"
-        self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "dpo"),
-                "operator",
-                "--all-namespaces",
-                "--metrics-port",
-                str(free_port()),
-                "--liveness-port",
-                str(free_port()),
-            ],
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        .status.token
+    )
+    kubeconfig = plane.workdir / "operator-sa.kubeconfig"
+    kubeconfig.write_text(plane.kubeconfig_for(token))
+    return Operator(plane, kubeconfig=kubeconfig, log="chart-operator.log").start()
 
 
 @pytest.fixture(scope="module")
@@ -185,16 +169,6 @@ def installed(crd_installed: ControlPlane) -> ControlPlane:
         "--wait=false",
     )
     return crd_installed
-
-
-def wait_for(what: str, check: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise TimeoutError(what)
 
 
 def quickstart_in(plane: ControlPlane, namespace: str) -> None:
@@ -215,7 +189,7 @@ def phase(plane: ControlPlane, namespace: str) -> str:
 def test_the_charts_rbac_is_enough_for_the_whole_happy_path(
     installed: ControlPlane, kubelet: Kubelet
 ) -> None:
-    operator = ChartOperator(installed)
+    operator = chart_operator(installed)
     try:
         quickstart_in(installed, "chart-happy")
         (train,) = kubelet.wait_for_pods("chart-happy", "quickstart-train-1", 1)
@@ -227,7 +201,7 @@ def test_the_charts_rbac_is_enough_for_the_whole_happy_path(
         wait_for("Succeeded", lambda: phase(installed, "chart-happy") == "Succeeded")
         assert "Forbidden" not in operator.log.read_text()
     finally:
-        operator.stop()
+        operator.kill()
 
 
 def test_a_role_missing_one_verb_fails_visibly(installed: ControlPlane) -> None:
@@ -239,7 +213,7 @@ def test_a_role_missing_one_verb_fails_visibly(installed: ControlPlane) -> None:
         if rule["resources"] == ["jobs"]:
             rule["verbs"].remove("create")
     installed.kubectl("replace", "-f", "-", stdin=json.dumps(role))
-    operator = ChartOperator(installed)
+    operator = chart_operator(installed)
     try:
         quickstart_in(installed, "chart-forbidden")
 
@@ -252,7 +226,7 @@ def test_a_role_missing_one_verb_fails_visibly(installed: ControlPlane) -> None:
         assert "grant it in the operator's Role" in message
         assert not installed.batch().list_namespaced_job("chart-forbidden").items
     finally:
-        operator.stop()
+        operator.kill()
         restored = json.loads(original)
         restored["metadata"].pop("resourceVersion", None)
         installed.kubectl("replace", "-f", "-", stdin=json.dumps(restored))

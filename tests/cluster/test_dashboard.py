@@ -25,19 +25,12 @@ import yaml
 from tests.cluster.control_plane import ControlPlane, Kubelet, free_port
 from tests.cluster.test_chart import CHART, helm
 from tests.conftest import REPO
+from tests.reports import GATE_PASSED as PASSED
+from tests.reports import GATE_REJECTED as REJECTED
+from tests.reports import PROMOTED
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 BIN = Path(sys.executable).parent
-PASSED = json.dumps({"verdict": "Passed", "criteria": []})
-REJECTED = json.dumps({"verdict": "Rejected", "message": "gate rejected", "criteria": []})
-PROMOTED = json.dumps(
-    {
-        "version": "v",
-        "uri": "s3://m/versions/v",
-        "digest": "sha256:0",
-        "at": "2026-11-23T12:00:00+00:00",
-    }
-)
 
 
 def get_json(url: str) -> dict[str, Any]:

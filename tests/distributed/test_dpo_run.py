@@ -53,11 +53,11 @@ def test_dpo_run_cpu_trains_sharded_then_gates_and_promotes(
     code, output = dpo_run(manifest, tmp_path, cpu=True)
     assert code == 0, output
     processes = resources["gpusPerNode"]
-    assert f"Training: {strategy} on {resources['nodes']} pod(s) x {processes} cpu" in output
+    assert f"  {strategy} on {resources['nodes']} pod(s) x {processes} cpu" in output
     assert f"ran        {ran}" in output
     assert "gate       Passed" in output
     current = read_current(str(promotion_target(tmp_path)))
     assert current is not None
-    version = promotion_target(tmp_path) / "versions" / current["version"]
+    version = promotion_target(tmp_path) / "versions" / current.version
     assert promoted_files <= {p.name for p in version.iterdir()}
-    assert verify_manifest(version) == current["digest"]
+    assert verify_manifest(version) == current.digest

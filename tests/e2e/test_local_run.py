@@ -20,7 +20,7 @@ def test_the_quickstart_passes_the_gate_and_is_promoted(tmp_path: Path) -> None:
     assert (tmp_path / "rewards.png").stat().st_size > 10_000
     current = read_current(str(promotion_target(tmp_path)))
     assert current is not None
-    assert f"promoted   {current['version']}" in output
+    assert f"promoted   {current.version}" in output
     summary = json.loads(next(tmp_path.rglob("train.json")).read_text())
     assert summary["metrics"]["dpo_eval_reward_accuracy"] > 0.8
 
@@ -59,10 +59,11 @@ def test_a_two_node_job_runs_as_two_local_processes(tmp_path: Path) -> None:
     manifest = quickstart(**{"resources.nodes": 2, "dpo.maxSteps": 20})
     code, output = dpo_run(manifest, tmp_path)
     assert code == 0, output
-    assert "Training: ddp on 2 pod(s) x 1 cpu process(es)" in output
-    assert (tmp_path / "logs" / "train-1.log").exists()
+    assert "  ddp on 2 pod(s) x 1 cpu process(es)" in output
+    assert (tmp_path / "logs" / "quickstart-train-1-1.log").exists(), "one log per pod"
     ranks = [
-        json.loads((tmp_path / "logs" / f"train-{r}.termination.json").read_text()) for r in (0, 1)
+        json.loads((tmp_path / "logs" / f"quickstart-train-1-{r}.termination.json").read_text())
+        for r in (0, 1)
     ]
     assert [r["worldSize"] for r in ranks] == [2, 2]
     assert ranks[0]["parametersDigest"] == ranks[1]["parametersDigest"]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from dpo_operator.api import DPOJob
 from dpo_operator.local import free_port, kubelet_process
-from dpo_operator.render import render_config_map, render_training_job, trainer_config
+from dpo_operator.render import Settings, render_config_map, render_training_job, trainer_config
 from dpo_trainer.config import (
     ACCELERATE_CONFIG_FILE,
     ACCELERATE_CONFIG_PATH,
@@ -65,7 +65,7 @@ def tiny_job(**spec: Any) -> DPOJob:
 def local_config(job: DPOJob, workdir: Path, *, cpu: bool = False) -> TrainerConfig:
     """The rendered trainer config with artifacts under `workdir` and a free metrics port;
     `cpu` runs a GPU job's process layout on CPUs."""
-    return trainer_config(job, cpu=cpu).model_copy(
+    return trainer_config(job, settings=Settings(cpu=cpu)).model_copy(
         update={"artifacts_dir": str(workdir / "artifacts"), "metrics_port": free_port()}
     )
 
@@ -87,11 +87,13 @@ def pod_process(
 ) -> tuple[list[str], dict[str, str]]:
     """The command and env of training pod `rank`, exactly as rendered, run on this machine
     the way `dpo run` starts it (see dpo_operator.local.kubelet_process)."""
-    container = render_training_job(job, attempt=1, cpu=cpu)["spec"]["template"]["spec"][
-        "containers"
-    ][0]
+    container = render_training_job(job, attempt=1, settings=Settings(cpu=cpu))["spec"]["template"][
+        "spec"
+    ]["containers"][0]
     accelerate_yaml = workdir / "accelerate.yaml"
-    accelerate_yaml.write_text(render_config_map(job, cpu=cpu)["data"][ACCELERATE_CONFIG_FILE])
+    accelerate_yaml.write_text(
+        render_config_map(job, settings=Settings(cpu=cpu))["data"][ACCELERATE_CONFIG_FILE]
+    )
     files = {
         ACCELERATE_CONFIG_PATH: accelerate_yaml,
         TRAINER_CONFIG_PATH: write_config(config, workdir),

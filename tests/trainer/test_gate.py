@@ -54,24 +54,26 @@ def test_a_very_low_beta_trained_long_trips_the_drift_criterion(
         evalGate={"anchorData": ANCHOR, "maxAnchorNllIncrease": 0.2},
     )
     report = evaluate(config)
-    criteria = {c["name"]: c for c in report["criteria"]}
+    criteria = {c.name: c for c in report.criteria}
     drift = criteria["anchorNllIncrease"]
+    assert drift.value is not None
     print(
-        f"beta {beta}: anchor NLL {report['metrics']['referenceAnchorNll']:.3f} -> "
-        f"{report['metrics']['anchorNll']:.3f} ({drift['value']:+.1%}), "
-        f"reward accuracy {criteria['rewardAccuracy']['value']:.3f}"
+        f"beta {beta}: anchor NLL {report.metrics['referenceAnchorNll']:.3f} -> "
+        f"{report.metrics['anchorNll']:.3f} ({drift.value:+.1%}), "
+        f"reward accuracy {criteria['rewardAccuracy'].value:.3f}"
     )
-    assert criteria["rewardAccuracy"]["passed"], "the preference itself was learned either way"
-    assert drift["passed"] is not drifts
-    assert report["verdict"] == ("Rejected" if drifts else "Passed")
+    assert criteria["rewardAccuracy"].passed, "the preference itself was learned either way"
+    assert drift.passed is not drifts
+    assert report.verdict == ("Rejected" if drifts else "Passed")
     if drifts:
-        assert "anchorNllIncrease" in report["message"]
-        assert "needs <= 0.2" in report["message"]
+        assert report.message is not None
+        assert "anchorNllIncrease" in report.message
+        assert "needs <= 0.2" in report.message
 
 
 def test_a_corrupted_adapter_fails_eval_and_promote_with_a_digest_error(tmp_path: Path) -> None:
     config = with_promotion(trained(tmp_path, dpo={"maxSteps": 10}), str(tmp_path / "m"))
-    assert evaluate(config)["verdict"] == "Passed"
+    assert evaluate(config).verdict == "Passed"
     weights = Path(config.artifacts_dir) / "adapter" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # one byte changed
@@ -95,7 +97,7 @@ def test_racing_promotions_leave_a_consistent_current_and_repeats_are_no_ops(
         config = with_promotion(
             trained(tmp_path / f"run{seed}", dpo={"maxSteps": 10, "seed": seed}), target
         )
-        assert evaluate(config)["verdict"] == "Passed"
+        assert evaluate(config).verdict == "Passed"
         configs.append(config)
 
     racers = []
@@ -123,19 +125,17 @@ def test_racing_promotions_leave_a_consistent_current_and_repeats_are_no_ops(
         json.loads((Path(c.artifacts_dir) / "eval.json").read_text())["adapterDigest"]
         for c in configs
     }
-    assert current["digest"] in digests
+    assert current.digest in digests
     versions = sorted(p.name for p in (tmp_path / "models" / "versions").iterdir())
     assert len(versions) == 2, f"one directory per adapter, no leftovers: {versions}"
-    assert (
-        verify_manifest(tmp_path / "models" / "versions" / current["version"]) == current["digest"]
-    )
+    assert verify_manifest(tmp_path / "models" / "versions" / current.version) == current.digest
 
     pointer = (tmp_path / "models" / "current").read_bytes()
     winner = next(
         c
         for c in configs
         if json.loads((Path(c.artifacts_dir) / "eval.json").read_text())["adapterDigest"]
-        == current["digest"]
+        == current.digest
     )
     code, _ = trainer_cli("promote", winner, tmp_path)
     assert code == 0
@@ -145,7 +145,7 @@ def test_racing_promotions_leave_a_consistent_current_and_repeats_are_no_ops(
 def test_must_beat_promoted_rejects_an_adapter_that_is_no_better(tmp_path: Path) -> None:
     target = str(tmp_path / "models")
     first = with_promotion(trained(tmp_path / "first", dpo={"maxSteps": 40}), target)
-    assert evaluate(first)["verdict"] == "Passed"
+    assert evaluate(first).verdict == "Passed"
     assert trainer_cli("promote", first, tmp_path)[0] == 0
 
     second = with_promotion(
@@ -155,15 +155,19 @@ def test_must_beat_promoted_rejects_an_adapter_that_is_no_better(tmp_path: Path)
         beat_margin=0.05,
     )
     report = evaluate(second)
-    beats = next(c for c in report["criteria"] if c["name"] == "beatsPromoted")
+    beats = next(c for c in report.criteria if c.name == "beatsPromoted")
+    assert beats.value is not None
     print(
-        f"second adapter vs promoted: reward accuracy {beats['value']:+.4f} "
-        f"(needs > {beats['threshold']})"
+        f"second adapter vs promoted: reward accuracy {beats.value:+.4f} "
+        f"(needs > {beats.threshold})"
     )
-    assert report["verdict"] == "Rejected"
-    assert not beats["passed"]
-    assert "beatsPromoted" in report["message"]
-    assert read_current(target)["digest"] == report_digest(first)
+    assert report.verdict == "Rejected"
+    assert not beats.passed
+    assert report.message is not None
+    assert "beatsPromoted" in report.message
+    current = read_current(target)
+    assert current is not None
+    assert current.digest == report_digest(first)
 
 
 def report_digest(config: TrainerConfig) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from dpo_trainer.config import DPO_LOSS_TYPES
+from dpo_trainer.config import DPO_LOSS_TYPES, TrainingReport
 from dpo_trainer.data import load_preferences
 from dpo_trainer.models import load_model, load_tokenizer
 from dpo_trainer.train import train, training_arguments
@@ -24,8 +24,8 @@ BATCH_SHAPE_TOLERANCE = 1e-5
 CLOSED_FORM_TOLERANCE = 1e-5
 
 
-def step_losses(summary: dict) -> list[float]:
-    return [entry["loss"] for entry in summary["logHistory"] if "loss" in entry]
+def step_losses(summary: TrainingReport) -> list[float]:
+    return [float(entry["loss"]) for entry in summary.log_history if "loss" in entry]  # type: ignore[arg-type]
 
 
 def test_batch_four_equals_accumulating_four_batches_of_one(tmp_path: Path) -> None:

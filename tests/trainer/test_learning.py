@@ -7,15 +7,16 @@ from typing import Any
 
 import pytest
 from dpo_trainer import models
+from dpo_trainer.config import TrainingReport
 from dpo_trainer.train import train
 
 from tests.trainer.conftest import local_config, tiny_job
 
 
-def held_out_accuracy(summary: dict[str, Any]) -> tuple[float, float]:
+def held_out_accuracy(summary: TrainingReport) -> tuple[float, float]:
     """(first, last) held-out reward accuracy logged during the run."""
-    evals = [e["eval_rewards/accuracies"] for e in summary["logHistory"] if "eval_loss" in e]
-    return evals[0], summary["eval"]["eval_rewards/accuracies"]
+    evals = [e["eval_rewards/accuracies"] for e in summary.log_history if "eval_loss" in e]
+    return float(evals[0]), summary.eval["eval_rewards/accuracies"]  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -41,8 +42,8 @@ def test_dpo_raises_held_out_reward_accuracy(
 ) -> None:
     summary = train(local_config(tiny_job(peft=peft, dpo=dpo), tmp_path))
     first, last = held_out_accuracy(summary)
-    print(f"held-out reward accuracy: step 20 {first:.3f} -> step {summary['step']} {last:.3f}")
-    assert summary["status"] == "completed"
+    print(f"held-out reward accuracy: step 20 {first:.3f} -> step {summary.step} {last:.3f}")
+    assert summary.status == "completed"
     assert last >= 0.8, f"held-out reward accuracy only reached {last:.3f}"
 
 
@@ -62,7 +63,7 @@ def test_simpo_is_reference_free_and_learns(
         evalGate={"maxAnchorNllIncrease": None},
     )
     summary = train(local_config(job, tmp_path))
-    accuracy = summary["eval"]["eval_rewards/accuracies"]
+    accuracy = summary.eval["eval_rewards/accuracies"]
     print(f"SimPO held-out reward accuracy {accuracy:.3f}; models loaded: {loaded}")
     assert loaded == ["builtin:tiny-llama"], "only the policy is loaded: no reference model"
     assert accuracy >= 0.8

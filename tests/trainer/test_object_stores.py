@@ -55,8 +55,10 @@ def test_a_model_and_data_from_a_bucket_are_downloaded_then_trained_on(
     assert any(m.startswith(f"downloading file://{bucket}/sft: {files} file(s)") for m in downloads)
     assert any(m.startswith(f"downloading file://{bucket}/sft: 100%") for m in downloads)
     assert any("prefs/train-*.jsonl: 2 file(s)" in m for m in downloads)
-    assert summary["status"] == "completed"
-    assert summary["data"]["train"]["read"] == 96, "both files of the glob"
+    assert summary.status == "completed"
+    train_data = summary.data["train"]
+    assert train_data is not None
+    assert train_data.read == 96, "both files of the glob"
 
     caplog.clear()
     cached = model_location(ModelRef(name=f"file://{bucket}/sft"))

@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+from dpo_trainer.config import TrainingReport
 from dpo_trainer.train import EXIT_INTERRUPTED, train
 
 from tests.trainer.conftest import local_config, pod_process, start, tiny_job
@@ -17,8 +18,12 @@ LOSS_TOLERANCE = 1e-4
 RESUME_DPO = {"maxSteps": 30, "loggingSteps": 1, "saveSteps": 5}
 
 
-def losses(summary: dict) -> dict[int, float]:
-    return {entry["step"]: entry["loss"] for entry in summary["logHistory"] if "loss" in entry}
+def losses(summary: TrainingReport) -> dict[int, float]:
+    return {
+        int(entry["step"]): float(entry["loss"])  # type: ignore[arg-type]
+        for entry in summary.log_history
+        if "loss" in entry
+    }
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_and_matches(tmp_path: Path) -> None:
@@ -50,12 +55,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches(tmp_path: Path) ->
 
     second = start(command, env, workdir / "second.log")
     assert second.wait(timeout=300) == 0, (workdir / "second.log").read_text()[-3000:]
-    resumed = json.loads((workdir / "artifacts" / "train.json").read_text())
+    resumed = TrainingReport.model_validate_json((workdir / "artifacts" / "train.json").read_text())
     log_text = (workdir / "second.log").read_text()
     assert f"resuming from {checkpoints / f'checkpoint-{stopped_at}'}" in log_text
     first_logged_step = min(step for step in losses(resumed) if step > stopped_at)
     assert first_logged_step == stopped_at + 1, "the step count continues"
-    assert resumed["step"] == 30
+    assert resumed.step == 30
 
     expected, actual = losses(unbroken), losses(resumed)
     after_resume = [step for step in actual if step > stopped_at]

@@ -15,36 +15,17 @@ from dpo_operator.lifecycle import (
     Observed,
     PodState,
     Suspend,
-    reconcile,
+    decide,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import job_with
+from tests.reports import BAD_INPUT, PROMOTED
+from tests.reports import GATE_PASSED as PASSED
+from tests.reports import GATE_REJECTED as REJECTED
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-PASSED = json.dumps(
-    {
-        "verdict": "Passed",
-        "criteria": [{"name": "rewardAccuracy", "value": 0.9, "threshold": 0.6, "passed": True}],
-    }
-)
-REJECTED = json.dumps(
-    {
-        "verdict": "Rejected",
-        "message": "gate rejected: rewardAccuracy 0.1 (needs >= 0.6)",
-        "criteria": [{"name": "rewardAccuracy", "value": 0.1, "threshold": 0.6, "passed": False}],
-    }
-)
-PROMOTED = json.dumps(
-    {
-        "status": "promoted",
-        "version": "demo-abc",
-        "uri": "s3://m/versions/demo-abc",
-        "digest": "sha256:abc",
-        "at": "2026-11-23T12:00:00+00:00",
-    }
-)
 
 
 def job(
@@ -90,14 +71,14 @@ def pod(
 
 
 def test_a_new_job_gets_its_config_service_and_first_training_job() -> None:
-    decision = reconcile(job(), Observed(now=NOW))
+    decision = decide(job(), Observed(now=NOW))
     assert decision.actions == [Create("config"), Create("service"), Create("train", 1)]
     assert decision.status.phase == "Pending"
     assert decision.status.attempt == 1
 
 
 def test_running_pods_mean_training() -> None:
-    decision = reconcile(job(), observed(child("train", 1, "Running", pod("Running"))))
+    decision = decide(job(), observed(child("train", 1, "Running", pod("Running"))))
     assert decision.status.phase == "Training"
     assert decision.status.start_time == NOW
     assert decision.actions == []
@@ -106,21 +87,21 @@ def test_running_pods_mean_training() -> None:
 
 def test_a_queued_job_waits_for_kueue() -> None:
     queued = job(scheduling={"queueName": "q"})
-    decision = reconcile(queued, observed(child("train", 1, "Pending", suspended=True)))
+    decision = decide(queued, observed(child("train", 1, "Pending", suspended=True)))
     assert decision.status.phase == "Queued"
     assert decision.actions == [], "Kueue unsuspends the Job, not the operator"
 
 
 def test_suspend_stops_the_pods_and_resume_starts_them_again() -> None:
     suspended = job(runPolicy={"suspend": True})
-    decision = reconcile(suspended, observed(child("train", 1, "Running", pod("Running"))))
+    decision = decide(suspended, observed(child("train", 1, "Running", pod("Running"))))
     assert decision.actions == [Suspend("demo-train-1", True)]
     assert decision.status.phase == "Suspended"
     assert decision.status.suspended_at == NOW
 
     later = NOW + timedelta(minutes=10)
     resumed = job(status=decision.status.model_dump(by_alias=True))
-    decision = reconcile(resumed, observed(child("train", 1, "Pending", suspended=True), now=later))
+    decision = decide(resumed, observed(child("train", 1, "Pending", suspended=True), now=later))
     assert decision.actions == [Suspend("demo-train-1", False)]
     assert decision.status.suspended_seconds == 600
     assert decision.status.suspended_at is None
@@ -128,27 +109,27 @@ def test_suspend_stops_the_pods_and_resume_starts_them_again() -> None:
 
 def test_a_retryable_failure_restarts_the_whole_group_from_its_checkpoint() -> None:
     failed = child("train", 1, "Failed", pod("Failed", 1, "NCCL error"), pod("Failed", 137))
-    decision = reconcile(job(status={"attempt": 1, "phase": "Training"}), observed(failed))
+    decision = decide(job(status={"attempt": 1, "phase": "Training"}), observed(failed))
     assert decision.actions == [Delete("demo-train-1")]
     assert decision.status.restarts == 1
     assert decision.status.attempt == 2
     assert any(e.reason == "Restarting" for e in decision.events)
     # Next round: the old Job is gone, so attempt 2 is created.
-    after = reconcile(job(status=decision.status.model_dump(by_alias=True)), observed())
+    after = decide(job(status=decision.status.model_dump(by_alias=True)), observed())
     assert after.actions == [Create("train", 2)]
 
 
 def test_the_next_attempt_waits_until_the_old_job_is_gone() -> None:
     status = {"attempt": 2, "restarts": 1, "phase": "Training"}
     old = child("train", 1, "Failed", pod("Failed", 1), deleting=True)
-    decision = reconcile(job(status=status), observed(old))
+    decision = decide(job(status=status), observed(old))
     assert decision.actions == []
     assert decision.status.phase == "Training"
 
 
 def test_preempted_pods_restart_without_counting() -> None:
     preempted = child("train", 1, "Failed", pod("Failed", 143, disrupted=True))
-    decision = reconcile(job(status={"attempt": 1, "restarts": 3}), observed(preempted))
+    decision = decide(job(status={"attempt": 1, "restarts": 3}), observed(preempted))
     assert decision.status.restarts == 3
     assert decision.status.attempt == 2
     assert decision.actions == [Delete("demo-train-1")]
@@ -156,16 +137,15 @@ def test_preempted_pods_restart_without_counting() -> None:
 
 def test_restarts_stop_at_max_restarts() -> None:
     failed = child("train", 4, "Failed", pod("Failed", 1))
-    decision = reconcile(job(status={"attempt": 4, "restarts": 3}), observed(failed))
+    decision = decide(job(status={"attempt": 4, "restarts": 3}), observed(failed))
     assert decision.status.phase == "Failed"
     assert "maxRestarts (3) restarts are used up" in (decision.status.message or "")
     assert decision.actions == []
 
 
 def test_bad_input_fails_at_once_with_the_trainers_message() -> None:
-    message = json.dumps({"status": "bad-input", "message": "prefs.jsonl: row 3, column 'chosen'"})
-    failed = child("train", 1, "Failed", pod("Failed", 2, message))
-    decision = reconcile(job(), observed(failed))
+    failed = child("train", 1, "Failed", pod("Failed", 2, BAD_INPUT))
+    decision = decide(job(), observed(failed))
     assert decision.status.phase == "Failed"
     assert decision.status.message == "bad config or data: prefs.jsonl: row 3, column 'chosen'"
     assert decision.status.restarts == 0
@@ -176,7 +156,7 @@ def test_pods_that_are_not_what_was_rendered_fail_at_once_and_say_why() -> None:
         {"status": "wrong-environment", "message": "torch sees no CUDA device; check the driver"}
     )
     failed = child("train", 1, "Failed", pod("Failed", 4, message), pod("Failed", 4, message))
-    decision = reconcile(job(), observed(failed))
+    decision = decide(job(), observed(failed))
     assert decision.status.phase == "Failed"
     assert decision.status.message == (
         "the pods are not what was rendered: torch sees no CUDA device; check the driver"
@@ -188,7 +168,7 @@ def test_pods_that_are_not_what_was_rendered_fail_at_once_and_say_why() -> None:
 
 
 def test_finished_training_starts_the_gate() -> None:
-    decision = reconcile(job(), observed(child("train", 1, "Complete", pod("Succeeded", 0))))
+    decision = decide(job(), observed(child("train", 1, "Complete", pod("Succeeded", 0))))
     assert decision.actions == [Create("eval", 1)]
     assert decision.status.phase == "Evaluating"
 
@@ -198,7 +178,7 @@ def test_a_passed_gate_starts_the_promotion() -> None:
         child("train", 1, "Complete"),
         child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
     )
-    decision = reconcile(job(), observed(*jobs))
+    decision = decide(job(), observed(*jobs))
     assert decision.actions == [Create("promote", 1)]
     assert decision.status.phase == "Promoting"
     assert decision.status.evaluation is not None
@@ -207,9 +187,9 @@ def test_a_passed_gate_starts_the_promotion() -> None:
 
 def test_a_rejected_gate_ends_rejected_with_the_failed_criteria() -> None:
     jobs = (child("train", 1, "Complete"), child("eval", 1, "Failed", pod("Failed", 3, REJECTED)))
-    decision = reconcile(job(), observed(*jobs))
+    decision = decide(job(), observed(*jobs))
     assert decision.status.phase == "Rejected"
-    assert "rewardAccuracy 0.1 (needs >= 0.6)" in (decision.status.message or "")
+    assert "rewardAccuracy 0.0312 (needs >= 0.6)" in (decision.status.message or "")
     assert not any(isinstance(a, Create) and a.kind == "promote" for a in decision.actions)
     assert decision.status.evaluation is not None
     assert decision.status.evaluation.criteria[0].passed is False
@@ -221,13 +201,13 @@ def test_manual_promotion_waits_for_the_approval_annotation() -> None:
         child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
     )
     manual = job(promotion={"target": "s3://m", "mode": "manual"})
-    waiting = reconcile(manual, observed(*jobs))
+    waiting = decide(manual, observed(*jobs))
     assert waiting.status.phase == "AwaitingApproval"
     assert waiting.actions == []
     approved = job(
         promotion={"target": "s3://m", "mode": "manual"}, annotations={"dpo.dev/approve": "true"}
     )
-    assert reconcile(approved, observed(*jobs)).actions == [Create("promote", 1)]
+    assert decide(approved, observed(*jobs)).actions == [Create("promote", 1)]
 
 
 def test_a_finished_promotion_records_version_and_digest() -> None:
@@ -236,10 +216,10 @@ def test_a_finished_promotion_records_version_and_digest() -> None:
         child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
         child("promote", 1, "Complete", pod("Succeeded", 0, PROMOTED)),
     )
-    decision = reconcile(job(), observed(*jobs))
+    decision = decide(job(), observed(*jobs))
     assert decision.status.phase == "Succeeded"
     assert decision.status.promotion is not None
-    assert decision.status.promotion.version == "demo-abc"
+    assert decision.status.promotion.version == "quickstart-ab12"
     assert decision.status.completion_time == NOW
     assert any(e.reason == "Promoted" for e in decision.events)
 
@@ -249,7 +229,7 @@ def test_no_promotion_target_means_success_after_the_gate() -> None:
         child("train", 1, "Complete"),
         child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
     )
-    decision = reconcile(job_with(), observed(*jobs))
+    decision = decide(job_with(), observed(*jobs))
     assert decision.status.phase == "Succeeded"
 
 
@@ -260,9 +240,9 @@ def test_the_deadline_fails_the_run_without_counting_suspended_time() -> None:
         status={"startTime": start, "suspendedSeconds": 3600},
         runPolicy={"activeDeadlineSeconds": 4000},
     )
-    assert reconcile(within, observed(running)).status.phase == "Training"
+    assert decide(within, observed(running)).status.phase == "Training"
     over = job(status={"startTime": start}, runPolicy={"activeDeadlineSeconds": 4000})
-    decision = reconcile(over, observed(running))
+    decision = decide(over, observed(running))
     assert decision.status.phase == "Failed"
     assert decision.actions == [Delete("demo-train-1")]
 
@@ -270,18 +250,18 @@ def test_the_deadline_fails_the_run_without_counting_suspended_time() -> None:
 def test_ttl_removes_children_once_and_never_recreates_them() -> None:
     done = {"phase": "Succeeded", "completionTime": NOW - timedelta(seconds=120), "attempt": 1}
     expiring = job(status=done, runPolicy={"ttlSecondsAfterFinished": 60})
-    decision = reconcile(expiring, observed(child("train", 1, "Complete")))
-    assert decision.actions == [DeleteChildren()]
+    decision = decide(expiring, observed(child("train", 1, "Complete")))
+    assert decision.actions == [DeleteChildren(("demo-train-1",))]
     assert decision.status.children_deleted is True
     gone = job(
         status=decision.status.model_dump(by_alias=True), runPolicy={"ttlSecondsAfterFinished": 60}
     )
-    assert reconcile(gone, Observed(now=NOW)).actions == [], "terminal runs create nothing"
+    assert decide(gone, Observed(now=NOW)).actions == [], "terminal runs create nothing"
 
 
 def test_the_same_observations_give_the_same_decision() -> None:
     jobs = (child("train", 1, "Complete"), child("eval", 1, "Running", pod("Running")))
-    first, second = reconcile(job(), observed(*jobs)), reconcile(job(), observed(*jobs))
+    first, second = decide(job(), observed(*jobs)), decide(job(), observed(*jobs))
     assert first.actions == second.actions
     assert first.status == second.status
 
@@ -307,7 +287,7 @@ CHILDREN = st.lists(
         component=st.sampled_from(["train", "eval", "promote"]),
         attempt=st.integers(1, 5),
         suspended=st.booleans(),
-        outcome=OUTCOMES,
+        state=OUTCOMES,
         deleting=st.booleans(),
         pods=PODS.map(tuple),
     ),
@@ -346,7 +326,7 @@ def test_invariants_hold_for_any_observed_children(
         promotion={"target": "s3://m", "mode": "manual" if manual else "auto"},
         runPolicy={"maxRestarts": max_restarts},
     )
-    decision = reconcile(subject, observed(*children))
+    decision = decide(subject, observed(*children))
     attempt = status["attempt"]
 
     for action in decision.actions:
@@ -354,7 +334,7 @@ def test_invariants_hold_for_any_observed_children(
             evaluation = next(
                 c for c in children if c.component == "eval" and c.attempt == action.attempt
             )
-            assert evaluation.outcome == "Complete"
+            assert evaluation.state == "Complete"
             assert any(
                 json.loads(p.message or "{}").get("verdict") == "Passed"
                 for p in evaluation.pods

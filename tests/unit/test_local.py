@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from dpo_operator import local
-from dpo_operator.local import LocalOptions, LocalRun, run
-from dpo_operator.render import render_config_map, render_training_job, trainer_config
+from dpo_operator.lifecycle import Create
+from dpo_operator.local import LocalExecutor, LocalOptions, run
+from dpo_operator.render import Settings, render_config_map, render_training_job, trainer_config
 from dpo_trainer.config import ACCELERATE_CONFIG_FILE, EXIT_BAD_INPUT
 
 from tests.conftest import example
@@ -27,17 +29,22 @@ def test_a_gpu_job_on_a_machine_without_gpus_says_to_use_cpu(
     )
 
 
+ON_CPU = Settings(cpu=True)
+
+
 def test_cpu_flag_keeps_the_strategy_and_layout_without_gpus_or_rdma() -> None:
     job = example("tcpxo")  # 70B LoRA, hsdp over 2 nodes x 8 H100, GPUDirect-TCPXO
-    config = trainer_config(job, cpu=True).distributed
+    config = trainer_config(job, settings=ON_CPU).distributed
     assert (config.strategy, config.nnodes, config.nproc_per_node) == ("hsdp", 2, 8)
     assert config.device == "cpu"
-    accelerate = yaml.safe_load(render_config_map(job, cpu=True)["data"][ACCELERATE_CONFIG_FILE])
+    accelerate = yaml.safe_load(
+        render_config_map(job, settings=ON_CPU)["data"][ACCELERATE_CONFIG_FILE]
+    )
     assert accelerate["distributed_type"] == "FSDP"
     assert accelerate["use_cpu"] is True
     assert accelerate["mixed_precision"] == "no"
     assert accelerate["parallelism_config"]["parallelism_config_dp_replicate_size"] == 2
-    pod = render_training_job(job, 1, cpu=True)["spec"]["template"]["spec"]
+    pod = render_training_job(job, 1, settings=ON_CPU)["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert "limits" not in container["resources"], "no GPU devices"
     assert "initContainers" not in pod, "no TCPXO daemon"
@@ -50,19 +57,27 @@ def test_pods_become_processes_as_a_kubelet_would_start_them(tmp_path: Path) -> 
     job = example("quickstart").model_copy(deep=True)
     job.spec.resources.nodes = 2
     job.spec.output.uri = "pvc://dpo-checkpoints"
-    runner = LocalRun(
-        job,
-        LocalOptions(workdir=tmp_path, volumes={"dpo-checkpoints": tmp_path / "ckpt"}, cpu=True),
-        io.StringIO(),
-    )
-    container = render_training_job(job, 1)["spec"]["template"]["spec"]["containers"][0]
-    command, env = runner.process(container, "train", rank=1, master_port=4321)
+    started: dict[int, tuple[list[str], dict[str, str]]] = {}
+
+    def record(
+        command: list[str], env: dict[str, str], component: str, attempt: int, rank: int
+    ) -> subprocess.Popen[str]:
+        started[rank] = (command, env)
+        return subprocess.Popen(["true"], stdout=subprocess.PIPE, text=True)
+
+    options = LocalOptions(workdir=tmp_path, volumes={"dpo-checkpoints": tmp_path / "ckpt"})
+    executor = LocalExecutor(job, options, io.StringIO(), record)
+    executor.apply(job, Create("config"))
+    executor.apply(job, Create("train", 1))
+    executor.close()
+    command, env = started[1]
     assert env["NODE_RANK"] == "1"
     assert env["RANK"] == "1", "$(NODE_RANK) expanded"
-    assert env["TMPDIR"] == str(tmp_path / "pods" / "train-1" / "tmp"), "each pod has its own /tmp"
+    pod_tmp = tmp_path / "pods" / "quickstart-train-1-1" / "tmp"
+    assert env["TMPDIR"] == str(pod_tmp), "each pod has its own /tmp"
     assert env["MASTER_ADDR"] == "127.0.0.1"
-    assert env["MASTER_PORT"] == "4321"
+    assert env["MASTER_PORT"] == started[0][1]["MASTER_PORT"]
     assert "$(" not in " ".join(command)
     assert str(tmp_path / "trainer.json") in command
     assert str(tmp_path / "accelerate.yaml") in command
-    assert runner.config.artifacts_dir.startswith(str((tmp_path / "ckpt").resolve()))
+    assert executor.config.artifacts_dir.startswith(str((tmp_path / "ckpt").resolve()))

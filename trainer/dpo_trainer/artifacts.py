@@ -16,9 +16,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import fsspec
+from pydantic import BaseModel
 
 from dpo_trainer.config import BadInputError
 
@@ -28,6 +29,7 @@ ADAPTER = "adapter"
 TRAIN_REPORT = "train.json"
 EVAL_REPORT = "eval.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+Report = TypeVar("Report", bound=BaseModel)
 # The Trainer writes trainer_state.json last, and it is uploaded last: a checkpoint without it
 # was cut off mid-save or mid-upload.
 CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
@@ -59,17 +61,17 @@ class Artifacts:
     def _remote(self, relative: str) -> str:
         return f"{self.remote_path}/{relative}"
 
-    def read_json(self, name: str) -> dict[str, Any] | None:
+    def read_report(self, name: str, report: type[Report]) -> Report | None:
+        """A report (train.json, eval.json) of this run, or None when there is none yet."""
         if self.is_local:
             path = self.root / name
-            return json.loads(path.read_text()) if path.exists() else None
+            return report.model_validate_json(path.read_text()) if path.exists() else None
         if not self.fs.exists(self._remote(name)):
             return None
-        loaded: dict[str, Any] = json.loads(self.fs.cat_file(self._remote(name)))
-        return loaded
+        return report.model_validate_json(self.fs.cat_file(self._remote(name)))
 
-    def write_json(self, name: str, content: dict[str, Any]) -> None:
-        write_json_atomically(self.root / name, content)
+    def write_report(self, name: str, report: BaseModel) -> None:
+        write_text_atomically(self.root / name, report.model_dump_json(by_alias=True, indent=2))
         self.upload(name)
 
     def upload(self, relative: str, *, skip: tuple[str, ...] = ()) -> None:
@@ -153,11 +155,11 @@ def _step(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def write_json_atomically(path: Path, content: dict[str, Any]) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     """Write then rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    staging.write_text(text.rstrip("\n") + "\n")
     staging.replace(path)
 
 
@@ -177,7 +179,8 @@ def write_manifest(directory: Path) -> str:
         if path.is_file() and path.name != MANIFEST
     }
     digest = manifest_digest(files)
-    write_json_atomically(directory / MANIFEST, {"files": files, "digest": digest})
+    manifest = {"files": files, "digest": digest}
+    write_text_atomically(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return digest
 
 

@@ -15,12 +15,10 @@ writes a short JSON summary to the termination log.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import warnings
-from typing import Any
 
 from dpo_trainer.config import (
     ENV_TERMINATION_LOG,
@@ -31,6 +29,8 @@ from dpo_trainer.config import (
     TERMINATION_LOG,
     TRAINER_CONFIG_PATH,
     BadInputError,
+    Failure,
+    TerminationMessage,
     WrongEnvironmentError,
     load_trainer_config,
 )
@@ -44,7 +44,7 @@ EXIT_INFRASTRUCTURE = 1
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4096
-_SUMMARY_METRICS = (
+SUMMARY_METRICS = (
     "dpo_train_loss",
     "dpo_train_reward_accuracy",
     "dpo_train_reward_margin",
@@ -53,13 +53,13 @@ _SUMMARY_METRICS = (
 )
 
 
-def write_termination_message(summary: dict[str, Any]) -> None:
+def write_termination_message(message: TerminationMessage) -> None:
     """The small JSON the operator reads from the pod status (never the logs)."""
     path = os.environ.get(ENV_TERMINATION_LOG, TERMINATION_LOG)
-    text = json.dumps(summary, separators=(",", ":"), sort_keys=True)
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-        text = json.dumps(
-            {"status": summary.get("status"), "message": str(summary.get("message", ""))[:3500]}
+    text = message.model_dump_json(by_alias=True, exclude_none=True)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(message, Failure):
+        text = message.model_copy(update={"message": message.message[:3500]}).model_dump_json(
+            by_alias=True
         )
     try:
         with open(path, "w", encoding="utf-8") as stream:
@@ -68,32 +68,19 @@ def write_termination_message(summary: dict[str, Any]) -> None:
         log.debug("no termination log at %s: %s", path, error)
 
 
-def short_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    metrics = summary.get("metrics", {})
-    return {
-        "status": summary["status"],
-        "step": summary.get("step"),
-        "worldSize": summary.get("worldSize"),
-        "distributed": summary.get("distributed"),
-        "adapterDigest": summary.get("adapterDigest"),
-        "parametersDigest": summary.get("parametersDigest"),
-        "metrics": {name: metrics[name] for name in _SUMMARY_METRICS if name in metrics},
-    }
-
-
 def _train(args: argparse.Namespace) -> int:
     from dpo_trainer.train import EXIT_INTERRUPTED, TrainingInterruptedError, train
 
     config = load_trainer_config(args.config)
     try:
-        summary = train(config)
+        report = train(config)
     except TrainingInterruptedError as stop:
-        write_termination_message({"status": "interrupted", "message": str(stop)})
+        write_termination_message(Failure(status="interrupted", message=str(stop)))
         log.warning("%s; a restart resumes from the checkpoint", stop)
         return EXIT_INTERRUPTED
     # The processes of a pod share its termination log: the pod's first one reports.
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        write_termination_message(short_summary(summary))
+        write_termination_message(report.summary(SUMMARY_METRICS))
     return EXIT_OK
 
 
@@ -101,34 +88,16 @@ def _eval(args: argparse.Namespace) -> int:
     from dpo_trainer.evaluate import evaluate
 
     report = evaluate(load_trainer_config(args.config))
-    passed = report["verdict"] == "Passed"
-    write_termination_message(
-        {
-            "status": "passed" if passed else "rejected",
-            "verdict": report["verdict"],
-            "adapterDigest": report["adapterDigest"],
-            "criteria": report["criteria"],
-            **({"message": report["message"]} if "message" in report else {}),
-        }
-    )
-    if not passed:
-        log.error("%s", report["message"])
-    return EXIT_OK if passed else EXIT_GATE_REJECTED
+    write_termination_message(report.short())
+    if report.message:
+        log.error("%s", report.message)
+    return EXIT_OK if report.verdict == "Passed" else EXIT_GATE_REJECTED
 
 
 def _promote(args: argparse.Namespace) -> int:
     from dpo_trainer.promote import promote
 
-    pointer = promote(load_trainer_config(args.config))
-    write_termination_message(
-        {
-            "status": "promoted",
-            "version": pointer["version"],
-            "uri": pointer["uri"],
-            "digest": pointer["digest"],
-            "at": pointer["promotedAt"],
-        }
-    )
+    write_termination_message(promote(load_trainer_config(args.config)))
     return EXIT_OK
 
 
@@ -162,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         code = args.run(args)
     except BadInputError as error:
         log.error("%s", error)
-        write_termination_message({"status": "bad-input", "message": str(error)})
+        write_termination_message(Failure(status="bad-input", message=str(error)))
         code = EXIT_BAD_INPUT
     except WrongEnvironmentError as error:
         log.error("%s", error)
-        write_termination_message({"status": "wrong-environment", "message": str(error)})
+        write_termination_message(Failure(status="wrong-environment", message=str(error)))
         code = EXIT_WRONG_ENVIRONMENT
     finally:
         record_exit(os.getpid(), code)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.alias_generators import to_camel
 
 # Files mounted into every pod from the DPOJob's ConfigMap.
@@ -113,19 +113,8 @@ class ModelRef(ContractModel):
 
 
 class DataSource(ContractModel):
-    """Preference pairs: a hub dataset (`name` + `split`) or jsonl/parquet files (`uri`)."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "has(self.name) != has(self.uri)",
-                    "message": "set exactly one of name (a hub dataset) or uri (jsonl/parquet "
-                    "files)",
-                }
-            ]
-        }
-    )
+    """Preference pairs: a hub dataset (`name` + `split`) or jsonl/parquet files (`uri`); the
+    DPOJob API requires exactly one (`dpo_operator.api.DataSourceSpec`)."""
 
     name: ShortStr | None = Field(default=None, description="Hub dataset id, e.g. org/prefs.")
     split: ShortStr = Field(default="train", description="Dataset split (hub datasets only).")
@@ -134,14 +123,6 @@ class DataSource(ContractModel):
         default=None,
         description="jsonl or parquet file(s): local path, pvc://claim/path or s3://bucket/key.",
     )
-
-    @model_validator(mode="after")
-    def _exactly_one_location(self) -> DataSource:
-        if (self.name is None) == (self.uri is None):
-            raise ValueError(
-                "set exactly one of `name` (a hub dataset) or `uri` (jsonl/parquet files)"
-            )
-        return self
 
 
 class ColumnMapping(ContractModel):
@@ -327,3 +308,121 @@ def load_trainer_config(path: str) -> TrainerConfig:
             f"{path}: not a valid trainer config ({problems}); render it with `dpo render` from "
             "the same release as this trainer"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the trainer reports: written by the trainer (train.json, eval.json, the promotion
+# pointer, and each pod's termination message) and parsed once, with these models, by the
+# operator and by `dpo run`.
+
+
+class DataReport(ContractModel):
+    """How many pairs of one source were read, dropped (by reason) and kept."""
+
+    source: str
+    read: int
+    identical: int
+    empty: int
+    duplicates: int
+    kept: int
+
+
+class Failure(ContractModel):
+    """A command that did not finish; `message` says why and what to do."""
+
+    status: Literal["interrupted", "bad-input", "wrong-environment"]
+    message: str
+
+
+class TrainingSummary(ContractModel):
+    """A finished training run, short enough for a termination message."""
+
+    status: Literal["completed"] = "completed"
+    step: int
+    world_size: int
+    distributed: DistributedRun
+    adapter_digest: str | None = Field(
+        default=None, description="sha256 of the artifact's manifest (rank 0's pod only)."
+    )
+    parameters_digest: str
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Final values of the summary metrics (rank 0)."
+    )
+
+
+class TrainingReport(TrainingSummary):
+    """train.json: the summary and everything behind it."""
+
+    job: JobIdentity
+    seconds: float
+    eval: dict[str, float]
+    data: dict[str, DataReport | None]
+    adapter: str
+    log_history: list[dict[str, object]]
+    memory: dict[str, int]
+
+    def summary(self, summary_metrics: tuple[str, ...]) -> TrainingSummary:
+        return TrainingSummary(
+            step=self.step,
+            world_size=self.world_size,
+            distributed=self.distributed,
+            adapter_digest=self.adapter_digest,
+            parameters_digest=self.parameters_digest,
+            metrics={k: v for k, v in self.metrics.items() if k in summary_metrics},
+        )
+
+
+class GateCriterion(ContractModel):
+    """One threshold of the gate: the value measured, the threshold, and whether it held."""
+
+    name: str
+    value: float | None
+    threshold: float
+    passed: bool
+
+
+class GateVerdict(ContractModel):
+    """The gate's verdict, short enough for a termination message."""
+
+    status: Literal["passed", "rejected"]
+    verdict: Literal["Passed", "Rejected"]
+    adapter_digest: str
+    criteria: list[GateCriterion]
+    message: str | None = None
+
+
+class GateReport(GateVerdict):
+    """eval.json: the verdict and the measurements behind it."""
+
+    metrics: dict[str, float]
+    pairs: int
+    data: DataReport
+
+    def short(self) -> GateVerdict:
+        return GateVerdict.model_validate(self.model_dump(include=set(GateVerdict.model_fields)))
+
+
+class PromotionResult(ContractModel):
+    """A promoted adapter: also the content of `<target>/current`."""
+
+    status: Literal["promoted"] = "promoted"
+    version: str
+    digest: str
+    uri: str
+    promoted_at: str
+    job: JobIdentity
+
+
+TerminationMessage = Annotated[
+    TrainingSummary | GateVerdict | PromotionResult | Failure, Field(discriminator="status")
+]
+_TERMINATION_MESSAGE: TypeAdapter[TerminationMessage] = TypeAdapter(TerminationMessage)
+
+
+def parse_termination_message(text: str) -> TerminationMessage | None:
+    """A pod's termination message, or None when it is none of the trainer's (a crash, or a
+    message cut short)."""
+    try:
+        return _TERMINATION_MESSAGE.validate_json(text)
+    except ValidationError:
+        return None

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dpo_trainer.builtin import is_builtin, synthetic_preferences
-from dpo_trainer.config import BadInputError, ColumnMapping, DataFormat, DataSource
+from dpo_trainer.config import BadInputError, ColumnMapping, DataFormat, DataReport, DataSource
 from dpo_trainer.fetch import COMPLETE_MARKER, cached, download, is_remote, remote_entry
 from dpo_trainer.presets import BUILTIN_PREFIX
 
@@ -24,21 +23,6 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")
 Row = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class CleaningReport:
-    """How many pairs were read, dropped (by reason) and kept."""
-
-    source: str
-    read: int
-    identical: int
-    empty: int
-    duplicates: int
-    kept: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def describe(source: DataSource) -> str:
@@ -49,7 +33,7 @@ def describe(source: DataSource) -> str:
 
 def load_preferences(
     source: DataSource, columns: ColumnMapping, data_format: DataFormat
-) -> tuple[list[Row], CleaningReport]:
+) -> tuple[list[Row], DataReport]:
     """Read, check and clean the pairs of one source."""
     label = describe(source)
     rows = _read(source, label)
@@ -68,7 +52,9 @@ def load_preferences(
         report.kept,
     )
     if not kept:
-        raise BadInputError(f"{label}: every pair was dropped while cleaning ({report.as_dict()})")
+        raise BadInputError(
+            f"{label}: every pair was dropped while cleaning ({report.model_dump_json()})"
+        )
     return kept, report
 
 
@@ -80,6 +66,8 @@ def _read(source: DataSource, label: str) -> list[Row]:
             raise BadInputError(f"{label}: {error.args[0]}") from None
     if source.uri is not None:
         return _read_files(source.uri, label)
+    if source.name is None:
+        raise BadInputError("a data source has neither name nor uri; render trainer.json with dpo")
     return _read_hub(source, label)
 
 
@@ -212,7 +200,7 @@ def _text(value: Any) -> str:
     return "\n".join(m["content"].strip() for m in value)
 
 
-def _clean(pairs: list[Row], label: str) -> tuple[list[Row], CleaningReport]:
+def _clean(pairs: list[Row], label: str) -> tuple[list[Row], DataReport]:
     identical = empty = duplicates = 0
     seen: set[str] = set()
     kept: list[Row] = []
@@ -230,7 +218,7 @@ def _clean(pairs: list[Row], label: str) -> tuple[list[Row], CleaningReport]:
             continue
         seen.add(key)
         kept.append(pair)
-    report = CleaningReport(
+    report = DataReport(
         source=label,
         read=len(pairs),
         identical=identical,

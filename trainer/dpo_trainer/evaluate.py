@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, Artifacts, verify_manifest
-from dpo_trainer.config import BadInputError, GateConfig, ModelRef, TrainerConfig
+from dpo_trainer.config import (
+    BadInputError,
+    GateConfig,
+    GateCriterion,
+    GateReport,
+    ModelRef,
+    TrainerConfig,
+)
 from dpo_trainer.data import load_preferences
 from dpo_trainer.distributed import require_gpus
 from dpo_trainer.models import load_model, load_tokenizer, torch_dtype
@@ -53,13 +60,10 @@ class Criterion:
     threshold: float
     passed: bool
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": self.value,
-            "threshold": self.threshold,
-            "passed": self.passed,
-        }
+    def reported(self) -> GateCriterion:
+        return GateCriterion(
+            name=self.name, value=self.value, threshold=self.threshold, passed=self.passed
+        )
 
     def describe(self) -> str:
         value = "n/a" if self.value is None else f"{self.value:.4f}"
@@ -74,7 +78,7 @@ def _check(name: str, value: float, relation: str, threshold: float | None) -> l
     return [Criterion(name, value, relation, threshold, passed[relation])]
 
 
-def evaluate(config: TrainerConfig) -> dict[str, Any]:
+def evaluate(config: TrainerConfig) -> GateReport:
     """Run the gate; returns the eval report (also written to eval.json)."""
     gate = config.gate
     if gate is None:
@@ -108,12 +112,14 @@ def evaluate(config: TrainerConfig) -> dict[str, Any]:
         *_check("anchorNllIncrease", drift, "<=", gate.max_anchor_nll_increase),
         *_beats_promoted(config, gate, scorer, pairs, ref, rewards["accuracy"], digest),
     ]
-    passed = all(c.passed for c in criteria)
-    result: dict[str, Any] = {
-        "verdict": "Passed" if passed else "Rejected",
-        "adapterDigest": digest,
-        "criteria": [c.as_dict() for c in criteria],
-        "metrics": {
+    failed = [c for c in criteria if not c.passed]
+    result = GateReport(
+        status="rejected" if failed else "passed",
+        verdict="Rejected" if failed else "Passed",
+        adapter_digest=digest,
+        criteria=[c.reported() for c in criteria],
+        message="gate rejected: " + "; ".join(c.describe() for c in failed) if failed else None,
+        metrics={
             "rewardAccuracy": rewards["accuracy"],
             "rewardMargin": rewards["margin"],
             "rewardChosen": rewards["chosen"],
@@ -122,15 +128,12 @@ def evaluate(config: TrainerConfig) -> dict[str, Any]:
             "referenceAnchorNll": ref_anchor,
             "anchorNllIncrease": drift,
         },
-        "pairs": len(pairs),
-        "data": report.as_dict(),
-    }
-    artifacts.write_json(EVAL_REPORT, result)
+        pairs=len(pairs),
+        data=report,
+    )
+    artifacts.write_report(EVAL_REPORT, result)
     for criterion in criteria:
         log.info("gate: %s -> %s", criterion.describe(), "pass" if criterion.passed else "FAIL")
-    failed = [c for c in criteria if not c.passed]
-    if failed:
-        result["message"] = "gate rejected: " + "; ".join(c.describe() for c in failed)
     return result
 
 

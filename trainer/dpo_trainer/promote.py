@@ -9,7 +9,6 @@ promotions racing to one target each leave `current` pointing at a complete vers
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, MANIFEST, Artifacts, verify_manifest
-from dpo_trainer.config import BadInputError, TrainerConfig
+from dpo_trainer.config import BadInputError, GateReport, PromotionResult, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +35,13 @@ def version_name(job: str, digest: str) -> str:
     return f"{job}-{digest.removeprefix('sha256:')[:12]}"
 
 
-def read_current(target: str) -> dict[str, Any] | None:
+def read_current(target: str) -> PromotionResult | None:
+    """What `<target>/current` points at, or None when nothing was promoted there."""
     fs, root = fsspec.core.url_to_fs(target)
     pointer = f"{root}/{CURRENT}"
     if not fs.exists(pointer):
         return None
-    loaded: dict[str, Any] = json.loads(fs.cat_file(pointer))
-    return loaded
+    return PromotionResult.model_validate_json(fs.cat_file(pointer))
 
 
 def promoted_adapter(target: str) -> tuple[Path, str] | None:
@@ -51,36 +50,36 @@ def promoted_adapter(target: str) -> tuple[Path, str] | None:
     if current is None:
         return None
     fs, root = fsspec.core.url_to_fs(target)
-    version = f"{root}/{VERSIONS}/{current['version']}"
+    version = f"{root}/{VERSIONS}/{current.version}"
     if isinstance(fs, LocalFileSystem):
-        return Path(version), str(current["digest"])
+        return Path(version), current.digest
     local = Path(tempfile.mkdtemp(prefix="dpo-promoted-"))
     fs.get(version, str(local), recursive=True)
-    return local, str(current["digest"])
+    return local, current.digest
 
 
-def promote(config: TrainerConfig) -> dict[str, Any]:
+def promote(config: TrainerConfig) -> PromotionResult:
     """Promote the run's adapter; returns the `current` pointer it leaves."""
     if config.promotion is None:
         raise BadInputError("trainer.json has no promotion: set spec.promotion.target")
     artifacts = Artifacts(config.artifacts_dir)
     adapter = artifacts.fetch(ADAPTER)
     digest = verify_manifest(adapter)
-    report = artifacts.read_json(EVAL_REPORT)
+    report = artifacts.read_report(EVAL_REPORT, GateReport)
     if report is None:
         raise BadInputError(f"{artifacts.uri}: no {EVAL_REPORT}; the eval gate must pass first")
-    if report.get("adapterDigest") != digest:
+    if report.adapter_digest != digest:
         raise BadInputError(
-            f"{EVAL_REPORT} is for adapter {report.get('adapterDigest')}, not {digest}: the "
+            f"{EVAL_REPORT} is for adapter {report.adapter_digest}, not {digest}: the "
             "adapter changed after the gate; run the gate again"
         )
-    if report.get("verdict") != "Passed":
+    if report.verdict != "Passed":
         raise BadInputError(f"the gate rejected adapter {digest}; it cannot be promoted")
 
     target = config.promotion.target
     current = read_current(target)
-    if current is not None and current.get("digest") == digest:
-        log.info("%s already points at %s: nothing to do", target, current["version"])
+    if current is not None and current.digest == digest:
+        log.info("%s already points at %s: nothing to do", target, current.version)
         return current
 
     fs, root = fsspec.core.url_to_fs(target)
@@ -90,15 +89,15 @@ def promote(config: TrainerConfig) -> dict[str, Any]:
         _copy_local(adapter, Path(destination), digest)
     else:
         _copy_remote(fs, adapter, destination, digest)
-    pointer = {
-        "version": version,
-        "digest": digest,
-        "uri": f"{target.rstrip('/')}/{VERSIONS}/{version}",
-        "promotedAt": datetime.now(UTC).isoformat(timespec="seconds"),
-        "job": {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid},
-    }
+    pointer = PromotionResult(
+        version=version,
+        digest=digest,
+        uri=f"{target.rstrip('/')}/{VERSIONS}/{version}",
+        promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        job=config.job,
+    )
     _write_pointer(fs, root, pointer)
-    log.info("promoted %s to %s", digest, pointer["uri"])
+    log.info("promoted %s to %s", digest, pointer.uri)
     return pointer
 
 
@@ -131,8 +130,8 @@ def _copy_remote(fs: Any, adapter: Path, destination: str, digest: str) -> None:
         shutil.rmtree(check, ignore_errors=True)
 
 
-def _write_pointer(fs: Any, root: str, pointer: dict[str, Any]) -> None:
-    content = (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
+def _write_pointer(fs: Any, root: str, pointer: PromotionResult) -> None:
+    content = (pointer.model_dump_json(by_alias=True, indent=2) + "\n").encode()
     path = f"{root}/{CURRENT}"
     if isinstance(fs, LocalFileSystem):
         staging = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"

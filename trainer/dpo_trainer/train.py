@@ -42,7 +42,14 @@ from dpo_trainer.artifacts import (
     replace_directory,
     write_manifest,
 )
-from dpo_trainer.config import BadInputError, DistributedConfig, DistributedRun, TrainerConfig
+from dpo_trainer.config import (
+    BadInputError,
+    DataReport,
+    DistributedConfig,
+    DistributedRun,
+    TrainerConfig,
+    TrainingReport,
+)
 from dpo_trainer.data import load_preferences
 from dpo_trainer.distributed import (
     check_run,
@@ -67,11 +74,11 @@ class TrainingInterruptedError(Exception):
     """SIGTERM arrived: a checkpoint was written and the run can resume from it."""
 
 
-def train(config: TrainerConfig) -> dict[str, Any]:
-    """Train, or return the result of the run that already finished. Returns the summary."""
+def train(config: TrainerConfig) -> TrainingReport:
+    """Train, or return the report of the run that already finished."""
     artifacts = Artifacts(config.artifacts_dir)
-    finished = artifacts.read_json(TRAIN_REPORT)
-    if finished is not None and finished.get("status") == "completed":
+    finished = artifacts.read_report(TRAIN_REPORT, TrainingReport)
+    if finished is not None:
         log.info("%s already finished; reporting its result", artifacts.uri)
         return finished
 
@@ -368,10 +375,10 @@ def _finish(
     ran: DistributedRun,
     states: dict[str, int],
     final_eval: dict[str, float],
-    train_report: Any,
-    eval_report: Any,
+    train_report: DataReport,
+    eval_report: DataReport | None,
     started: float,
-) -> dict[str, Any]:
+) -> TrainingReport:
     """Save the whole adapter (or model) with its manifest and write train.json.
 
     Every rank takes part: gathering sharded tensors is a collective. Rank 0 writes the files.
@@ -382,36 +389,30 @@ def _finish(
         # so PEFT and transformers load it as they load any checkpoint.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
-    summary: dict[str, Any] = {
-        "status": "completed",
-        "job": config.job.name,
-        "namespace": config.job.namespace,
-        "uid": config.job.uid,
-        "step": trainer.state.global_step,
-        "worldSize": ran.world_size,
-        "distributed": ran.model_dump(by_alias=True),
+    report = TrainingReport(
+        job=config.job,
+        step=trainer.state.global_step,
+        world_size=ran.world_size,
+        distributed=ran,
         # Rank 0's model and optimizer states (its shards) and peak: the memory plan's check.
-        "memory": {**states, "peakBytes": peak_memory_bytes(ran.device)},
-        "seconds": round(time.monotonic() - started, 3),
-        "metrics": dict(metrics.latest),
-        "eval": {k: v for k, v in final_eval.items() if isinstance(v, int | float)},
-        "data": {
-            "train": train_report.as_dict(),
-            "eval": eval_report.as_dict() if eval_report is not None else None,
-        },
-        "adapter": f"{artifacts.uri.rstrip('/')}/{ADAPTER}",
-        "logHistory": trainer.state.log_history,
-        "parametersDigest": _agreed_digest(trainer),
-    }
+        memory={**states, "peakBytes": peak_memory_bytes(ran.device)},
+        seconds=round(time.monotonic() - started, 3),
+        metrics=dict(metrics.latest),
+        eval={k: v for k, v in final_eval.items() if isinstance(v, int | float)},
+        data={"train": train_report, "eval": eval_report},
+        adapter=f"{artifacts.uri.rstrip('/')}/{ADAPTER}",
+        log_history=trainer.state.log_history,
+        parameters_digest=_agreed_digest(trainer),
+    )
     if trainer.accelerator.is_main_process:
         if config.lora is None:
             trainer.processing_class.save_pretrained(str(staging))
-        summary["adapterDigest"] = write_manifest(staging)
+        report.adapter_digest = write_manifest(staging)
         replace_directory(staging, artifacts.adapter)
         artifacts.upload(ADAPTER)
-        artifacts.write_json(TRAIN_REPORT, summary)
+        artifacts.write_report(TRAIN_REPORT, report)
     trainer.accelerator.wait_for_everyone()
-    return summary
+    return report
 
 
 def _agreed_digest(trainer: Any) -> str:

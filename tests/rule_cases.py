@@ -1,0 +1,167 @@
+"""Manifests at the edges of the API's cross-field rules, shared by the unit tier (`dpo validate`,
+which evaluates each rule with cel-python) and the cluster tier (the real API server's CEL).
+
+Many lean on defaults the manifest does not spell out (the gate is on unless disabled, one node,
+one GPU, sigmoid loss): the API server applies the CRD's defaults before its CEL runs, and
+pydantic applies the same defaults, so both must reach the same verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from tests.conftest import MINIMAL, set_fields
+
+
+def manifest(name: str, **spec: Any) -> dict[str, Any]:
+    document = copy.deepcopy(MINIMAL)
+    document["metadata"] = {"name": name, "namespace": "default"}
+    return set_fields(document, **spec)
+
+
+# (case, manifest, the field the rule names, the message both must give)
+BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
+    (
+        "hsdp-on-one-default-node",
+        manifest("rule-a", **{"parallelism.strategy": "hsdp"}),
+        "spec.parallelism.strategy",
+        "hsdp replicates across nodes and needs resources.nodes > 1; use fsdp on one node",
+    ),
+    (
+        "hsdp-with-one-default-gpu",
+        manifest("rule-b", **{"parallelism.strategy": "hsdp", "resources.nodes": 2}),
+        "spec.parallelism.strategy",
+        "hsdp shards inside a node and needs resources.gpusPerNode >= 2; use ddp otherwise",
+    ),
+    (
+        "fsdp-on-cpu",
+        manifest("rule-c", **{"parallelism.strategy": "fsdp", "resources.gpusPerNode": 0}),
+        "spec.parallelism.strategy",
+        "fsdp shards over GPUs but resources.gpusPerNode is 0; set it >= 1 or use ddp on CPU",
+    ),
+    (
+        "rdma-on-cpu",
+        manifest("rule-d", **{"network.profile": "efa", "resources.gpusPerNode": 0}),
+        "spec.network.profile",
+        "efa moves GPU memory over RDMA but resources.gpusPerNode is 0; set it >= 1 or use tcp",
+    ),
+    (
+        "default-gate-without-held-out-pairs",
+        manifest("rule-e", data={"train": {"uri": "s3://b/t.jsonl"}}),
+        "spec.evalGate",
+        "the gate needs held-out pairs; set data.eval or evalGate.data",
+    ),
+    (
+        "promotion-without-gate",
+        manifest("rule-f", **{"evalGate.enabled": False, "promotion": {"target": "s3://m"}}),
+        "spec.promotion",
+        "nothing is promoted without a gate; enable evalGate or remove promotion",
+    ),
+    (
+        "beat-the-promoted-without-promotion",
+        manifest("rule-g", **{"evalGate.mustBeatPromoted": True}),
+        "spec.evalGate.mustBeatPromoted",
+        "compares with the promoted adapter; set promotion.target",
+    ),
+    (
+        "simpo-with-reference",
+        manifest("rule-h", **{"dpo.lossType": ["simpo"], "model.reference": {"name": "r"}}),
+        "spec.model.reference",
+        "simpo is reference-free; remove model.reference",
+    ),
+    (
+        "simpo-combined",
+        manifest("rule-i", **{"dpo.lossType": ["simpo", "sft"]}),
+        "spec.dpo.lossType",
+        "simpo is reference-free and runs through TRL's CPO trainer: it cannot be combined with "
+        "other loss types, got simpo, sft",
+    ),
+    (
+        "simpo-precompute",
+        manifest("rule-j", **{"dpo.lossType": ["simpo"], "dpo.precomputeRefLogProbs": True}),
+        "spec.dpo.precomputeRefLogProbs",
+        "simpo uses no reference model, so there are no reference log-probs to precompute",
+    ),
+    (
+        "weights-against-default-loss",
+        manifest("rule-k", **{"dpo.lossWeights": [1.0, 0.5]}),
+        "spec.dpo.lossWeights",
+        "needs as many entries as lossType: give one weight per loss type",
+    ),
+    (
+        "roce-without-networks",
+        manifest("rule-l", **{"network.profile": "roce"}),
+        "spec.network.secondaryNetworks",
+        "profile roce needs them: list the Multus attachments (roce) or GKE networks (tcpxo)",
+    ),
+    (
+        "nccl-env-key",
+        manifest("rule-m", **{"network.env": {"1NCCL": "x"}}),
+        "spec.network.env",
+        "keys must be environment variable names",
+    ),
+    (
+        "contract-env",
+        manifest("rule-n", env=[{"name": "MASTER_ADDR", "value": "x"}]),
+        "spec.env",
+        "may not set the pod contract's variables, which are set by the operator",
+    ),
+    (
+        "data-name-and-uri",
+        manifest("rule-o", **{"data.train": {"name": "o/d", "uri": "s3://b/k"}}),
+        "spec.data.train",
+        "set exactly one of name (a hub dataset) or uri (jsonl/parquet files)",
+    ),
+    (
+        "data-neither",
+        manifest("rule-p", **{"data.eval": {"split": "test"}}),
+        "spec.data.eval",
+        "set exactly one of name (a hub dataset) or uri (jsonl/parquet files)",
+    ),
+    (
+        "name-too-long",
+        manifest("q" * 50),
+        "metadata.name",
+        "must be at most 49 lowercase letters, digits and '-', starting with a letter",
+    ),
+]
+
+# Just inside each rule: both accept.
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    (
+        "hsdp-two-nodes-two-gpus",
+        manifest(
+            "ok-a",
+            **{"parallelism.strategy": "hsdp", "resources.nodes": 2, "resources.gpusPerNode": 2},
+        ),
+    ),
+    ("ddp-on-cpu", manifest("ok-b", **{"parallelism.strategy": "ddp", "resources.gpusPerNode": 0})),
+    (
+        "gate-off-no-held-out",
+        manifest("ok-c", **{"evalGate.enabled": False}, data={"train": {"uri": "s3://b/t.jsonl"}}),
+    ),
+    (
+        "gate-data-instead-of-eval",
+        manifest(
+            "ok-d",
+            data={"train": {"uri": "s3://b/t.jsonl"}},
+            **{"evalGate.data": {"uri": "s3://b/e.jsonl"}},
+        ),
+    ),
+    ("simpo-alone", manifest("ok-e", **{"dpo.lossType": ["simpo"]})),
+    (
+        "rpo-weights",
+        manifest("ok-f", **{"dpo.lossType": ["sigmoid", "sft"], "dpo.lossWeights": [1.0, 0.5]}),
+    ),
+    (
+        "roce-with-networks",
+        manifest("ok-g", **{"network.profile": "roce", "network.secondaryNetworks": ["net-a"]}),
+    ),
+    ("user-env", manifest("ok-h", env=[{"name": "HF_HUB_OFFLINE", "value": "1"}])),
+    ("name-49", manifest("r" * 49)),
+    (
+        "beat-promoted",
+        manifest("ok-i", **{"evalGate.mustBeatPromoted": True, "promotion": {"target": "s3://m"}}),
+    ),
+]
