@@ -216,7 +216,7 @@ def bench(jobs: int) -> str:
             print(f"only {len(first_job)} of {jobs} training Jobs appeared", file=sys.stderr)
         if not all_done.wait(timeout=1800):
             print(f"only {len(succeeded)} of {jobs} DPOJobs Succeeded", file=sys.stderr)
-        lifecycle_seconds = time.monotonic() - started
+        lifecycle_seconds, finished = time.monotonic() - started, len(succeeded)
         time.sleep(10)  # late events and follow-up reconciles settle
         after = operator_requests(plane)
         burst = [first_job[name] - created[name] for name in created if name in first_job]
@@ -246,7 +246,7 @@ def bench(jobs: int) -> str:
         writes = sum(requests[verb] for verb in WRITES) / jobs
         reads = sum(requests[verb] for verb in ("get", "list", "watch")) / jobs
         print(
-            f"\n{jobs} DPOJobs created in {create_seconds:.1f}s; {len(succeeded)} Succeeded "
+            f"\n{jobs} DPOJobs created in {create_seconds:.1f}s; {finished} Succeeded "
             f"after {lifecycle_seconds:.0f}s (2 CPUs shared by etcd, apiserver, "
             "controller-manager, operator and this script)"
         )
@@ -266,6 +266,7 @@ def bench(jobs: int) -> str:
             event.reason
             for event in plane.core().list_namespaced_event(NAMESPACE).items
             if event.involved_object.kind == "DPOJob"
+            and not event.involved_object.name.startswith("probe-")
         )
         print(
             "Events / DPOJob: "

@@ -22,6 +22,7 @@ import celpy
 from celpy import celtypes
 from celpy.adapter import json_to_cel
 from dpo_trainer.config import (
+    DEFAULT_METRICS_PORT,
     ENV_JOB,
     ENV_MASTER_ADDR,
     ENV_MASTER_PORT,
@@ -754,7 +755,10 @@ class MonitoringSpec(ContractModel):
     """Live training metrics."""
 
     port: int = Field(
-        default=9400, ge=1024, le=65535, description="Rank 0's Prometheus /metrics port."
+        default=DEFAULT_METRICS_PORT,
+        ge=1024,
+        le=65535,
+        description="Rank 0's Prometheus /metrics port.",
     )
     interval_seconds: int = Field(
         default=30, ge=5, le=3600, description="How often the operator copies metrics to status."

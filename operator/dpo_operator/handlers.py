@@ -309,7 +309,10 @@ class Expectations:
         started (decide reads only running and finished pods)."""
         if plural == PLURAL:
             mine = self.status.get(key)
-            return mine is not None and _revision(body) == mine[0]
+            if mine is None or _revision(body) != mine[0]:
+                return False
+            del self.status[key]  # the cache has it now
+            return True
         if isinstance(seen, SeenPod):
             return seen.state.phase == "Pending"
         created = self.created.get(key, {})
@@ -753,11 +756,12 @@ async def on_change(
         memo.seen.pop(watched, None)
     else:
         seen = _what_decide_reads(resource.plural, name, labels, kwargs["body"])
-        if memo.seen.get(watched) == seen:
-            return  # e.g. the Job controller's bookkeeping: nothing to decide anew
+        news = memo.seen.get(watched) != seen  # not, e.g., the Job controller's bookkeeping
         memo.seen[watched] = seen
-        if memo.executor.expected.foresaw(key, resource.plural, kwargs["body"], seen):
-            return  # what this operator itself just did, and decided knowing it
+        # Not what this operator itself just did either: it decided knowing that.
+        foreseen = memo.executor.expected.foresaw(key, resource.plural, kwargs["body"], seen)
+        if foreseen or not news:
+            return
     memo.queue.wake(key)
 
 
@@ -766,13 +770,9 @@ def _what_decide_reads(
 ) -> object:
     """The part of a watched object that `decide` reads, to tell news from noise."""
     if plural == PLURAL:
+        # Not its status: only the operator writes that, and decided knowing what it wrote.
         meta = body.meta
-        return (
-            meta.get("generation"),
-            dict(meta.annotations),
-            meta.get("deletionTimestamp"),
-            dict(body.status),
-        )
+        return (meta.get("generation"), dict(meta.annotations), meta.get("deletionTimestamp"))
     if plural == "jobs":
         return _seen_job(name, labels, body)
     if plural == "pods":

@@ -48,8 +48,6 @@ class NetworkPieces:
     sidecars: tuple[dict[str, Any], ...] = ()
     volumes: tuple[dict[str, Any], ...] = ()
     trainer_mounts: tuple[dict[str, Any], ...] = ()
-    # The TCPXO daemon must run as root with NET_ADMIN, so the pod cannot be non-root as a whole.
-    pod_may_run_as_root: bool = False
 
 
 def network_pieces(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
@@ -64,7 +62,6 @@ def network_pieces(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
         sidecars=pieces.sidecars,
         volumes=pieces.volumes,
         trainer_mounts=pieces.trainer_mounts,
-        pod_may_run_as_root=pieces.pod_may_run_as_root,
     )
 
 
@@ -211,7 +208,6 @@ def _tcpxo(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
             libraries_mount,
             {"name": "aperture-devices", "mountPath": _TCPXO_APERTURE},
         ),
-        pod_may_run_as_root=True,
     )
 
 

@@ -1,4 +1,5 @@
-"""While a run goes, rank 0's /metrics shows every DESIGN.md training metric; train.json agrees."""
+"""While a run goes, rank 0's /metrics shows every training metric of docs/architecture.md;
+train.json agrees."""
 
 from __future__ import annotations
 

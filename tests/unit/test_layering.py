@@ -1,4 +1,5 @@
-"""DESIGN.md's layering, enforced by import-linter: the contracts hold and catch breaks."""
+"""The layering of docs/architecture.md, enforced by import-linter: the contracts hold and catch
+breaks."""
 
 from __future__ import annotations
 

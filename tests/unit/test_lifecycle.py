@@ -85,6 +85,28 @@ def test_running_pods_mean_training() -> None:
     assert any(c.type == "Training" and c.status == "True" for c in decision.status.conditions)
 
 
+def test_pods_that_have_not_started_keep_the_run_pending() -> None:
+    decision = decide(job(), observed(child("train", 1, "Pending", pod("Pending"))))
+    assert decision.status.phase == "Pending"
+    assert decision.status.message == "attempt 1: waiting for 1 pod(s) to start"
+    assert not any(c.type == "Training" for c in decision.status.conditions)
+
+
+def test_a_pod_that_finished_before_its_job_changes_nothing_in_status() -> None:
+    running = decide(job(), observed(child("train", 1, "Running", pod("Running"))))
+    later = job(status=running.status.model_dump(by_alias=True))
+    finished = decide(later, observed(child("train", 1, "Running", pod("Succeeded", 0))))
+    assert finished.status == running.status, "one status write fewer per attempt"
+
+
+def test_conditions_keep_their_order_when_one_changes() -> None:
+    running = decide(job(), observed(child("train", 1, "Running", pod("Running"))))
+    later = job(status=running.status.model_dump(by_alias=True))
+    evaluating = decide(later, observed(child("train", 1, "Complete", pod("Succeeded", 0))))
+    types = [c.type for c in evaluating.status.conditions]
+    assert types == [c.type for c in running.status.conditions]
+
+
 def test_a_queued_job_waits_for_kueue() -> None:
     queued = job(scheduling={"queueName": "q"})
     decision = decide(queued, observed(child("train", 1, "Pending", suspended=True)))

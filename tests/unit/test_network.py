@@ -13,10 +13,6 @@ from dpo_trainer.config import TrainerConfig
 from tests.conftest import example, job_with
 
 
-def pieces_for(gpus: int = 8, **network: object) -> object:
-    return network_pieces(NetworkSpec.model_validate(network), gpus)
-
-
 @pytest.mark.parametrize(
     ("network", "expected_env"),
     [

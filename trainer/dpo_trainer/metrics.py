@@ -1,8 +1,9 @@
 """Live training metrics: a TrainerCallback that serves Prometheus `/metrics` on rank 0.
 
-TRL's logged keys map to the DESIGN.md names (`rewards/accuracies` -> `dpo_train_reward_accuracy`,
-...); evaluation logs (`eval_*`) go to the same names under `dpo_eval_`. Every series carries the
-`dpojob` and `namespace` labels. Other ranks serve nothing.
+TRL's logged keys map to the metric names of docs/architecture.md (`rewards/accuracies` ->
+`dpo_train_reward_accuracy`, ...); evaluation logs (`eval_*`) go to the same names under
+`dpo_eval_`. Every series carries the `dpojob` and `namespace` labels. Other ranks serve
+nothing.
 """
 
 from __future__ import annotations
