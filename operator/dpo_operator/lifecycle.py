@@ -297,8 +297,8 @@ class _Machine:
             return
         if self.status.start_time is None:
             self.status.start_time = self.now
-        # Succeeded pods count as started: a pod that finished before its Job did is no news.
-        started = sum(pod.phase in ("Running", "Succeeded") for pod in train.pods)
+        # A pod that finished (either way) before its Job did has started all the same.
+        started = sum(pod.phase != "Pending" for pod in train.pods)
         if started == 0:
             self.phase("Pending", waiting)
             return

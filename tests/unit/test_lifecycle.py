@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from dpo_operator.api import DPOJob, DPOJobStatus
 from dpo_operator.lifecycle import (
     ChildJob,
@@ -92,11 +93,12 @@ def test_pods_that_have_not_started_keep_the_run_pending() -> None:
     assert not any(c.type == "Training" for c in decision.status.conditions)
 
 
-def test_a_pod_that_finished_before_its_job_changes_nothing_in_status() -> None:
+@pytest.mark.parametrize("ended", [pod("Succeeded", 0), pod("Failed", 137)])
+def test_a_pod_that_ended_before_its_job_changes_nothing_in_status(ended: PodState) -> None:
     running = decide(job(), observed(child("train", 1, "Running", pod("Running"))))
     later = job(status=running.status.model_dump(by_alias=True))
-    finished = decide(later, observed(child("train", 1, "Running", pod("Succeeded", 0))))
-    assert finished.status == running.status, "one status write fewer per attempt"
+    finished = decide(later, observed(child("train", 1, "Running", ended)))
+    assert finished.status == running.status, "the Job has not ended yet: nothing new to say"
 
 
 def test_conditions_keep_their_order_when_one_changes() -> None:

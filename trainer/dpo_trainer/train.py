@@ -412,6 +412,10 @@ def _finish(
         artifacts.upload(ADAPTER)
         artifacts.write_report(TRAIN_REPORT, report)
     trainer.accelerator.wait_for_everyone()
+    # Left to interpreter exit, gloo's threads are torn down mid-flight and a rank may abort
+    # (`terminate called without an active exception`, exit -6) after a finished run.
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return report
 
 

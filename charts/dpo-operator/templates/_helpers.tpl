@@ -33,26 +33,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Rules the operator needs inside every namespace it manages. */}}
 {{- define "dpo-operator.applicationRules" -}}
-# Application: the DPOJobs themselves; patch is kopf's progress annotations.
+# Application: the DPOJobs themselves, read from the watch cache only (no get).
 - apiGroups: ["dpo.dev"]
   resources: ["dpojobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 # Application: status is written through the status subresource only.
 - apiGroups: ["dpo.dev"]
   resources: ["dpojobs/status"]
-  verbs: ["get", "patch"]
-# Application: training, eval-gate and promote Jobs; deleted to restart a group or after TTL.
+  verbs: ["patch"]
+# Application: training, eval-gate and promote Jobs; patched to suspend, deleted to restart a
+# group or after TTL.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Application: pod status tells exit codes and termination messages; never logs.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # Application: the trainer config and the rendezvous Service of each DPOJob.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 # Framework and application: kopf and the operator post Events on DPOJobs.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
