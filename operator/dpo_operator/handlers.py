@@ -48,7 +48,6 @@ from dpo_operator.api import (
 from dpo_operator.lifecycle import (
     Action,
     ChildJob,
-    Component,
     Create,
     Decision,
     Delete,
@@ -108,16 +107,6 @@ Key = tuple[str, str]  # (namespace, DPOJob name)
 
 
 @dataclass(frozen=True)
-class SeenJob:
-    name: str
-    component: Component
-    attempt: int
-    suspended: bool
-    state: JobState
-    deleting: bool
-
-
-@dataclass(frozen=True)
 class SeenPod:
     job: str
     state: PodState
@@ -144,17 +133,18 @@ def dpojob_bodies(
 @kopf.index("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
 def dpojob_jobs(
     name: str, labels: Mapping[str, str], namespace: str | None, body: kopf.Body, **_: Any
-) -> dict[Key, SeenJob]:
+) -> dict[Key, ChildJob]:
     return {_owner(labels, namespace): _seen_job(name, labels, body)}
 
 
-def _seen_job(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenJob:
+def _seen_job(name: str, labels: Mapping[str, str], body: kopf.Body) -> ChildJob:
+    """The Job as `decide` sees it; its pods are joined in from the pod index at reconcile."""
     status = body.status
     state: JobState = "Running" if status.get("active") else "Pending"
     for condition in status.get("conditions") or []:
         if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
             state = condition["type"]
-    return SeenJob(
+    return ChildJob(
         name=name,
         component=labels.get(LABEL_COMPONENT, "train"),  # type: ignore[arg-type]
         attempt=int(labels.get(LABEL_ATTEMPT, "1")),
@@ -316,11 +306,8 @@ class Expectations:
         if isinstance(seen, SeenPod):
             return seen.state.phase == "Pending"
         created = self.created.get(key, {})
-        if isinstance(seen, SeenJob):
-            expected = created.get(seen.name, (0.0, None))[1]
-            return expected is not None and expected == ChildJob(
-                seen.name, seen.component, seen.attempt, seen.suspended, seen.state, seen.deleting
-            )
+        if isinstance(seen, ChildJob):
+            return created.get(seen.name, (0.0, None))[1] == seen
         return seen in created  # a config map or service, by name
 
     def forget(self, key: Key) -> None:
@@ -511,15 +498,7 @@ async def _observe(
 ) -> Observed:
     pods: list[SeenPod] = list(indexes["dpojob_pods"].get(key, []))
     jobs = tuple(
-        ChildJob(
-            name=seen.name,
-            component=seen.component,
-            attempt=seen.attempt,
-            suspended=seen.suspended,
-            state=seen.state,
-            deleting=seen.deleting,
-            pods=tuple(p.state for p in pods if p.job == seen.name),
-        )
+        replace(seen, pods=tuple(p.state for p in pods if p.job == seen.name))
         for seen in indexes["dpojob_jobs"].get(key, [])
     )
     others = set(indexes["dpojob_config_maps"].get(key, [])) | set(
