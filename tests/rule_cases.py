@@ -120,6 +120,46 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "set exactly one of name (a hub dataset) or uri (jsonl/parquet files)",
     ),
     (
+        "secret-named-as-contract-env",
+        manifest(
+            "rule-q",
+            secrets=[{"name": "NODE_RANK", "secretKeyRef": {"name": "s", "key": "k"}}],
+        ),
+        "spec.secrets",
+        "may not set the pod contract's variables, which are set by the operator",
+    ),
+    (
+        "output-climbs-out-of-its-claim",
+        manifest("rule-t", **{"output.uri": "pvc://runs/../../etc"}),
+        "spec.output.uri",
+        "may not contain '.' or '..' path segments",
+    ),
+    (
+        "promotion-target-climbs-out",
+        manifest("rule-u", promotion={"target": "pvc://models/team-a/.."}),
+        "spec.promotion.target",
+        "may not contain '.' or '..' path segments",
+    ),
+    (
+        "gate-with-every-criterion-off",
+        manifest(
+            "rule-v",
+            **{
+                "evalGate.minRewardAccuracy": None,
+                "evalGate.minRewardMargin": None,
+                "evalGate.maxAnchorNllIncrease": None,
+            },
+        ),
+        "spec.evalGate",
+        "every criterion is off (null), so the gate would pass anything",
+    ),
+    (
+        "metrics-on-the-rendezvous-port",
+        manifest("rule-w", **{"monitoring.port": 29500}),
+        "spec.monitoring.port",
+        "29500 is the rendezvous port (MASTER_PORT) of the training pods",
+    ),
+    (
         "name-too-long",
         manifest("q" * 50),
         "metadata.name",
@@ -160,6 +200,32 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ),
     ("user-env", manifest("ok-h", env=[{"name": "HF_HUB_OFFLINE", "value": "1"}])),
     ("name-49", manifest("r" * 49)),
+    (
+        "allowed-extra",
+        manifest(
+            "ok-j", **{"dpo.extra": {"label_smoothing": 0.1, "lr_scheduler_kwargs": {"a": 1}}}
+        ),
+    ),
+    ("dotted-file-names", manifest("ok-k", **{"output.uri": "s3://b/runs.v2/..x/.y"})),
+    (
+        "one-criterion-left",
+        manifest(
+            "ok-l", **{"evalGate.minRewardAccuracy": None, "evalGate.maxAnchorNllIncrease": None}
+        ),
+    ),
+    (
+        "criteria-off-but-beat-the-champion",
+        manifest(
+            "ok-m",
+            promotion={"target": "s3://m"},
+            **{
+                "evalGate.minRewardAccuracy": None,
+                "evalGate.minRewardMargin": None,
+                "evalGate.maxAnchorNllIncrease": None,
+                "evalGate.mustBeatPromoted": True,
+            },
+        ),
+    ),
     (
         "beat-promoted",
         manifest("ok-i", **{"evalGate.mustBeatPromoted": True, "promotion": {"target": "s3://m"}}),

@@ -22,6 +22,7 @@ import celpy
 from celpy import celtypes
 from celpy.adapter import json_to_cel
 from dpo_trainer.config import (
+    DEFAULT_MASTER_PORT,
     DEFAULT_METRICS_PORT,
     ENV_JOB,
     ENV_MASTER_ADDR,
@@ -175,41 +176,71 @@ QUALIFIED_NAME_PATTERN = (
 QualifiedName = Annotated[str, Field(min_length=1, max_length=316, pattern=QUALIFIED_NAME_PATTERN)]
 LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=253)]], Field(max_length=64)]
 
-# DPOConfig fields this API sets itself: `extra` may not smuggle in a second value for them.
-MANAGED_TRAINING_FIELDS = frozenset(
-    {
-        "beta",
-        "loss_type",
-        "loss_weights",
-        "learning_rate",
-        "num_train_epochs",
-        "max_steps",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "max_length",
-        "precompute_ref_log_probs",
-        "seed",
-        "logging_steps",
-        "save_steps",
-        "output_dir",
-        "gradient_checkpointing",
-        "bf16",
-        "fp16",
-        "ddp_timeout",
-        "fsdp",
-        "fsdp_config",
-        "report_to",
-        "trust_remote_code",
-        "model_init_kwargs",
-        "simpo_gamma",
-    }
+# The DPOConfig fields `spec.dpo.extra` may set: optimiser, schedule, loss variants and data
+# loading. Everything else is either set by the spec's own fields (beta, batch sizes, output,
+# parallelism) or must not be chosen by whoever writes a DPOJob (push_to_hub and the hub_*
+# fields publish the model, report_to sends it elsewhere, deepspeed and trust_remote_code run
+# code): an allowlist, so that a field TRL adds later is refused until it is reviewed.
+EXTRA_TRAINING_FIELDS = (
+    "activation_offloading",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "average_tokens_across_devices",
+    "data_seed",
+    "dataloader_drop_last",
+    "dataloader_num_workers",
+    "dataloader_persistent_workers",
+    "dataloader_pin_memory",
+    "dataloader_prefetch_factor",
+    "dataset_num_proc",
+    "ddp_bucket_cap_mb",
+    "ddp_find_unused_parameters",
+    "disable_dropout",
+    "discopop_tau",
+    "eval_steps",
+    "f_alpha_divergence_coef",
+    "f_divergence_type",
+    "full_determinism",
+    "gradient_checkpointing_kwargs",
+    "label_smoothing",
+    "ld_alpha",
+    "logging_first_step",
+    "lr_scheduler_kwargs",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "neftune_noise_alpha",
+    "optim",
+    "optim_args",
+    "pad_to_multiple_of",
+    "padding_free",
+    "per_device_eval_batch_size",
+    "precompute_ref_batch_size",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "router_aux_loss_coef",
+    "save_total_limit",
+    "sync_ref_model",
+    "tf32",
+    "torch_compile",
+    "torch_compile_mode",
+    "torch_empty_cache_steps",
+    "truncation_mode",
+    "use_liger_kernel",
+    "use_weighting",
+    "warmup_steps",
+    "weight_decay",
 )
+
 # Fields that TRL 1.x removed: say so instead of a bare "unknown field".
 REMOVED_FIELDS = {
     "maxPromptLength": "removed in TRL 1.x: prompts are no longer truncated separately; "
     "set spec.dpo.maxLength for the whole sequence",
     "rpoAlpha": "removed in TRL 1.x: for RPO set lossType: [sigmoid, sft] with "
     "lossWeights: [1.0, <alpha>]",
+    "tcpxoDaemonImage": "removed: the TCPXO daemon runs with NET_ADMIN and host paths, so the "
+    "cluster admin pins its image in the operator's settings (chart value "
+    "network.tcpxo.daemonImage); delete the field",
     "fsdpVersion": "removed: fsdp and hsdp always run FSDP2 (FSDP1 is deprecated in PyTorch and "
     "cannot run off a GPU, so it could not be tested); delete the field",
 }
@@ -457,24 +488,28 @@ class DPOSpec(RuledModel):
         default_factory=dict,
         max_length=64,
         description="Rarely used DPOConfig fields in snake_case (e.g. label_smoothing, "
-        "warmup_ratio, lr_scheduler_type); checked against DPOConfig when training starts.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        "warmup_steps, lr_scheduler_type), from an allowlist; their values are checked against "
+        "DPOConfig when training starts.",
+        # The allowed fields, each of any type, and no other: the API server refuses (or, for a
+        # client that does not ask for strict validation, drops) any other key.
+        json_schema_extra={
+            "properties": {
+                name: {"x-kubernetes-preserve-unknown-fields": True}
+                for name in EXTRA_TRAINING_FIELDS
+            },
+            "additionalProperties": False,
+        },
     )
 
     @field_validator("extra")
     @classmethod
-    def _extra_not_managed(cls, extra: dict[str, Any]) -> dict[str, Any]:
-        managed = sorted(MANAGED_TRAINING_FIELDS.intersection(extra))
-        if managed:
+    def _extra_allowed(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        refused = sorted(set(extra) - set(EXTRA_TRAINING_FIELDS))
+        if refused:
             raise ValueError(
-                f"{', '.join(managed)} cannot be set through extra: use the dedicated spec "
-                "fields (spec.dpo.*, spec.parallelism, spec.output) instead"
-            )
-        bad = sorted(key for key in extra if not re.match(r"^[a-z][a-z0-9_]*$", key))
-        if bad:
-            raise ValueError(
-                f"keys {', '.join(bad)} are not DPOConfig field names; write them in snake_case "
-                "as in TRL's DPOConfig"
+                f"may not set {', '.join(refused)}; allowed, in snake_case as TRL's DPOConfig "
+                f"names them: {', '.join(EXTRA_TRAINING_FIELDS)} (the spec's own fields set the "
+                "rest, e.g. spec.dpo.beta)"
             )
         return extra
 
@@ -590,10 +625,6 @@ class NetworkSpec(RuledModel):
         description="roce: Multus NetworkAttachmentDefinitions; tcpxo: the GKE networks of the "
         "8 GPU NICs, in NIC order.",
     )
-    tcpxo_daemon_image: Annotated[str, Field(max_length=512)] = Field(
-        default="us-docker.pkg.dev/gce-ai-infra/gpudirect-tcpxo/tcpgpudmarxd-dev:v1.0.14",
-        description="The TCPXO receive-datapath daemon sidecar (tcpxo only).",
-    )
     collective_timeout_seconds: int = Field(
         default=1800,
         ge=60,
@@ -618,8 +649,23 @@ class PodResources(ContractModel):
         return None if value is None else _check_quantity(value)
 
 
-class EvalGateSpec(ContractModel):
-    """The held-out gate: an adapter is promoted only if every set threshold holds."""
+class EvalGateSpec(RuledModel):
+    """The held-out gate: an adapter is promoted only if every set threshold holds; a threshold
+    set to null is not checked."""
+
+    rules = (
+        Rule(
+            # has(): the API server also checks the group's default, {}, against its rules.
+            "!has(self.enabled) || !self.enabled || self.mustBeatPromoted || "
+            + " || ".join(
+                # A null threshold (nullable in the CRD) is a null_type, not a double.
+                f"(has(self.{name}) && type(self.{name}) == double)"
+                for name in ("minRewardAccuracy", "minRewardMargin", "maxAnchorNllIncrease")
+            ),
+            "every criterion is off (null), so the gate would pass anything; set one of "
+            "minRewardAccuracy, minRewardMargin, maxAnchorNllIncrease or mustBeatPromoted",
+        ),
+    )
 
     enabled: bool = Field(default=True, description="Run the gate after training.")
     data: DataSourceSpec | None = Field(
@@ -653,8 +699,23 @@ class EvalGateSpec(ContractModel):
     resources: PodResources = Field(default_factory=PodResources)
 
 
-class PromotionSpec(ContractModel):
+# '.' and '..' path segments: a path that climbs out of the claim or prefix it names.
+_TRAVERSAL = "/[.][.]?(/|$)"
+
+
+def _no_traversal(field: str) -> Rule:
+    return Rule(
+        f"!self.{field}.matches('{_TRAVERSAL}')",
+        "may not contain '.' or '..' path segments: name the path inside the claim or bucket "
+        "directly",
+        f".{field}",
+    )
+
+
+class PromotionSpec(RuledModel):
     """Where a gated adapter is published."""
+
+    rules = (_no_traversal("target"),)
 
     target: StorageUri = Field(
         description="Adapters land in <target>/versions/<version>/ and <target>/current points at "
@@ -671,8 +732,10 @@ class PromotionSpec(ContractModel):
         return _explain_storage_uri(value)
 
 
-class OutputSpec(ContractModel):
+class OutputSpec(RuledModel):
     """Where checkpoints, adapters and reports go."""
+
+    rules = (_no_traversal("uri"),)
 
     uri: StorageUri = Field(
         description="pvc://<claim>/<path> or an object store URI; artifacts go to "
@@ -751,8 +814,17 @@ class RunPolicySpec(ContractModel):
     )
 
 
-class MonitoringSpec(ContractModel):
+class MonitoringSpec(RuledModel):
     """Live training metrics."""
+
+    rules = (
+        Rule(
+            f"!has(self.port) || self.port != {DEFAULT_MASTER_PORT}",
+            f"{DEFAULT_MASTER_PORT} is the rendezvous port (MASTER_PORT) of the training pods; "
+            f"choose another, e.g. the default {DEFAULT_METRICS_PORT}",
+            ".port",
+        ),
+    )
 
     port: int = Field(
         default=DEFAULT_METRICS_PORT,
@@ -853,6 +925,13 @@ class DPOJobSpec(RuledModel):
             + ", ".join(RESERVED_ENV)
             + "); remove them",
             ".env",
+        ),
+        Rule(
+            f"!has(self.secrets) || self.secrets.all(e, !(e.name in {_RESERVED_ENV_LIST}))",
+            "may not set the pod contract's variables, which are set by the operator ("
+            + ", ".join(RESERVED_ENV)
+            + "); rename them",
+            ".secrets",
         ),
     )
 

@@ -24,7 +24,9 @@ from dpo_operator.api import KIND, DPOJob, describe_errors, parse_dpojob
 from dpo_operator.crd import crd_manifest
 from dpo_operator.local import LocalOptions
 from dpo_operator.local import run as run_locally
+from dpo_operator.network import DEFAULT_ALLOWED_PROFILES, DEFAULT_TCPXO_DAEMON_IMAGE
 from dpo_operator.plan import format_plan, plan
+from dpo_operator.policy import refusals
 from dpo_operator.render import DEFAULT_TRAINER_IMAGE, Settings, render_all, to_yaml
 
 
@@ -86,9 +88,14 @@ def _render(args: argparse.Namespace) -> int:
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1
+    settings = _settings(args)
+    refused = [f"{job.name}: {line}" for job in jobs for line in refusals(job, settings)]
+    if refused:
+        print("\n".join(refused), file=sys.stderr)
+        return 1
     objects: list[dict[str, Any]] = []
     for job in jobs:
-        objects += render_all(job, attempt=args.attempt, settings=_settings(args))
+        objects += render_all(job, attempt=args.attempt, settings=settings)
     sys.stdout.write(to_yaml(objects))
     return 0
 
@@ -170,8 +177,30 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """What `dpo operator` adds to every DPOJob it renders; `dpo render` takes the same flags."""
-    return Settings(trainer_image=args.trainer_image)
+    """What `dpo operator` adds to every DPOJob it renders and allows it; `dpo render` takes
+    the same flags."""
+    profiles: dict[str, frozenset[str]] = {"*": frozenset(DEFAULT_ALLOWED_PROFILES)}
+    for namespace, listed in _pairs(args.allow_profiles, "--allow-profiles"):
+        profiles[namespace] = frozenset(p for p in listed.split(",") if p)
+    roots: dict[str, tuple[str, ...]] = {}
+    for namespace, root in _pairs(args.promotion_root, "--promotion-root"):
+        roots[namespace] = (*roots.get(namespace, ()), root)
+    return Settings(
+        trainer_image=args.trainer_image,
+        tcpxo_daemon_image=args.tcpxo_daemon_image,
+        allowed_profiles=profiles,
+        promotion_roots=roots,
+    )
+
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        namespace, separator, rest = value.partition("=")
+        if not separator or not namespace:
+            raise SystemExit(f"dpo: {flag} {value!r}: write NAMESPACE=VALUE (NAMESPACE may be *)")
+        pairs.append((namespace, rest))
+    return pairs
 
 
 def _add_settings(command: argparse.ArgumentParser) -> None:
@@ -179,6 +208,29 @@ def _add_settings(command: argparse.ArgumentParser) -> None:
         "--trainer-image",
         default=DEFAULT_TRAINER_IMAGE,
         help="trainer image of DPOJobs that set no spec.image (default: %(default)s)",
+    )
+    command.add_argument(
+        "--tcpxo-daemon-image",
+        default=DEFAULT_TCPXO_DAEMON_IMAGE,
+        help="image of the TCPXO receive-datapath daemon (NET_ADMIN, host /sys): pin it "
+        "(default: %(default)s)",
+    )
+    command.add_argument(
+        "--allow-profiles",
+        action="append",
+        default=[],
+        metavar="NAMESPACE=P1,P2",
+        help="network profiles DPOJobs in NAMESPACE (* for every one) may use, on top of those "
+        "of *; repeatable (default: *=" + ",".join(DEFAULT_ALLOWED_PROFILES) + "; tcpxo needs "
+        "host access and is allowed only where listed)",
+    )
+    command.add_argument(
+        "--promotion-root",
+        action="append",
+        default=[],
+        metavar="NAMESPACE=URI",
+        help="promotion targets of NAMESPACE (* for every one) must lie under URI ({namespace} "
+        "is replaced); repeatable; none given: any target",
     )
 
 

@@ -1,7 +1,8 @@
 """Generates the DPOJob CustomResourceDefinition from the pydantic models in `api`.
 
 Pydantic writes JSON Schema 2020-12; the API server wants a structural OpenAPI v3 schema. This
-module inlines `$ref`s, turns optional unions into plain optional fields, keeps scalar defaults
+module inlines `$ref`s, turns optional unions into plain optional fields (nullable where null
+is not the default), keeps scalar defaults
 (so `kubectl get -o yaml` shows effective values) and gives nested groups a `{}` default so that
 their own defaults, and the CEL rules that read them, always apply.
 """
@@ -90,7 +91,12 @@ def _structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         options = [option for option in node["anyOf"] if option.get("type") != "null"]
         if len(options) != 1:
             raise ValueError(f"cannot express union {node['anyOf']} in a structural schema")
-        return {**_structural(options[0], defs), **_scalars(node, defs)}
+        schema = {**_structural(options[0], defs), **_scalars(node, defs)}
+        if len(options) < len(node["anyOf"]) and node.get("default") is not None:
+            # null means something else than the default (a gate criterion turned off): without
+            # nullable the API server would drop the null and fill in the default.
+            schema["nullable"] = True
+        return schema
     return _scalars(node, defs)
 
 

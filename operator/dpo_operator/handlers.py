@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import heapq
 import json
 import logging
@@ -59,6 +58,7 @@ from dpo_operator.lifecycle import (
     Suspend,
     decide,
 )
+from dpo_operator.policy import refusals
 from dpo_operator.render import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
@@ -118,16 +118,18 @@ def _owner(labels: Mapping[str, str], namespace: str | None) -> Key:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def dpojob_bodies(
-    body: kopf.Body, name: str, namespace: str | None, **_: Any
-) -> dict[Key, dict[str, Any]]:
-    kept = ("apiVersion", "kind", "spec", "status")
-    copied = copy.deepcopy({k: body[k] for k in kept if k in body})
+def dpojob_bodies(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> dict[Key, bytes]:
+    """Each DPOJob as compact JSON: a sixth of the memory of the decoded object, and a
+    reconcile decodes it in microseconds."""
+    kept = {k: body[k] for k in ("apiVersion", "kind", "spec", "status") if k in body}
     # managedFields is most of a stored object and nothing here reads it.
-    copied["metadata"] = {
-        k: copy.deepcopy(v) for k, v in body.metadata.items() if k != "managedFields"
-    }
-    return {(namespace or "default", name): copied}
+    kept["metadata"] = {k: v for k, v in body.metadata.items() if k != "managedFields"}
+    return {(namespace or "default", name): json.dumps(kept, separators=(",", ":")).encode()}
+
+
+def _cached_body(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key) -> dict[str, Any] | None:
+    stored = list(indexes["dpojob_bodies"].get(key, []))
+    return json.loads(stored[-1]) if stored else None
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
@@ -452,20 +454,24 @@ class KubernetesExecutor:
 
 async def reconcile(key: Key, memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Key, Any]]) -> None:
     """Bring one DPOJob a step further, from the cache; safe to run again at any time."""
-    bodies = list(indexes["dpojob_bodies"].get(key, []))
-    if not bodies:
+    cached = _cached_body(indexes, key)
+    if cached is None:
         memo.phases.pop(key, None)
         memo.executor.expected.forget(key)
         _export_phases(memo.phases)
         return
     executor: KubernetesExecutor = memo.executor
-    body = executor.expected.with_status(key, bodies[-1])
+    body = executor.expected.with_status(key, cached)
     if body["metadata"].get("deletionTimestamp"):
         return
     try:
         job = executor.parse(body)
     except ValidationError as error:
-        await _refuse(executor, body, describe_errors(error))
+        await _refuse(executor, body, describe_errors(error), "InvalidSpec")
+        return
+    refused = refusals(job, executor.settings)
+    if refused:
+        await _refuse(executor, body, refused, "NotAllowed")
         return
     observed = await _observe(job, key, indexes, executor)
     decision = decide(job, observed)
@@ -570,9 +576,15 @@ def _next_due(job: DPOJob, decision: Decision, now: datetime) -> float | None:
     return min(times) if times else None
 
 
-async def _refuse(executor: KubernetesExecutor, body: dict[str, Any], problems: list[str]) -> None:
-    """A spec the operator cannot run: say so in a SpecValid=False condition and an event, once
-    per change of the spec."""
+_REFUSED_AS = {"InvalidSpec": "invalid spec", "NotAllowed": "not allowed here"}
+
+
+async def _refuse(
+    executor: KubernetesExecutor, body: dict[str, Any], problems: list[str], reason: str
+) -> None:
+    """A spec the operator cannot run (InvalidSpec) or may not (NotAllowed, by the admin's
+    settings): say so in a SpecValid=False condition and an event, once per change of the
+    spec."""
     message = "; ".join(problems)
     status = dict(body.get("status") or {})
     conditions = [c for c in status.get("conditions", []) if c.get("type") != "SpecValid"]
@@ -586,7 +598,7 @@ async def _refuse(executor: KubernetesExecutor, body: dict[str, Any], problems: 
         {
             "type": "SpecValid",
             "status": "False",
-            "reason": "InvalidSpec",
+            "reason": reason,
             "message": message,
             "lastTransitionTime": datetime.now(UTC).isoformat(timespec="seconds"),
             "observedGeneration": metadata.get("generation"),
@@ -594,7 +606,7 @@ async def _refuse(executor: KubernetesExecutor, body: dict[str, Any], problems: 
     )
     patch = {
         "phase": status.get("phase") or "Pending",
-        "message": f"invalid spec: {message}",
+        "message": f"{_REFUSED_AS[reason]}: {message}",
         "conditions": conditions,
     }
     await asyncio.to_thread(
@@ -606,8 +618,8 @@ async def _refuse(executor: KubernetesExecutor, body: dict[str, Any], problems: 
         metadata["name"],
         {"status": patch},
     )
-    _post(body, Event("Warning", "InvalidSpec", message))
-    log.warning("[%s/%s] invalid spec: %s", metadata["namespace"], metadata["name"], message)
+    _post(body, Event("Warning", reason, message))
+    log.warning("[%s/%s] %s: %s", metadata["namespace"], metadata["name"], reason, message)
 
 
 def _post(body: dict[str, Any], event: Event) -> None:
@@ -667,12 +679,12 @@ async def _work(memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Key, Any]]) ->
 
 def _forbidden(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key, error: ApiException) -> None:
     """RBAC is missing a verb: say which, on the DPOJob, where users look."""
-    bodies = list(indexes["dpojob_bodies"].get(key, []))
-    if bodies:
+    body = _cached_body(indexes, key)
+    if body is not None:
         message = (
             f"the operator may not do this: {_api_message(error)}; grant it in the operator's Role"
         )
-        _post(bodies[-1], Event("Warning", "Forbidden", message))
+        _post(body, Event("Warning", "Forbidden", message))
 
 
 # -- kopf ----------------------------------------------------------------------------------------
@@ -682,6 +694,10 @@ def _forbidden(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key, error: Api
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # kopf's own log lines are not Events
     settings.watching.server_timeout = 300
+    # kopf keeps a worker, and the last body it saw, for each object with recent events: 5 s by
+    # default. A burst of creates then holds thousands of bodies at once, and the heap never
+    # shrinks back (the operator's resident memory is its high-water mark).
+    settings.batching.idle_timeout = 0.5
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:

@@ -56,6 +56,7 @@ from dpo_operator.lifecycle import (
     Suspend,
     decide,
 )
+from dpo_operator.policy import refusals
 from dpo_operator.render import (
     Manifest,
     Settings,
@@ -454,6 +455,10 @@ def run(
     if options.approve:
         job = approved(job)
     executor = LocalExecutor(job, options, out, start_pod)
+    refused = refusals(job, executor.settings)
+    if refused:
+        print("\n".join(refused), file=out)
+        return EXIT_BAD_INPUT
     executor.say(f"DPOJob {job.namespace}/{job.name}: run directory {executor.workdir}")
     shown_phase = None
     try:

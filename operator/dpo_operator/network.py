@@ -33,6 +33,15 @@ DEFAULT_RDMA_RESOURCE = {
     "efa": "vpc.amazonaws.com/efa",
 }
 
+# The TCPXO receive-datapath daemon runs with NET_ADMIN and the host's /sys and /proc/sys, so its
+# image is the cluster admin's choice (an operator setting), never a DPOJob's.
+DEFAULT_TCPXO_DAEMON_IMAGE = (
+    "us-docker.pkg.dev/gce-ai-infra/gpudirect-tcpxo/tcpgpudmarxd-dev:v1.0.14"
+)
+# Profiles a DPOJob may use in any namespace unless the admin says otherwise. tcpxo is not one:
+# its pods reach into the node (host paths, NET_ADMIN), so the admin allows it per namespace.
+DEFAULT_ALLOWED_PROFILES = ("tcp", "infiniband", "roce", "efa")
+
 _TCPXO_LIBRARIES = "/usr/local/nvidia"
 _TCPXO_APERTURE = "/dev/aperture_devices"
 
@@ -50,9 +59,16 @@ class NetworkPieces:
     trainer_mounts: tuple[dict[str, Any], ...] = ()
 
 
-def network_pieces(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
+def network_pieces(
+    network: NetworkSpec,
+    gpus_per_node: int,
+    tcpxo_daemon_image: str = DEFAULT_TCPXO_DAEMON_IMAGE,
+) -> NetworkPieces:
     """The env, resources and pod pieces of `network.profile`, with the user's env on top."""
-    pieces = _PROFILES[network.profile](network, gpus_per_node)
+    if network.profile == "tcpxo":
+        pieces = _tcpxo(network, gpus_per_node, tcpxo_daemon_image)
+    else:
+        pieces = _PROFILES[network.profile](network, gpus_per_node)
     env = {**COMMON_ENV, **pieces.env, **network.env}
     return NetworkPieces(
         env=env,
@@ -127,7 +143,7 @@ def _efa(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
     )
 
 
-def _tcpxo(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
+def _tcpxo(network: NetworkSpec, gpus_per_node: int, daemon_image: str) -> NetworkPieces:
     nic_names = [f"eth{i + 1}" for i in range(len(network.secondary_networks))]
     interfaces = [{"interfaceName": "eth0", "network": "default"}] + [
         {"interfaceName": nic, "network": net}
@@ -141,7 +157,7 @@ def _tcpxo(network: NetworkSpec, gpus_per_node: int) -> NetworkPieces:
     libraries_mount = {"name": "nvidia-libraries", "mountPath": _TCPXO_LIBRARIES}
     daemon = {
         "name": "tcpxo-daemon",
-        "image": network.tcpxo_daemon_image,
+        "image": daemon_image,
         # A native sidecar: it starts before the trainer and does not keep the Job running.
         "restartPolicy": "Always",
         "command": ["/bin/sh", "-c"],
@@ -216,5 +232,4 @@ _PROFILES = {
     "infiniband": _infiniband,
     "roce": _roce,
     "efa": _efa,
-    "tcpxo": _tcpxo,
 }

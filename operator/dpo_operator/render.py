@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -46,7 +46,12 @@ from dpo_trainer.config import (
 )
 
 from dpo_operator.api import API_VERSION, KIND, DPOJob
-from dpo_operator.network import NetworkPieces, network_pieces
+from dpo_operator.network import (
+    DEFAULT_ALLOWED_PROFILES,
+    DEFAULT_TCPXO_DAEMON_IMAGE,
+    NetworkPieces,
+    network_pieces,
+)
 from dpo_operator.parallelism import (
     accelerate_config,
     fsdp_version,
@@ -86,9 +91,20 @@ class Settings:
     """What rendering takes besides the DPOJob: the operator installation's settings (the chart
     sets them; `dpo operator` and `dpo render` take the same flags, so both render the same
     objects) and where the pods run.
+
+    The privileged pieces are the admin's: the TCPXO daemon image, the network profiles each
+    namespace may use (`"*"`: every namespace) and where each namespace may promote to
+    (`dpo_operator.policy` checks both).
     """
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE  # for DPOJobs that set no spec.image
+    tcpxo_daemon_image: str = DEFAULT_TCPXO_DAEMON_IMAGE
+    allowed_profiles: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: {"*": frozenset(DEFAULT_ALLOWED_PROFILES)}
+    )
+    # URI prefixes promotion targets must lie under, per namespace ("*": every namespace;
+    # "{namespace}" in a prefix is the DPOJob's). None configured: no boundary.
+    promotion_roots: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     cpu: bool = False  # the job's process layout on CPUs (`dpo run --cpu`, tests)
 
 
@@ -580,7 +596,7 @@ def render_training_job(
     gpus = 0 if settings.cpu else spec.resources.gpus_per_node
     # CPUs have no GPU NICs: plain TCP, whatever fabric the job's GPUs would use.
     network = spec.network.model_copy(update={"profile": "tcp"}) if settings.cpu else spec.network
-    pieces = network_pieces(network, gpus)
+    pieces = network_pieces(network, gpus, settings.tcpxo_daemon_image)
     volumes, mounts = _volumes(job, pieces)
     container: Manifest = {
         "name": TRAINER_CONTAINER,

@@ -81,6 +81,11 @@ SCHEMA_REFUSALS = [
         _manifest("r", **{"dpo.maxPromptLength": 512}),
         'unknown field "spec.dpo.maxPromptLength"',
     ),
+    (
+        "extra-publishes-to-the-hub",
+        _manifest("s", **{"dpo.extra": {"push_to_hub": True, "hub_model_id": "x/y"}}),
+        'unknown field "spec.dpo.extra.push_to_hub"',
+    ),
 ]
 
 
@@ -90,8 +95,10 @@ SCHEMA_REFUSALS = [
 def test_the_api_server_refuses_what_dpo_validate_refuses_with_the_same_message(
     crd_installed: ControlPlane, manifest: dict[str, Any], field: str, message: str
 ) -> None:
+    # create, not apply: `kubectl apply` drops null fields (a null is its way to delete one),
+    # and a gate criterion set to null must reach the API server's rules as null.
     result = crd_installed.kubectl(
-        "apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(manifest), check=False
+        "create", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(manifest), check=False
     )
     assert result.returncode != 0, f"accepted: {manifest}"
     assert message in result.stderr, result.stderr

@@ -10,6 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from dpo_operator.cli import _settings, build_parser
 from kubernetes import client
 
 from tests.cluster.control_plane import BIN as K8S_BIN
@@ -121,6 +122,36 @@ def test_the_trainer_image_value_reaches_the_operator_as_dpo_render_takes_it() -
     assert f"--trainer-image=ghcr.io/dpo-operator/trainer:{chart['appVersion']}" in args([])
     pinned = args(["--set", "trainerImage=registry.example.com/dpo-trainer:1"])
     assert "--trainer-image=registry.example.com/dpo-trainer:1" in pinned
+
+
+def test_the_privileged_pieces_reach_the_operator_only_from_the_chart() -> None:
+    def args(values: list[str]) -> list[str]:
+        deployment = next(o for o in rendered(values) if o["kind"] == "Deployment")
+        found: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        return found
+
+    defaults = args([])
+    assert "--allow-profiles=*=tcp,infiniband,roce,efa" in defaults
+    assert "--promotion-root=*=pvc://" in defaults
+    assert any(a.startswith("--tcpxo-daemon-image=us-docker.pkg.dev/") for a in defaults)
+    chosen = args(
+        [
+            "--set-json",
+            'network.allowedProfiles={"*":["tcp"],"ml":["tcpxo"]}',
+            "--set-json",
+            'promotion.roots={"*":["s3://models/{namespace}/"]}',
+            "--set",
+            "network.tcpxo.daemonImage=registry.corp/rxdm@sha256:abc",
+        ]
+    )
+    assert {"--allow-profiles=*=tcp", "--allow-profiles=ml=tcpxo"} <= set(chosen)
+    assert "--promotion-root=*=s3://models/{namespace}/" in chosen
+    assert "--tcpxo-daemon-image=registry.corp/rxdm@sha256:abc" in chosen
+    # The flags are the ones `dpo operator` and `dpo render` parse.
+    parsed = build_parser().parse_args(["operator", *chosen])
+    settings = _settings(parsed)
+    assert settings.allowed_profiles["ml"] == frozenset({"tcpxo"})
+    assert settings.promotion_roots == {"*": ("s3://models/{namespace}/",)}
 
 
 def test_two_replicas_are_refused_by_the_values_schema() -> None:

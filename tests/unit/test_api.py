@@ -63,8 +63,8 @@ def test_simpo_is_selectable_on_its_own() -> None:
 
 
 def test_rare_dpoconfig_fields_pass_through_extra() -> None:
-    dpo = job_with(dpo={"extra": {"label_smoothing": 0.1, "warmup_ratio": 0.05}}).spec.dpo
-    assert dpo.extra == {"label_smoothing": 0.1, "warmup_ratio": 0.05}
+    dpo = job_with(dpo={"extra": {"label_smoothing": 0.1, "warmup_steps": 50}}).spec.dpo
+    assert dpo.extra == {"label_smoothing": 0.1, "warmup_steps": 50}
 
 
 def _set(path: str, value: Any) -> Callable[[Manifest], None]:
@@ -226,6 +226,12 @@ BAD_MANIFESTS: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         _set("spec.dpo.extra", {"beta": 0.3}),
         "spec.dpo.extra",
         "spec.dpo",
+    ),
+    (
+        "extra-publishes-to-the-hub",
+        _set("spec.dpo.extra", {"push_to_hub": True, "hub_model_id": "x/y"}),
+        "spec.dpo.extra",
+        "may not set hub_model_id, push_to_hub; allowed, in snake_case",
     ),
     (
         "extra-camel-case",
