@@ -801,7 +801,17 @@ class RunPolicySpec(ContractModel):
         "(pod disruptions such as preemption are not counted).",
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail when running longer (time suspended not counted)."
+        default=None,
+        ge=1,
+        description="Fail when running longer (time suspended or awaiting approval not counted).",
+    )
+    startup_timeout_seconds: int = Field(
+        default=1800,
+        ge=30,
+        le=7 * 86400,
+        description="Fail when a Job's pods have not all started this long after it was created "
+        "(image pull errors, missing Secrets or PVCs, no room for the whole group): the "
+        "DPOJob's Stalled condition says why meanwhile. Queued and suspended time not counted.",
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
@@ -1055,10 +1065,16 @@ class DPOJobStatus(ContractModel):
     start_time: datetime | None = None
     completion_time: datetime | None = None
     suspended_at: datetime | None = Field(
-        default=None, description="When the current suspension began."
+        default=None, description="When the current suspension (or approval wait) began."
     )
     suspended_seconds: float = Field(
-        default=0.0, description="Time spent suspended; not counted against the deadline."
+        default=0.0,
+        description="Time spent suspended or awaiting approval; not counted against the deadline.",
+    )
+    waiting_since: datetime | None = Field(
+        default=None,
+        description="Since when the current Job's pods have been waiting to start "
+        "(runPolicy.startupTimeoutSeconds counts from here).",
     )
     children_deleted: bool = Field(
         default=False,

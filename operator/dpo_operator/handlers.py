@@ -18,6 +18,7 @@ import contextlib
 import heapq
 import json
 import logging
+import math
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -94,7 +95,8 @@ _COUNTED = {
 WORKERS = 16
 # A reconcile that failed on the API is tried again after this long, then longer.
 RETRY_SECONDS = (1.0, 5.0, 30.0)
-SCRAPE_TIMEOUT = 3.0
+SCRAPE_TIMEOUT = 3.0  # for the whole page, not per read
+SCRAPE_MAX_BYTES = 1 << 20  # rank 0's page is a few KiB
 USER_AGENT = "dpo-operator"
 # Writes take the raw response: the client's decoding of it into its models is most of the
 # operator's CPU per write, and nothing reads them.
@@ -143,9 +145,17 @@ def _seen_job(name: str, labels: Mapping[str, str], body: kopf.Body) -> ChildJob
     """The Job as `decide` sees it; its pods are joined in from the pod index at reconcile."""
     status = body.status
     state: JobState = "Running" if status.get("active") else "Pending"
+    # FailureTarget and SuccessCriteriaMet come first: the Job controller sets them as soon as
+    # the outcome is known, and Failed or Complete only once every pod has terminated.
+    outcome = {
+        "FailureTarget": "Failed",
+        "Failed": "Failed",
+        "SuccessCriteriaMet": "Complete",
+        "Complete": "Complete",
+    }
     for condition in status.get("conditions") or []:
-        if condition.get("status") == "True" and condition.get("type") in ("Complete", "Failed"):
-            state = condition["type"]
+        if condition.get("status") == "True" and condition.get("type") in outcome:
+            state = outcome[condition["type"]]  # type: ignore[assignment]
     return ChildJob(
         name=name,
         component=labels.get(LABEL_COMPONENT, "train"),  # type: ignore[arg-type]
@@ -176,12 +186,36 @@ def _seen_pod(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenPod:
         for c in status.get("conditions") or []
     )
     phase = status.get("phase") or "Pending"
+    waiting_reason, waiting_message = "", ""
+    if phase == "Pending":
+        waiting_reason, waiting_message = _why_waiting(status)
     index = (body.meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
     return SeenPod(
         job=labels.get("batch.kubernetes.io/job-name", ""),
-        state=PodState(name, phase, exit_code, message, disrupted),
+        state=PodState(
+            name, phase, exit_code, message, disrupted, waiting_reason, waiting_message[:1000]
+        ),
         rank_zero_ip=status.get("podIP") if index == "0" and phase == "Running" else None,
     )
+
+
+def _why_waiting(status: Mapping[str, Any]) -> tuple[str, str]:
+    """Why a Pending pod is not running: a container's waiting reason (ImagePullBackOff,
+    CreateContainerConfigError for a missing Secret, ...) or the scheduler's (a missing PVC,
+    no node with room); ("", "") while it is just starting."""
+    for container in [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or []),
+    ]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            return str(waiting["reason"]), str(waiting.get("message") or "")
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return str(condition.get("reason") or "Unschedulable"), str(
+                condition.get("message") or ""
+            )
+    return "", ""
 
 
 @kopf.index("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
@@ -425,18 +459,38 @@ class KubernetesExecutor:
         return _revision(json.loads(_drain(response)))
 
     def scrape(self, job: DPOJob, pod_ip: str) -> TrainingMetrics | None:
-        """Rank 0's latest step, loss, reward accuracy and margin."""
+        """Rank 0's latest step, loss, reward accuracy and margin; None when it cannot say.
+
+        Rank 0 is the user's code: a page that never ends, or never stops coming, or says NaN,
+        must not hang a worker, fill the operator's memory or poison the status patch."""
         url = f"http://{pod_ip}:{job.spec.monitoring.port}/metrics"
+        deadline = time.monotonic() + SCRAPE_TIMEOUT
         try:
             with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as response:
-                text = response.read().decode()
-        except OSError as error:
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := response.read(64 * 1024):
+                    size += len(chunk)
+                    if size > SCRAPE_MAX_BYTES or time.monotonic() > deadline:
+                        log.warning(
+                            "[%s/%s] %s is over %d bytes or %.0fs; not read",
+                            job.namespace,
+                            job.name,
+                            url,
+                            SCRAPE_MAX_BYTES,
+                            SCRAPE_TIMEOUT,
+                        )
+                        return None
+                    chunks.append(chunk)
+            text = b"".join(chunks).decode(errors="replace")
+            families = list(text_string_to_metric_families(text))
+        except (OSError, ValueError) as error:  # unreachable, or not the exposition format
             log.debug("[%s/%s] no metrics at %s: %s", job.namespace, job.name, url, error)
             return None
         values: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
+        for family in families:
             for sample in family.samples:
-                if sample.labels.get("dpojob") == job.name:
+                if sample.labels.get("dpojob") == job.name and math.isfinite(sample.value):
                     values[sample.name] = sample.value
         if "dpo_train_step" not in values:
             return None
@@ -570,6 +624,9 @@ def _next_due(job: DPOJob, decision: Decision, now: datetime) -> float | None:
             suspended += (now - status.suspended_at).total_seconds()
         elapsed = (now - status.start_time).total_seconds() - suspended
         times.append(limit - elapsed + 0.5)
+    if status.waiting_since is not None:
+        startup = job.spec.run_policy.startup_timeout_seconds
+        times.append((status.waiting_since - now).total_seconds() + startup + 0.5)
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     if ttl is not None and status.completion_time is not None and not status.children_deleted:
         times.append((status.completion_time + timedelta(seconds=ttl) - now).total_seconds())

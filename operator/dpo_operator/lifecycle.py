@@ -60,6 +60,10 @@ class PodState:
     exit_code: int | None = None
     message: str = ""  # the termination message, as the trainer wrote it
     disrupted: bool = False  # DisruptionTarget: preempted or evicted, not the pod's fault
+    # Why a Pending pod is not running, as the kubelet or scheduler says it: the reason
+    # (ImagePullBackOff, CreateContainerConfigError, Unschedulable, ...) and its message.
+    waiting_reason: str = ""
+    waiting_message: str = ""
 
     @property
     def reported(self) -> TerminationMessage | None:
@@ -289,16 +293,20 @@ class _Machine:
         if train.suspended != suspend and not (train.suspended and self.queued_by_kueue()):
             self.act(Suspend(train.name, suspend))
         if suspend:
+            self.status.waiting_since = None
             self.phase("Suspended", "runPolicy.suspend is true; checkpoints are kept")
             self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
             return
         if train.suspended:
+            self.status.waiting_since = None  # admission is Kueue's wait, not a stall
             self.phase("Queued", f"waiting for Kueue to admit {train.name}")
             return
         if self.status.start_time is None:
             self.status.start_time = self.now
         # A pod that finished (either way) before its Job did has started all the same.
         started = sum(pod.phase != "Pending" for pod in train.pods)
+        if self.not_started(train, started, nodes):
+            return
         if started == 0:
             self.phase("Pending", waiting)
             return
@@ -306,6 +314,40 @@ class _Machine:
         self.condition("Training", True, "Running", f"attempt {attempt}")
         if self.observed.metrics is not None:
             self.status.metrics = self.observed.metrics
+
+    def not_started(self, child: ChildJob, started: int, wanted: int) -> bool:
+        """Tracks a Job whose pods have not all started: says why in the Stalled condition and
+        fails the run at runPolicy.startupTimeoutSeconds. True when the run ended."""
+        if started >= wanted:
+            self.status.waiting_since = None
+            if any(c.type == "Stalled" and c.status == "True" for c in self.status.conditions):
+                self.condition("Stalled", False, "Started", f"every pod of {child.name} started")
+            return False
+        since = self.status.waiting_since = self.status.waiting_since or self.now
+        stuck = [p for p in child.pods if p.phase == "Pending" and p.waiting_reason]
+        why = "; ".join(
+            f"pod {p.name}: {p.waiting_reason}: {p.waiting_message}".rstrip(": ") for p in stuck
+        )
+        if stuck:
+            stalled = next((c for c in self.status.conditions if c.type == "Stalled"), None)
+            if stalled is None or stalled.status != "True":
+                self.event("Stalled", why[:1000], warning=True)
+            self.condition("Stalled", True, stuck[0].waiting_reason, why[:4000])
+        limit = self.spec.run_policy.startup_timeout_seconds
+        if (self.now - since).total_seconds() <= limit:
+            return False
+        if not child.pods:
+            why = (
+                f"no pod was created; `kubectl describe job {child.name}` shows why "
+                "(FailedCreate: a quota, an admission policy)"
+            )
+        self.finish(
+            "Failed",
+            f"{started}/{wanted} pod(s) of {child.name} started within "
+            f"runPolicy.startupTimeoutSeconds ({limit}s): {why or 'pods still Pending'}",
+            "StartupTimeout",
+        )
+        return True
 
     def queued_by_kueue(self) -> bool:
         return self.spec.scheduling.queue_name is not None and not self.spec.run_policy.suspend
@@ -338,6 +380,7 @@ class _Machine:
         if not disrupted:
             self.status.restarts = restarts + 1
         self.status.attempt = attempt + 1
+        self.status.waiting_since = None
         self.act(Delete(train.name))
         why = (
             "pods were disrupted (not counted)"
@@ -359,7 +402,9 @@ class _Machine:
             self.phase("Evaluating", "running the held-out gate", "Trained")
             return False
         if evaluation.state in ("Pending", "Running"):
-            self.phase("Evaluating", "running the held-out gate")
+            started = sum(pod.phase != "Pending" for pod in evaluation.pods)
+            if not self.not_started(evaluation, started, 1):
+                self.phase("Evaluating", "running the held-out gate")
             return False
         pod = _telling_pod(evaluation)
         verdict = pod.reported if pod else None
@@ -393,7 +438,15 @@ class _Machine:
         promote = self.child("promote", attempt)
         approved = self.job.metadata.annotations.get(APPROVE_ANNOTATION) == "true"
         if promote is None:
-            if promotion.mode == "manual" and not approved:
+            waiting = promotion.mode == "manual" and not approved
+            # Waiting for a person is not running: like a suspension, off the deadline's clock.
+            if waiting and self.status.suspended_at is None:
+                self.status.suspended_at = self.now
+            if not waiting and self.status.suspended_at is not None:
+                paused = (self.now - self.status.suspended_at).total_seconds()
+                self.status.suspended_seconds += paused
+                self.status.suspended_at = None
+            if waiting:
                 self.phase(
                     "AwaitingApproval",
                     f"the gate passed; approve with: kubectl annotate "
@@ -404,7 +457,9 @@ class _Machine:
             self.phase("Promoting", f"publishing to {promotion.target}")
             return
         if promote.state in ("Pending", "Running"):
-            self.phase("Promoting", f"publishing to {promotion.target}")
+            started = sum(pod.phase != "Pending" for pod in promote.pods)
+            if not self.not_started(promote, started, 1):
+                self.phase("Promoting", f"publishing to {promotion.target}")
             return
         pod = _telling_pod(promote)
         result = pod.reported if pod else None

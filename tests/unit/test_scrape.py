@@ -1,0 +1,117 @@
+"""The operator reads rank 0's /metrics, which the user's code serves: a page that says NaN, never
+ends, or is huge must not freeze the status, hang a worker or fill the operator's memory."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from dpo_operator.handlers import SCRAPE_MAX_BYTES, SCRAPE_TIMEOUT, KubernetesExecutor
+from dpo_operator.render import Settings
+from kubernetes import client
+
+from tests.conftest import job_with
+
+Page = Callable[[BaseHTTPRequestHandler], None]
+
+
+def page(text: str) -> Page:
+    def write(handler: BaseHTTPRequestHandler) -> None:
+        handler.wfile.write(text.encode())
+
+    return write
+
+
+def endless(handler: BaseHTTPRequestHandler) -> None:
+    line = b"# HELP x x\n"
+    while True:
+        handler.wfile.write(line * 100)
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Page], int]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(body: Page) -> int:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    body(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_address[1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def scrape(port: int) -> object:
+    job = job_with(monitoring={"port": port})
+    executor = KubernetesExecutor(client.ApiClient(), Settings())
+    return executor.scrape(job, "127.0.0.1")
+
+
+def test_metrics_are_read_from_rank_zero(serve: Callable[[Page], int]) -> None:
+    port = serve(
+        page(
+            'dpo_train_step{dpojob="demo",namespace="ml"} 40\n'
+            'dpo_train_loss{dpojob="demo",namespace="ml"} 0.5\n'
+            'dpo_train_reward_accuracy{dpojob="demo",namespace="ml"} 0.75\n'
+        )
+    )
+    metrics = scrape(port)
+    assert getattr(metrics, "step", None) == 40
+    assert getattr(metrics, "reward_accuracy", None) == 0.75
+
+
+def test_a_nan_value_is_left_out_and_the_status_stays_writable(
+    serve: Callable[[Page], int],
+) -> None:
+    port = serve(
+        page(
+            'dpo_train_step{dpojob="demo",namespace="ml"} 41\n'
+            'dpo_train_loss{dpojob="demo",namespace="ml"} NaN\n'
+            'dpo_train_reward_margin{dpojob="demo",namespace="ml"} +Inf\n'
+        )
+    )
+    metrics = scrape(port)
+    assert getattr(metrics, "step", None) == 41
+    assert getattr(metrics, "loss", "unset") is None
+    assert getattr(metrics, "reward_margin", "unset") is None
+    # The status patch is this, as JSON: the API server refuses a NaN literal.
+    json.dumps(metrics.model_dump(mode="json"), allow_nan=False)  # type: ignore[attr-defined]
+
+
+def test_a_page_that_never_ends_is_given_up_on_within_the_deadline(
+    serve: Callable[[Page], int],
+) -> None:
+    port = serve(endless)
+    started = time.monotonic()
+    assert scrape(port) is None
+    assert time.monotonic() - started < SCRAPE_TIMEOUT + 1.5
+
+
+def test_a_huge_page_is_not_read_into_memory(serve: Callable[[Page], int]) -> None:
+    port = serve(page("# " + "x" * (SCRAPE_MAX_BYTES + 10) + "\n"))
+    assert scrape(port) is None
+
+
+def test_a_page_that_is_not_prometheus_text_is_ignored(serve: Callable[[Page], int]) -> None:
+    port = serve(page("<html>{{{ not metrics"))
+    assert scrape(port) is None
