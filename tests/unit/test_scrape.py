@@ -3,6 +3,7 @@ ends, or is huge must not freeze the status, hang a worker or fill the operator'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -42,10 +43,8 @@ def serve() -> Iterator[Callable[[Page], int]]:
             def do_GET(self) -> None:
                 self.send_response(200)
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     body(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
             def log_message(self, *_: object) -> None:
                 pass
