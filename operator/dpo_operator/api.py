@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -994,6 +996,16 @@ class DPOJobSpec(RuledModel):
         if self.dpo.learning_rate is not None:
             return self.dpo.learning_rate
         return 1e-5 if self.peft.enabled else 1e-6
+
+
+SPEC_DIGEST_ANNOTATION = "dpo.dev/spec-digest"
+
+
+def spec_digest(spec: DPOJobSpec) -> str:
+    """What a child was rendered from, in short: the spec, less runPolicy.suspend (which pauses
+    a run and changes no child). A child carrying another digest predates an edit of the spec."""
+    document = spec.model_dump(mode="json", by_alias=True, exclude={"run_policy": {"suspend"}})
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ from pydantic import ValidationError
 
 from dpo_operator.api import (
     GROUP,
+    KIND,
     PHASES,
     PLURAL,
+    SPEC_DIGEST_ANNOTATION,
     TERMINAL_PHASES,
     VERSION,
     DPOJob,
@@ -57,6 +59,7 @@ from dpo_operator.lifecycle import (
     Observed,
     PodState,
     Suspend,
+    Update,
     decide,
 )
 from dpo_operator.policy import refusals
@@ -115,8 +118,29 @@ class SeenPod:
     rank_zero_ip: str | None  # a running rank 0 serves the training metrics
 
 
+@dataclass(frozen=True)
+class Owned:
+    """A child as its index keeps it: what `decide` reads of it (a ChildJob; a name for config
+    maps and services), its uid, and the uid of the DPOJob that controls it. The label alone
+    proves nothing: anyone can label an object, and a DPOJob deleted and created again under the
+    same name is another DPOJob."""
+
+    seen: ChildJob | str
+    uid: str
+    owner: str
+    spec_digest: str = ""
+
+
 def _owner(labels: Mapping[str, str], namespace: str | None) -> Key:
     return (namespace or "default", labels[LABEL_JOB])
+
+
+def _controller_uid(body: kopf.Body) -> str:
+    references = body.meta.get("ownerReferences") or []
+    return next(
+        (str(r.get("uid")) for r in references if r.get("kind") == KIND and r.get("controller")),
+        "",
+    )
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -137,8 +161,9 @@ def _cached_body(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key) -> dict[
 @kopf.index("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
 def dpojob_jobs(
     name: str, labels: Mapping[str, str], namespace: str | None, body: kopf.Body, **_: Any
-) -> dict[Key, ChildJob]:
-    return {_owner(labels, namespace): _seen_job(name, labels, body)}
+) -> dict[Key, Owned]:
+    seen = _seen_job(name, labels, body)
+    return {_owner(labels, namespace): Owned(seen, str(body.meta.uid), _controller_uid(body))}
 
 
 def _seen_job(name: str, labels: Mapping[str, str], body: kopf.Body) -> ChildJob:
@@ -163,6 +188,7 @@ def _seen_job(name: str, labels: Mapping[str, str], body: kopf.Body) -> ChildJob
         suspended=bool(body.spec.get("suspend")),
         state=state,
         deleting=body.meta.get("deletionTimestamp") is not None,
+        spec_digest=(body.meta.get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION, ""),
     )
 
 
@@ -220,18 +246,18 @@ def _why_waiting(status: Mapping[str, Any]) -> tuple[str, str]:
 
 @kopf.index("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
 def dpojob_config_maps(
-    name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
-) -> dict[Key, str]:
-    key = _owner(labels, namespace)
-    return {key: name}
+    name: str, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Key, Owned]:
+    digest = (body.meta.annotations or {}).get(SPEC_DIGEST_ANNOTATION, "")
+    owned = Owned(name, str(body.meta.uid), _controller_uid(body), digest)
+    return {_owner(labels, namespace): owned}
 
 
 @kopf.index("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
 def dpojob_services(
-    name: str, namespace: str | None, labels: Mapping[str, str], **_: Any
-) -> dict[Key, str]:
-    key = _owner(labels, namespace)
-    return {key: name}
+    name: str, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Key, Owned]:
+    return {_owner(labels, namespace): Owned(name, str(body.meta.uid), _controller_uid(body))}
 
 
 # -- the work queue --------------------------------------------------------------------------
@@ -323,6 +349,7 @@ class Expectations:
                 attempt=int(metadata["labels"][LABEL_ATTEMPT]),
                 suspended=bool(manifest["spec"].get("suspend")),
                 state="Pending",
+                spec_digest=metadata["annotations"][SPEC_DIGEST_ANNOTATION],
             )
         self.created.setdefault(key, {})[metadata["name"]] = (time.monotonic(), child)
 
@@ -359,7 +386,9 @@ class Expectations:
         if _revision(body) >= revision:
             del self.status[key]
             return body
-        return {**body, "status": status}
+        # The object as the write left it: its status, and the resourceVersion the write made.
+        metadata = {**body["metadata"], "resourceVersion": str(revision)}
+        return {**body, "metadata": metadata, "status": status}
 
     def with_children(
         self, key: Key, jobs: tuple[ChildJob, ...], others: set[str]
@@ -384,6 +413,11 @@ class Expectations:
         return amended, seen | set(created)
 
 
+class ChildRefusedError(Exception):
+    """The API server will not take a child as rendered (422, an admission policy), or its name
+    is taken by an object this DPOJob does not own: retrying cannot help."""
+
+
 @dataclass
 class KubernetesExecutor:
     """Creates, deletes and suspends a DPOJob's children and writes its status."""
@@ -406,15 +440,32 @@ class KubernetesExecutor:
         self.validated.add(generation)
         return job
 
-    def apply(self, job: DPOJob, action: Action) -> None:
+    def apply(self, job: DPOJob, action: Action, uids: Mapping[str, str]) -> None:
+        """Carries out `action`; `uids` are the uids of the children this DPOJob owns, by name:
+        a delete names the uid it means, so it can never remove an object someone else has
+        since created under that name."""
         namespace = job.namespace
         key = (namespace, job.name)
         if isinstance(action, Create):
             manifest = render_child(job, action.kind, action.attempt, settings=self.settings)
-            self._create(manifest)
+            self._create(job, manifest)
             self.expected.created_child(key, manifest)
+        elif isinstance(action, Update):
+            manifest = render_child(job, action.kind, 0, settings=self.settings)
+            patch = {"metadata": {"annotations": manifest["metadata"]["annotations"]}}
+            _drain(
+                self.core.patch_namespaced_config_map(
+                    manifest["metadata"]["name"],
+                    namespace,
+                    {**patch, "data": manifest["data"]},
+                    **UNDECODED,
+                )
+            )
         elif isinstance(action, Delete):
-            self._delete(self.batch.delete_namespaced_job, action.job, namespace)
+            # A Job created since the cache last looked has no uid here yet: it is ours.
+            self._delete(
+                self.batch.delete_namespaced_job, action.job, namespace, uids.get(action.job)
+            )
             self.expected.deleted_job(key, action.job)
         elif isinstance(action, Suspend):
             _drain(
@@ -423,38 +474,71 @@ class KubernetesExecutor:
                 )
             )
         elif isinstance(action, DeleteChildren):
-            for name in action.jobs:
-                self._delete(self.batch.delete_namespaced_job, name, namespace)
-            self._delete(self.core.delete_namespaced_config_map, config_map_name(job), namespace)
-            self._delete(self.core.delete_namespaced_service, service_name(job), namespace)
+            children = [
+                *((self.batch.delete_namespaced_job, name) for name in action.jobs),
+                (self.core.delete_namespaced_config_map, config_map_name(job)),
+                (self.core.delete_namespaced_service, service_name(job)),
+            ]
+            for delete, name in children:
+                if name in uids:  # not ours, or gone already: leave it
+                    self._delete(delete, name, namespace, uids[name])
 
-    def _create(self, manifest: dict[str, Any]) -> None:
+    def _create(self, job: DPOJob, manifest: dict[str, Any]) -> None:
+        kind, metadata = manifest["kind"], manifest["metadata"]
         create: Any = {
             "ConfigMap": self.core.create_namespaced_config_map,
             "Service": self.core.create_namespaced_service,
             "Job": self.batch.create_namespaced_job,
-        }[manifest["kind"]]
-        metadata = manifest["metadata"]
+        }[kind]
         try:
             _drain(create(metadata["namespace"], manifest, **UNDECODED))
         except ApiException as error:
-            if error.status != 409:  # already there: the cache lagged behind an earlier create
+            if error.status in (400, 422):  # the API server (or an admission policy) says no
+                raise ChildRefusedError(
+                    f"{kind} {metadata['name']}: {_api_message(error)}"
+                ) from error
+            if error.status != 409:
                 raise
-        log.info("[%s] created %s %s", metadata["namespace"], manifest["kind"], metadata["name"])
+            # Already there: the cache lagged behind an earlier create of ours, or it is
+            # somebody else's. Only a conflict costs this one read.
+            read: Any = {
+                "ConfigMap": self.core.read_namespaced_config_map,
+                "Service": self.core.read_namespaced_service,
+                "Job": self.batch.read_namespaced_job,
+            }[kind]
+            existing = json.loads(
+                _drain(read(metadata["name"], metadata["namespace"], **UNDECODED))
+            )
+            owner = _controller_uid(kopf.Body(existing))
+            if owner != job.metadata.uid:
+                raise ChildRefusedError(
+                    f"a {kind} named {metadata['name']} already exists and is not this DPOJob's "
+                    f"(its controller: {owner or 'none'}); delete or rename it, or rename the "
+                    "DPOJob"
+                ) from error
+        log.info("[%s] created %s %s", metadata["namespace"], kind, metadata["name"])
 
     @staticmethod
-    def _delete(delete: Any, name: str, namespace: str) -> None:
+    def _delete(delete: Any, name: str, namespace: str, uid: str | None) -> None:
+        options = client.V1DeleteOptions(
+            propagation_policy="Background",
+            preconditions=client.V1Preconditions(uid=uid) if uid else None,
+        )
         try:
-            _drain(delete(name, namespace, propagation_policy="Background", **UNDECODED))
+            _drain(delete(name, namespace, body=options, **UNDECODED))
         except ApiException as error:
-            if error.status != 404:
+            # Gone already, or (409) a different object by now: either way not ours to delete.
+            if error.status not in (404, 409):
                 raise
 
-    def write_status(self, job: DPOJob, status: dict[str, Any]) -> int:
-        """Writes status; returns the DPOJob's resourceVersion that carries it."""
+    def write_status(self, job: DPOJob, status: dict[str, Any], decided_on: str) -> int:
+        """Writes status, if the DPOJob is still at resourceVersion `decided_on` (else 409:
+        the status was decided from an older spec or status, and the watch brings the newer
+        one); returns the resourceVersion that carries it."""
         # A merge patch: explicit nulls remove fields the state machine cleared.
+        patch = {"metadata": {"resourceVersion": decided_on}, "status": status}
         response = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, job.namespace, PLURAL, job.name, {"status": status}, **UNDECODED
+            GROUP, VERSION, job.namespace, PLURAL, job.name, patch, **UNDECODED
         )
         return _revision(json.loads(_drain(response)))
 
@@ -527,17 +611,18 @@ async def reconcile(key: Key, memo: kopf.Memo, indexes: Mapping[str, kopf.Index[
     if refused:
         await _refuse(executor, body, refused, "NotAllowed")
         return
-    observed = await _observe(job, key, indexes, executor)
+    observed, uids = await _observe(job, key, indexes, executor)
     decision = decide(job, observed)
-    creates = [action for action in decision.actions if isinstance(action, Create)]
-    for action in decision.actions:
-        if not isinstance(action, Create):
-            await asyncio.to_thread(executor.apply, job, action)
-    # A decision's creates never depend on each other (the config, the service, a Job).
-    await asyncio.gather(*(asyncio.to_thread(executor.apply, job, c) for c in creates))
+    try:
+        await _carry_out(executor, job, decision, uids)
+    except ChildRefusedError as refused:
+        # Decided again knowing it: the run fails, saying what the API server said.
+        decision = decide(job, replace(observed, refused=str(refused)))
+        await _carry_out(executor, job, decision, uids)
     new = decision.status.model_dump(by_alias=True, mode="json")
     if _without_nulls(new) != (body.get("status") or {}):
-        revision = await asyncio.to_thread(executor.write_status, job, new)
+        decided_on = body["metadata"]["resourceVersion"]
+        revision = await asyncio.to_thread(executor.write_status, job, new, decided_on)
         executor.expected.wrote_status(key, revision, _without_nulls(new))
     for event in decision.events:  # only after the status write succeeded
         _post(body, event)
@@ -550,20 +635,45 @@ async def reconcile(key: Key, memo: kopf.Memo, indexes: Mapping[str, kopf.Index[
         memo.queue.wake_at(key, time.monotonic() + max(when, 0.05))
 
 
+async def _carry_out(
+    executor: KubernetesExecutor, job: DPOJob, decision: Decision, uids: Mapping[str, str]
+) -> None:
+    creates = [action for action in decision.actions if isinstance(action, Create)]
+    for action in decision.actions:
+        if not isinstance(action, Create):
+            await asyncio.to_thread(executor.apply, job, action, uids)
+    # A decision's creates never depend on each other (the config, the service, a Job).
+    results = await asyncio.gather(
+        *(asyncio.to_thread(executor.apply, job, c, uids) for c in creates),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 async def _observe(
     job: DPOJob,
     key: Key,
     indexes: Mapping[str, kopf.Index[Key, Any]],
     executor: KubernetesExecutor,
-) -> Observed:
+) -> tuple[Observed, dict[str, str]]:
+    """What `decide` reads of `job`'s children (only those it controls), and their uids."""
     pods: list[SeenPod] = list(indexes["dpojob_pods"].get(key, []))
+    uid = job.metadata.uid or ""
+    owned: list[Owned] = [
+        child
+        for index in ("dpojob_jobs", "dpojob_config_maps", "dpojob_services")
+        for child in indexes[index].get(key, [])
+        if child.owner == uid
+    ]
     jobs = tuple(
-        replace(seen, pods=tuple(p.state for p in pods if p.job == seen.name))
-        for seen in indexes["dpojob_jobs"].get(key, [])
+        replace(o.seen, pods=tuple(p.state for p in pods if p.job == o.seen.name))
+        for o in owned
+        if isinstance(o.seen, ChildJob)
     )
-    others = set(indexes["dpojob_config_maps"].get(key, [])) | set(
-        indexes["dpojob_services"].get(key, [])
-    )
+    others = {o.seen for o in owned if isinstance(o.seen, str)}
+    uids = {o.seen.name if isinstance(o.seen, ChildJob) else o.seen: o.uid for o in owned}
     jobs, names = executor.expected.with_children(key, jobs, others)
     now = datetime.now(UTC)
     metrics = None
@@ -579,13 +689,16 @@ async def _observe(
     current = job.status.metrics if job.status else None
     if rank_zero and _scrape_due(job, now):
         metrics = await asyncio.to_thread(executor.scrape, job, rank_zero)
-    return Observed(
+    config_digest = next((o.spec_digest for o in owned if o.seen == config_map_name(job)), None)
+    observed = Observed(
         now=now,
         jobs=jobs,
         has_config_map=config_map_name(job) in names,
+        config_spec_digest=config_digest,
         has_service=service_name(job) in names,
         metrics=metrics or current,
     )
+    return observed, uids
 
 
 def _drain(response: Any) -> bytes:
@@ -673,7 +786,7 @@ async def _refuse(
         metadata["namespace"],
         PLURAL,
         metadata["name"],
-        {"status": patch},
+        {"metadata": {"resourceVersion": metadata["resourceVersion"]}, "status": patch},
     )
     _post(body, Event("Warning", reason, message))
     log.warning("[%s/%s] %s: %s", metadata["namespace"], metadata["name"], reason, message)

@@ -22,6 +22,7 @@ from typing import Literal
 
 from dpo_trainer.config import (
     EXIT_BAD_INPUT,
+    EXIT_CHAMPION_CHANGED,
     EXIT_GATE_REJECTED,
     EXIT_WRONG_ENVIRONMENT,
     Failure,
@@ -41,6 +42,7 @@ from dpo_operator.api import (
     Phase,
     PromotionStatus,
     TrainingMetrics,
+    spec_digest,
 )
 
 Component = Literal["train", "eval", "promote"]
@@ -79,6 +81,7 @@ class ChildJob:
     state: JobState
     deleting: bool = False
     pods: tuple[PodState, ...] = ()
+    spec_digest: str = ""  # of the spec it was rendered from (api.spec_digest); "" if unknown
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,11 @@ class Observed:
     jobs: tuple[ChildJob, ...] = ()
     has_config_map: bool = False
     has_service: bool = False
+    config_spec_digest: str | None = None  # of the spec the ConfigMap was rendered from
     metrics: TrainingMetrics | None = None
+    # The API server refused to create a child as rendered, in its words (or its name is taken
+    # by someone else's object): the run cannot go on.
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,13 @@ class Create:
 
     kind: Literal["config", "service", "train", "eval", "promote"]
     attempt: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """Render the ConfigMap again from the current spec (it was rendered before an edit)."""
+
+    kind: Literal["config"] = "config"
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,7 @@ class DeleteChildren:
     jobs: tuple[str, ...]
 
 
-Action = Create | Delete | Suspend | DeleteChildren
+Action = Create | Update | Delete | Suspend | DeleteChildren
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,7 @@ class _Machine:
         self.decision = decision
         self.status = decision.status
         self.now = observed.now
+        self.digest = spec_digest(job.spec)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -213,8 +228,14 @@ class _Machine:
         if self.status.phase in TERMINAL_PHASES:
             self.expire_children()
             return
+        if self.observed.refused is not None:
+            self.finish("Failed", f"cannot create a child: {self.observed.refused}", "ChildRefused")
+            return
         if not self.observed.has_config_map:
             self.act(Create("config"))
+        elif self.observed.config_spec_digest not in (None, "", self.digest):
+            # Pods read trainer.json when they start: the next ones get the edited spec.
+            self.act(Update("config"))
         if not self.observed.has_service:
             self.act(Create("service"))
         if self.deadline_exceeded():
@@ -261,13 +282,7 @@ class _Machine:
         for stale in others:  # never two training Jobs at once
             self.act(Delete(stale.name))
         suspend = self.spec.run_policy.suspend
-        if suspend and self.status.suspended_at is None:
-            self.status.suspended_at = self.now
-        if not suspend and self.status.suspended_at is not None:
-            self.status.suspended_seconds += (self.now - self.status.suspended_at).total_seconds()
-            self.status.suspended_at = None
-        if not suspend and any(c.type == "Suspended" for c in self.status.conditions):
-            self.condition("Suspended", False, "Resumed", "runPolicy.suspend is false")
+        self.clock_stopped(suspend)
         nodes = self.spec.resources.nodes
         waiting = f"attempt {attempt}: waiting for {nodes} pod(s) to start"
         if train is None:
@@ -289,6 +304,15 @@ class _Machine:
             return
         if train.state == "Failed":
             self.training_failed(train, attempt)
+            return
+        if train.deleting:
+            self.phase("Pending", f"{train.name} goes first; it is re-created from the edited spec")
+            return
+        if train.suspended and train.spec_digest not in ("", self.digest):
+            # Edited while it waited (queued or suspended): no pod runs it, so it is re-created
+            # from the spec as it is now instead of starting as it was.
+            self.act(Delete(train.name))
+            self.phase("Pending", f"the spec changed while {train.name} waited; re-creating it")
             return
         if train.suspended != suspend and not (train.suspended and self.queued_by_kueue()):
             self.act(Suspend(train.name, suspend))
@@ -349,6 +373,35 @@ class _Machine:
         )
         return True
 
+    def clock_stopped(self, stopped: bool) -> None:
+        """Suspended or waiting for a person: that time is not counted against the deadline."""
+        if stopped and self.status.suspended_at is None:
+            self.status.suspended_at = self.now
+        if not stopped and self.status.suspended_at is not None:
+            self.status.suspended_seconds += (self.now - self.status.suspended_at).total_seconds()
+            self.status.suspended_at = None
+        if not self.spec.run_policy.suspend and any(
+            c.type == "Suspended" and c.status == "True" for c in self.status.conditions
+        ):
+            self.condition("Suspended", False, "Resumed", "runPolicy.suspend is false")
+
+    def suspended_after_training(self, child: ChildJob | None, what: str) -> bool:
+        """runPolicy.suspend holds for the gate and the promotion too: their Job is suspended
+        (or not created yet) until it is false again. True while suspended."""
+        suspend = self.spec.run_policy.suspend
+        self.clock_stopped(suspend)
+        if (
+            child is not None
+            and child.state in ("Pending", "Running")
+            and child.suspended != suspend
+            and not (child.suspended and self.queued_by_kueue())
+        ):
+            self.act(Suspend(child.name, suspend))
+        if suspend:
+            self.phase("Suspended", f"runPolicy.suspend is true; {what} waits")
+            self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+        return suspend
+
     def queued_by_kueue(self) -> bool:
         return self.spec.scheduling.queue_name is not None and not self.spec.run_policy.suspend
 
@@ -396,6 +449,8 @@ class _Machine:
 
     def evaluated(self, evaluation: ChildJob | None, attempt: int) -> bool:
         """Runs the gate; True once it passed."""
+        if self.suspended_after_training(evaluation, "the gate"):
+            return False
         if evaluation is None:
             self.act(Create("eval", attempt))
             self.condition("Training", False, "Trained", f"attempt {attempt} finished")
@@ -437,15 +492,12 @@ class _Machine:
         assert promotion is not None
         promote = self.child("promote", attempt)
         approved = self.job.metadata.annotations.get(APPROVE_ANNOTATION) == "true"
+        if self.suspended_after_training(promote, "the promotion"):
+            return
         if promote is None:
             waiting = promotion.mode == "manual" and not approved
             # Waiting for a person is not running: like a suspension, off the deadline's clock.
-            if waiting and self.status.suspended_at is None:
-                self.status.suspended_at = self.now
-            if not waiting and self.status.suspended_at is not None:
-                paused = (self.now - self.status.suspended_at).total_seconds()
-                self.status.suspended_seconds += paused
-                self.status.suspended_at = None
+            self.clock_stopped(waiting)
             if waiting:
                 self.phase(
                     "AwaitingApproval",
@@ -472,6 +524,9 @@ class _Machine:
             )
             self.condition("Promoted", True, "Promoted", result.uri)
             self.finish("Succeeded", f"promoted {result.version} to {result.uri}", "Promoted")
+            return
+        if pod is not None and pod.exit_code == EXIT_CHAMPION_CHANGED:
+            self.finish("Failed", f"not promoted: {_reason(pod)}", "ChampionChanged")
             return
         self.finish("Failed", f"promotion failed: {_reason(pod)}", "PromotionFailed")
 

@@ -54,6 +54,7 @@ from dpo_operator.lifecycle import (
     Observed,
     PodState,
     Suspend,
+    Update,
     decide,
 )
 from dpo_operator.policy import refusals
@@ -318,6 +319,8 @@ class LocalExecutor:
     def apply(self, job: DPOJob, action: Action) -> None:
         if isinstance(action, Create):
             self._create(job, action)
+        elif isinstance(action, Update):
+            self._write_files(job)
         elif isinstance(action, Delete):
             self._delete(action.job)
         elif isinstance(action, Suspend):

@@ -29,6 +29,7 @@ from dpo_trainer.config import (
     ENV_NODE_RANK,
     ENV_NPROC_PER_NODE,
     EXIT_BAD_INPUT,
+    EXIT_CHAMPION_CHANGED,
     EXIT_GATE_REJECTED,
     EXIT_WRONG_ENVIRONMENT,
     TRAINER_CONFIG_FILE,
@@ -45,7 +46,7 @@ from dpo_trainer.config import (
     TrainingConfig,
 )
 
-from dpo_operator.api import API_VERSION, KIND, DPOJob
+from dpo_operator.api import API_VERSION, KIND, SPEC_DIGEST_ANNOTATION, DPOJob, spec_digest
 from dpo_operator.network import (
     DEFAULT_ALLOWED_PROFILES,
     DEFAULT_TCPXO_DAEMON_IMAGE,
@@ -344,6 +345,7 @@ def _metadata(job: DPOJob, name: str, component: str, **extra_labels: str) -> Ma
         "name": name,
         "namespace": job.namespace,
         "labels": {**labels(job, component), **extra_labels},
+        "annotations": {SPEC_DIGEST_ANNOTATION: spec_digest(job.spec)},
     }
     if job.metadata.uid:
         metadata["ownerReferences"] = [
@@ -711,7 +713,8 @@ def _single_pod_job(
             "backoffLimit": 2,
             "podFailurePolicy": {
                 "rules": [
-                    # Bad input or a rejected gate: a retry gives the same answer.
+                    # Bad input, a rejected gate, a champion that changed: a retry gives the
+                    # same answer.
                     {
                         "action": "FailJob",
                         "onExitCodes": {
@@ -783,7 +786,7 @@ def render_promote_job(
         0,
         "500m",
         "2Gi",
-        [EXIT_BAD_INPUT, EXIT_WRONG_ENVIRONMENT],
+        [EXIT_BAD_INPUT, EXIT_WRONG_ENVIRONMENT, EXIT_CHAMPION_CHANGED],
         settings,
     )
 

@@ -263,28 +263,182 @@ def test_an_operator_killed_mid_phase_carries_on_without_duplicates(
 def test_a_spec_the_operator_refuses_gets_a_condition_not_a_crash(
     operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
 ) -> None:
-    # The CRD cannot check extra's keys; the operator's validation can.
-    run = Scenario(crd_installed, kubelet, "op-invalid", **{"dpo.extra": {"beta": 0.3}})
+    # The CRD cannot do the memory plan's arithmetic; the operator's validation can.
+    too_big = {
+        "model.name": "acme/model-70b",
+        "model.parameters": "70B",
+        "peft.enabled": False,
+        "resources.gpusPerNode": 1,
+        "resources.gpuMemory": "16Gi",
+    }
+    run = Scenario(crd_installed, kubelet, "op-invalid", **too_big)
     status = wait_for("SpecValid condition", lambda: (s := run.status()).get("conditions") and s)
     (condition,) = [c for c in status["conditions"] if c["type"] == "SpecValid"]
     assert condition["status"] == "False"
-    assert "spec.dpo.extra: beta cannot be set through extra" in condition["message"]
+    assert condition["reason"] == "InvalidSpec"
+    assert "full fine-tune fits on no strategy" in condition["message"]
     assert run.jobs() == []
     assert "InvalidSpec" in run.events()
     # Fixed spec: the same DPOJob goes ahead.
+    fixed = {"spec": {"peft": {"enabled": True}, "model": {"name": "builtin:tiny-llama"}}}
     crd_installed.kubectl(
-        "patch",
-        "dpo",
-        "quickstart",
-        "-n",
-        "op-invalid",
-        "--type=json",
-        "-p",
-        '[{"op": "remove", "path": "/spec/dpo/extra"}]',
+        "patch", "dpo", "quickstart", "-n", "op-invalid", "--type=merge", "-p", json.dumps(fixed)
     )
     run.pod("train-1")
     assert operator.process is not None
     assert operator.process.poll() is None, "the operator kept running"
+
+
+def test_a_profile_the_admin_did_not_allow_is_refused_before_any_pod(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    tcpxo = {
+        "network.profile": "tcpxo",
+        "network.secondaryNetworks": ["vpc1"],
+        "resources.gpusPerNode": 1,
+        "resources.gpuMemory": "80Gi",
+    }
+    run = Scenario(crd_installed, kubelet, "op-not-allowed", **tcpxo)
+    status = wait_for("SpecValid condition", lambda: (s := run.status()).get("conditions") and s)
+    (condition,) = [c for c in status["conditions"] if c["type"] == "SpecValid"]
+    assert condition["reason"] == "NotAllowed"
+    assert "spec.network.profile: tcpxo" in condition["message"]
+    assert "NotAllowed" in run.events()
+    assert run.jobs() == []
+
+
+def test_a_child_the_api_server_refuses_fails_the_run_with_its_message(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    """An admission policy of the cluster (here a ValidatingAdmissionPolicy) refuses the
+    training Job: the run ends Failed with the API server's words, instead of retrying forever
+    before any status is written."""
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": "no-train-jobs-in-op-refused"},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["batch"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["jobs"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": "!object.metadata.namespace.startsWith('op-refused')",
+                    "message": "training Jobs are not allowed in op-refused",
+                    "reason": "Invalid",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": "no-train-jobs-in-op-refused"},
+        "spec": {"policyName": "no-train-jobs-in-op-refused", "validationActions": ["Deny"]},
+    }
+    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([policy, binding]))
+    try:
+        # The policy takes a moment to be enforced: probe it with a Job of our own.
+        crd_installed.kubectl("create", "namespace", "op-refused-probe")
+        probe = ("create", "job", "probe", "--image=x", "-n", "op-refused-probe")
+        wait_for(
+            "the policy enforced",
+            lambda: crd_installed.kubectl(*probe, "--dry-run=server", check=False).returncode,
+        )
+        run = Scenario(crd_installed, kubelet, "op-refused")
+        status = run.wait_phase("Failed", timeout=90)
+        (failed,) = [c for c in status["conditions"] if c["type"] == "Failed"]
+        assert failed["reason"] == "ChildRefused"
+        assert "Job quickstart-train-1" in status["message"]
+        assert "training Jobs are not allowed in op-refused" in status["message"]
+        assert "ChildRefused" in run.events()
+    finally:
+        crd_installed.kubectl("delete", "-f", "-", stdin=yaml.safe_dump_all([policy, binding]))
+
+
+def test_an_object_of_someone_else_under_a_childs_name_is_never_adopted(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    namespace = "op-squatted"
+    crd_installed.kubectl("create", "namespace", namespace)
+    squatter = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "quickstart-config",
+            "namespace": namespace,
+            "labels": {"dpo.dev/job-name": "quickstart"},  # the label alone proves nothing
+        },
+        "data": {"trainer.json": "{}"},
+    }
+    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(squatter))
+    manifest = example_manifest("quickstart")
+    manifest["metadata"]["namespace"] = namespace
+    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+    status = wait_for(
+        "Failed",
+        lambda: (
+            (
+                s := yaml.safe_load(
+                    crd_installed.kubectl(
+                        "get", "dpo", "quickstart", "-n", namespace, "-o", "yaml"
+                    ).stdout
+                ).get("status")
+                or {}
+            ).get("phase")
+            == "Failed"
+            and s
+        ),
+        60,
+    )
+    assert (
+        "a ConfigMap named quickstart-config already exists and is not this DPOJob's"
+        in (status["message"])
+    )
+    kept = crd_installed.core().read_namespaced_config_map("quickstart-config", namespace)
+    assert kept.data == {"trainer.json": "{}"}, "someone else's object is left as it was"
+    assert not kept.metadata.owner_references
+
+
+def test_a_status_decided_from_an_older_dpojob_is_refused_by_the_api_server(
+    crd_installed: ControlPlane,
+) -> None:
+    from dpo_operator.api import parse_dpojob
+    from dpo_operator.handlers import KubernetesExecutor
+    from dpo_operator.render import Settings
+    from kubernetes.client import ApiException
+
+    namespace = "op-stale-status"
+    crd_installed.kubectl("create", "namespace", namespace)
+    manifest = example_manifest("quickstart")
+    manifest["metadata"]["namespace"] = namespace
+    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+    read = json.loads(
+        crd_installed.kubectl("get", "dpo", "quickstart", "-n", namespace, "-o", "json").stdout
+    )
+    decided_on = read["metadata"]["resourceVersion"]
+    crd_installed.kubectl(  # a person edits the DPOJob meanwhile
+        "patch",
+        "dpo",
+        "quickstart",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"runPolicy": {"maxRestarts": 5}}}',
+    )
+    executor = KubernetesExecutor(crd_installed.api_client(), Settings())
+    with pytest.raises(ApiException) as conflict:
+        executor.write_status(parse_dpojob(read), {"phase": "Pending"}, decided_on)
+    assert conflict.value.status == 409
 
 
 def test_the_operator_answers_its_liveness_probe(operator: Operator) -> None:

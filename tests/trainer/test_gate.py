@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dpo_trainer.artifacts import verify_manifest
-from dpo_trainer.config import EXIT_BAD_INPUT, BadInputError, TrainerConfig
+from dpo_trainer.config import (
+    EXIT_BAD_INPUT,
+    EXIT_CHAMPION_CHANGED,
+    BadInputError,
+    TrainerConfig,
+)
 from dpo_trainer.evaluate import evaluate
 from dpo_trainer.promote import read_current
 from dpo_trainer.train import train
@@ -175,3 +182,74 @@ def report_digest(config: TrainerConfig) -> str:
         "adapterDigest"
     ]
     return digest
+
+
+def test_two_runs_that_beat_the_same_champion_leave_the_first_promoted(tmp_path: Path) -> None:
+    """Both gates compared with what was promoted then (nothing); the first to promote wins
+    and the second is refused instead of replacing it unseen."""
+    target = str(tmp_path / "models")
+    runs = [
+        with_promotion(
+            trained(tmp_path / f"run{seed}", dpo={"maxSteps": 10, "seed": seed}),
+            target,
+            must_beat_promoted=True,
+        )
+        for seed in (1, 2)
+    ]
+    for run in runs:
+        report = evaluate(run)
+        assert report.verdict == "Passed"
+        assert report.champion_digest == ""
+    assert trainer_cli("promote", runs[0], tmp_path / "run1")[0] == 0
+    code, message = trainer_cli("promote", runs[1], tmp_path / "run2")
+    assert code == EXIT_CHAMPION_CHANGED
+    assert message["status"] == "champion-changed"
+    assert "promoted meanwhile by another run" in message["message"]
+    current = read_current(target)
+    assert current is not None
+    assert current.digest == report_digest(runs[0])
+
+
+def test_a_damaged_champion_is_never_scored_against(tmp_path: Path) -> None:
+    target = str(tmp_path / "models")
+    first = with_promotion(trained(tmp_path / "first", dpo={"maxSteps": 10}), target)
+    assert evaluate(first).verdict == "Passed"
+    assert trainer_cli("promote", first, tmp_path)[0] == 0
+    current = read_current(target)
+    assert current is not None
+    weights = tmp_path / "models" / "versions" / current.version / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    second = with_promotion(
+        trained(tmp_path / "second", dpo={"maxSteps": 10, "seed": 3}),
+        target,
+        must_beat_promoted=True,
+    )
+    code, message = trainer_cli("eval", second, tmp_path / "second")
+    assert code == EXIT_BAD_INPUT
+    assert (
+        f"the promoted adapter at {tmp_path}/models/versions/{current.version} is damaged"
+        in (message["message"])
+    )
+
+
+@pytest.mark.parametrize("command", ["eval", "promote"])
+def test_sigterm_stops_eval_and_promote_at_once_with_a_reason(tmp_path: Path, command: str) -> None:
+    """In a pod these run as PID 1, which the kernel shields from signals it does not handle:
+    without a handler a deleted pod would wait out its whole grace period."""
+    config = with_promotion(trained(tmp_path, dpo={"maxSteps": 10}), str(tmp_path / "m"))
+    assert evaluate(config).verdict == "Passed"
+    termination = tmp_path / "stopped.json"
+    process = subprocess.Popen(
+        [str(BIN / "dpo-trainer"), command, "--config", str(write_config(config, tmp_path))],
+        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(2.0)  # past interpreter start, into the command's own imports and work
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    stopped = json.loads(termination.read_text())
+    assert stopped == {"status": "interrupted", "message": "stopped by signal SIGTERM"}
+    assert not (tmp_path / "m" / "current").exists(), "nothing half-promoted"

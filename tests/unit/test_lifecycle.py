@@ -371,3 +371,68 @@ def test_invariants_hold_for_any_observed_children(
     if creates_training:
         assert len(creates_training) == 1
         assert not any(c.component == "train" for c in children), "never two training Jobs"
+
+
+def test_a_spec_edited_while_queued_re_creates_the_waiting_job_and_the_config() -> None:
+    from dataclasses import replace
+
+    from dpo_operator.api import spec_digest
+    from dpo_operator.lifecycle import Update
+
+    before = job(scheduling={"queueName": "q"})
+    edited = job(scheduling={"queueName": "q"}, dpo={"beta": 0.3})
+    waiting = replace(
+        child("train", 1, "Pending", suspended=True), spec_digest=spec_digest(before.spec)
+    )
+    stale = Observed(
+        now=NOW,
+        jobs=(waiting,),
+        has_config_map=True,
+        has_service=True,
+        config_spec_digest=spec_digest(before.spec),
+    )
+    assert decide(before, stale).actions == [], "nothing changed: nothing to redo"
+    decision = decide(edited, stale)
+    assert Update("config") in decision.actions
+    assert Delete("demo-train-1") in decision.actions
+    assert "the spec changed while demo-train-1 waited" in (decision.status.message or "")
+    going = replace(stale, jobs=(replace(waiting, deleting=True),))
+    assert not any(isinstance(a, Create) for a in decide(edited, going).actions)
+    gone = replace(stale, jobs=(), config_spec_digest=spec_digest(edited.spec))
+    assert decide(edited, gone).actions == [Create("train", 1)]
+
+
+def test_suspending_alone_does_not_re_create_anything() -> None:
+    from dataclasses import replace
+
+    from dpo_operator.api import spec_digest
+
+    running = job()
+    suspended = job(runPolicy={"suspend": True})
+    assert spec_digest(running.spec) == spec_digest(suspended.spec)
+    parked = replace(
+        child("train", 1, "Pending", suspended=True), spec_digest=spec_digest(running.spec)
+    )
+    decision = decide(suspended, observed(parked))
+    assert decision.status.phase == "Suspended"
+    assert not any(isinstance(a, Delete) for a in decision.actions)
+
+
+def test_suspend_after_training_suspends_the_gate_and_resume_continues_it() -> None:
+    trained = child("train", 1, "Complete", pod("Succeeded", 0))
+    gating = child("eval", 1, "Running", pod("Running"))
+    evaluating = {"phase": "Evaluating", "attempt": 1, "startTime": NOW.isoformat()}
+    decision = decide(
+        job(status=evaluating, runPolicy={"suspend": True}), observed(trained, gating)
+    )
+    assert decision.status.phase == "Suspended"
+    assert decision.actions == [Suspend("demo-eval-1", True)]
+    assert decision.status.suspended_at == NOW
+    parked = child("eval", 1, "Pending", suspended=True)
+    later = NOW + timedelta(hours=2)
+    resumed = decide(
+        job(status=decision.status.model_dump(by_alias=True)), observed(trained, parked, now=later)
+    )
+    assert resumed.actions == [Suspend("demo-eval-1", False)]
+    assert resumed.status.phase == "Evaluating"
+    assert resumed.status.suspended_seconds == 7200, "off the deadline's clock"

@@ -22,6 +22,7 @@ from dpo_operator.render import (
 )
 from dpo_trainer.config import (
     EXIT_BAD_INPUT,
+    EXIT_CHAMPION_CHANGED,
     EXIT_GATE_REJECTED,
     EXIT_WRONG_ENVIRONMENT,
     TRAINER_CONFIG_FILE,
@@ -245,6 +246,7 @@ def test_eval_and_promote_never_retry_bad_input_a_wrong_environment_or_a_rejecti
     assert promote["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [
         EXIT_BAD_INPUT,
         EXIT_WRONG_ENVIRONMENT,
+        EXIT_CHAMPION_CHANGED,
     ]
     assert "nvidia.com/gpu" not in json.dumps(trainer(promote)["resources"])
 

@@ -7,9 +7,10 @@ Usage:
     dpo-trainer launch -- accelerate launch ...          (PID 1: forwards SIGTERM)
 
 Exit codes (the pod contract): 0 done, 2 bad config or data (never retried), 3 gate rejected,
-4 the pod's devices or distributed setup are not what was rendered (never retried), anything
-else an infrastructure failure that may be retried from a checkpoint. Each command
-writes a short JSON summary to the termination log.
+4 the pod's devices or distributed setup are not what was rendered (never retried), 5 the
+promoted adapter changed after the gate beat it (promote; never retried), 143 stopped by
+SIGTERM, anything else an infrastructure failure that may be retried from a checkpoint. Each
+command writes a short JSON summary to the termination log.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
+from types import FrameType
 
 from dpo_trainer.config import (
     ENV_TERMINATION_LOG,
     EXIT_BAD_INPUT,
+    EXIT_CHAMPION_CHANGED,
     EXIT_GATE_REJECTED,
     EXIT_OK,
     EXIT_WRONG_ENVIRONMENT,
     TERMINATION_LOG,
     TRAINER_CONFIG_PATH,
     BadInputError,
+    ChampionChangedError,
     Failure,
     TerminationMessage,
     WrongEnvironmentError,
@@ -41,6 +46,18 @@ log = logging.getLogger("dpo_trainer")
 
 # What an unexpected exception exits with: retryable, like any infrastructure failure.
 EXIT_INFRASTRUCTURE = 1
+EXIT_STOPPED = 128 + signal.SIGTERM
+
+
+class StoppedError(Exception):
+    """SIGTERM reached eval or promote (the pod is being deleted, preempted or evicted)."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    # A container's PID 1 has no default SIGTERM action: without a handler the signal is
+    # ignored and the kubelet waits out the grace period before it kills.
+    raise StoppedError(f"stopped by signal {signal.Signals(signum).name}")
+
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4096
@@ -126,9 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         return launch(argv[2:] if argv[1:2] == ["--"] else argv[1:])
     args = build_parser().parse_args(argv)
     register_trainer(os.getpid())
+    if args.command in ("eval", "promote"):  # training stops at a checkpoint instead
+        signal.signal(signal.SIGTERM, _stop)
     code = EXIT_INFRASTRUCTURE
     try:
         code = args.run(args)
+    except StoppedError as error:
+        # Nothing half-done is left: promotion stages its copy and switches `current` in one
+        # step; the gate writes eval.json last. A retry starts over.
+        log.warning("%s; a retry starts over", error)
+        write_termination_message(Failure(status="interrupted", message=str(error)))
+        code = EXIT_STOPPED
+    except ChampionChangedError as error:
+        log.error("%s", error)
+        write_termination_message(Failure(status="champion-changed", message=str(error)))
+        code = EXIT_CHAMPION_CHANGED
     except BadInputError as error:
         log.error("%s", error)
         write_termination_message(Failure(status="bad-input", message=str(error)))

@@ -45,6 +45,9 @@ EXIT_GATE_REJECTED = 3  # eval only: the adapter failed a gate criterion
 # The pod's devices or distributed setup differ from what was rendered (no CUDA where GPUs were
 # asked for, fewer GPUs, a strategy the launcher did not keep): the run stops before training.
 EXIT_WRONG_ENVIRONMENT = 4
+# promote only: another run promoted to the target after this one's gate compared with the
+# adapter promoted then; the verdict no longer holds (never retried).
+EXIT_CHAMPION_CHANGED = 5
 
 
 class BadInputError(Exception):
@@ -52,6 +55,11 @@ class BadInputError(Exception):
 
     The message names the file (and row and column, for data) and says what to do.
     """
+
+
+class ChampionChangedError(Exception):
+    """The gate beat an adapter that is no longer the promoted one: the trainer exits with
+    EXIT_CHAMPION_CHANGED and the run is not promoted."""
 
 
 class WrongEnvironmentError(Exception):
@@ -330,7 +338,7 @@ class DataReport(ContractModel):
 class Failure(ContractModel):
     """A command that did not finish; `message` says why and what to do."""
 
-    status: Literal["interrupted", "bad-input", "wrong-environment"]
+    status: Literal["interrupted", "bad-input", "wrong-environment", "champion-changed"]
     message: str
 
 
@@ -396,6 +404,9 @@ class GateReport(GateVerdict):
 
     metrics: dict[str, float]
     pairs: int
+    # With mustBeatPromoted: the digest of the adapter this one was compared with ("" when none
+    # was promoted yet). Promotion refuses when `current` has moved on since.
+    champion_digest: str | None = None
     data: DataReport
 
     def short(self) -> GateVerdict:

@@ -110,8 +110,11 @@ def evaluate(config: TrainerConfig) -> GateReport:
         *_check("rewardAccuracy", rewards["accuracy"], ">=", gate.min_reward_accuracy),
         *_check("rewardMargin", rewards["margin"], ">=", gate.min_reward_margin),
         *_check("anchorNllIncrease", drift, "<=", gate.max_anchor_nll_increase),
-        *_beats_promoted(config, gate, scorer, pairs, ref, rewards["accuracy"], digest),
     ]
+    champion = None
+    if gate.must_beat_promoted and config.promotion is not None:
+        champion, beaten = _beats_promoted(config, gate, scorer, pairs, ref, rewards, digest)
+        criteria += beaten
     failed = [c for c in criteria if not c.passed]
     result = GateReport(
         status="rejected" if failed else "passed",
@@ -130,6 +133,7 @@ def evaluate(config: TrainerConfig) -> GateReport:
         },
         pairs=len(pairs),
         data=report,
+        champion_digest=champion,
     )
     artifacts.write_report(EVAL_REPORT, result)
     for criterion in criteria:
@@ -143,15 +147,15 @@ def _beats_promoted(
     scorer: Scorer,
     pairs: list[dict[str, Any]],
     ref: Scores,
-    accuracy: float,
+    rewards: dict[str, float],
     digest: str,
-) -> list[Criterion]:
-    if not gate.must_beat_promoted or config.promotion is None:
-        return []
+) -> tuple[str, list[Criterion]]:
+    """The digest of the promoted adapter ("" when none) and the beatsPromoted criterion."""
+    assert config.promotion is not None
     current = promoted_adapter(config.promotion.target)
     if current is None:
         log.info("nothing promoted at %s yet: beatsPromoted passes", config.promotion.target)
-        return [Criterion("beatsPromoted", None, ">", gate.beat_margin, True)]
+        return "", [Criterion("beatsPromoted", None, ">", gate.beat_margin, True)]
     current_dir, current_digest = current
     if current_digest == digest:
         raise BadInputError(
@@ -159,7 +163,8 @@ def _beats_promoted(
         )
     with scorer.policy(current_dir) as promoted:
         promoted_rewards = scorer.rewards(scorer.score(promoted, pairs), ref)
-    return _check("beatsPromoted", accuracy - promoted_rewards["accuracy"], ">", gate.beat_margin)
+    delta = rewards["accuracy"] - promoted_rewards["accuracy"]
+    return current_digest, _check("beatsPromoted", delta, ">", gate.beat_margin)
 
 
 class Scorer:

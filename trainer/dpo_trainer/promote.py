@@ -5,15 +5,24 @@ is replaced in one step (rename on a filesystem, a single object write on an obj
 a reader never sees a half-promoted adapter. Nothing is promoted without an eval.json that
 passed for the same adapter digest. Promoting the same adapter again changes nothing, and
 promotions racing to one target each leave `current` pointing at a complete version.
+
+A gate that had to beat the promoted adapter names the one it beat: the pointer is switched
+only if it still points there (compare and swap, under a lock on a filesystem target), so of
+two runs that beat the same champion at once the second fails with ChampionChangedError
+instead of replacing a possibly better adapter. A promoted adapter is only ever read back
+after its digests were checked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,12 +31,19 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, MANIFEST, Artifacts, verify_manifest
-from dpo_trainer.config import BadInputError, GateReport, PromotionResult, TrainerConfig
+from dpo_trainer.config import (
+    BadInputError,
+    ChampionChangedError,
+    GateReport,
+    PromotionResult,
+    TrainerConfig,
+)
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
 VERSIONS = "versions"
+LOCK = ".promote.lock"
 
 
 def version_name(job: str, digest: str) -> str:
@@ -45,16 +61,27 @@ def read_current(target: str) -> PromotionResult | None:
 
 
 def promoted_adapter(target: str) -> tuple[Path, str] | None:
-    """The currently promoted adapter as a local directory, with its digest; None if none."""
+    """The currently promoted adapter as a local directory whose files match the digest
+    `current` records, with that digest; None if none was promoted."""
     current = read_current(target)
     if current is None:
         return None
     fs, root = fsspec.core.url_to_fs(target)
     version = f"{root}/{VERSIONS}/{current.version}"
-    if isinstance(fs, LocalFileSystem):
-        return Path(version), current.digest
-    local = Path(tempfile.mkdtemp(prefix="dpo-promoted-"))
-    fs.get(version, str(local), recursive=True)
+    local = Path(version)
+    if not isinstance(fs, LocalFileSystem):
+        local = Path(tempfile.mkdtemp(prefix="dpo-promoted-"))
+        fs.get(version, str(local), recursive=True)
+    try:
+        found = verify_manifest(local)
+    except BadInputError as error:
+        raise BadInputError(f"the promoted adapter at {version} is damaged: {error}") from error
+    if found != current.digest:
+        raise BadInputError(
+            f"the promoted adapter at {version} has digest {found}, but {target}/{CURRENT} "
+            f"records {current.digest}: it was changed after promotion; restore it or promote "
+            "again without evalGate.mustBeatPromoted"
+        )
     return local, current.digest
 
 
@@ -96,9 +123,37 @@ def promote(config: TrainerConfig) -> PromotionResult:
         promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
         job=config.job,
     )
-    _write_pointer(fs, root, pointer)
+    with _locked(fs, root):
+        if report.champion_digest is not None:
+            now = read_current(target)
+            if (now.digest if now else "") != report.champion_digest:
+                raise ChampionChangedError(
+                    f"the gate beat {report.champion_digest or 'no promoted adapter'}, but "
+                    f"{target}/{CURRENT} now points at {now.version if now else 'nothing'} "
+                    f"({now.digest if now else 'none'}), promoted meanwhile by another run: "
+                    "this adapter was not promoted; run it again to be gated against the new "
+                    "one"
+                )
+        _write_pointer(fs, root, pointer)
     log.info("promoted %s to %s", digest, pointer.uri)
     return pointer
+
+
+@contextlib.contextmanager
+def _locked(fs: Any, root: str) -> Iterator[None]:
+    """Holds the target's lock on a filesystem (a POSIX lock: NFS shares it between pods).
+    An object store has no lock: its single pointer write is still atomic, and the compare
+    before it narrows a race to that one write."""
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / LOCK, "a+b") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(lock, fcntl.LOCK_UN)
 
 
 def _copy_local(adapter: Path, destination: Path, digest: str) -> None:

@@ -186,3 +186,24 @@ def test_a_pending_pods_reason_comes_from_its_container_or_the_scheduler() -> No
     assert waiting(pvc) == ("Unschedulable", 'persistentvolumeclaim "dpo-runs" not found')
     creating = {"containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]}
     assert waiting(creating) == ("", "")
+
+
+def test_a_champion_that_changed_after_the_gate_fails_the_run_without_a_retry() -> None:
+    from dpo_trainer.config import EXIT_CHAMPION_CHANGED
+
+    lost = pod(
+        "Failed",
+        EXIT_CHAMPION_CHANGED,
+        '{"status":"champion-changed","message":"the gate beat sha256:a, but ... now points at '
+        'other-1 (sha256:b), promoted meanwhile by another run"}',
+    )
+    done = (
+        child("train", 1, "Complete", pod("Succeeded", 0)),
+        child("eval", 1, "Complete", pod("Succeeded", 0, GATE_PASSED)),
+        child("promote", 1, "Failed", lost),
+    )
+    decision = decide(job(status={"phase": "Promoting", "attempt": 1}), observed(*done))
+    assert decision.status.phase == "Failed"
+    failed = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failed.reason == "ChampionChanged"
+    assert "promoted meanwhile by another run" in (decision.status.message or "")
