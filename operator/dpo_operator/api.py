@@ -15,6 +15,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -508,8 +509,9 @@ class DPOSpec(RuledModel):
     def _extra_allowed(cls, extra: dict[str, Any]) -> dict[str, Any]:
         refused = sorted(set(extra) - set(EXTRA_TRAINING_FIELDS))
         if refused:
+            named = ", ".join(_printable(key) for key in refused)
             raise ValueError(
-                f"may not set {', '.join(refused)}; allowed, in snake_case as TRL's DPOConfig "
+                f"may not set {named}; allowed, in snake_case as TRL's DPOConfig "
                 f"names them: {', '.join(EXTRA_TRAINING_FIELDS)} (the spec's own fields set the "
                 "rest, e.g. spec.dpo.beta)"
             )
@@ -977,6 +979,18 @@ class DPOJobSpec(RuledModel):
         description="Env vars from Secret keys, e.g. HF_TOKEN (secretKeyRef only).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, document: Any) -> Any:
+        """NaN and infinity pass every bound check (a comparison with NaN is false) and JSON
+        cannot carry them: a YAML .nan would make a gate that can never pass."""
+        found = sorted(_non_finite(document))
+        if found:
+            raise ValueError(
+                "\n".join(f"{path}: must be a finite number, got {v}" for path, v in found)
+            )
+        return document
+
     @model_validator(mode="after")
     def _fits_in_memory(self, info: ValidationInfo) -> DPOJobSpec:
         """Memory arithmetic CEL cannot do: `dpo validate`, `dpo run` and the operator check it
@@ -1006,6 +1020,16 @@ def spec_digest(spec: DPOJobSpec) -> str:
     a run and changes no child). A child carrying another digest predates an edit of the spec."""
     document = spec.model_dump(mode="json", by_alias=True, exclude={"run_policy": {"suspend"}})
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _non_finite(node: Any, path: str = "") -> list[tuple[str, float]]:
+    if isinstance(node, float) and not math.isfinite(node):
+        return [(path or "(document)", node)]
+    if isinstance(node, dict):
+        return [f for k, v in node.items() for f in _non_finite(v, f"{path}.{k}".lstrip("."))]
+    if isinstance(node, list):
+        return [f for i, v in enumerate(node) for f in _non_finite(v, f"{path}.{i}")]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1177,9 +1201,15 @@ _TYPE_NAMES = {
 }
 
 
+def _printable(name: str) -> str:
+    """A field name as an error line can show it: odd ones (spaces, control characters, an
+    empty name) quoted and escaped, so that one problem stays one line."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
 def _describe(detail: ErrorDetails) -> list[str]:
     loc = [str(part) for part in detail["loc"]]
-    path = ".".join(loc) or "(document)"
+    path = ".".join(_printable(part) for part in loc) or "(document)"
     kind = detail["type"]
     value = detail.get("input")
     context = detail.get("ctx", {})
@@ -1211,9 +1241,10 @@ def _describe(detail: ErrorDetails) -> list[str]:
 
 def _at(loc: list[str], line: str) -> str:
     """A rule's problem line, under the path of the model that reported it."""
+    path = ".".join(_printable(part) for part in loc)
     if not re.match(r"^[a-zA-Z.]+: ", line):
-        return f"{'.'.join(loc) or '(document)'}: {line}"
-    return ".".join([*loc, line]) if loc else line
+        return f"{path or '(document)'}: {line}"
+    return f"{path}.{line}" if path else line
 
 
 PATTERN_HINTS = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         tcpxo_daemon_image=args.tcpxo_daemon_image,
         allowed_profiles=profiles,
         promotion_roots=roots,
+        network_policy=not args.no_network_policy,
+        operator_namespace=args.operator_namespace,
+        metrics_scrapers=tuple(args.metrics_scraper),
     )
 
 
@@ -223,6 +227,24 @@ def _add_settings(command: argparse.ArgumentParser) -> None:
         help="network profiles DPOJobs in NAMESPACE (* for every one) may use, on top of those "
         "of *; repeatable (default: *=" + ",".join(DEFAULT_ALLOWED_PROFILES) + "; tcpxo needs "
         "host access and is allowed only where listed)",
+    )
+    command.add_argument(
+        "--no-network-policy",
+        action="store_true",
+        help="create no NetworkPolicy fencing the trainers' pods in each namespace",
+    )
+    command.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("POD_NAMESPACE", "dpo-system"),
+        help="the operator's namespace, which may scrape the trainers' metrics "
+        "(default: $POD_NAMESPACE or %(default)s)",
+    )
+    command.add_argument(
+        "--metrics-scraper",
+        action="append",
+        default=[],
+        metavar="NAMESPACE",
+        help="a namespace whose pods (Prometheus) may scrape the trainers' metrics; repeatable",
     )
     command.add_argument(
         "--promotion-root",

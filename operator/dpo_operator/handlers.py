@@ -225,6 +225,16 @@ def _seen_pod(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenPod:
     )
 
 
+@kopf.index(
+    "networking.k8s.io",
+    "v1",
+    "networkpolicies",
+    labels={"app.kubernetes.io/managed-by": "dpo-operator"},
+)
+def dpojob_network_policies(name: str, namespace: str | None, **_: Any) -> dict[str, str]:
+    return {namespace or "default": name}
+
+
 def _why_waiting(status: Mapping[str, Any]) -> tuple[str, str]:
     """Why a Pending pod is not running: a container's waiting reason (ImagePullBackOff,
     CreateContainerConfigError for a missing Secret, ...) or the scheduler's (a missing PVC,
@@ -431,6 +441,7 @@ class KubernetesExecutor:
         self.custom = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
+        self.networking = client.NetworkingV1Api(self.api)
 
     def parse(self, body: Mapping[str, Any]) -> DPOJob:
         """The DPOJob; its rules and memory plan are checked once per generation."""
@@ -489,6 +500,7 @@ class KubernetesExecutor:
             "ConfigMap": self.core.create_namespaced_config_map,
             "Service": self.core.create_namespaced_service,
             "Job": self.batch.create_namespaced_job,
+            "NetworkPolicy": self.networking.create_namespaced_network_policy,
         }[kind]
         try:
             _drain(create(metadata["namespace"], manifest, **UNDECODED))
@@ -499,6 +511,8 @@ class KubernetesExecutor:
                 ) from error
             if error.status != 409:
                 raise
+            if kind == "NetworkPolicy":
+                return  # one per namespace, shared: another DPOJob created it first
             # Already there: the cache lagged behind an earlier create of ours, or it is
             # somebody else's. Only a conflict costs this one read.
             read: Any = {
@@ -673,6 +687,8 @@ async def _observe(
         if isinstance(o.seen, ChildJob)
     )
     others = {o.seen for o in owned if isinstance(o.seen, str)}
+    policies: kopf.Index[str, str] = cast(Any, indexes["dpojob_network_policies"])
+    others |= set(policies.get(job.namespace, []))
     uids = {o.seen.name if isinstance(o.seen, ChildJob) else o.seen: o.uid for o in owned}
     jobs, names = executor.expected.with_children(key, jobs, others)
     now = datetime.now(UTC)
@@ -889,7 +905,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
 
 
-INDEXES = ("dpojob_bodies", "dpojob_jobs", "dpojob_pods", "dpojob_config_maps", "dpojob_services")
+INDEXES = (
+    "dpojob_bodies",
+    "dpojob_jobs",
+    "dpojob_pods",
+    "dpojob_config_maps",
+    "dpojob_services",
+    "dpojob_network_policies",
+)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -91,6 +91,8 @@ class Observed:
     has_config_map: bool = False
     has_service: bool = False
     config_spec_digest: str | None = None  # of the spec the ConfigMap was rendered from
+    # The namespace's NetworkPolicy fencing the trainers (or none is wanted, or none applies).
+    has_network_policy: bool = True
     metrics: TrainingMetrics | None = None
     # The API server refused to create a child as rendered, in its words (or its name is taken
     # by someone else's object): the run cannot go on.
@@ -99,9 +101,10 @@ class Observed:
 
 @dataclass(frozen=True)
 class Create:
-    """Create a child: the config map, the service, or a Job of `attempt`."""
+    """Create a child: the config map, the service, the namespace's NetworkPolicy, or a Job of
+    `attempt`."""
 
-    kind: Literal["config", "service", "train", "eval", "promote"]
+    kind: Literal["config", "service", "network-policy", "train", "eval", "promote"]
     attempt: int = 0
 
 
@@ -238,6 +241,8 @@ class _Machine:
             self.act(Update("config"))
         if not self.observed.has_service:
             self.act(Create("service"))
+        if not self.observed.has_network_policy:
+            self.act(Create("network-policy"))
         if self.deadline_exceeded():
             return
         attempt = self.status.attempt or 1

@@ -339,6 +339,8 @@ class LocalExecutor:
             local.deleting = True
 
     def _create(self, job: DPOJob, action: Create) -> None:
+        if action.kind == "network-policy":
+            return  # processes on one machine: no network to fence
         if action.kind == "config" or action.kind == "service":
             self._write_files(job)
             return

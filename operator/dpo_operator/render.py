@@ -106,6 +106,12 @@ class Settings:
     # URI prefixes promotion targets must lie under, per namespace ("*": every namespace;
     # "{namespace}" in a prefix is the DPOJob's). None configured: no boundary.
     promotion_roots: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The NetworkPolicy of each namespace with DPOJobs: who besides the trainers themselves may
+    # reach their metrics port (the operator's namespace, and those of the Prometheus that
+    # scrape them). network_policy False: none is created.
+    network_policy: bool = True
+    operator_namespace: str = "dpo-system"
+    metrics_scrapers: tuple[str, ...] = ()
     cpu: bool = False  # the job's process layout on CPUs (`dpo run --cpu`, tests)
 
 
@@ -302,11 +308,10 @@ def render_all(
     job: DPOJob, attempt: int = 1, *, settings: Settings = DEFAULT_SETTINGS
 ) -> list[Manifest]:
     """Every child of `job` for training attempt `attempt` (what `dpo render` prints)."""
-    children = [
-        render_config_map(job, settings=settings),
-        render_service(job),
-        render_training_job(job, attempt, settings=settings),
-    ]
+    children = [render_config_map(job, settings=settings), render_service(job)]
+    if settings.network_policy and not settings.cpu:
+        children.append(render_network_policy(job, settings=settings))
+    children.append(render_training_job(job, attempt, settings=settings))
     if job.spec.eval_gate.enabled:
         children.append(render_eval_job(job, attempt, settings=settings))
     if job.spec.promotion is not None:
@@ -321,6 +326,7 @@ def render_child(
     promote."""
     renderers: dict[str, Callable[[], Manifest]] = {
         "config": lambda: render_config_map(job, settings=settings),
+        "network-policy": lambda: render_network_policy(job, settings=settings),
         "service": lambda: render_service(job),
         "train": lambda: render_training_job(job, attempt, settings=settings),
         "eval": lambda: render_eval_job(job, attempt, settings=settings),
@@ -359,6 +365,41 @@ def _metadata(job: DPOJob, name: str, component: str, **extra_labels: str) -> Ma
             }
         ]
     return metadata
+
+
+NETWORK_POLICY_NAME = "dpo-trainers"
+
+
+def render_network_policy(job: DPOJob, *, settings: Settings = DEFAULT_SETTINGS) -> Manifest:
+    """Fences the pods of every DPOJob in the namespace: only they reach one another
+    (rendezvous, NCCL, any port), and only the operator and the admin's metrics scrapers reach
+    the named `metrics` port. One per namespace, shared by its DPOJobs (so it has no owner)."""
+    namespaces = (settings.operator_namespace, *settings.metrics_scrapers)
+    scrapers = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+        for name in dict.fromkeys(namespaces)
+    ]
+    trainers = {"matchLabels": {"app.kubernetes.io/managed-by": "dpo-operator"}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": NETWORK_POLICY_NAME,
+            "namespace": job.namespace,
+            "labels": {
+                "app.kubernetes.io/part-of": "dpo-operator",
+                "app.kubernetes.io/managed-by": "dpo-operator",
+            },
+        },
+        "spec": {
+            "podSelector": trainers,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": trainers}]},
+                {"from": scrapers, "ports": [{"protocol": "TCP", "port": "metrics"}]},
+            ],
+        },
+    }
 
 
 def render_config_map(job: DPOJob, *, settings: Settings = DEFAULT_SETTINGS) -> Manifest:

@@ -65,6 +65,7 @@ def test_render_prints_every_child_as_yaml(capsys: pytest.CaptureFixture[str]) -
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("ConfigMap", "quickstart-config"),
         ("Service", "quickstart-nodes"),
+        ("NetworkPolicy", "dpo-trainers"),
         ("Job", "quickstart-train-1"),
         ("Job", "quickstart-eval-1"),
         ("Job", "quickstart-promote-1"),

@@ -12,9 +12,11 @@ import pytest
 import yaml
 from dpo_operator.api import DPOJob
 from dpo_operator.render import (
+    Settings,
     render_all,
     render_config_map,
     render_eval_job,
+    render_network_policy,
     render_promote_job,
     render_service,
     render_training_job,
@@ -171,7 +173,14 @@ def test_pods_are_locked_down(example_job: DPOJob) -> None:
 def test_children_are_owned_and_labelled_when_the_dpojob_exists() -> None:
     job = job_with()
     applied = job.model_copy(update={"metadata": job.metadata.model_copy(update={"uid": "u-1"})})
-    for obj in render_all(applied):
+    children = render_all(applied)
+    shared = [obj for obj in children if obj["kind"] == "NetworkPolicy"]
+    assert [obj["metadata"].get("ownerReferences") for obj in shared] == [None], (
+        "the namespace's NetworkPolicy serves every DPOJob there: no one owns it"
+    )
+    for obj in children:
+        if obj in shared:
+            continue
         (owner,) = obj["metadata"]["ownerReferences"]
         assert owner == {
             "apiVersion": "dpo.dev/v1alpha1",
@@ -253,7 +262,7 @@ def test_eval_and_promote_never_retry_bad_input_a_wrong_environment_or_a_rejecti
 
 def test_promote_job_exists_only_with_a_promotion_target() -> None:
     kinds = [obj["metadata"]["name"] for obj in render_all(job_with())]
-    assert kinds == ["demo-config", "demo-nodes", "demo-train-1", "demo-eval-1"]
+    assert kinds == ["demo-config", "demo-nodes", "dpo-trainers", "demo-train-1", "demo-eval-1"]
     promoted = job_with(promotion={"target": "s3://models/demo"})
     assert render_all(promoted)[-1]["metadata"]["name"] == "demo-promote-1"
 
@@ -299,3 +308,29 @@ def test_trainer_knows_when_no_reference_model_is_needed(
     job = job_with(dpo={"lossType": loss})
     config = TrainerConfig.model_validate_json(render_config_map(job)["data"][TRAINER_CONFIG_FILE])
     assert config.training.reference_free is reference_free
+
+
+def test_the_namespace_policy_lets_trainers_talk_and_only_the_operator_scrape() -> None:
+    settings = Settings(operator_namespace="dpo-system", metrics_scrapers=("monitoring",))
+    policy = render_network_policy(job_with(), settings=settings)
+    assert policy["metadata"]["namespace"] == "ml"
+    spec = policy["spec"]
+    trainers = {"matchLabels": {"app.kubernetes.io/managed-by": "dpo-operator"}}
+    assert spec["podSelector"] == trainers
+    assert spec["policyTypes"] == ["Ingress"]
+    peers, scrapes = spec["ingress"]
+    assert peers == {"from": [{"podSelector": trainers}]}, "same namespace, trainers only"
+    assert scrapes["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    allowed = [p["namespaceSelector"]["matchLabels"] for p in scrapes["from"]]
+    assert allowed == [
+        {"kubernetes.io/metadata.name": "dpo-system"},
+        {"kubernetes.io/metadata.name": "monitoring"},
+    ]
+    # The named port exists on the training container, whatever spec.monitoring.port says.
+    container = render_training_job(job_with(monitoring={"port": 9555}), 1)["spec"]["template"]
+    ports = container["spec"]["containers"][0]["ports"]
+    assert {"name": "metrics", "containerPort": 9555, "protocol": "TCP"} in ports
+    assert all(
+        o["kind"] != "NetworkPolicy"
+        for o in render_all(job_with(), settings=Settings(network_policy=False))
+    )

@@ -42,18 +42,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["dpojobs/status"]
   verbs: ["patch"]
 # Application: training, eval-gate and promote Jobs; patched to suspend, deleted to restart a
-# group or after TTL.
+# group or after TTL; read (get) only when a create conflicts, to see whose the object is.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Application: pod status tells exit codes and termination messages; never logs.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# Application: the trainer config and the rendezvous Service of each DPOJob.
+# Application: the trainer config (patched after a spec edit) and the rendezvous Service of
+# each DPOJob.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Application: one NetworkPolicy per namespace with DPOJobs, fencing the trainers' ports.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create"]
 # Framework and application: kopf and the operator post Events on DPOJobs.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
