@@ -1109,8 +1109,8 @@ class DPOJobStatus(ContractModel):
     )
     waiting_since: datetime | None = Field(
         default=None,
-        description="Since when the current Job's pods have been waiting to start "
-        "(runPolicy.startupTimeoutSeconds counts from here).",
+        description="When the current Job was created (or admitted by Kueue): "
+        "runPolicy.startupTimeoutSeconds for its pods to start counts from here.",
     )
     children_deleted: bool = Field(
         default=False,

@@ -897,7 +897,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.executor = KubernetesExecutor(api, memo.render_settings)
     memo.queue = WorkQueue()
     memo.phases = {}
-    memo.seen = {}  # what decide read of each watched object, at its last event
+    # What decide read of each watched object at its last event, as a hash: the projection
+    # itself is in the indexes already, and a hash is 28 bytes.
+    memo.seen = {}
     memo.tasks = []
     # The Kubernetes client is synchronous: its calls run in these threads.
     asyncio.get_running_loop().set_default_executor(
@@ -944,8 +946,8 @@ async def on_change(
         memo.seen.pop(watched, None)
     else:
         seen = _what_decide_reads(resource.plural, name, labels, kwargs["body"])
-        news = memo.seen.get(watched) != seen  # not, e.g., the Job controller's bookkeeping
-        memo.seen[watched] = seen
+        news = memo.seen.get(watched) != hash(seen)  # not, e.g., the Job controller's bookkeeping
+        memo.seen[watched] = hash(seen)
         # Not what this operator itself just did either: it decided knowing that.
         foreseen = memo.executor.expected.foresaw(key, resource.plural, kwargs["body"], seen)
         if foreseen or not news:
@@ -960,7 +962,8 @@ def _what_decide_reads(
     if plural == PLURAL:
         # Not its status: only the operator writes that, and decided knowing what it wrote.
         meta = body.meta
-        return (meta.get("generation"), dict(meta.annotations), meta.get("deletionTimestamp"))
+        annotations = tuple(sorted(meta.annotations.items()))
+        return (meta.get("generation"), annotations, meta.get("deletionTimestamp"))
     if plural == "jobs":
         return _seen_job(name, labels, body)
     if plural == "pods":

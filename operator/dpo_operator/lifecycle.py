@@ -303,6 +303,7 @@ class _Machine:
                 self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
                 return
             self.act(Create("train", attempt))
+            self.status.waiting_since = None if self.queued_by_kueue() else self.now
             if self.status.start_time is None and not self.queued_by_kueue():
                 self.status.start_time = self.now
             self.phase("Pending", waiting)
@@ -346,9 +347,10 @@ class _Machine:
 
     def not_started(self, child: ChildJob, started: int, wanted: int) -> bool:
         """Tracks a Job whose pods have not all started: says why in the Stalled condition and
-        fails the run at runPolicy.startupTimeoutSeconds. True when the run ended."""
+        fails the run at runPolicy.startupTimeoutSeconds (counted from `waiting_since`, which
+        is set when the Job is created, so keeping it costs no write). True when the run
+        ended."""
         if started >= wanted:
-            self.status.waiting_since = None
             if any(c.type == "Stalled" and c.status == "True" for c in self.status.conditions):
                 self.condition("Stalled", False, "Started", f"every pod of {child.name} started")
             return False
@@ -458,6 +460,7 @@ class _Machine:
             return False
         if evaluation is None:
             self.act(Create("eval", attempt))
+            self.status.waiting_since = self.now
             self.condition("Training", False, "Trained", f"attempt {attempt} finished")
             self.phase("Evaluating", "running the held-out gate", "Trained")
             return False
@@ -511,6 +514,7 @@ class _Machine:
                 )
                 return
             self.act(Create("promote", attempt))
+            self.status.waiting_since = self.now
             self.phase("Promoting", f"publishing to {promotion.target}")
             return
         if promote.state in ("Pending", "Running"):
