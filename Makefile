@@ -17,7 +17,8 @@ $(BIN)/dpo: pyproject.toml
 quickstart: $(BIN)/dpo
 	$(BIN)/dpo run examples/quickstart.yaml
 
-# Every tier: lint, types, layering, then all tests (unit, trainer, cluster, e2e).
+# Every tier: lint, types, layering, then all tests (unit, trainer, cluster, e2e, distributed,
+# chaos).
 test: lint control-plane prometheus
 	$(BIN)/pytest
 
@@ -34,7 +35,7 @@ prometheus:
 
 # The fast tier while you work: pure functions only, a few seconds.
 unit: $(BIN)/dpo
-	$(BIN)/pytest -m "not trainer and not cluster and not e2e and not distributed"
+	$(BIN)/pytest -m "not trainer and not cluster and not e2e and not distributed and not chaos"
 
 lint: $(BIN)/dpo
 	$(BIN)/ruff check .

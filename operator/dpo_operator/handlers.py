@@ -753,7 +753,7 @@ def _next_due(job: DPOJob, decision: Decision, now: datetime) -> float | None:
             suspended += (now - status.suspended_at).total_seconds()
         elapsed = (now - status.start_time).total_seconds() - suspended
         times.append(limit - elapsed + 0.5)
-    if status.waiting_since is not None:
+    if status.waiting_since is not None and status.phase not in TERMINAL_PHASES:
         startup = job.spec.run_policy.startup_timeout_seconds
         times.append((status.waiting_since - now).total_seconds() + startup + 0.5)
     ttl = job.spec.run_policy.ttl_seconds_after_finished

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class ControlPlane:
     server: str
     kubeconfig: Path
     processes: list[subprocess.Popen[bytes]]
+    commands: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, workdir: Path) -> ControlPlane:
@@ -162,10 +163,22 @@ class ControlPlane:
         return plane
 
     def _spawn(self, name: str, command: list[str]) -> None:
-        log = (self.workdir / f"{name}.log").open("wb")
+        log = (self.workdir / f"{name}.log").open("ab")
+        self.commands[name] = command
         self.processes.append(
             subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         )
+
+    def restart(self, name: str) -> None:
+        """Kill one component (SIGKILL: no graceful shutdown) and start it again, same flags."""
+        command = self.commands[name]
+        (process,) = [p for p in self.processes if p.args == command]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self.processes.remove(process)
+        self._spawn(name, command)
+        if name == "kube-apiserver":
+            self._wait_ready()
 
     def _write_kubeconfig(self) -> None:
         self.kubeconfig.write_text(self.kubeconfig_for(ADMIN_TOKEN))
@@ -269,6 +282,9 @@ class ControlPlane:
 
     def batch(self) -> client.BatchV1Api:
         return client.BatchV1Api(self.api_client())
+
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api_client())
 
     def kubectl(
         self, *args: str, stdin: str | None = None, check: bool = True
@@ -380,6 +396,37 @@ class Kubelet:
     def running(self, pod: client.V1Pod) -> None:
         self._status(pod, "Running", {"running": {"startedAt": _now()}}, ready=True)
 
+    def waiting(self, pod: client.V1Pod, reason: str, message: str) -> None:
+        """The container cannot start: an image that does not pull, a Secret that is missing."""
+        state = {"waiting": {"reason": reason, "message": message}}
+        self._status(pod, "Pending", state, ready=False)
+
+    def unschedulable(self, pod: client.V1Pod, message: str) -> None:
+        """What the scheduler writes when no node can take the pod (a missing PVC, no room)."""
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+        }
+        self.core.patch_namespaced_pod_status(
+            pod.metadata.name,
+            pod.metadata.namespace,
+            {"status": {"phase": "Pending", "conditions": [condition]}},
+        )
+
+    def node_lost(self, pod: client.V1Pod) -> None:
+        """The pod's node went away: the pod fails, marked as a disruption (not its fault)."""
+        self._status(
+            pod,
+            "Failed",
+            {"terminated": {"exitCode": 137, "reason": "NodeLost", "finishedAt": _now()}},
+            ready=False,
+            extra_conditions=[
+                {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"}
+            ],
+        )
+
     def succeeded(self, pod: client.V1Pod, message: str = "") -> None:
         self.terminated(pod, 0, message)
 
@@ -395,7 +442,15 @@ class Kubelet:
         }
         self._status(pod, "Succeeded" if exit_code == 0 else "Failed", state, ready=False)
 
-    def _status(self, pod: client.V1Pod, phase: str, state: dict[str, Any], *, ready: bool) -> None:
+    def _status(
+        self,
+        pod: client.V1Pod,
+        phase: str,
+        state: dict[str, Any],
+        *,
+        ready: bool,
+        extra_conditions: list[dict[str, str]] | None = None,
+    ) -> None:
         container_statuses = [
             {
                 "name": container.name,
@@ -408,7 +463,10 @@ class Kubelet:
             }
             for container in pod.spec.containers
         ]
-        conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+        conditions = [
+            {"type": "Ready", "status": "True" if ready else "False"},
+            *(extra_conditions or []),
+        ]
         body = {
             "status": {
                 "phase": phase,

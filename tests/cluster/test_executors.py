@@ -230,11 +230,15 @@ def test_the_operator_creates_exactly_what_dpo_render_prints(
         check=True,
     ).stdout
     rendered = list(yaml.safe_load_all(printed))
-    assert [r["kind"] for r in rendered] == ["ConfigMap", "Service", "Job", "Job", "Job"]
+    kinds = [r["kind"] for r in rendered]
+    assert kinds == ["ConfigMap", "Service", "NetworkPolicy", "Job", "Job", "Job"]
     core = crd_installed.core()
     read = {
         "ConfigMap": core.read_namespaced_config_map,
         "Service": core.read_namespaced_service,
+        "NetworkPolicy": client.NetworkingV1Api(
+            crd_installed.api_client()
+        ).read_namespaced_network_policy,
         "Job": batch.read_namespaced_job,
     }
     api = crd_installed.api_client()
