@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import heapq
 import json
 import logging
@@ -940,6 +941,7 @@ async def on_change(
         indexes = {index: kwargs[index] for index in INDEXES}
         memo.tasks.extend(asyncio.create_task(_work(memo, indexes)) for _ in range(WORKERS))
         memo.tasks.append(asyncio.create_task(memo.queue.tick()))
+        memo.tasks.append(asyncio.create_task(_return_freed_memory()))
     key = (namespace or "default", name if resource.plural == PLURAL else labels[LABEL_JOB])
     watched = (resource.plural, namespace or "", name)
     if kwargs.get("type") == "DELETED":
@@ -953,6 +955,25 @@ async def on_change(
         if foreseen or not news:
             return
     memo.queue.wake(key)
+
+
+# How often freed heap memory is handed back to the system.
+TRIM_SECONDS = 30.0
+
+
+async def _return_freed_memory() -> None:
+    """A burst (a thousand DPOJobs created at once) fills the heap with watch events that are
+    freed seconds later, but glibc keeps freed pages mapped, so resident memory would stay at
+    the burst's peak. `malloc_trim` gives the free pages back; where there is no glibc (musl,
+    macOS) this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    while True:
+        await asyncio.sleep(TRIM_SECONDS)
+        await asyncio.to_thread(trim, 0)
 
 
 def _what_decide_reads(
