@@ -68,6 +68,7 @@ from dpo_operator.render import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_JOB,
+    NETWORK_POLICY_NAME,
     Manifest,
     Settings,
     config_map_name,
@@ -369,8 +370,8 @@ class Expectations:
 
     def foresaw(self, key: Key, plural: str, body: Mapping[str, Any], seen: object) -> bool:
         """Whether an event shows only what this operator expects: the DPOJob as its last
-        status write left it, a child it created as it created it, or a pod that has not
-        started (decide reads only running and finished pods)."""
+        status write left it, a child it created as it created it, or a pod that is only
+        being created (decide reads pods that run, ended, or cannot start)."""
         if plural == PLURAL:
             mine = self.status.get(key)
             if mine is None or _revision(body) != mine[0]:
@@ -378,7 +379,8 @@ class Expectations:
             del self.status[key]  # the cache has it now
             return True
         if isinstance(seen, SeenPod):
-            return seen.state.phase == "Pending"
+            # A pod that is only being created says nothing new; one that cannot start does.
+            return seen.state.phase == "Pending" and not seen.state.waiting_reason
         created = self.created.get(key, {})
         if isinstance(seen, ChildJob):
             return created.get(seen.name, (0.0, None))[1] == seen
@@ -713,6 +715,7 @@ async def _observe(
         has_config_map=config_map_name(job) in names,
         config_spec_digest=config_digest,
         has_service=service_name(job) in names,
+        has_network_policy=NETWORK_POLICY_NAME in names or not executor.settings.network_policy,
         metrics=metrics or current,
     )
     return observed, uids

@@ -247,9 +247,23 @@ def test_sigterm_stops_eval_and_promote_at_once_with_a_reason(tmp_path: Path, co
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(2.0)  # past interpreter start, into the command's own imports and work
+    # As soon as the command handles SIGTERM (its SigCgt mask says so), while it still works.
+    wait_until_catching(process.pid, signal.SIGTERM)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
     stopped = json.loads(termination.read_text())
     assert stopped == {"status": "interrupted", "message": "stopped by signal SIGTERM"}
     assert not (tmp_path / "m" / "current").exists(), "nothing half-promoted"
+
+
+def wait_until_catching(pid: int, signum: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(
+            next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16
+        )
+        if caught & (1 << (signum - 1)):
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"process {pid} never installed a handler for signal {signum}")
