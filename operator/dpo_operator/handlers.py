@@ -439,6 +439,9 @@ class KubernetesExecutor:
     settings: Settings
     validated: set[tuple[str, int]] = field(default_factory=set)
     expected: Expectations = field(default_factory=Expectations)
+    # Namespaces whose NetworkPolicy this operator created or is creating: the DPOJobs of a
+    # burst in one namespace would otherwise each try before the watch shows the first.
+    fenced: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.custom = client.CustomObjectsApi(self.api)
@@ -460,7 +463,15 @@ class KubernetesExecutor:
         since created under that name."""
         namespace = job.namespace
         key = (namespace, job.name)
-        if isinstance(action, Create):
+        if isinstance(action, Create) and action.kind == "network-policy":
+            if namespace not in self.fenced:
+                self.fenced.add(namespace)
+                try:
+                    self._create(job, render_child(job, action.kind, 0, settings=self.settings))
+                except BaseException:
+                    self.fenced.discard(namespace)
+                    raise
+        elif isinstance(action, Create):
             manifest = render_child(job, action.kind, action.attempt, settings=self.settings)
             self._create(job, manifest)
             self.expected.created_child(key, manifest)
@@ -691,7 +702,10 @@ async def _observe(
     )
     others = {o.seen for o in owned if isinstance(o.seen, str)}
     policies: kopf.Index[str, str] = cast(Any, indexes["dpojob_network_policies"])
-    others |= set(policies.get(job.namespace, []))
+    fence = set(policies.get(job.namespace, []))
+    if fence:
+        executor.fenced.discard(job.namespace)  # the watch shows it now: believe the watch
+    others |= fence
     uids = {o.seen.name if isinstance(o.seen, ChildJob) else o.seen: o.uid for o in owned}
     jobs, names = executor.expected.with_children(key, jobs, others)
     now = datetime.now(UTC)
@@ -715,7 +729,9 @@ async def _observe(
         has_config_map=config_map_name(job) in names,
         config_spec_digest=config_digest,
         has_service=service_name(job) in names,
-        has_network_policy=NETWORK_POLICY_NAME in names or not executor.settings.network_policy,
+        has_network_policy=NETWORK_POLICY_NAME in names
+        or job.namespace in executor.fenced
+        or not executor.settings.network_policy,
         metrics=metrics or current,
     )
     return observed, uids
