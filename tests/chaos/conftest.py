@@ -76,6 +76,8 @@ def operator(chaos_plane: ControlPlane) -> Iterator[Operator]:
 @pytest.fixture
 def outcome(request: pytest.FixtureRequest) -> Outcome:
     """The test's row of the table; the test marks it survived once every check held."""
-    row = Outcome(request.node.name.removeprefix("test_").replace("_", " "), 0)
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.id if callspec else request.node.name.removeprefix("test_").replace("_", " ")
+    row = Outcome(name, 0)
     LEDGER.append(row)
     return row

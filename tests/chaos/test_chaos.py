@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from tests.chaos.conftest import Outcome
 from tests.cluster.control_plane import ControlPlane, Kubelet, Operator, wait_for
@@ -117,37 +120,34 @@ def test_a_storm_of_conflicting_writes(
     outcome.survived = True
 
 
-def test_a_training_pod_killed_mid_run_restarts_the_group(
-    chaos_plane: ControlPlane, kubelet: Kubelet, operator: Operator, outcome: Outcome
+@pytest.mark.parametrize(
+    ("fault", "restarts"),
+    [
+        # OOM-killed, or SIGKILLed by someone: the run's own failure, counted.
+        pytest.param(lambda k, p: k.terminated(p, 137), 1, id="a training pod killed mid run"),
+        # Not the run's fault: a restart all the same, not counted.
+        pytest.param(lambda k, p: k.node_lost(p), 0, id="a node lost mid run"),
+    ],
+)
+def test_a_training_pod_lost_mid_run_restarts_the_group(
+    chaos_plane: ControlPlane,
+    kubelet: Kubelet,
+    operator: Operator,
+    outcome: Outcome,
+    fault: Callable[[Kubelet, Any], None],
+    restarts: int,
 ) -> None:
-    run = Scenario(chaos_plane, kubelet, "chaos-pod-killed")
+    run = Scenario(chaos_plane, kubelet, f"chaos-pod-lost-{restarts}")
     kubelet.running(run.pod("train-1"))
     run.wait_phase("Training")
-    kubelet.terminated(run.pod("train-1"), 137)  # OOM-killed, or SIGKILLed by someone
+    fault(kubelet, run.pod("train-1"))
     outcome.injected += 1
     wait_for("attempt 2", lambda: run.status().get("attempt") == 2)
     finish(run, kubelet, attempt=2)
     promoted_cleanly(
         run, outcome, ["quickstart-eval-2", "quickstart-promote-2", "quickstart-train-2"]
     )
-    assert run.status()["restarts"] == 1
-    outcome.survived = True
-
-
-def test_a_node_lost_mid_run_is_a_restart_not_counted(
-    chaos_plane: ControlPlane, kubelet: Kubelet, operator: Operator, outcome: Outcome
-) -> None:
-    run = Scenario(chaos_plane, kubelet, "chaos-node-lost")
-    kubelet.running(run.pod("train-1"))
-    run.wait_phase("Training")
-    kubelet.node_lost(run.pod("train-1"))
-    outcome.injected += 1
-    wait_for("attempt 2", lambda: run.status().get("attempt") == 2)
-    finish(run, kubelet, attempt=2)
-    promoted_cleanly(
-        run, outcome, ["quickstart-eval-2", "quickstart-promote-2", "quickstart-train-2"]
-    )
-    assert run.status()["restarts"] == 0, "a disruption is not the run's fault"
+    assert run.status()["restarts"] == restarts
     outcome.survived = True
 
 

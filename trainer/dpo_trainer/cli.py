@@ -35,6 +35,7 @@ from dpo_trainer.config import (
     BadInputError,
     ChampionChangedError,
     Failure,
+    FailureStatus,
     TerminationMessage,
     WrongEnvironmentError,
     load_trainer_config,
@@ -51,6 +52,18 @@ EXIT_STOPPED = 128 + signal.SIGTERM
 
 class StoppedError(Exception):
     """SIGTERM reached eval or promote (the pod is being deleted, preempted or evicted)."""
+
+
+# How a command that stops short says so: the termination message's status, the exit code and
+# the log level.
+# A SIGTERM leaves nothing half-done (promotion stages its copy and switches `current` in one
+# step; the gate writes eval.json last), so a retry starts over.
+_STOPPED_SHORT: dict[type[Exception], tuple[FailureStatus, int, int]] = {
+    StoppedError: ("interrupted", EXIT_STOPPED, logging.WARNING),
+    ChampionChangedError: ("champion-changed", EXIT_CHAMPION_CHANGED, logging.ERROR),
+    BadInputError: ("bad-input", EXIT_BAD_INPUT, logging.ERROR),
+    WrongEnvironmentError: ("wrong-environment", EXIT_WRONG_ENVIRONMENT, logging.ERROR),
+}
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -148,24 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     code = EXIT_INFRASTRUCTURE
     try:
         code = args.run(args)
-    except StoppedError as error:
-        # Nothing half-done is left: promotion stages its copy and switches `current` in one
-        # step; the gate writes eval.json last. A retry starts over.
-        log.warning("%s; a retry starts over", error)
-        write_termination_message(Failure(status="interrupted", message=str(error)))
-        code = EXIT_STOPPED
-    except ChampionChangedError as error:
-        log.error("%s", error)
-        write_termination_message(Failure(status="champion-changed", message=str(error)))
-        code = EXIT_CHAMPION_CHANGED
-    except BadInputError as error:
-        log.error("%s", error)
-        write_termination_message(Failure(status="bad-input", message=str(error)))
-        code = EXIT_BAD_INPUT
-    except WrongEnvironmentError as error:
-        log.error("%s", error)
-        write_termination_message(Failure(status="wrong-environment", message=str(error)))
-        code = EXIT_WRONG_ENVIRONMENT
+    except tuple(_STOPPED_SHORT) as error:
+        status, code, level = next(v for k, v in _STOPPED_SHORT.items() if isinstance(error, k))
+        log.log(level, "%s", error)
+        write_termination_message(Failure(status=status, message=str(error)))
     finally:
         record_exit(os.getpid(), code)
     return code

@@ -335,10 +335,13 @@ class DataReport(ContractModel):
     kept: int
 
 
+FailureStatus = Literal["interrupted", "bad-input", "wrong-environment", "champion-changed"]
+
+
 class Failure(ContractModel):
     """A command that did not finish; `message` says why and what to do."""
 
-    status: Literal["interrupted", "bad-input", "wrong-environment", "champion-changed"]
+    status: FailureStatus
     message: str
 
 
