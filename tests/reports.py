@@ -1,28 +1,49 @@
 """What the trainer's commands report in their pods' termination messages, built with the
-trainer's own contract models (dpo_trainer.config), for tests that play the pods' part."""
+trainer's own contract models and written as the trainer writes them (dpo_trainer.config), for
+tests that play the pods' part."""
 
 from __future__ import annotations
 
-from dpo_trainer.config import Failure, GateCriterion, GateVerdict, JobIdentity, PromotionResult
+from dpo_trainer.config import (
+    Failure,
+    GateCriterion,
+    GateVerdict,
+    JobIdentity,
+    PromotionResult,
+    termination_message_json,
+)
 
 ACCURACY = GateCriterion(name="rewardAccuracy", value=0.93, threshold=0.6, passed=True)
-GATE_PASSED = GateVerdict(
-    status="passed", verdict="Passed", adapter_digest="sha256:ab", criteria=[ACCURACY]
-).model_dump_json(by_alias=True)
-GATE_REJECTED = GateVerdict(
-    status="rejected",
-    verdict="Rejected",
-    adapter_digest="sha256:ab",
-    message="gate rejected: rewardAccuracy 0.0312 (needs >= 0.6)",
-    criteria=[ACCURACY.model_copy(update={"value": 0.0312, "passed": False})],
-).model_dump_json(by_alias=True)
-PROMOTED = PromotionResult(
-    version="quickstart-ab12",
-    uri="/mnt/pvc/dpo-runs/promoted/quickstart/versions/quickstart-ab12",
-    digest="sha256:ab12",
-    promoted_at="2026-11-23T12:00:00+00:00",
-    job=JobIdentity(name="quickstart", namespace="default", uid="u"),
-).model_dump_json(by_alias=True)
-BAD_INPUT = Failure(
-    status="bad-input", message="prefs.jsonl: row 3, column 'chosen'"
-).model_dump_json(by_alias=True)
+GATE_PASSED = termination_message_json(
+    GateVerdict(status="passed", verdict="Passed", adapter_digest="sha256:ab", criteria=[ACCURACY])
+)
+# mustBeatPromoted with nothing promoted yet: a criterion with nothing to measure.
+GATE_PASSED_FIRST = termination_message_json(
+    GateVerdict(
+        status="passed",
+        verdict="Passed",
+        adapter_digest="sha256:ab",
+        criteria=[ACCURACY, GateCriterion(name="beatsPromoted", threshold=0.0, passed=True)],
+    )
+)
+GATE_REJECTED = termination_message_json(
+    GateVerdict(
+        status="rejected",
+        verdict="Rejected",
+        adapter_digest="sha256:ab",
+        message="gate rejected: rewardAccuracy 0.0312 (needs >= 0.6)",
+        criteria=[ACCURACY.model_copy(update={"value": 0.0312, "passed": False})],
+    )
+)
+PROMOTED = termination_message_json(
+    PromotionResult(
+        version="quickstart-ab12",
+        uri="/mnt/pvc/dpo-runs/promoted/quickstart/versions/quickstart-ab12",
+        digest="sha256:ab12",
+        promoted_at="2026-11-23T12:00:00+00:00",
+        job=JobIdentity(name="quickstart", namespace="default", uid="u"),
+    )
+)
+BAD_INPUT = termination_message_json(
+    Failure(status="bad-input", message="prefs.jsonl: row 3, column 'chosen'")
+)

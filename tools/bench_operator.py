@@ -155,8 +155,7 @@ def bench(jobs: int) -> str:
     plane = ControlPlane.start(Path(tempfile.mkdtemp(prefix="dpo-bench-")))
     operator = None
     try:
-        plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "dpojob.yaml"))
-        plane.kubectl("wait", "--for=condition=Established", "crd/dpojobs.dpo.dev")
+        plane.install_crd()
         plane.kubectl("create", "namespace", NAMESPACE)
         install_flow_schemas(plane)
         operator = Operator(plane).start()

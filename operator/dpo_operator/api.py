@@ -1074,7 +1074,7 @@ class TrainingMetrics(ContractModel):
 
 class GateCriterion(ContractModel):
     name: Annotated[str, Field(max_length=128)]
-    value: float | None
+    value: float | None = None  # nothing to measure (mustBeatPromoted, nothing promoted yet)
     threshold: float
     passed: bool
 

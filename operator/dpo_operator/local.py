@@ -124,11 +124,11 @@ def kubelet_process(
             else:
                 warn(f"note: secret env {entry['name']} is not set here; left unset")
         else:
-            values[entry["name"]] = _expand(entry["value"], values)
+            values[entry["name"]] = expand_references(entry["value"], values)
     if ENV_MASTER_ADDR in values:
         values[ENV_MASTER_ADDR] = "127.0.0.1"
         values[ENV_MASTER_PORT] = str(master_port)
-    command = [_expand(part, values) for part in container["command"]]
+    command = [expand_references(part, values) for part in container["command"]]
     for pod_file, local_file in files.items():
         command = [part.replace(pod_file, str(local_file)) for part in command]
     bin_dir = str(Path(sys.executable).parent)
@@ -600,6 +600,6 @@ def plot_rewards(history: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def _expand(text: str, values: dict[str, str]) -> str:
+def expand_references(text: str, values: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined variables are replaced, others left as written."""
     return re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), m.group(0)), text)

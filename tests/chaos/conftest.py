@@ -52,8 +52,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def chaos_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane.start(tmp_path_factory.mktemp("chaos-plane"))
     try:
-        plane.kubectl("apply", "--server-side", "-f", "crds/dpojob.yaml")
-        plane.kubectl("wait", "--for=condition=Established", "crd/dpojobs.dpo.dev")
+        plane.install_crd()
         yield plane
     finally:
         plane.stop()

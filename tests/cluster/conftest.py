@@ -33,8 +33,5 @@ def kubelet(control_plane: ControlPlane) -> Kubelet:
 
 @pytest.fixture(scope="session")
 def crd_installed(control_plane: ControlPlane) -> ControlPlane:
-    control_plane.kubectl("apply", "--server-side", "-f", "crds/dpojob.yaml")
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/dpojobs.dpo.dev", "--timeout=60s"
-    )
+    control_plane.install_crd()
     return control_plane

@@ -1,9 +1,11 @@
-"""A real Kubernetes control plane for tests: etcd, kube-apiserver and kube-controller-manager.
+"""A real Kubernetes control plane for tests: etcd, kube-apiserver and kube-controller-manager,
+and kube-scheduler where asked.
 
 What envtest does for Go operators, plus the controller-manager, so that the real Job
 controller and garbage collector act. The binaries come from tools/build-control-plane.sh
-(cached under ~/.cache/dpo-operator). There is no kubelet and no scheduler: `Kubelet` plays the
-kubelet's part by writing pod status, which is what the Job controller reads.
+(cached under ~/.cache/dpo-operator). There is no kubelet: either `Kubelet` plays its part by
+writing pod status, which is what the Job controller reads, or (with the scheduler) a
+`tests.cluster.pod_runner.PodRunner` runs the pods scheduled to its Nodes as real processes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ READY_TIMEOUT = 120
 
 def ensure_binaries() -> Path:
     """Build or fetch what is missing (minutes, once per machine); returns the bin directory."""
-    names = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
+    names = (
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubectl",
+        "helm",
+    )
     crds = PROMETHEUS_OPERATOR_CRDS / "monitoring.coreos.com_prometheusrules.yaml"
     if not all((BIN / name).exists() for name in names) or not crds.exists():
         subprocess.run(
@@ -61,7 +70,9 @@ class ControlPlane:
     commands: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, workdir: Path) -> ControlPlane:
+    def start(cls, workdir: Path, *, scheduler: bool = False) -> ControlPlane:
+        """With `scheduler`, kube-scheduler places pods on Nodes (a `PodRunner` serves them) and
+        the PersistentVolume binder binds claims; without, tests write pod status themselves."""
         bin_dir = ensure_binaries()
         workdir.mkdir(parents=True, exist_ok=True)
         keys = workdir / "keys"
@@ -147,7 +158,8 @@ class ControlPlane:
                     "--controllers",
                     "job-controller,garbage-collector-controller,"
                     "serviceaccount-controller,serviceaccount-token-controller,namespace-controller,"
-                    "ttl-after-finished-controller,endpointslice-controller",
+                    "ttl-after-finished-controller,endpointslice-controller"
+                    + (",persistentvolume-binder-controller" if scheduler else ""),
                     "--service-account-private-key-file",
                     str(keys / "sa.key"),
                     "--root-ca-file",
@@ -156,6 +168,20 @@ class ControlPlane:
                     "10",
                 ],
             )
+            if scheduler:
+                plane._spawn(
+                    "kube-scheduler",
+                    [
+                        str(bin_dir / "kube-scheduler"),
+                        "--kubeconfig",
+                        str(plane.kubeconfig),
+                        "--bind-address",
+                        "127.0.0.1",
+                        "--secure-port",
+                        str(free_port()),
+                        "--leader-elect=false",
+                    ],
+                )
             plane._wait_for_default_service_account()
         except BaseException:
             plane.stop()
@@ -300,6 +326,24 @@ class ControlPlane:
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result
+
+    def install_crd(self) -> None:
+        """The DPOJob CRD, applied and Established. `kubectl wait` fails outright, rather than
+        waits, when it reads the CRD before the API server has written any condition."""
+        self.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "dpojob.yaml"))
+        wait_for(
+            "the DPOJob CRD Established",
+            lambda: (
+                self.kubectl(
+                    "wait",
+                    "--for=condition=Established",
+                    "crd/dpojobs.dpo.dev",
+                    "--timeout=5s",
+                    check=False,
+                ).returncode
+                == 0
+            ),
+        )
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(

@@ -12,7 +12,7 @@ from dpo_operator.api import DPOJob
 from dpo_operator.handlers import _seen_job, _seen_pod
 from dpo_operator.lifecycle import Decision, PodState, decide
 
-from tests.reports import GATE_PASSED
+from tests.reports import GATE_PASSED, GATE_PASSED_FIRST
 from tests.unit.test_lifecycle import NOW, child, job, observed, pod
 
 PULL = PodState(
@@ -206,3 +206,16 @@ def test_a_champion_that_changed_after_the_gate_fails_the_run_without_a_retry() 
     failed = next(c for c in decision.status.conditions if c.type == "Failed")
     assert failed.reason == "ChampionChanged"
     assert "promoted meanwhile by another run" in (decision.status.message or "")
+
+
+def test_a_first_gate_with_must_beat_promoted_reads_as_passed() -> None:
+    """Nothing promoted yet: the beatsPromoted criterion has no value, and the trainer writes
+    none; the operator must still read the verdict (it read "the gate could not run")."""
+    evaluated = (
+        child("train", 1, "Complete", pod("Succeeded", 0)),
+        child("eval", 1, "Complete", pod("Succeeded", 0, GATE_PASSED_FIRST)),
+    )
+    decision = decide(job(status={"phase": "Evaluating", "attempt": 1}), observed(*evaluated))
+    assert decision.status.phase == "Promoting", decision.status.message
+    assert decision.status.evaluation is not None
+    assert decision.status.evaluation.verdict == "Passed"

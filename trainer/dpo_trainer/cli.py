@@ -39,6 +39,7 @@ from dpo_trainer.config import (
     TerminationMessage,
     WrongEnvironmentError,
     load_trainer_config,
+    termination_message_json,
 )
 from dpo_trainer.launch import main as launch
 from dpo_trainer.launch import record_exit, register_trainer
@@ -73,7 +74,6 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
-TERMINATION_MESSAGE_LIMIT = 4096
 SUMMARY_METRICS = (
     "dpo_train_loss",
     "dpo_train_reward_accuracy",
@@ -86,11 +86,7 @@ SUMMARY_METRICS = (
 def write_termination_message(message: TerminationMessage) -> None:
     """The small JSON the operator reads from the pod status (never the logs)."""
     path = os.environ.get(ENV_TERMINATION_LOG, TERMINATION_LOG)
-    text = message.model_dump_json(by_alias=True, exclude_none=True)
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(message, Failure):
-        text = message.model_copy(update={"message": message.message[:3500]}).model_dump_json(
-            by_alias=True
-        )
+    text = termination_message_json(message)
     try:
         with open(path, "w", encoding="utf-8") as stream:
             stream.write(text)

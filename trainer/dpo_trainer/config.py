@@ -387,7 +387,9 @@ class GateCriterion(ContractModel):
     """One threshold of the gate: the value measured, the threshold, and whether it held."""
 
     name: str
-    value: float | None
+    value: float | None = Field(
+        default=None, description="None when there is nothing to measure (nothing promoted yet)."
+    )
     threshold: float
     passed: bool
 
@@ -431,6 +433,20 @@ TerminationMessage = Annotated[
     TrainingSummary | GateVerdict | PromotionResult | Failure, Field(discriminator="status")
 ]
 _TERMINATION_MESSAGE: TypeAdapter[TerminationMessage] = TypeAdapter(TerminationMessage)
+
+
+TERMINATION_MESSAGE_LIMIT = 4096  # what the kubelet keeps of a termination message
+
+
+def termination_message_json(message: TerminationMessage) -> str:
+    """A termination message as the trainer writes it: no null fields; a failure's message cut
+    to fit the kubelet's limit."""
+    text = message.model_dump_json(by_alias=True, exclude_none=True)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(message, Failure):
+        text = message.model_copy(update={"message": message.message[:3500]}).model_dump_json(
+            by_alias=True, exclude_none=True
+        )
+    return text
 
 
 def parse_termination_message(text: str) -> TerminationMessage | None:

@@ -1,0 +1,171 @@
+"""A control plane whose pods really run, for the tiers that need it: kube-scheduler binds pods
+to the Nodes a `PodRunner` serves, and the runner runs them. One per test session: a CPU node
+for the trainer's own runs, and tainted GPU nodes in two topology blocks for placement (their
+pods are held, never started: the trainer needs CUDA there). Registered in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dpo_operator.api import parse_dpojob
+
+from tests.cluster.control_plane import ControlPlane, Operator, wait_for
+from tests.cluster.pod_runner import NodeSpec, PodRunner
+from tests.conftest import example_manifest, set_fields
+
+TRAINING_TIMEOUT = 600  # a CPU shared with the rest of the suite
+BLOCK_LABEL = "topology.dpo.dev/block"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+
+
+def gpu_node(name: str, block: str, product: str = "H100") -> NodeSpec:
+    return NodeSpec(
+        name,
+        cpu="96",
+        memory="1Ti",
+        extended={"nvidia.com/gpu": "8", "rdma/ib": "1"},
+        labels={BLOCK_LABEL: block, GPU_PRODUCT_LABEL: product},
+        taints=(GPU_TAINT,),
+    )
+
+
+NODES = [
+    NodeSpec("cpu-0"),
+    gpu_node("gpu-a-0", "a"),
+    gpu_node("gpu-a-1", "a"),
+    gpu_node("gpu-b-0", "b"),
+    gpu_node("gpu-b-1", "b"),
+    gpu_node("gpu-a-2", "a", product="A100"),
+]
+
+
+@pytest.fixture(scope="session")
+def pod_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    plane = ControlPlane.start(tmp_path_factory.mktemp("pod-plane"), scheduler=True)
+    try:
+        plane.install_crd()
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def pod_runner(pod_plane: ControlPlane) -> Iterator[PodRunner]:
+    runner = PodRunner(pod_plane, pod_plane.workdir / "runner", NODES).start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+@pytest.fixture(scope="session")
+def pod_operator(pod_plane: ControlPlane, pod_runner: PodRunner) -> Iterator[Operator]:
+    running = Operator(pod_plane, log="pod-operator.log").start()
+    try:
+        yield running
+    finally:
+        running.kill()
+
+
+class Run:
+    """A DPOJob in `namespace`, its claim `dpo-runs` bound to a hostPath PersistentVolume."""
+
+    def __init__(
+        self,
+        plane: ControlPlane,
+        runner: PodRunner,
+        namespace: str,
+        name: str,
+        example: str = "quickstart",
+        **spec: Any,
+    ) -> None:
+        self.plane, self.runner, self.namespace, self.name = plane, runner, namespace, name
+        manifest = set_fields(example_manifest(example), **spec)
+        manifest["metadata"] = {"name": name, "namespace": namespace}
+        claim = parse_dpojob(manifest).spec.output.uri.removeprefix("pvc://").split("/")[0]
+        self.volume = runner.workdir / "volumes" / namespace / claim
+        if not self.volume.exists():
+            self._claim(claim)
+        plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+
+    def _claim(self, claim: str) -> None:
+        self.volume.mkdir(parents=True)
+        pv = f"{claim}-{self.namespace}"
+        self.plane.kubectl("create", "namespace", self.namespace, check=False)
+        volume = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "hostPath": {"path": str(self.volume)},
+                "claimRef": {"namespace": self.namespace, "name": claim},
+            },
+        }
+        bound = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": self.namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        }
+        for body in (volume, bound):
+            self.plane.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+
+    def status(self) -> dict[str, Any]:
+        job = self.plane.custom().get_namespaced_custom_object(
+            "dpo.dev", "v1alpha1", self.namespace, "dpojobs", self.name
+        )
+        return dict(job.get("status") or {})
+
+    def wait_phase(self, phase: str, timeout: float = TRAINING_TIMEOUT) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            status = self.status()
+            if status.get("phase") == phase:
+                return status
+            assert status.get("phase") not in {"Failed", "Succeeded"} - {phase}, (
+                status,
+                self.logs(),
+            )
+            return None
+
+        return wait_for(f"{self.namespace}/{self.name} {phase}", reached, timeout)  # type: ignore[no-any-return]
+
+    def pod(self, component: str, attempt: int = 1) -> str:
+        job = f"{self.name}-{component}-{attempt}"
+
+        def started() -> str | None:
+            pods = self.plane.core().list_namespaced_pod(
+                self.namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
+            )
+            running = [p for p in pods.items if p.status.phase == "Running"]
+            return running[-1].metadata.name if running else None
+
+        return wait_for(f"a running pod of {job}", started, TRAINING_TIMEOUT)  # type: ignore[no-any-return]
+
+    @property
+    def artifacts(self) -> Path:
+        uid = self.plane.custom().get_namespaced_custom_object(
+            "dpo.dev", "v1alpha1", self.namespace, "dpojobs", self.name
+        )["metadata"]["uid"]
+        return self.volume / self.namespace / self.name / uid
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.log.read_text(errors='replace')[-3000:]}"
+            for p in self.runner.pods.values()
+            if p.namespace == self.namespace
+        )

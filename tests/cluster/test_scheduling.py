@@ -1,0 +1,66 @@
+"""Placement by the real kube-scheduler, never by the test: GPU Nodes with GPU and RDMA capacity,
+a GPU taint and topology-block labels; the DPOJob's nodeSelector, tolerations and topologyKey
+are what the scheduler obeys. The GPU pods are held (not started): their trainer needs CUDA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.cluster.control_plane import ControlPlane, Operator, wait_for
+from tests.cluster.pod_plane import BLOCK_LABEL, GPU_PRODUCT_LABEL, GPU_TAINT, NODES, Run
+from tests.cluster.pod_runner import PodRunner
+
+BLOCK = {n.name: n.labels.get(BLOCK_LABEL) for n in NODES}
+PRODUCT = {n.name: n.labels.get(GPU_PRODUCT_LABEL) for n in NODES}
+SPEC: dict[str, Any] = {
+    "scheduling.tolerations": [
+        {"key": GPU_TAINT["key"], "operator": "Exists", "effect": GPU_TAINT["effect"]}
+    ],
+    "scheduling.nodeSelector": {GPU_PRODUCT_LABEL: "H100"},
+    "scheduling.topologyKey": BLOCK_LABEL,
+    "promotion.target": "pvc://dpo-checkpoints/promoted/llama",
+}
+
+
+def placed(run: Run, count: int) -> list[str] | None:
+    pods = run.plane.core().list_namespaced_pod(
+        run.namespace, label_selector=f"batch.kubernetes.io/job-name={run.name}-train-1"
+    )
+    nodes = [p.spec.node_name for p in pods.items if p.spec.node_name]
+    return sorted(nodes) if len(nodes) == count else None
+
+
+def stalled(run: Run) -> dict[str, Any] | None:
+    conditions = run.status().get("conditions") or []
+    return next((c for c in conditions if c["type"] == "Stalled" and c["status"] == "True"), None)
+
+
+def test_the_scheduler_packs_each_gang_into_one_block_of_the_selected_gpu_nodes(
+    pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator
+) -> None:
+    example = "llama-8b-lora-infiniband"  # 2 nodes x 8 GPUs, rdma/ib, the GPU toleration
+    with pod_runner.holding("train"):
+        first = Run(pod_plane, pod_runner, "placement", "first", example, **SPEC)
+        first_nodes = wait_for("first placed", lambda: placed(first, 2))
+        second = Run(pod_plane, pod_runner, "placement", "second", example, **SPEC)
+        second_nodes = wait_for("second placed", lambda: placed(second, 2))
+        for nodes in (first_nodes, second_nodes):
+            assert {PRODUCT[n] for n in nodes} == {"H100"}, "the nodeSelector holds"
+            assert len({BLOCK[n] for n in nodes}) == 1, f"one gang, one block: {nodes}"
+        # 8 GPUs a node: the two gangs fill both blocks' H100 nodes, the A100 left alone.
+        assert sorted(first_nodes + second_nodes) == ["gpu-a-0", "gpu-a-1", "gpu-b-0", "gpu-b-1"]
+
+        third = Run(pod_plane, pod_runner, "placement", "third", example, **SPEC)
+        condition = wait_for("third stalled", lambda: stalled(third))
+        assert "Insufficient nvidia.com/gpu" in condition["message"], condition
+        untolerated = Run(
+            pod_plane,
+            pod_runner,
+            "placement",
+            "untolerated",
+            example,
+            **{**SPEC, "scheduling.tolerations": []},
+        )
+        condition = wait_for("untolerated stalled", lambda: stalled(untolerated))
+        assert "untolerated taint" in condition["message"], condition
+    pod_plane.kubectl("delete", "namespace", "placement", "--wait=false")
