@@ -160,6 +160,23 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "29500 is the rendezvous port (MASTER_PORT) of the training pods",
     ),
     (
+        "promoted-rank-vllm-cannot-serve",
+        manifest("rule-x", **{"peft.r": 1024, "promotion": {"target": "s3://m"}}),
+        "spec.peft.r",
+        "a promoted adapter is served by vLLM, whose largest LoRA rank is 512: lower peft.r",
+    ),
+    (
+        "promoted-adapter-of-the-lm-head",
+        manifest(
+            "rule-y",
+            **{"peft.targetModules": ["q_proj", "lm_head"], "promotion": {"target": "s3://m"}},
+        ),
+        "spec.peft.targetModules",
+        "a promoted adapter is served by vLLM, which applies LoRA to linear projection layers "
+        "only: remove lm_head, embed_tokens, wte, wpe, embed_in, embed_out from "
+        "peft.targetModules (all-linear already leaves the head out)",
+    ),
+    (
         "name-too-long",
         manifest("q" * 50),
         "metadata.name",
@@ -229,5 +246,19 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     (
         "beat-promoted",
         manifest("ok-i", **{"evalGate.mustBeatPromoted": True, "promotion": {"target": "s3://m"}}),
+    ),
+    (
+        "promoted-at-vllms-largest-rank",
+        manifest("ok-j", **{"peft.r": 512, "promotion": {"target": "s3://m"}}),
+    ),
+    (
+        "unpromoted-rank-above-vllms",
+        manifest("ok-k", **{"peft.r": 1024, "peft.targetModules": ["lm_head"]}),
+    ),
+    (
+        "promoted-full-fine-tune",
+        manifest(
+            "ok-l", **{"peft.enabled": False, "peft.r": 1024, "promotion": {"target": "s3://m"}}
+        ),
     ),
 ]

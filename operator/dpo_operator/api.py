@@ -729,6 +729,12 @@ class PromotionSpec(RuledModel):
         default="auto",
         description='manual waits for the annotation dpo.dev/approve: "true" after the gate.',
     )
+    served_model_name: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        default=None,
+        description="The base model's name where the adapter is served (vLLM's model or "
+        "--served-model-name), written to the adapter's adapter_config.json as "
+        "base_model_name_or_path. Default: model.name.",
+    )
 
     @field_validator("target", mode="before")
     @classmethod
@@ -880,6 +886,11 @@ _IMMUTABLE_AFTER_START = (
 )
 
 _RESERVED_ENV_LIST = "[" + ", ".join(f"'{name}'" for name in RESERVED_ENV) + "]"
+# What vLLM serves of a LoRA adapter (vllm.config.LoRAConfig): ranks up to 512, on linear
+# projection layers; adapters of embeddings or the LM head are refused when loaded.
+VLLM_MAX_LORA_RANK = 512
+VLLM_UNSERVED_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out")
+_VLLM_UNSERVED_LIST = "[" + ", ".join(f"'{m}'" for m in VLLM_UNSERVED_MODULES) + "]"
 
 
 class DPOJobSpec(RuledModel):
@@ -922,6 +933,23 @@ class DPOJobSpec(RuledModel):
             "!has(self.promotion) || self.evalGate.enabled",
             "nothing is promoted without a gate; enable evalGate or remove promotion",
             ".promotion",
+        ),
+        Rule(
+            "!has(self.promotion) || (has(self.peft.enabled) && !self.peft.enabled) || "
+            f"!has(self.peft.r) || self.peft.r <= {VLLM_MAX_LORA_RANK}",
+            f"a promoted adapter is served by vLLM, whose largest LoRA rank is "
+            f"{VLLM_MAX_LORA_RANK}: lower peft.r",
+            ".peft.r",
+        ),
+        Rule(
+            "!has(self.promotion) || (has(self.peft.enabled) && !self.peft.enabled) || "
+            "!has(self.peft.targetModules) || "
+            f"self.peft.targetModules.all(m, !(m in {_VLLM_UNSERVED_LIST}))",
+            "a promoted adapter is served by vLLM, which applies LoRA to linear projection "
+            "layers only: remove "
+            + ", ".join(VLLM_UNSERVED_MODULES)
+            + " from peft.targetModules (all-linear already leaves the head out)",
+            ".peft.targetModules",
         ),
         Rule(
             "!self.evalGate.mustBeatPromoted || has(self.promotion)",
@@ -1089,6 +1117,15 @@ class PromotionStatus(ContractModel):
     uri: Annotated[str, Field(max_length=1024)]
     digest: Annotated[str, Field(max_length=128)]
     at: datetime | None = None
+    vllm_serve: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None,
+        description="A vLLM command line that serves the base model with this adapter.",
+    )
+    vllm_load_request: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None,
+        description="The request that loads this adapter into a running vLLM "
+        "(VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).",
+    )
 
 
 class DPOJobStatus(ContractModel):

@@ -44,6 +44,7 @@ from dpo_operator.api import (
     TrainingMetrics,
     spec_digest,
 )
+from dpo_operator.serving import with_vllm_instructions
 
 Component = Literal["train", "eval", "promote"]
 JobState = Literal["Pending", "Running", "Complete", "Failed"]
@@ -525,11 +526,14 @@ class _Machine:
         pod = _telling_pod(promote)
         result = pod.reported if pod else None
         if promote.state == "Complete" and isinstance(result, PromotionResult):
-            self.status.promotion = PromotionStatus(
-                version=result.version,
-                uri=result.uri,
-                digest=result.digest,
-                at=datetime.fromisoformat(result.promoted_at),
+            self.status.promotion = with_vllm_instructions(
+                self.job,
+                PromotionStatus(
+                    version=result.version,
+                    uri=result.uri,
+                    digest=result.digest,
+                    at=datetime.fromisoformat(result.promoted_at),
+                ),
             )
             self.condition("Promoted", True, "Promoted", result.uri)
             self.finish("Succeeded", f"promoted {result.version} to {result.uri}", "Promoted")

@@ -554,6 +554,9 @@ def _summary(executor: LocalExecutor, job: DPOJob, status: DPOJobStatus) -> None
             say(f"  {criterion.name:18s} {shown:>9s}  threshold {criterion.threshold:<8} {verdict}")
     if status.promotion is not None:
         say(f"promoted   {status.promotion.version} -> {status.promotion.uri}")
+        if status.promotion.vllm_serve:
+            say(f"serve      {status.promotion.vllm_serve}")
+            say(f"  or load  {status.promotion.vllm_load_request}")
     say(f"artifacts  {executor.config.artifacts_dir}")
 
 

@@ -62,6 +62,7 @@ from dpo_operator.parallelism import (
     processes_per_node,
 )
 from dpo_operator.plan import GIB, plan
+from dpo_operator.serving import served_model_name
 
 Manifest = dict[str, Any]
 
@@ -292,7 +293,9 @@ def trainer_config(
         if gate.enabled and gate_data is not None
         else None,
         promotion=PromotionConfig(
-            target=pod_path(spec.promotion.target, claim_paths), mode=spec.promotion.mode
+            target=pod_path(spec.promotion.target, claim_paths),
+            mode=spec.promotion.mode,
+            served_model_name=served_model_name(job),
         )
         if spec.promotion
         else None,

@@ -115,3 +115,7 @@ def promoted_intact(run: Run, status: dict[str, Any], outcome: Outcome) -> None:
     )
     outcome.lost += 0 if right else 1
     assert right, (status, gate, current)
+    promoted = target / VERSIONS / current["version"]
+    served = json.loads((promoted / "adapter_config.json").read_text())
+    assert served["base_model_name_or_path"] == "builtin:tiny-llama", "vLLM can serve it as it is"
+    assert f"--lora-modules {run.name}={current['uri']}" in status["promotion"]["vllmServe"]

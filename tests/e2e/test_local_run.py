@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpo_trainer.artifacts import verify_manifest
 from dpo_trainer.config import EXIT_GATE_REJECTED
 from dpo_trainer.promote import read_current
 
@@ -21,6 +22,15 @@ def test_the_quickstart_passes_the_gate_and_is_promoted(tmp_path: Path) -> None:
     current = read_current(str(promotion_target(tmp_path)))
     assert current is not None
     assert f"promoted   {current.version}" in output
+    # Ready for vLLM as it is: the adapter names the served base model; the serve line is shown.
+    promoted = Path(current.uri)
+    adapter_config = json.loads((promoted / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "builtin:tiny-llama"
+    assert verify_manifest(promoted) == current.digest
+    assert (
+        f"serve      vllm serve builtin:tiny-llama --enable-lora --max-lora-rank 8 "
+        f"--lora-modules quickstart={current.uri}"
+    ) in output
     summary = json.loads(next(tmp_path.rglob("train.json")).read_text())
     assert summary["metrics"]["dpo_eval_reward_accuracy"] > 0.8
 

@@ -171,6 +171,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def name_served_base_model(adapter: Path, served_model_name: str) -> None:
+    """Point the adapter at the base model by the name it is served under: vLLM (and PEFT's
+    loaders) read `base_model_name_or_path`, which PEFT wrote as wherever training loaded the
+    model from (a cache path inside the pod)."""
+    path = adapter / ADAPTER_CONFIG
+    settings = json.loads(path.read_text())
+    settings["base_model_name_or_path"] = served_model_name
+    write_text_atomically(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def write_manifest(directory: Path) -> str:
     """Record the sha256 of every file in `directory`; returns the digest of the whole set."""
     files = {

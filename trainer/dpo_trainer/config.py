@@ -275,6 +275,10 @@ class GateConfig(ContractModel):
 class PromotionConfig(ContractModel):
     target: UriStr
     mode: Literal["auto", "manual"]
+    served_model_name: ShortStr = Field(
+        description="The base model's name where the adapter is served: the adapter's "
+        "adapter_config.json names it as base_model_name_or_path."
+    )
 
 
 class TrainerConfig(ContractModel):

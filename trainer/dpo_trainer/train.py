@@ -39,6 +39,7 @@ from dpo_trainer.artifacts import (
     CHECKPOINTS,
     TRAIN_REPORT,
     Artifacts,
+    name_served_base_model,
     replace_directory,
     write_manifest,
 )
@@ -407,6 +408,8 @@ def _finish(
     if trainer.accelerator.is_main_process:
         if config.lora is None:
             trainer.processing_class.save_pretrained(str(staging))
+        elif config.promotion is not None:
+            name_served_base_model(staging, config.promotion.served_model_name)
         report.adapter_digest = write_manifest(staging)
         replace_directory(staging, artifacts.adapter)
         artifacts.upload(ADAPTER)
