@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dpo_trainer.artifacts import ADAPTER, CHECKPOINTS, EVAL_REPORT, TRAIN_REPORT, verify_manifest
+from dpo_trainer.artifacts import ADAPTER, CHECKPOINTS, TRAIN_REPORT, verify_manifest
 from dpo_trainer.promote import CURRENT, VERSIONS
 
 from tests.chaos.conftest import Outcome
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
-from tests.cluster.pod_plane import TRAINING_TIMEOUT, Run
+from tests.cluster.pod_plane import TRAINING_TIMEOUT, Run, assert_promoted_intact
 from tests.cluster.pod_runner import PodRunner
 
 
@@ -104,18 +104,9 @@ def _ended(run: Run) -> dict[str, Any] | None:
 
 
 def promoted_intact(run: Run, status: dict[str, Any], outcome: Outcome) -> None:
-    """The gate passed, and the promoted copy is the gated adapter, every file as recorded."""
-    gate = json.loads((run.artifacts / EVAL_REPORT).read_text())
-    target = run.volume / "promoted" / run.name
-    current = json.loads((target / CURRENT).read_text())
-    right = (
-        status.get("evaluation", {}).get("verdict") == "Passed"
-        and gate["adapterDigest"] == current["digest"] == status["promotion"]["digest"]
-        and verify_manifest(target / VERSIONS / current["version"]) == current["digest"]
-    )
-    outcome.lost += 0 if right else 1
-    assert right, (status, gate, current)
-    promoted = target / VERSIONS / current["version"]
-    served = json.loads((promoted / "adapter_config.json").read_text())
-    assert served["base_model_name_or_path"] == "builtin:tiny-llama", "vLLM can serve it as it is"
-    assert f"--lora-modules {run.name}={current['uri']}" in status["promotion"]["vllmServe"]
+    """`assert_promoted_intact`, counting a wrong or missing record as data lost."""
+    try:
+        assert_promoted_intact(run, status)
+    except AssertionError:
+        outcome.lost += 1
+        raise

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 from dpo_operator.api import parse_dpojob
+from dpo_trainer.artifacts import EVAL_REPORT, verify_manifest
+from dpo_trainer.promote import CURRENT, VERSIONS
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
 from tests.cluster.pod_runner import NodeSpec, PodRunner
@@ -169,3 +171,18 @@ class Run:
             for p in self.runner.pods.values()
             if p.namespace == self.namespace
         )
+
+
+def assert_promoted_intact(run: Run, status: dict[str, Any]) -> None:
+    """The gate passed, the promoted copy is the gated adapter, every file as recorded, and
+    vLLM can serve it as it is."""
+    gate = json.loads((run.artifacts / EVAL_REPORT).read_text())
+    target = run.volume / "promoted" / run.name
+    current = json.loads((target / CURRENT).read_text())
+    assert status.get("evaluation", {}).get("verdict") == "Passed", status
+    assert gate["adapterDigest"] == current["digest"] == status["promotion"]["digest"]
+    promoted = target / VERSIONS / current["version"]
+    assert verify_manifest(promoted) == current["digest"]
+    served = json.loads((promoted / "adapter_config.json").read_text())
+    assert served["base_model_name_or_path"] == "builtin:tiny-llama"
+    assert f"--lora-modules {run.name}={current['uri']}" in status["promotion"]["vllmServe"]

@@ -12,7 +12,8 @@ container's command is found on the venv's PATH. What a pod does is reported bac
 reports it (phase, pod IP, container state, exit code, termination message, FallbackToLogsOnError),
 and a deleted pod gets SIGTERM, then SIGKILL after its grace period.
 
-Needs root (network and mount namespaces, `ip` from iproute2). Mount points that do not exist
+Not a CNI with a policy engine: NetworkPolicies are not enforced between pods here. Needs root
+(network, mount and PID namespaces, `ip` from iproute2). Mount points that do not exist
 on this machine (/etc/dpo, /mnt/pvc/...) are created here as empty directories.
 """
 
@@ -426,6 +427,22 @@ class PodRunner:
 
     def _env(self, pod: client.V1Pod, container: client.V1Container, ip: str) -> dict[str, str]:
         values: dict[str, str] = {}
+        for source in container.env_from or []:  # first: `env` entries win over these
+            if source.secret_ref is not None:
+                secret = self.core.read_namespaced_secret(
+                    source.secret_ref.name, pod.metadata.namespace
+                )
+                data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+            elif source.config_map_ref is not None:
+                data = (
+                    self.core.read_namespaced_config_map(
+                        source.config_map_ref.name, pod.metadata.namespace
+                    ).data
+                    or {}
+                )
+            else:
+                raise NotImplementedError(f"pod {pod.metadata.name}: envFrom {source}")
+            values.update({f"{source.prefix or ''}{k}": v for k, v in data.items()})
         for entry in container.env or []:
             source = entry.value_from
             if source is None:
