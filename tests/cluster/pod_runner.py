@@ -53,6 +53,9 @@ _IMAGE = [
     sys.prefix,
     *(str(Path(find_spec(p).origin).parents[1]) for p in ("dpo_operator", "dpo_trainer")),  # type: ignore[arg-type, union-attr]
 ]
+# What the runner's own commands (ip, unshare) run with: a copy taken once, since copying
+# os.environ from the runner's thread races pytest setting and unsetting PYTEST_CURRENT_TEST.
+_HOST_ENV = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
 MESSAGE_LIMIT = 4096  # what a kubelet keeps of a termination message
 LOG_TAIL_LINES = 80  # FallbackToLogsOnError: the last lines of the log, at most MESSAGE_LIMIT
 
@@ -104,7 +107,7 @@ class PodRunner:
 
     def start(self) -> PodRunner:
         # A bridge left by a runner that was killed before it could clean up.
-        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+        _ip("link", "del", BRIDGE, check=False)
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{GATEWAY}/{POD_NETWORK.prefixlen}", "dev", BRIDGE)
         _ip("link", "set", BRIDGE, "up")
@@ -120,7 +123,7 @@ class PodRunner:
             _signal(pod.process, signal.SIGKILL)
             pod.process.wait()
             self._release(pod)
-        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+        _ip("link", "del", BRIDGE, check=False)
 
     @contextmanager
     def holding(self, component: str) -> Iterator[None]:
@@ -258,7 +261,7 @@ class PodRunner:
             pod.metadata.uid, str(POD_NETWORK.network_address + len(self.ips) + 2)
         )
         netns = f"dpo-{pod.metadata.uid[:8]}"
-        subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
+        _ip("netns", "del", netns, check=False)
         _ip("netns", "add", netns)
         _ip(
             "link",
@@ -336,6 +339,7 @@ class PodRunner:
             ],
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
+            env=_HOST_ENV,
         )
         started = _now()
         self.pods[pod.metadata.uid] = RunningPod(
@@ -542,7 +546,7 @@ class PodRunner:
         self._release(running)
 
     def _release(self, pod: RunningPod) -> None:
-        subprocess.run(["ip", "netns", "del", pod.netns], check=False, capture_output=True)
+        _ip("netns", "del", pod.netns, check=False)
 
     def _patch_status(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
         self.core.patch_namespaced_pod_status(
@@ -550,8 +554,8 @@ class PodRunner:
         )
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
+def _ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True, env=_HOST_ENV)
 
 
 def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -38,7 +38,11 @@ def with_promotion(config: TrainerConfig, target: str, **gate: Any) -> TrainerCo
     return TrainerConfig.model_validate(
         {
             **config.model_dump(),
-            "promotion": {"target": target, "mode": "auto"},
+            "promotion": {
+                "target": target,
+                "mode": "auto",
+                "served_model_name": config.model.name,
+            },
             "gate": {**config.gate.model_dump(), **gate},
         }
     )
