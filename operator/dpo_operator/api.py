@@ -886,11 +886,15 @@ _IMMUTABLE_AFTER_START = (
 )
 
 _RESERVED_ENV_LIST = "[" + ", ".join(f"'{name}'" for name in RESERVED_ENV) + "]"
-# What vLLM serves of a LoRA adapter (vllm.config.LoRAConfig): ranks up to 512, on linear
-# projection layers; adapters of embeddings or the LM head are refused when loaded.
-VLLM_MAX_LORA_RANK = 512
+# What vLLM serves of a LoRA adapter (vllm.config.LoRAConfig): --max-lora-rank takes one of
+# these ranks, and LoRA applies to linear projection layers; adapters of embeddings or the LM
+# head are refused when loaded.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_MAX_LORA_RANK = VLLM_LORA_RANKS[-1]
 VLLM_UNSERVED_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out")
 _VLLM_UNSERVED_LIST = "[" + ", ".join(f"'{m}'" for m in VLLM_UNSERVED_MODULES) + "]"
+# The rules on what vLLM serves hold for a promoted LoRA adapter only.
+_PROMOTED_LORA = "has(self.promotion) && !(has(self.peft.enabled) && !self.peft.enabled)"
 
 
 class DPOJobSpec(RuledModel):
@@ -935,15 +939,13 @@ class DPOJobSpec(RuledModel):
             ".promotion",
         ),
         Rule(
-            "!has(self.promotion) || (has(self.peft.enabled) && !self.peft.enabled) || "
-            f"!has(self.peft.r) || self.peft.r <= {VLLM_MAX_LORA_RANK}",
+            f"!({_PROMOTED_LORA}) || !has(self.peft.r) || self.peft.r <= {VLLM_MAX_LORA_RANK}",
             f"a promoted adapter is served by vLLM, whose largest LoRA rank is "
             f"{VLLM_MAX_LORA_RANK}: lower peft.r",
             ".peft.r",
         ),
         Rule(
-            "!has(self.promotion) || (has(self.peft.enabled) && !self.peft.enabled) || "
-            "!has(self.peft.targetModules) || "
+            f"!({_PROMOTED_LORA}) || !has(self.peft.targetModules) || "
             f"self.peft.targetModules.all(m, !(m in {_VLLM_UNSERVED_LIST}))",
             "a promoted adapter is served by vLLM, which applies LoRA to linear projection "
             "layers only: remove "

@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import shlex
 
-from dpo_operator.api import DPOJob, PromotionStatus
+from dpo_operator.api import VLLM_LORA_RANKS, DPOJob, PromotionStatus
 
-# vLLM's --max-lora-rank takes one of these (vllm.config.LoRAConfig); an adapter of rank r needs
-# the smallest at least r.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_ADDRESS = "http://VLLM_HOST:8000"  # a placeholder the reader replaces
 
 
@@ -28,6 +25,7 @@ def served_model_name(job: DPOJob) -> str:
 
 
 def vllm_max_lora_rank(rank: int) -> int:
+    """The --max-lora-rank an adapter of rank `rank` needs: the smallest vLLM takes that fits."""
     return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 

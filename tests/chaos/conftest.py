@@ -50,12 +50,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture(scope="session")
 def chaos_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    plane = ControlPlane.start(tmp_path_factory.mktemp("chaos-plane"))
-    try:
-        plane.install_crd()
+    with ControlPlane.with_crd(tmp_path_factory.mktemp("chaos-plane")) as plane:
         yield plane
-    finally:
-        plane.stop()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,17 +145,10 @@ class ControlPlane:
             )
             plane._write_kubeconfig()
             plane._wait_ready()
-            plane._spawn(
+            plane._spawn_component(
+                bin_dir,
                 "kube-controller-manager",
                 [
-                    str(bin_dir / "kube-controller-manager"),
-                    "--kubeconfig",
-                    str(plane.kubeconfig),
-                    "--bind-address",
-                    "127.0.0.1",
-                    "--secure-port",
-                    str(free_port()),
-                    "--leader-elect=false",
                     "--controllers",
                     "job-controller,garbage-collector-controller,"
                     "serviceaccount-controller,serviceaccount-token-controller,namespace-controller,"
@@ -169,24 +163,29 @@ class ControlPlane:
                 ],
             )
             if scheduler:
-                plane._spawn(
-                    "kube-scheduler",
-                    [
-                        str(bin_dir / "kube-scheduler"),
-                        "--kubeconfig",
-                        str(plane.kubeconfig),
-                        "--bind-address",
-                        "127.0.0.1",
-                        "--secure-port",
-                        str(free_port()),
-                        "--leader-elect=false",
-                    ],
-                )
+                plane._spawn_component(bin_dir, "kube-scheduler", [])
             plane._wait_for_default_service_account()
         except BaseException:
             plane.stop()
             raise
         return plane
+
+    def _spawn_component(self, bin_dir: Path, name: str, flags: list[str]) -> None:
+        """A controller of the control plane, on the admin kubeconfig, alone (no election)."""
+        self._spawn(
+            name,
+            [
+                str(bin_dir / name),
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(free_port()),
+                "--leader-elect=false",
+                *flags,
+            ],
+        )
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = (self.workdir / f"{name}.log").open("ab")
@@ -326,6 +325,18 @@ class ControlPlane:
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result
+
+    @classmethod
+    @contextmanager
+    def with_crd(cls, workdir: Path, *, scheduler: bool = False) -> Iterator[ControlPlane]:
+        """A started control plane with the DPOJob CRD installed, stopped on the way out even
+        when what ran inside failed."""
+        plane = cls.start(workdir, scheduler=scheduler)
+        try:
+            plane.install_crd()
+            yield plane
+        finally:
+            plane.stop()
 
     def install_crd(self) -> None:
         """The DPOJob CRD, applied and Established. `kubectl wait` fails outright, rather than

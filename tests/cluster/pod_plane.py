@@ -50,12 +50,8 @@ NODES = [
 
 @pytest.fixture(scope="session")
 def pod_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    plane = ControlPlane.start(tmp_path_factory.mktemp("pod-plane"), scheduler=True)
-    try:
-        plane.install_crd()
+    with ControlPlane.with_crd(tmp_path_factory.mktemp("pod-plane"), scheduler=True) as plane:
         yield plane
-    finally:
-        plane.stop()
 
 
 @pytest.fixture(scope="session")

@@ -75,13 +75,11 @@ class NodeSpec:
 
 @dataclass
 class RunningPod:
-    uid: str
     namespace: str
     name: str
     container: str
     process: subprocess.Popen[bytes]
     netns: str
-    ip: str
     log: Path
     termination: Path
     started_at: str
@@ -101,7 +99,6 @@ class PodRunner:
         self.ips: dict[str, str] = {}  # pod uid -> its IP on the bridge
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.errors: list[str] = []
 
     # -- the tests' handles ----------------------------------------------------------------
 
@@ -134,10 +131,10 @@ class PodRunner:
         finally:
             self.held.discard(component)
 
-    def kill(self, namespace: str, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+    def kill(self, namespace: str, name: str) -> None:
         """SIGKILL: what an OOM kill does to a container, every process of it at once."""
         pod = next(p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name))
-        _signal(pod.process, sig)
+        _signal(pod.process, signal.SIGKILL)
 
     def log(self, namespace: str, name: str) -> str:
         pods = [p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name)]
@@ -186,10 +183,9 @@ class PodRunner:
         while not self._stop.is_set():
             try:
                 self._sync()
-            except ApiException as error:  # the API server restarting: try again
-                self.errors.append(f"{error.status} {error.reason}")
+            except ApiException:
+                pass  # the API server restarting: the next round tries again
             except Exception as error:  # a test would hang without a word; say it
-                self.errors.append(repr(error))
                 print(f"pod runner: {error!r}", file=sys.stderr)
             self._stop.wait(POLL_SECONDS)
 
@@ -260,25 +256,7 @@ class PodRunner:
         ip = self.ips.setdefault(
             pod.metadata.uid, str(POD_NETWORK.network_address + len(self.ips) + 2)
         )
-        netns = f"dpo-{pod.metadata.uid[:8]}"
-        _ip("netns", "del", netns, check=False)
-        _ip("netns", "add", netns)
-        _ip(
-            "link",
-            "add",
-            f"v{pod.metadata.uid[:8]}",
-            "type",
-            "veth",
-            "peer",
-            "eth0",
-            "netns",
-            netns,
-        )
-        _ip("link", "set", f"v{pod.metadata.uid[:8]}", "master", BRIDGE, "up")
-        _ip("-n", netns, "addr", "add", f"{ip}/{POD_NETWORK.prefixlen}", "dev", "eth0")
-        _ip("-n", netns, "link", "set", "eth0", "up")
-        _ip("-n", netns, "link", "set", "lo", "up")
-        _ip("-n", netns, "route", "add", "default", "via", str(GATEWAY))
+        netns = _pod_network(pod.metadata.uid, ip)
 
         hostname = spec.hostname or pod.metadata.name
         termination = home / "termination-log"
@@ -290,8 +268,6 @@ class PodRunner:
             _mount(str(hosts), "/etc/hosts", "file"),
             _mount(str(termination), container.termination_message_path, "file"),
         ]
-        # A mount whose target holds another mount's source goes last (the pod's /tmp over the
-        # /tmp where this runner keeps the pod's files).
         for image_path in _IMAGE:
             covered = [m["target"] for m in mounts if _is_under(image_path, m["target"])]
             if covered:
@@ -300,6 +276,8 @@ class PodRunner:
                     "runner's image (the Python environment and the repo's code) lives: run the "
                     f"tests from a checkout and a virtualenv outside {covered[0]}"
                 )
+        # A mount whose target holds another mount's source goes last (the pod's /tmp over the
+        # /tmp where this runner keeps the pod's files).
         sources = [m["source"] for m in mounts]
         mounts.sort(key=lambda m: any(_is_under(source, m["target"]) for source in sources))
         env = self._env(pod, container, ip)
@@ -343,13 +321,11 @@ class PodRunner:
         )
         started = _now()
         self.pods[pod.metadata.uid] = RunningPod(
-            pod.metadata.uid,
             pod.metadata.namespace,
             pod.metadata.name,
             container.name,
             process,
             netns,
-            ip,
             log,
             termination,
             started,
@@ -552,6 +528,20 @@ class PodRunner:
         self.core.patch_namespaced_pod_status(
             pod.metadata.name, pod.metadata.namespace, {"status": status}
         )
+
+
+def _pod_network(uid: str, ip: str) -> str:
+    """A network namespace for the pod, on the bridge at `ip`; returns its name."""
+    netns, veth = f"dpo-{uid[:8]}", f"v{uid[:8]}"
+    _ip("netns", "del", netns, check=False)  # left by an earlier try that failed midway
+    _ip("netns", "add", netns)
+    _ip("link", "add", veth, "type", "veth", "peer", "eth0", "netns", netns)
+    _ip("link", "set", veth, "master", BRIDGE, "up")
+    _ip("-n", netns, "addr", "add", f"{ip}/{POD_NETWORK.prefixlen}", "dev", "eth0")
+    _ip("-n", netns, "link", "set", "eth0", "up")
+    _ip("-n", netns, "link", "set", "lo", "up")
+    _ip("-n", netns, "route", "add", "default", "via", str(GATEWAY))
+    return netns
 
 
 def _ip(*args: str, check: bool = True) -> None:

@@ -73,7 +73,6 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise StoppedError(f"stopped by signal {signal.Signals(signum).name}")
 
 
-# Kubernetes keeps at most 4096 bytes of a termination message.
 SUMMARY_METRICS = (
     "dpo_train_loss",
     "dpo_train_reward_accuracy",
