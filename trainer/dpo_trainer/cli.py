@@ -162,7 +162,22 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_message(Failure(status=status, message=str(error)))
     finally:
         record_exit(os.getpid(), code)
+    if args.command == "train":
+        _exit_without_teardown(code)
     return code
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End a trainer whose results are written without finalizing the interpreter.
+
+    Device meshes keep their gloo groups alive past `destroy_process_group`; when the interpreter
+    is torn down under gloo's worker threads, a rank of a finished run can abort (exit -6) and
+    turn a success into a failed pod.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
