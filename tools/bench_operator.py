@@ -18,6 +18,10 @@ Requests are counted by the kube-apiserver itself. Its `apiserver_request_total`
 for the client, so the benchmark installs one API Priority and Fairness FlowSchema per verb
 that matches only the operator's user; `apiserver_flowcontrol_dispatched_requests_total` per
 FlowSchema then counts every request the operator made, kopf's own event posts included.
+The operator runs as its image installs it: from a virtualenv with only the `operator` extra,
+pinned by constraints.txt (no ML stack, no test tools), kept at OPERATOR_VENV and refreshed
+with this tree's code on every run.
+
 Needs the binaries of tools/build-control-plane.sh.
 """
 
@@ -27,6 +31,7 @@ import argparse
 import copy
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +59,19 @@ FLOW_SCHEMA = "dpo-operator-{}"
 TRAINING_SECONDS = 2.0
 # DPOJobs created one at a time once all N are live, for the latency of the final line.
 PROBES = 20
+OPERATOR_VENV = Path.home() / ".cache" / "dpo-operator" / "operator-venv"
+
+
+def operator_program() -> Path:
+    """`dpo` installed as the operator image installs it (see the Dockerfile), with this tree's
+    code."""
+    pip = [str(OPERATOR_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    if not (OPERATOR_VENV / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(OPERATOR_VENV)], check=True)
+    constraints = ["--constraint", str(REPO / "constraints.txt")]
+    subprocess.run([*pip, *constraints, f"{REPO}[operator]"], check=True)
+    subprocess.run([*pip, "--no-deps", "--force-reinstall", str(REPO)], check=True)
+    return OPERATOR_VENV / "bin" / "dpo"
 
 
 def install_flow_schemas(plane: ControlPlane) -> None:
@@ -151,14 +169,14 @@ class PodPlayer:
         )
 
 
-def bench(jobs: int) -> str:
+def bench(jobs: int, program: Path) -> str:
     plane = ControlPlane.start(Path(tempfile.mkdtemp(prefix="dpo-bench-")))
     operator = None
     try:
         plane.install_crd()
         plane.kubectl("create", "namespace", NAMESPACE)
         install_flow_schemas(plane)
-        operator = Operator(plane).start()
+        operator = Operator(plane, program=program).start()
         time.sleep(5)  # kopf lists and starts its watches
         assert operator.process is not None
         if operator.process.poll() is not None:
@@ -288,7 +306,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, nargs="+", default=[200, 1000])
     args = parser.parse_args()
-    lines = [bench(jobs) for jobs in args.jobs]
+    program = operator_program()
+    lines = [bench(jobs, program) for jobs in args.jobs]
     print()
     for line in lines:
         print(line)

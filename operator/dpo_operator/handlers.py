@@ -905,9 +905,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # shrinks back (the operator's resident memory is its high-water mark).
     settings.batching.idle_timeout = 0.5
     try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+        config.load_kube_config()
     configuration = client.Configuration.get_default_copy()
     # One connection per worker thread: with fewer, urllib3 drops connections and each new one
     # is a TLS handshake and a fresh SSL context (CPU and memory that grow with the load).
@@ -921,6 +921,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # itself is in the indexes already, and a hash is 28 bytes.
     memo.seen = {}
     memo.tasks = []
+    libc = _glibc()
+    if libc is not None:
+        # Left to itself, glibc gives threads up to 8 heaps per core, and each keeps the memory
+        # its thread freed: resident memory that grows with the worker threads, not the load.
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     # The Kubernetes client is synchronous: its calls run in these threads.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="k8s")
@@ -978,21 +983,31 @@ async def on_change(
 
 # How often freed heap memory is handed back to the system.
 TRIM_SECONDS = 30.0
+# glibc's mallopt parameter for the most heaps (arenas) threads may allocate from.
+M_ARENA_MAX = -8
+# The event loop's heap and one shared by the worker threads.
+MALLOC_ARENAS = 2
+
+
+def _glibc() -> Any | None:
+    """glibc, to tune and trim the heap with; None where there is none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 async def _return_freed_memory() -> None:
     """A burst (a thousand DPOJobs created at once) fills the heap with watch events that are
     freed seconds later, but glibc keeps freed pages mapped, so resident memory would stay at
-    the burst's peak. `malloc_trim` gives the free pages back; where there is no glibc (musl,
-    macOS) this does nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    the burst's peak. `malloc_trim` gives the free pages back."""
+    libc = _glibc()
+    if libc is None:
         return
     while True:
         await asyncio.sleep(TRIM_SECONDS)
-        await asyncio.to_thread(trim, 0)
+        await asyncio.to_thread(libc.malloc_trim, 0)
 
 
 def _what_decide_reads(

@@ -32,6 +32,8 @@ K8S_VERSION = os.environ.get("K8S_VERSION", "v1.37.2")
 CACHE = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-operator")
 BIN = CACHE / "bin" / K8S_VERSION
 PROMETHEUS_OPERATOR_CRDS = CACHE / "crds" / "prometheus-operator-v0.85.0"
+SEAWEEDFS_VERSION = os.environ.get("SEAWEEDFS_VERSION", "v0.0.0-20261109003541-7506e5f91cd6")
+WEED = CACHE / "bin" / "seaweedfs" / SEAWEEDFS_VERSION / "weed"
 ADMIN_TOKEN = "dpo-test-admin-token"  # a static token of group system:masters
 # The operator's own identity (cluster-admin through RBAC, not system:masters), so the API
 # server can tell its requests from everyone else's (see tools/bench_operator.py).
@@ -41,7 +43,8 @@ READY_TIMEOUT = 120
 
 
 def ensure_binaries() -> Path:
-    """Build or fetch what is missing (minutes, once per machine); returns the bin directory."""
+    """Build or fetch what is missing (minutes, once per machine; SeaweedFS too); returns the
+    control plane's bin directory."""
     names = (
         "etcd",
         "kube-apiserver",
@@ -51,11 +54,11 @@ def ensure_binaries() -> Path:
         "helm",
     )
     crds = PROMETHEUS_OPERATOR_CRDS / "monitoring.coreos.com_prometheusrules.yaml"
-    if not all((BIN / name).exists() for name in names) or not crds.exists():
+    if not all((BIN / name).exists() for name in names) or not crds.exists() or not WEED.exists():
         subprocess.run(
             [str(REPO / "tools" / "build-control-plane.sh")],
             check=True,
-            env={**os.environ, "K8S_VERSION": K8S_VERSION},
+            env={**os.environ, "K8S_VERSION": K8S_VERSION, "SEAWEEDFS_VERSION": SEAWEEDFS_VERSION},
         )
     return BIN
 
@@ -378,8 +381,11 @@ class Operator:
         *args: str,
         kubeconfig: Path | None = None,
         log: str = "operator.log",
+        program: Path | None = None,
     ) -> None:
+        """`program` is the `dpo` to run: this virtualenv's unless given."""
         self.plane = plane
+        self.program = program or Path(sys.executable).parent / "dpo"
         self.args = args
         self.kubeconfig = kubeconfig or plane.operator_kubeconfig()
         self.process: subprocess.Popen[bytes] | None = None
@@ -390,7 +396,7 @@ class Operator:
     def start(self) -> Operator:
         self.process = subprocess.Popen(
             [
-                str(Path(sys.executable).parent / "dpo"),
+                str(self.program),
                 "operator",
                 "--all-namespaces",
                 "--metrics-port",

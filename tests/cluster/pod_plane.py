@@ -73,7 +73,8 @@ def pod_operator(pod_plane: ControlPlane, pod_runner: PodRunner) -> Iterator[Ope
 
 
 class Run:
-    """A DPOJob in `namespace`, its claim `dpo-runs` bound to a hostPath PersistentVolume."""
+    """A DPOJob in `namespace`; an output on a claim gets the claim, bound to a hostPath
+    PersistentVolume."""
 
     def __init__(
         self,
@@ -87,16 +88,17 @@ class Run:
         self.plane, self.runner, self.namespace, self.name = plane, runner, namespace, name
         manifest = set_fields(example_manifest(example), **spec)
         manifest["metadata"] = {"name": name, "namespace": namespace}
-        claim = parse_dpojob(manifest).spec.output.uri.removeprefix("pvc://").split("/")[0]
+        output = parse_dpojob(manifest).spec.output.uri
+        claim = output.removeprefix("pvc://").split("/")[0]
         self.volume = runner.workdir / "volumes" / namespace / claim
-        if not self.volume.exists():
+        plane.kubectl("create", "namespace", namespace, check=False)
+        if output.startswith("pvc://") and not self.volume.exists():
             self._claim(claim)
         plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
 
     def _claim(self, claim: str) -> None:
         self.volume.mkdir(parents=True)
         pv = f"{claim}-{self.namespace}"
-        self.plane.kubectl("create", "namespace", self.namespace, check=False)
         volume = {
             "apiVersion": "v1",
             "kind": "PersistentVolume",
@@ -155,11 +157,15 @@ class Run:
         return wait_for(f"a running pod of {job}", started, TRAINING_TIMEOUT)  # type: ignore[no-any-return]
 
     @property
-    def artifacts(self) -> Path:
-        uid = self.plane.custom().get_namespaced_custom_object(
+    def uid(self) -> str:
+        job = self.plane.custom().get_namespaced_custom_object(
             "dpo.dev", "v1alpha1", self.namespace, "dpojobs", self.name
-        )["metadata"]["uid"]
-        return self.volume / self.namespace / self.name / uid
+        )
+        return str(job["metadata"]["uid"])
+
+    @property
+    def artifacts(self) -> Path:
+        return self.volume / self.namespace / self.name / self.uid
 
     def logs(self) -> str:
         return "\n".join(

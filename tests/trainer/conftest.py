@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,15 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
     return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def trainer_cli(command: str, config: TrainerConfig, workdir: Path) -> tuple[int, dict[str, Any]]:
-    """`dpo-trainer COMMAND --config` in a process; its exit code and termination message."""
+def trainer_cli(
+    command: str, config: TrainerConfig, workdir: Path, env: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """`dpo-trainer COMMAND --config` in a process (with `env` added to its environment); its
+    exit code and termination message."""
     termination = workdir / f"{command}.termination.json"
     result = subprocess.run(
         [str(BIN / "dpo-trainer"), command, "--config", str(write_config(config, workdir))],
-        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN)},
+        env={"DPO_TERMINATION_LOG": str(termination), "PATH": str(BIN), **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
@@ -126,3 +130,36 @@ def trainer_cli(command: str, config: TrainerConfig, workdir: Path) -> tuple[int
     )
     message = json.loads(termination.read_text()) if termination.exists() else {}
     return result.returncode, message
+
+
+def trained(workdir: Path, **spec: Any) -> TrainerConfig:
+    """A tiny run trained in this process; its config."""
+    from dpo_trainer.train import train
+
+    config = local_config(tiny_job(**spec), workdir)
+    train(config)
+    return config
+
+
+def with_promotion(config: TrainerConfig, target: str, **gate: Any) -> TrainerConfig:
+    """The config with a promotion target (and gate settings) changed, validated again."""
+    assert config.gate is not None
+    return TrainerConfig.model_validate(
+        {
+            **config.model_dump(),
+            "promotion": {
+                "target": target,
+                "mode": "auto",
+                "served_model_name": config.model.name,
+            },
+            "gate": {**config.gate.model_dump(), **gate},
+        }
+    )
+
+
+def report_digest(config: TrainerConfig) -> str:
+    """The adapter digest the run's gate report names."""
+    digest: str = json.loads((Path(config.artifacts_dir) / "eval.json").read_text())[
+        "adapterDigest"
+    ]
+    return digest

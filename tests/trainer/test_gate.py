@@ -7,7 +7,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dpo_trainer.artifacts import verify_manifest
@@ -15,37 +14,20 @@ from dpo_trainer.config import (
     EXIT_BAD_INPUT,
     EXIT_CHAMPION_CHANGED,
     BadInputError,
-    TrainerConfig,
 )
 from dpo_trainer.evaluate import evaluate
 from dpo_trainer.promote import read_current
-from dpo_trainer.train import train
 
-from tests.trainer.conftest import BIN, local_config, tiny_job, trainer_cli, write_config
+from tests.trainer.conftest import (
+    BIN,
+    report_digest,
+    trained,
+    trainer_cli,
+    with_promotion,
+    write_config,
+)
 
 ANCHOR = {"uri": "builtin:synthetic-preferences/anchor"}
-
-
-def trained(workdir: Path, **spec: Any) -> TrainerConfig:
-    config = local_config(tiny_job(**spec), workdir)
-    train(config)
-    return config
-
-
-def with_promotion(config: TrainerConfig, target: str, **gate: Any) -> TrainerConfig:
-    """The config with a promotion target (and gate settings) changed, validated again."""
-    assert config.gate is not None
-    return TrainerConfig.model_validate(
-        {
-            **config.model_dump(),
-            "promotion": {
-                "target": target,
-                "mode": "auto",
-                "served_model_name": config.model.name,
-            },
-            "gate": {**config.gate.model_dump(), **gate},
-        }
-    )
 
 
 @pytest.mark.parametrize(("beta", "drifts"), [(1.0, False), (0.01, True)])
@@ -179,13 +161,6 @@ def test_must_beat_promoted_rejects_an_adapter_that_is_no_better(tmp_path: Path)
     current = read_current(target)
     assert current is not None
     assert current.digest == report_digest(first)
-
-
-def report_digest(config: TrainerConfig) -> str:
-    digest: str = json.loads((Path(config.artifacts_dir) / "eval.json").read_text())[
-        "adapterDigest"
-    ]
-    return digest
 
 
 def test_two_runs_that_beat_the_same_champion_leave_the_first_promoted(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from pydantic import BaseModel
@@ -91,8 +91,7 @@ class Artifacts:
         """The local copy of a folder of the store, downloaded unless already here."""
         local = self.root / relative
         if not self.is_local and self.fs.exists(self._remote(relative)):
-            shutil.rmtree(local, ignore_errors=True)
-            self.fs.get(self._remote(relative), str(local), recursive=True)
+            download_folder(self.fs, self._remote(relative), local)
         return local
 
     def latest_remote_checkpoint(self) -> str | None:
@@ -113,8 +112,7 @@ class Artifacts:
         local = self.checkpoints / name
         if (local / CHECKPOINT_COMPLETE_MARKER).exists():
             return
-        shutil.rmtree(local, ignore_errors=True)
-        self.fs.get(self._remote(f"{CHECKPOINTS}/{name}"), str(local), recursive=True)
+        download_folder(self.fs, self._remote(f"{CHECKPOINTS}/{name}"), local)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint in the local mirror (or the mounted path)."""
@@ -148,6 +146,18 @@ class Artifacts:
             )
             for name in names[:-keep]:
                 self.fs.rm(f"{base}/{name}", recursive=True)
+
+
+def download_folder(fs: Any, remote: str, local: Path) -> None:
+    """The files under `remote` as the folder `local`, replacing what was there. The trailing
+    slashes make fsspec copy the folder's contents, never the folder into an existing one."""
+    shutil.rmtree(local, ignore_errors=True)
+    fs.get(f"{remote.rstrip('/')}/", f"{local}/", recursive=True)
+
+
+def upload_folder(fs: Any, local: Path, remote: str) -> None:
+    """The files under `local` to the folder `remote` (contents, as `download_folder`)."""
+    fs.put(f"{local}/", f"{remote.rstrip('/')}/", recursive=True)
 
 
 def _step(name: str) -> int:

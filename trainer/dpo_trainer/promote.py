@@ -7,10 +7,13 @@ passed for the same adapter digest. Promoting the same adapter again changes not
 promotions racing to one target each leave `current` pointing at a complete version.
 
 A gate that had to beat the promoted adapter names the one it beat: the pointer is switched
-only if it still points there (compare and swap, under a lock on a filesystem target), so of
-two runs that beat the same champion at once the second fails with ChampionChangedError
-instead of replacing a possibly better adapter. A promoted adapter is only ever read back
-after its digests were checked.
+only if it still points there, so of two runs that beat the same champion at once the second
+fails with ChampionChangedError instead of replacing a possibly better adapter. The compare and
+the swap are one step: under a POSIX lock on a filesystem target, and on S3 a conditional write
+(`If-Match` the ETag of the pointer that was compared, `If-None-Match: *` when there was none)
+that the store refuses once another run wrote the pointer. Other object stores have no such
+write here: their race is narrowed to the one pointer write. A promoted adapter is only ever
+read back after its digests were checked.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, MANIFEST, Artifacts, verify_manifest
+from dpo_trainer.artifacts import (
+    ADAPTER,
+    EVAL_REPORT,
+    MANIFEST,
+    Artifacts,
+    download_folder,
+    upload_folder,
+    verify_manifest,
+)
 from dpo_trainer.config import (
     BadInputError,
     ChampionChangedError,
@@ -54,10 +65,7 @@ def version_name(job: str, digest: str) -> str:
 def read_current(target: str) -> PromotionResult | None:
     """What `<target>/current` points at, or None when nothing was promoted there."""
     fs, root = fsspec.core.url_to_fs(target)
-    pointer = f"{root}/{CURRENT}"
-    if not fs.exists(pointer):
-        return None
-    return PromotionResult.model_validate_json(fs.cat_file(pointer))
+    return _pointer_and_tag(fs, root)[0]
 
 
 def promoted_adapter(target: str) -> tuple[Path, str] | None:
@@ -70,8 +78,8 @@ def promoted_adapter(target: str) -> tuple[Path, str] | None:
     version = f"{root}/{VERSIONS}/{current.version}"
     local = Path(version)
     if not isinstance(fs, LocalFileSystem):
-        local = Path(tempfile.mkdtemp(prefix="dpo-promoted-"))
-        fs.get(version, str(local), recursive=True)
+        local = Path(tempfile.mkdtemp(prefix="dpo-promoted-")) / current.version
+        download_folder(fs, version, local)
     try:
         found = verify_manifest(local)
     except BadInputError as error:
@@ -124,26 +132,65 @@ def promote(config: TrainerConfig) -> PromotionResult:
         job=config.job,
     )
     with _locked(fs, root):
-        if report.champion_digest is not None:
-            now = read_current(target)
-            if (now.digest if now else "") != report.champion_digest:
-                raise ChampionChangedError(
-                    f"the gate beat {report.champion_digest or 'no promoted adapter'}, but "
-                    f"{target}/{CURRENT} now points at {now.version if now else 'nothing'} "
-                    f"({now.digest if now else 'none'}), promoted meanwhile by another run: "
-                    "this adapter was not promoted; run it again to be gated against the new "
-                    "one"
-                )
-        _write_pointer(fs, root, pointer)
+        if report.champion_digest is None:
+            _write_pointer(fs, root, pointer, _ANY)
+        else:
+            now, tag = _pointer_and_tag(fs, root)
+            try:
+                if (now.digest if now else "") != report.champion_digest:
+                    raise _PointerChangedError(target)
+                _write_pointer(fs, root, pointer, tag)
+            except _PointerChangedError:
+                now = _pointer_and_tag(fs, root)[0]
+                if now is not None and now.digest == digest:
+                    log.info("%s was promoted meanwhile by a repeat of this run", digest)
+                    return now
+                raise _champion_changed(report.champion_digest, target, now) from None
     log.info("promoted %s to %s", digest, pointer.uri)
     return pointer
+
+
+def _champion_changed(
+    champion: str, target: str, now: PromotionResult | None
+) -> ChampionChangedError:
+    return ChampionChangedError(
+        f"the gate beat {champion or 'no promoted adapter'}, but {target}/{CURRENT} now points "
+        f"at {now.version if now else 'nothing'} ({now.digest if now else 'none'}), promoted "
+        "meanwhile by another run: this adapter was not promoted; run it again to be gated "
+        "against the new one"
+    )
+
+
+# The pointer write's condition: replace whatever is there.
+_ANY = "*any*"
+
+
+class _PointerChangedError(Exception):
+    """`current` no longer names the champion the gate beat: another run wrote it first (seen
+    by the compare, or by the store refusing the conditional write)."""
+
+
+def _pointer_and_tag(fs: Any, root: str) -> tuple[PromotionResult | None, str | None]:
+    """`current` and the tag a conditional write of it must match (its S3 ETag; None when
+    there is no pointer, or the store writes unconditionally). The tag is read first: a
+    pointer replaced in between makes the write fail rather than succeed on a stale compare."""
+    path = f"{root}/{CURRENT}"
+    tag = None
+    if _writes_conditionally(fs):
+        try:
+            tag = str(fs.info(path, refresh=True)["ETag"])
+        except FileNotFoundError:
+            return None, None
+    if not fs.exists(path):
+        return None, None
+    return PromotionResult.model_validate_json(fs.cat_file(path)), tag
 
 
 @contextlib.contextmanager
 def _locked(fs: Any, root: str) -> Iterator[None]:
     """Holds the target's lock on a filesystem (a POSIX lock: NFS shares it between pods).
-    An object store has no lock: its single pointer write is still atomic, and the compare
-    before it narrows a race to that one write."""
+    An object store has no lock: its pointer write is conditional instead (S3) or, elsewhere,
+    one atomic write right after the compare."""
     if not isinstance(fs, LocalFileSystem):
         yield
         return
@@ -175,22 +222,50 @@ def _copy_local(adapter: Path, destination: Path, digest: str) -> None:
 
 
 def _copy_remote(fs: Any, adapter: Path, destination: str, digest: str) -> None:
-    fs.put(str(adapter), destination, recursive=True)
+    upload_folder(fs, adapter, destination)
     check = Path(tempfile.mkdtemp(prefix="dpo-verify-"))
     try:
-        fs.get(destination, str(check), recursive=True)
+        download_folder(fs, destination, check)
         if verify_manifest(check) != digest:
             raise BadInputError(f"{destination}: the uploaded copy does not match the manifest")
     finally:
         shutil.rmtree(check, ignore_errors=True)
 
 
-def _write_pointer(fs: Any, root: str, pointer: PromotionResult) -> None:
+def _writes_conditionally(fs: Any) -> bool:
+    return "s3" in fs.protocol
+
+
+def _write_pointer(fs: Any, root: str, pointer: PromotionResult, tag: str | None) -> None:
+    """Replace `current` in one step. `tag` is the condition: `_ANY`, None (there must be no
+    pointer) or the ETag the pointer must still have (S3 only; a filesystem target is locked)."""
     content = (pointer.model_dump_json(by_alias=True, indent=2) + "\n").encode()
     path = f"{root}/{CURRENT}"
     if isinstance(fs, LocalFileSystem):
         staging = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         Path(staging).write_bytes(content)
         os.replace(staging, path)  # atomic: readers see the old pointer or the new one
-    else:
+    elif tag == _ANY or not _writes_conditionally(fs):
         fs.pipe_file(path, content)  # one object write: atomic on object stores
+    else:
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            fs.pipe_file(path, content, **condition)
+        except OSError as error:
+            if _is_precondition_failed(error):
+                raise _PointerChangedError(path) from error
+            raise
+
+
+def _is_precondition_failed(error: BaseException) -> bool:
+    """Whether S3 answered 412 PreconditionFailed (s3fs wraps botocore's error)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return True
+        cause = cause.__cause__ or cause.__context__
+    return False
