@@ -65,6 +65,16 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "compares with the promoted adapter; set promotion.target",
     ),
     (
+        "beat-the-promoted-on-a-store-without-a-conditional-write",
+        manifest(
+            "rule-g2", **{"evalGate.mustBeatPromoted": True, "promotion": {"target": "gs://m"}}
+        ),
+        "spec.evalGate.mustBeatPromoted",
+        "switches the promoted pointer only if it still names the adapter the gate beat, which "
+        "needs a pvc:// target (a lock) or an s3:// one (a conditional write); use one, or drop "
+        "mustBeatPromoted",
+    ),
+    (
         "simpo-with-reference",
         manifest("rule-h", **{"dpo.lossType": ["simpo"], "model.reference": {"name": "r"}}),
         "spec.model.reference",

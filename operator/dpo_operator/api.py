@@ -959,6 +959,15 @@ class DPOJobSpec(RuledModel):
             ".evalGate.mustBeatPromoted",
         ),
         Rule(
+            "!self.evalGate.mustBeatPromoted || !has(self.promotion) || "
+            "self.promotion.target.startsWith('pvc://') || "
+            "self.promotion.target.startsWith('s3://')",
+            "switches the promoted pointer only if it still names the adapter the gate beat, "
+            "which needs a pvc:// target (a lock) or an s3:// one (a conditional write); use "
+            "one, or drop mustBeatPromoted",
+            ".evalGate.mustBeatPromoted",
+        ),
+        Rule(
             "!('simpo' in self.dpo.lossType) || !has(self.model.reference)",
             "simpo is reference-free; remove model.reference",
             ".model.reference",
