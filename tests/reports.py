@@ -35,6 +35,30 @@ GATE_REJECTED = termination_message_json(
         criteria=[ACCURACY.model_copy(update={"value": 0.0312, "passed": False})],
     )
 )
+GATE_INCONCLUSIVE = termination_message_json(
+    GateVerdict(
+        status="inconclusive",
+        verdict="Inconclusive",
+        adapter_digest="sha256:ab",
+        message="gate inconclusive (too few held-out pairs to be sure; nothing promoted): "
+        "rewardAccuracy 0.6100 [0.5121, 0.6999] on 100 (needs >= 0.6 at 95%): about 9346 pairs "
+        "would decide it",
+        criteria=[
+            ACCURACY.model_copy(
+                update={
+                    "value": 0.61,
+                    "low": 0.5121,
+                    "high": 0.6999,
+                    "n": 100,
+                    "method": "wilson",
+                    "passed": False,
+                    "inconclusive": True,
+                    "needed_pairs": 9346,
+                }
+            )
+        ],
+    )
+)
 PROMOTED = termination_message_json(
     PromotionResult(
         version="quickstart-ab12",

@@ -700,6 +700,13 @@ class EvalGateSpec(RuledModel):
     beat_margin: float = Field(
         default=0.0, ge=0, description="Reward accuracy the new adapter must add over it."
     )
+    confidence: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1,
+        description="Each criterion must hold for its whole interval at this confidence; an "
+        "estimate that holds on too few pairs to be sure is Inconclusive (not promoted).",
+    )
     resources: PodResources = Field(default_factory=PodResources)
 
 
@@ -1114,12 +1121,18 @@ class TrainingMetrics(ContractModel):
 class GateCriterion(ContractModel):
     name: Annotated[str, Field(max_length=128)]
     value: float | None = None  # nothing to measure (mustBeatPromoted, nothing promoted yet)
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None
+    method: Annotated[str, Field(max_length=32)] | None = None
     threshold: float
     passed: bool
+    inconclusive: bool = False
+    needed_pairs: int | None = None
 
 
 class EvaluationStatus(ContractModel):
-    verdict: Literal["Passed", "Rejected"]
+    verdict: Literal["Passed", "Rejected", "Inconclusive"]
     criteria: list[GateCriterion] = Field(default_factory=list, max_length=32)
 
 

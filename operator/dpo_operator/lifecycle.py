@@ -479,7 +479,9 @@ class _Machine:
         if isinstance(verdict, GateVerdict) and pod and pod.exit_code == EXIT_GATE_REJECTED:
             self.record_verdict(verdict)
             self.finish(
-                "Rejected", verdict.message or "the gate rejected the adapter", "GateRejected"
+                "Rejected",
+                verdict.message or "the gate rejected the adapter",
+                _gate_reason(verdict),
             )
             return False
         self.finish("Failed", f"the gate could not run: {_reason(pod)}", "GateFailed")
@@ -489,7 +491,7 @@ class _Machine:
         passed = verdict.verdict == "Passed"
         message = verdict.message or ("every criterion holds" if passed else "gate rejected")
         if self.status.evaluation is None:
-            self.event("GatePassed" if passed else "GateRejected", message, warning=not passed)
+            self.event(_gate_reason(verdict), message, warning=not passed)
         self.status.evaluation = EvaluationStatus(
             verdict=verdict.verdict,
             criteria=[GateCriterion.model_validate(c.model_dump()) for c in verdict.criteria],
@@ -554,6 +556,11 @@ class _Machine:
                 "ChildrenDeleted",
                 f"ttlSecondsAfterFinished ({ttl}s) passed; the record and the artifacts stay",
             )
+
+
+def _gate_reason(verdict: GateVerdict) -> str:
+    """GatePassed, GateRejected, or GateInconclusive (too few pairs to be sure either way)."""
+    return f"Gate{verdict.verdict}"
 
 
 def _telling_pod(child: ChildJob) -> PodState | None:

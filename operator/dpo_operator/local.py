@@ -36,6 +36,7 @@ from dpo_trainer.config import (
     EXIT_WRONG_ENVIRONMENT,
     TRAINER_CONFIG_PATH,
     DistributedRun,
+    GateCriterion,
     GateReport,
     TrainingReport,
 )
@@ -549,9 +550,9 @@ def _summary(executor: LocalExecutor, job: DPOJob, status: DPOJobStatus) -> None
         gate = GateReport.model_validate_json(gate_report.read_text())
         say(f"gate       {gate.verdict}")
         for criterion in gate.criteria:
-            shown = "n/a" if criterion.value is None else f"{criterion.value:.4f}"
-            verdict = "pass" if criterion.passed else "FAIL"
-            say(f"  {criterion.name:18s} {shown:>9s}  threshold {criterion.threshold:<8} {verdict}")
+            say(f"  {_describe_criterion(criterion, gate.confidence)}")
+        if gate.message:
+            say(f"  {gate.message}")
     if status.promotion is not None:
         say(f"promoted   {status.promotion.version} -> {status.promotion.uri}")
         if status.promotion.vllm_serve:
@@ -606,3 +607,19 @@ def plot_rewards(history: list[dict[str, Any]], path: Path) -> Path | None:
 def expand_references(text: str, values: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined variables are replaced, others left as written."""
     return re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def _describe_criterion(criterion: GateCriterion, confidence: float) -> str:
+    """One line: name, estimate, its interval and n, threshold, outcome."""
+    if criterion.value is None:
+        return f"{criterion.name:18s} {'n/a':>9s}  threshold {criterion.threshold:<8} pass"
+    interval = (
+        f"[{criterion.low:.4f}, {criterion.high:.4f}] {confidence:.0%} {criterion.method}"
+        if criterion.low is not None and criterion.high is not None
+        else ""
+    )
+    outcome = "pass" if criterion.passed else "INCONCLUSIVE" if criterion.inconclusive else "FAIL"
+    return (
+        f"{criterion.name:18s} {criterion.value:>9.4f}  {interval}  n={criterion.n}  "
+        f"threshold {criterion.threshold:<8} {outcome}"
+    )

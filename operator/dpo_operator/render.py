@@ -289,6 +289,7 @@ def trainer_config(
             max_anchor_nll_increase=gate.max_anchor_nll_increase,
             must_beat_promoted=gate.must_beat_promoted,
             beat_margin=gate.beat_margin,
+            confidence=gate.confidence,
         )
         if gate.enabled and gate_data is not None
         else None,

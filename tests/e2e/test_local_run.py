@@ -17,7 +17,8 @@ def test_the_quickstart_passes_the_gate_and_is_promoted(tmp_path: Path) -> None:
     assert code == 0
     assert "DPOJob default/quickstart: Succeeded" in output
     assert "gate       Passed" in output
-    assert "rewardAccuracy" in output
+    accuracy = next(line for line in output.splitlines() if line.startswith("  rewardAccuracy"))
+    assert "95% wilson  n=128" in accuracy, "the estimate comes with its interval and n"
     assert (tmp_path / "rewards.png").stat().st_size > 10_000
     current = read_current(str(promotion_target(tmp_path)))
     assert current is not None

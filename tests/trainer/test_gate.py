@@ -1,4 +1,5 @@
-"""The eval gate and promotion: drift, digests, races, and beating the promoted adapter."""
+"""The eval gate and promotion: intervals and inconclusive verdicts, drift, digests, races, and
+beating the promoted adapter on the same pairs."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dpo_trainer.artifacts import verify_manifest
 from dpo_trainer.config import (
     EXIT_BAD_INPUT,
     EXIT_CHAMPION_CHANGED,
+    EXIT_GATE_REJECTED,
     BadInputError,
+    GateCriterion,
+    GateReport,
+    TrainerConfig,
 )
 from dpo_trainer.evaluate import evaluate
 from dpo_trainer.promote import read_current
@@ -246,3 +252,81 @@ def wait_until_catching(pid: int, signum: int, timeout: float = 30) -> None:
             return
         time.sleep(0.005)
     raise TimeoutError(f"process {pid} never installed a handler for signal {signum}")
+
+
+def with_gate(config: TrainerConfig, **gate: Any) -> TrainerConfig:
+    """The config with gate settings changed, validated again."""
+    assert config.gate is not None
+    return TrainerConfig.model_validate(
+        {**config.model_dump(), "gate": {**config.gate.model_dump(), **gate}}
+    )
+
+
+def criterion(report: GateReport, name: str) -> GateCriterion:
+    return next(c for c in report.criteria if c.name == name)
+
+
+def test_flipped_labels_are_rejected_with_the_whole_interval_below_the_threshold(
+    tmp_path: Path,
+) -> None:
+    config = trained(tmp_path)
+    flipped = {"uri": "builtin:synthetic-preferences/eval?flip=true"}
+    report = evaluate(with_gate(config, data=flipped))
+    accuracy = criterion(report, "rewardAccuracy")
+    print(f"flipped: rewardAccuracy {accuracy.value} [{accuracy.low}, {accuracy.high}]")
+    assert report.verdict == "Rejected"
+    assert accuracy.method == "wilson"
+    assert accuracy.n == report.pairs
+    assert accuracy.high is not None
+    assert accuracy.high < 0.6
+    assert report.message is not None
+    assert f"on {report.pairs} (needs >= 0.6 at 95%)" in report.message
+
+
+def test_too_few_pairs_are_inconclusive_and_enough_of_them_decide(tmp_path: Path) -> None:
+    config = with_gate(
+        trained(tmp_path),
+        min_reward_accuracy=0.8,
+        min_reward_margin=None,
+        max_anchor_nll_increase=None,
+    )
+    code, message = trainer_cli("eval", with_gate(config, max_samples=12), tmp_path)
+    assert code == EXIT_GATE_REJECTED, message
+    assert message["verdict"] == "Inconclusive"
+    (few,) = message["criteria"]
+    print(f"12 pairs: rewardAccuracy {few['value']} [{few['low']}, {few['high']}]")
+    assert few["value"] >= 0.8 > few["low"], "the estimate passes, its interval does not"
+    assert few["inconclusive"]
+    assert few["neededPairs"] > 12
+    assert f"about {few['neededPairs']} pairs would decide it" in message["message"]
+
+    report = evaluate(config)  # the same adapter, all 128 held-out pairs
+    assert report.verdict == "Passed", report.message
+    assert criterion(report, "rewardAccuracy").low > 0.8  # type: ignore[operator]
+
+
+def test_a_real_improvement_beats_the_champion_on_the_same_pairs(tmp_path: Path) -> None:
+    target = str(tmp_path / "models")
+    # The champion barely moved from the reference: about half its pairs are ranked right.
+    champion = with_promotion(
+        trained(tmp_path / "champion", dpo={"maxSteps": 1, "learningRate": 1e-7}),
+        target,
+        min_reward_accuracy=0.0,
+        min_reward_margin=None,
+    )
+    assert evaluate(champion).verdict == "Passed"
+    assert trainer_cli("promote", champion, tmp_path / "champion")[0] == 0
+
+    challenger = with_promotion(trained(tmp_path / "challenger"), target, must_beat_promoted=True)
+    report = evaluate(challenger)
+    beats = criterion(report, "beatsPromoted")
+    print(
+        f"challenger vs champion: accuracy delta {beats.value:+.3f} "
+        f"[{beats.low:+.3f}, {beats.high:+.3f}] on {beats.n} pairs"
+    )
+    assert report.verdict == "Passed", report.message
+    assert beats.method == "paired-bootstrap"
+    assert beats.low is not None
+    assert beats.low > 0.0
+    assert report.champion_digest == report_digest(champion)
+    assert report.metrics["beatsPromotedMarginDeltaLow"] > 0.0

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import job_with
 from tests.reports import BAD_INPUT, PROMOTED
+from tests.reports import GATE_INCONCLUSIVE as INCONCLUSIVE
 from tests.reports import GATE_PASSED as PASSED
 from tests.reports import GATE_REJECTED as REJECTED
 
@@ -217,6 +218,23 @@ def test_a_rejected_gate_ends_rejected_with_the_failed_criteria() -> None:
     assert not any(isinstance(a, Create) and a.kind == "promote" for a in decision.actions)
     assert decision.status.evaluation is not None
     assert decision.status.evaluation.criteria[0].passed is False
+
+
+def test_an_inconclusive_gate_promotes_nothing_and_says_how_many_pairs_would_decide() -> None:
+    eval_pod = pod("Failed", 3, INCONCLUSIVE)
+    jobs = (child("train", 1, "Complete"), child("eval", 1, "Failed", eval_pod))
+    decision = decide(job(), observed(*jobs))
+    assert decision.status.phase == "Rejected"
+    assert "about 9346 pairs would decide it" in (decision.status.message or "")
+    assert not any(isinstance(a, Create) and a.kind == "promote" for a in decision.actions)
+    assert decision.status.evaluation is not None
+    assert decision.status.evaluation.verdict == "Inconclusive"
+    (accuracy,) = decision.status.evaluation.criteria
+    assert (accuracy.low, accuracy.high, accuracy.n) == (0.5121, 0.6999, 100)
+    assert accuracy.inconclusive
+    assert accuracy.needed_pairs == 9346
+    failed = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failed.reason == "GateInconclusive"
 
 
 def test_manual_promotion_waits_for_the_approval_annotation() -> None:

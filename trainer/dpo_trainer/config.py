@@ -270,6 +270,9 @@ class GateConfig(ContractModel):
     max_anchor_nll_increase: float | None
     must_beat_promoted: bool
     beat_margin: float
+    confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="Confidence of the gate's intervals."
+    )
 
 
 class PromotionConfig(ContractModel):
@@ -388,21 +391,34 @@ class TrainingReport(TrainingSummary):
 
 
 class GateCriterion(ContractModel):
-    """One threshold of the gate: the value measured, the threshold, and whether it held."""
+    """One threshold of the gate: the estimate, its interval over `n` samples, the threshold,
+    and whether the interval cleared it (`passed`), or only the estimate did (`inconclusive`,
+    with the samples that would likely decide it)."""
 
     name: str
     value: float | None = Field(
         default=None, description="None when there is nothing to measure (nothing promoted yet)."
     )
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None
+    method: str | None = Field(
+        default=None, description="How the interval was found: wilson, bootstrap, paired-bootstrap."
+    )
     threshold: float
     passed: bool
+    inconclusive: bool = False
+    needed_pairs: int | None = None
+
+
+GateOutcome = Literal["Passed", "Rejected", "Inconclusive"]
 
 
 class GateVerdict(ContractModel):
     """The gate's verdict, short enough for a termination message."""
 
-    status: Literal["passed", "rejected"]
-    verdict: Literal["Passed", "Rejected"]
+    status: Literal["passed", "rejected", "inconclusive"]
+    verdict: GateOutcome
     adapter_digest: str
     criteria: list[GateCriterion]
     message: str | None = None
@@ -413,6 +429,7 @@ class GateReport(GateVerdict):
 
     metrics: dict[str, float]
     pairs: int
+    confidence: float = Field(default=0.95, description="Confidence of the criteria's intervals.")
     # With mustBeatPromoted: the digest of the adapter this one was compared with ("" when none
     # was promoted yet). Promotion refuses when `current` has moved on since.
     champion_digest: str | None = None

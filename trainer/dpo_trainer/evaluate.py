@@ -1,13 +1,18 @@
-"""The eval gate: score a trained adapter on held-out pairs; pass only if every criterion holds.
+"""The eval gate: score a trained adapter on held-out pairs; pass only if every criterion holds
+with confidence.
 
-Criteria (each reported with value, threshold and verdict in eval.json):
-- rewardAccuracy >= minRewardAccuracy: share of held-out pairs the implicit reward ranks right;
-- rewardMargin >= minRewardMargin: mean implicit reward of chosen minus rejected;
+Criteria (each reported with its estimate, interval, n, threshold and outcome in eval.json):
+- rewardAccuracy >= minRewardAccuracy: share of held-out pairs the implicit reward ranks right
+  (Wilson interval);
+- rewardMargin >= minRewardMargin: mean implicit reward of chosen minus rejected (bootstrap);
 - anchorNllIncrease <= maxAnchorNllIncrease: relative rise of the per-token NLL on an anchor set
   (default: the held-out chosen responses) over the starting model's; catches drift and reward
-  hacking that training loss does not show;
+  hacking that training loss does not show (bootstrap over anchor texts);
 - beatsPromoted (with mustBeatPromoted): held-out reward accuracy above the promoted adapter's
-  by more than beatMargin.
+  by more than beatMargin, on the same pairs (paired bootstrap of the per-pair delta).
+A criterion passes when its interval (gate.confidence) clears the threshold, fails when its
+estimate does not, and is inconclusive in between: the verdict is then Inconclusive, nothing is
+promoted, and the report says how many pairs would decide it (dpo_trainer.confidence).
 The implicit reward is the one the loss trains: beta * (log pi - log ref) summed over the
 response; per token for sigmoid_norm; beta * mean log pi for reference-free SimPO.
 """
@@ -21,13 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, Artifacts, verify_manifest
+from dpo_trainer.confidence import Estimate, Outcome, Relation, bootstrap, judge, mean, wilson
 from dpo_trainer.config import (
     BadInputError,
     GateConfig,
     GateCriterion,
+    GateOutcome,
     GateReport,
     ModelRef,
     TrainerConfig,
@@ -55,27 +64,63 @@ class Scores:
 @dataclass(frozen=True)
 class Criterion:
     name: str
-    value: float | None
-    relation: str  # how value must compare with threshold: ">=", "<=" or ">"
+    estimate: Estimate | None  # None: nothing to measure (nothing promoted yet)
+    relation: Relation
     threshold: float
-    passed: bool
+    outcome: Outcome
+    needed: int | None = None
 
     def reported(self) -> GateCriterion:
+        measured = self.estimate
         return GateCriterion(
-            name=self.name, value=self.value, threshold=self.threshold, passed=self.passed
+            name=self.name,
+            value=measured.value if measured else None,
+            low=measured.low if measured else None,
+            high=measured.high if measured else None,
+            n=measured.n if measured else None,
+            method=measured.method if measured else None,
+            threshold=self.threshold,
+            passed=self.outcome == "pass",
+            inconclusive=self.outcome == "inconclusive",
+            needed_pairs=self.needed,
         )
 
     def describe(self) -> str:
-        value = "n/a" if self.value is None else f"{self.value:.4f}"
-        return f"{self.name} {value} (needs {self.relation} {self.threshold})"
+        measured = self.estimate
+        if measured is None:
+            return f"{self.name} n/a (needs {self.relation} {self.threshold})"
+        text = (
+            f"{self.name} {measured.value:.4f} [{measured.low:.4f}, {measured.high:.4f}] on "
+            f"{measured.n} (needs {self.relation} {self.threshold} at {measured.confidence:.0%})"
+        )
+        if self.needed is not None:
+            text += f": about {self.needed} pairs would decide it"
+        return text
 
 
-def _check(name: str, value: float, relation: str, threshold: float | None) -> list[Criterion]:
+def _check(
+    name: str, estimate: Estimate, relation: Relation, threshold: float | None
+) -> list[Criterion]:
     """The criterion, or none when its threshold is not set."""
     if threshold is None:
         return []
-    passed = {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold}
-    return [Criterion(name, value, relation, threshold, passed[relation])]
+    outcome, needed = judge(estimate, relation, threshold)
+    return [Criterion(name, estimate, relation, threshold, outcome, needed)]
+
+
+def _verdict(criteria: list[Criterion]) -> tuple[GateOutcome, str | None]:
+    failed = [c for c in criteria if c.outcome == "fail"]
+    if failed:
+        return "Rejected", "gate rejected: " + "; ".join(c.describe() for c in failed)
+    unsure = [c for c in criteria if c.outcome == "inconclusive"]
+    if unsure:
+        return "Inconclusive", (
+            "gate inconclusive (too few held-out pairs to be sure; nothing promoted): "
+            + "; ".join(c.describe() for c in unsure)
+            + "; give the gate more pairs (evalGate.data, evalGate.maxSamples) or lower "
+            "evalGate.confidence"
+        )
+    return "Passed", None
 
 
 def evaluate(config: TrainerConfig) -> GateReport:
@@ -104,41 +149,67 @@ def evaluate(config: TrainerConfig) -> GateReport:
     new, new_anchor = scorer.scored(scorer.policy(adapter_dir), pairs, anchors)
     ref, ref_anchor = scorer.scored(scorer.reference(), pairs, anchors)
 
-    rewards = scorer.rewards(new, ref)
-    drift = (new_anchor - ref_anchor) / ref_anchor
+    chosen, rejected = scorer.rewards(new, ref)
+    margins = chosen - rejected
+    level = gate.confidence
+    accuracy = wilson(int((margins > 0).sum()), len(margins), level)
+    margin = bootstrap((margins,), mean, level)
+    drift = bootstrap((*new_anchor, *ref_anchor), _nll_increase, level)
     criteria = [
-        *_check("rewardAccuracy", rewards["accuracy"], ">=", gate.min_reward_accuracy),
-        *_check("rewardMargin", rewards["margin"], ">=", gate.min_reward_margin),
+        *_check("rewardAccuracy", accuracy, ">=", gate.min_reward_accuracy),
+        *_check("rewardMargin", margin, ">=", gate.min_reward_margin),
         *_check("anchorNllIncrease", drift, "<=", gate.max_anchor_nll_increase),
     ]
     champion = None
+    metrics: dict[str, float] = {}
     if gate.must_beat_promoted and config.promotion is not None:
-        champion, beaten = _beats_promoted(config, gate, scorer, pairs, ref, rewards, digest)
+        champion, beaten, metrics = _beats_promoted(
+            config, gate, scorer, pairs, ref, margins, digest
+        )
         criteria += beaten
-    failed = [c for c in criteria if not c.passed]
+    verdict, message = _verdict(criteria)
     result = GateReport(
-        status="rejected" if failed else "passed",
-        verdict="Rejected" if failed else "Passed",
+        status=verdict.lower(),
+        verdict=verdict,
         adapter_digest=digest,
         criteria=[c.reported() for c in criteria],
-        message="gate rejected: " + "; ".join(c.describe() for c in failed) if failed else None,
+        message=message,
         metrics={
-            "rewardAccuracy": rewards["accuracy"],
-            "rewardMargin": rewards["margin"],
-            "rewardChosen": rewards["chosen"],
-            "rewardRejected": rewards["rejected"],
-            "anchorNll": new_anchor,
-            "referenceAnchorNll": ref_anchor,
-            "anchorNllIncrease": drift,
+            "rewardAccuracy": accuracy.value,
+            "rewardMargin": margin.value,
+            "rewardChosen": float(chosen.mean()),
+            "rewardRejected": float(rejected.mean()),
+            "anchorNll": _nll(*new_anchor),
+            "referenceAnchorNll": _nll(*ref_anchor),
+            "anchorNllIncrease": drift.value,
+            **metrics,
         },
         pairs=len(pairs),
+        confidence=level,
         data=report,
         champion_digest=champion,
     )
     artifacts.write_report(EVAL_REPORT, result)
     for criterion in criteria:
-        log.info("gate: %s -> %s", criterion.describe(), "pass" if criterion.passed else "FAIL")
+        log.info("gate: %s -> %s", criterion.describe(), criterion.outcome)
     return result
+
+
+def _nll(logps: NDArray[np.float64], tokens: NDArray[np.float64]) -> float:
+    """Per-token negative log-likelihood over texts."""
+    return float(-logps.sum() / max(tokens.sum(), 1))
+
+
+def _nll_increase(
+    new_logps: NDArray[np.float64],
+    new_tokens: NDArray[np.float64],
+    ref_logps: NDArray[np.float64],
+    ref_tokens: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """Relative rise of the per-token NLL over the reference's, per row of resampled texts."""
+    new = -new_logps.sum(-1) / np.maximum(new_tokens.sum(-1), 1)
+    ref = -ref_logps.sum(-1) / np.maximum(ref_tokens.sum(-1), 1)
+    return (new - ref) / ref  # type: ignore[no-any-return]
 
 
 def _beats_promoted(
@@ -147,24 +218,39 @@ def _beats_promoted(
     scorer: Scorer,
     pairs: list[dict[str, Any]],
     ref: Scores,
-    rewards: dict[str, float],
+    margins: NDArray[np.float64],
     digest: str,
-) -> tuple[str, list[Criterion]]:
-    """The digest of the promoted adapter ("" when none) and the beatsPromoted criterion."""
+) -> tuple[str, list[Criterion], dict[str, float]]:
+    """The digest of the promoted adapter ("" when none), the beatsPromoted criterion, and the
+    paired deltas as metrics."""
     assert config.promotion is not None
     current = promoted_adapter(config.promotion.target)
     if current is None:
         log.info("nothing promoted at %s yet: beatsPromoted passes", config.promotion.target)
-        return "", [Criterion("beatsPromoted", None, ">", gate.beat_margin, True)]
+        return "", [Criterion("beatsPromoted", None, ">", gate.beat_margin, "pass")], {}
     current_dir, current_digest = current
     if current_digest == digest:
         raise BadInputError(
             f"this adapter ({digest}) is already the promoted one at {config.promotion.target}"
         )
     with scorer.policy(current_dir) as promoted:
-        promoted_rewards = scorer.rewards(scorer.score(promoted, pairs), ref)
-    delta = rewards["accuracy"] - promoted_rewards["accuracy"]
-    return current_digest, _check("beatsPromoted", delta, ">", gate.beat_margin)
+        champion_chosen, champion_rejected = scorer.rewards(scorer.score(promoted, pairs), ref)
+    champion_margins = champion_chosen - champion_rejected
+    correct = (margins > 0).astype(np.float64)
+    champion_correct = (champion_margins > 0).astype(np.float64)
+    accuracy = bootstrap(
+        (correct - champion_correct,), mean, gate.confidence, method="paired-bootstrap"
+    )
+    margin = bootstrap(
+        (margins - champion_margins,), mean, gate.confidence, method="paired-bootstrap"
+    )
+    metrics = {
+        "beatsPromotedAccuracyDelta": accuracy.value,
+        "beatsPromotedMarginDelta": margin.value,
+        "beatsPromotedMarginDeltaLow": margin.low,
+        "beatsPromotedMarginDeltaHigh": margin.high,
+    }
+    return current_digest, _check("beatsPromoted", accuracy, ">", gate.beat_margin), metrics
 
 
 class Scorer:
@@ -200,10 +286,11 @@ class Scorer:
         model: contextlib.AbstractContextManager[Any],
         pairs: list[dict[str, Any]],
         anchors: list[dict[str, Any]],
-    ) -> tuple[Scores, float]:
-        """The pairs' scores and the anchor NLL under `model`, which is released afterwards."""
+    ) -> tuple[Scores, tuple[NDArray[np.float64], NDArray[np.float64]]]:
+        """The pairs' scores and the anchor texts' log-probs and token counts under `model`,
+        which is released afterwards."""
         with model as loaded:
-            return self.score(loaded, pairs), self.anchor_nll(loaded, anchors)
+            return self.score(loaded, pairs), self.anchor_logps(loaded, anchors)
 
     @contextlib.contextmanager
     def policy(self, adapter_dir: Path) -> Iterator[Any]:
@@ -279,12 +366,17 @@ class Scorer:
         )
         return Scores(chosen, rejected, chosen_tokens, rejected_tokens)
 
-    def anchor_nll(self, model: Any, anchors: list[dict[str, Any]]) -> float:
-        """Per-token negative log-likelihood of the anchor responses (their chosen side)."""
+    def anchor_logps(
+        self, model: Any, anchors: list[dict[str, Any]]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Each anchor response's (its chosen side's) summed log-prob and token count."""
         logps, tokens = self._sequence_logps(model, [(a["prompt"], a["chosen"]) for a in anchors])
-        return float(-logps.sum() / tokens.sum().clamp(min=1))
+        return logps.double().numpy(), tokens.double().numpy()
 
-    def rewards(self, policy: Scores, ref: Scores) -> dict[str, float]:
+    def rewards(
+        self, policy: Scores, ref: Scores
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Each pair's implicit reward of the chosen and of the rejected response."""
         if self.loss_type == ["simpo"]:
             chosen = self.beta * policy.chosen / policy.chosen_tokens.clamp(min=1)
             rejected = self.beta * policy.rejected / policy.rejected_tokens.clamp(min=1)
@@ -296,10 +388,4 @@ class Scorer:
         else:
             chosen = self.beta * (policy.chosen - ref.chosen)
             rejected = self.beta * (policy.rejected - ref.rejected)
-        margins = chosen - rejected
-        return {
-            "accuracy": float((margins > 0).float().mean()),
-            "margin": float(margins.mean()),
-            "chosen": float(chosen.mean()),
-            "rejected": float(rejected.mean()),
-        }
+        return chosen.double().numpy(), rejected.double().numpy()
