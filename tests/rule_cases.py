@@ -47,12 +47,6 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "efa moves GPU memory over RDMA but resources.gpusPerNode is 0; set it >= 1 or use tcp",
     ),
     (
-        "default-gate-without-held-out-pairs",
-        manifest("rule-e", data={"train": {"uri": "s3://b/t.jsonl"}}),
-        "spec.evalGate",
-        "the gate needs held-out pairs; set data.eval or evalGate.data",
-    ),
-    (
         "promotion-without-gate",
         manifest("rule-f", **{"evalGate.enabled": False, "promotion": {"target": "s3://m"}}),
         "spec.promotion",
@@ -252,6 +246,10 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
                 "evalGate.mustBeatPromoted": True,
             },
         ),
+    ),
+    (
+        "default-gate-on-a-hold-out-of-the-training-pairs",
+        manifest("ok-e", data={"train": {"uri": "s3://b/t.jsonl"}}),
     ),
     (
         "beat-promoted",

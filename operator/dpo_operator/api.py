@@ -393,12 +393,27 @@ class DataSourceSpec(DataSource, RuledModel):
     )
 
 
+class HoldOutSpec(ContractModel):
+    """Without eval data (data.eval and evalGate.data unset), a part of the training pairs is
+    held out for evaluation and the gate, and never trained on: those whose prompt hashes into
+    the first `fraction`, every pair of a prompt on one side, the same split in every run."""
+
+    fraction: float = Field(default=0.05, gt=0, le=0.5, description="Share of prompts held out.")
+    max_pairs: int = Field(default=2000, ge=1, description="Most pairs held out.")
+
+
 class DataSpec(ContractModel):
     """Preference pairs (prompt, chosen, rejected) to train and evaluate on."""
 
     train: DataSourceSpec = Field(description="Training pairs.")
     eval: DataSourceSpec | None = Field(
-        default=None, description="Held-out pairs for evaluation logs and, by default, the gate."
+        default=None,
+        description="Held-out pairs for evaluation logs and, by default, the gate (default: a "
+        "hold-out of the training pairs).",
+    )
+    hold_out: HoldOutSpec = Field(
+        default_factory=HoldOutSpec,
+        description="The hold-out of the training pairs used when there is no eval data.",
     )
     format: DataFormat = Field(
         default="auto",
@@ -935,12 +950,6 @@ class DPOJobSpec(RuledModel):
             "resources.gpusPerNode is 0; set it >= 1 or use tcp'",
         ),
         Rule(
-            "!self.evalGate.enabled || has(self.data.eval) || has(self.evalGate.data)",
-            "the gate needs held-out pairs; set data.eval or evalGate.data (or evalGate.enabled: "
-            "false, which also rules out promotion)",
-            ".evalGate",
-        ),
-        Rule(
             "!has(self.promotion) || self.evalGate.enabled",
             "nothing is promoted without a gate; enable evalGate or remove promotion",
             ".promotion",
@@ -1131,9 +1140,20 @@ class GateCriterion(ContractModel):
     needed_pairs: int | None = None
 
 
+class HeldOutStatus(ContractModel):
+    """The pairs the gate scored, when held out of the training data."""
+
+    source: Annotated[str, Field(max_length=1024)]
+    fraction: float
+    max_pairs: int
+    pairs: int
+    prompts: int
+
+
 class EvaluationStatus(ContractModel):
     verdict: Literal["Passed", "Rejected", "Inconclusive"]
     criteria: list[GateCriterion] = Field(default_factory=list, max_length=32)
+    held_out: HeldOutStatus | None = None
 
 
 class PromotionStatus(ContractModel):

@@ -39,6 +39,7 @@ from dpo_operator.api import (
     DPOJobStatus,
     EvaluationStatus,
     GateCriterion,
+    HeldOutStatus,
     Phase,
     PromotionStatus,
     TrainingMetrics,
@@ -495,6 +496,9 @@ class _Machine:
         self.status.evaluation = EvaluationStatus(
             verdict=verdict.verdict,
             criteria=[GateCriterion.model_validate(c.model_dump()) for c in verdict.criteria],
+            held_out=HeldOutStatus.model_validate(verdict.held_out.model_dump())
+            if verdict.held_out
+            else None,
         )
         self.condition("GatePassed", passed, verdict.verdict, message)
 

@@ -549,6 +549,12 @@ def _summary(executor: LocalExecutor, job: DPOJob, status: DPOJobStatus) -> None
     if status.evaluation is not None and gate_report.exists():
         gate = GateReport.model_validate_json(gate_report.read_text())
         say(f"gate       {gate.verdict}")
+        if gate.held_out is not None:
+            held = gate.held_out
+            say(
+                f"  on {held.pairs} pairs ({held.prompts} prompts) held out of {held.source}: "
+                f"{held.fraction:.0%} of its prompts, at most {held.max_pairs} pairs"
+            )
         for criterion in gate.criteria:
             say(f"  {_describe_criterion(criterion, gate.confidence)}")
         if gate.message:

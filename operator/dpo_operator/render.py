@@ -38,6 +38,7 @@ from dpo_trainer.config import (
     DataSource,
     DistributedConfig,
     GateConfig,
+    HoldOut,
     JobIdentity,
     LoraSettings,
     ModelRef,
@@ -230,7 +231,13 @@ def trainer_config(
     (`dpo run`); by default they are where the pods mount them."""
     spec = job.spec
     gate = spec.eval_gate
-    gate_data = _optional_in_pod(gate.data or spec.data.eval, claim_paths)
+    # No held-out pairs given: a part of the training pairs is held out for both.
+    hold_out = (
+        HoldOut(fraction=spec.data.hold_out.fraction, max_pairs=spec.data.hold_out.max_pairs)
+        if spec.data.eval is None and gate.data is None
+        else None
+    )
+    gate_data = _in_pod(gate.data or spec.data.eval or spec.data.train, claim_paths)
     chosen = layout(spec)
     return TrainerConfig(
         job=JobIdentity(name=job.name, namespace=job.namespace, uid=run_id(job)),
@@ -246,6 +253,7 @@ def trainer_config(
             eval=_optional_in_pod(spec.data.eval, claim_paths),
             format=spec.data.format,
             columns=spec.data.columns,
+            hold_out=hold_out,
         ),
         training=TrainingConfig(
             loss_type=spec.dpo.loss_type,
@@ -282,6 +290,7 @@ def trainer_config(
         gate=GateConfig(
             gpus=eval_gpus(job, settings=settings),
             data=gate_data,
+            hold_out=hold_out,
             anchor_data=_optional_in_pod(gate.anchor_data, claim_paths),
             max_samples=gate.max_samples,
             min_reward_accuracy=gate.min_reward_accuracy,
@@ -291,7 +300,7 @@ def trainer_config(
             beat_margin=gate.beat_margin,
             confidence=gate.confidence,
         )
-        if gate.enabled and gate_data is not None
+        if gate.enabled
         else None,
         promotion=PromotionConfig(
             target=pod_path(spec.promotion.target, claim_paths),

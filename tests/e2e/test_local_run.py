@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from dpo_trainer.artifacts import verify_manifest
-from dpo_trainer.config import EXIT_GATE_REJECTED
+from dpo_trainer.config import EXIT_GATE_REJECTED, ColumnMapping, DataSource, HoldOut
+from dpo_trainer.data import load_preferences, split_held_out
 from dpo_trainer.promote import read_current
 
 from tests.conftest import dpo_run, promotion_target, quickstart
@@ -78,3 +79,28 @@ def test_a_two_node_job_runs_as_two_local_processes(tmp_path: Path) -> None:
     ]
     assert [r["worldSize"] for r in ranks] == [2, 2]
     assert ranks[0]["parametersDigest"] == ranks[1]["parametersDigest"]
+
+
+def test_a_plain_recipe_without_eval_data_is_gated_on_a_hold_out_it_never_trained_on(
+    tmp_path: Path,
+) -> None:
+    """TRL's recipes give only training pairs: the gate gets a hold-out of them."""
+    manifest = quickstart(**{"dpo.maxSteps": 30})
+    del manifest["spec"]["data"]["eval"]
+    code, output = dpo_run(manifest, tmp_path)
+    assert code == 0, output
+    train = json.loads(next(tmp_path.rglob("train.json")).read_text())
+    gate = json.loads(next(tmp_path.rglob("eval.json")).read_text())
+    held = gate["heldOut"]
+    assert held == train["heldOut"], "training and the gate split the pairs the same way"
+    assert held["source"] == "builtin:synthetic-preferences/train"
+    assert held["fraction"] == 0.05
+    assert gate["pairs"] == held["pairs"] > 0
+    assert f"on {held['pairs']} pairs ({held['prompts']} prompts) held out of" in output
+    assert "eval_rewards/accuracies" in output, "the held-out pairs are the eval set too"
+
+    pairs, _ = load_preferences(DataSource(uri=held["source"]), ColumnMapping(), "auto")
+    trained, held_out = split_held_out(pairs, HoldOut(fraction=0.05, max_pairs=2000))
+    assert len(held_out) == held["pairs"]
+    assert len(trained) + len(held_out) == train["data"]["train"]["kept"]
+    assert not {p["prompt"] for p in trained} & {p["prompt"] for p in held_out}

@@ -191,10 +191,10 @@ BAD_MANIFESTS: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ),
     ("local-output", _set("spec.output.uri", "/data/out"), "spec.output.uri", "pvc://<claim>"),
     (
-        "gate-without-held-out-data",
-        _delete("spec.data.eval"),
-        "spec.evalGate",
-        "set data.eval or evalGate.data",
+        "hold-out-of-most-of-the-training-pairs",
+        _set("spec.data.holdOut.fraction", 0.9),
+        "spec.data.holdOut.fraction",
+        "0.5",
     ),
     (
         "promotion-without-gate",

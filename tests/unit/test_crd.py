@@ -135,7 +135,7 @@ def test_cross_field_rules_are_enforced_by_the_api_server_too() -> None:
     for needle in (
         "'hsdp'",
         "self.resources.nodes > 1",
-        "has(self.data.eval)",
+        "self.promotion.target.startsWith('s3://')",
         "has(self.promotion)",
     ):
         assert needle in spec_rules

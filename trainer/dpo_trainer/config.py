@@ -170,11 +170,33 @@ class JobIdentity(ContractModel):
     uid: ShortStr
 
 
+class HoldOut(ContractModel):
+    """Training pairs held out for evaluation and the gate when no eval data is given: the
+    pairs whose prompt hashes below `fraction` (every pair of a prompt on one side), at most
+    `max_pairs` of them (dpo_trainer.data.split_held_out)."""
+
+    fraction: float = Field(gt=0, le=0.5)
+    max_pairs: int = Field(ge=1)
+
+
+class HeldOutReport(HoldOut):
+    """What a hold-out held out of its source."""
+
+    source: str
+    pairs: int
+    prompts: int
+
+
 class DataConfig(ContractModel):
     train: DataSource
     eval: DataSource | None
     format: DataFormat
     columns: ColumnMapping
+    hold_out: HoldOut | None = Field(
+        default=None,
+        description="Set when there is no eval data: the held-out part of `train` is the "
+        "eval data, and is never trained on.",
+    )
 
 
 class TrainingConfig(ContractModel):
@@ -263,6 +285,11 @@ class GateConfig(ContractModel):
         description="GPUs of the eval pod; the models are spread over all of them (0: CPU).",
     )
     data: DataSource
+    hold_out: HoldOut | None = Field(
+        default=None,
+        description="Set when `data` is the training data: the gate scores its "
+        "held-out part only (the same split as training's).",
+    )
     anchor_data: DataSource | None
     max_samples: int | None
     min_reward_accuracy: float | None
@@ -375,6 +402,7 @@ class TrainingReport(TrainingSummary):
     seconds: float
     eval: dict[str, float]
     data: dict[str, DataReport | None]
+    held_out: HeldOutReport | None = None
     adapter: str
     log_history: list[dict[str, object]]
     memory: dict[str, int]
@@ -422,6 +450,9 @@ class GateVerdict(ContractModel):
     adapter_digest: str
     criteria: list[GateCriterion]
     message: str | None = None
+    held_out: HeldOutReport | None = Field(
+        default=None, description="The pairs scored, when held out of the training data."
+    )
 
 
 class GateReport(GateVerdict):

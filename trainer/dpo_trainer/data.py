@@ -3,11 +3,14 @@
 Sources are hub datasets (`name` + `split`), jsonl or parquet files at any fsspec URI (local
 paths, s3://, gs://, ...), or `builtin:synthetic-preferences/<split>`. Rows come out as
 `prompt`, `chosen`, `rejected` in the standard (text) or conversational (messages) format that
-TRL takes. A bad row is bad input: the error names the source, row and column.
+TRL takes. A bad row is bad input: the error names the source, row and column. Without eval
+data, a deterministic, hash-based part of the training pairs is held out for evaluation and
+the gate (`split_held_out`), and never trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -15,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from dpo_trainer.builtin import is_builtin, synthetic_preferences
-from dpo_trainer.config import BadInputError, ColumnMapping, DataFormat, DataReport, DataSource
+from dpo_trainer.config import (
+    BadInputError,
+    ColumnMapping,
+    DataFormat,
+    DataReport,
+    DataSource,
+    HeldOutReport,
+    HoldOut,
+)
 from dpo_trainer.fetch import COMPLETE_MARKER, cached, download, is_remote, remote_entry
 from dpo_trainer.presets import BUILTIN_PREFIX
 
@@ -56,6 +67,64 @@ def load_preferences(
             f"{label}: every pair was dropped while cleaning ({report.model_dump_json()})"
         )
     return kept, report
+
+
+def load_split(
+    source: DataSource, hold_out: HoldOut, columns: ColumnMapping, data_format: DataFormat
+) -> tuple[list[Row], list[Row], DataReport, HeldOutReport]:
+    """The pairs of `source`, cleaned, split into (trained on, held out)."""
+    pairs, report = load_preferences(source, columns, data_format)
+    trained, held = split_held_out(pairs, hold_out)
+    prompts = len({_prompt_key(p["prompt"]) for p in held})
+    held_report = HeldOutReport(
+        **hold_out.model_dump(), source=report.source, pairs=len(held), prompts=prompts
+    )
+    log.info(
+        "%s: held out %d pairs (%d prompts) for evaluation and the gate; training on %d",
+        report.source,
+        len(held),
+        prompts,
+        len(trained),
+    )
+    return trained, held, report, held_report
+
+
+def split_held_out(pairs: list[Row], hold_out: HoldOut) -> tuple[list[Row], list[Row]]:
+    """(trained on, held out). A pair is held out when its prompt's sha256 falls below
+    `fraction` of the hash space, so every pair of one prompt lands on one side, and the split
+    is the same in every pod, run and process. Beyond `max_pairs`, the prompts that hash
+    highest go back to training; at least one prompt is always held out, and one trained on."""
+    by_prompt: dict[str, list[Row]] = {}
+    for pair in pairs:
+        by_prompt.setdefault(_prompt_key(pair["prompt"]), []).append(pair)
+    if len(by_prompt) < 2:
+        raise BadInputError(
+            f"{len(pairs)} pair(s) with {len(by_prompt)} prompt(s): holding any out leaves "
+            "nothing to train on; give data.eval or evalGate.data, or more training pairs"
+        )
+    ranked = sorted(by_prompt, key=_prompt_hash)
+    held: set[str] = set()
+    count = 0
+    for key in ranked[:-1]:  # the last prompt is always trained on
+        if held and (
+            _prompt_hash(key) >= hold_out.fraction
+            or count + len(by_prompt[key]) > hold_out.max_pairs
+        ):
+            break
+        held.add(key)
+        count += len(by_prompt[key])
+    trained = [p for p in pairs if _prompt_key(p["prompt"]) not in held]
+    return trained, [p for p in pairs if _prompt_key(p["prompt"]) in held]
+
+
+def _prompt_key(prompt: object) -> str:
+    """A prompt (text or messages) as canonical text."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def _prompt_hash(key: str) -> float:
+    """Where a prompt falls in [0, 1): the first 8 bytes of its sha256."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
 def _read(source: DataSource, label: str) -> list[Row]:

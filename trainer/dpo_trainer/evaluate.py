@@ -41,7 +41,7 @@ from dpo_trainer.config import (
     ModelRef,
     TrainerConfig,
 )
-from dpo_trainer.data import load_preferences
+from dpo_trainer.data import load_preferences, load_split
 from dpo_trainer.distributed import require_gpus
 from dpo_trainer.models import load_model, load_tokenizer, torch_dtype
 from dpo_trainer.promote import promoted_adapter
@@ -137,7 +137,13 @@ def evaluate(config: TrainerConfig) -> GateReport:
         )
     digest = verify_manifest(adapter_dir)
 
-    pairs, report = load_preferences(gate.data, config.data.columns, config.data.format)
+    held_out = None
+    if gate.hold_out is not None:
+        _, pairs, report, held_out = load_split(
+            gate.data, gate.hold_out, config.data.columns, config.data.format
+        )
+    else:
+        pairs, report = load_preferences(gate.data, config.data.columns, config.data.format)
     pairs = pairs[: gate.max_samples] if gate.max_samples else pairs
     anchors = pairs
     if gate.anchor_data is not None:
@@ -174,6 +180,7 @@ def evaluate(config: TrainerConfig) -> GateReport:
         adapter_digest=digest,
         criteria=[c.reported() for c in criteria],
         message=message,
+        held_out=held_out,
         metrics={
             "rewardAccuracy": accuracy.value,
             "rewardMargin": margin.value,

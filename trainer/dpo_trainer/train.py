@@ -48,10 +48,11 @@ from dpo_trainer.config import (
     DataReport,
     DistributedConfig,
     DistributedRun,
+    HeldOutReport,
     TrainerConfig,
     TrainingReport,
 )
-from dpo_trainer.data import load_preferences
+from dpo_trainer.data import load_preferences, load_split
 from dpo_trainer.distributed import (
     check_run,
     describe_run,
@@ -99,10 +100,15 @@ def train(config: TrainerConfig) -> TrainingReport:
         keep_fsdp_on_cpu()
     dtype = torch_dtype(config.training.mixed_precision)
 
-    train_rows, train_report = load_preferences(
-        config.data.train, config.data.columns, config.data.format
-    )
-    eval_rows, eval_report = (None, None)
+    eval_rows, eval_report, held_out = None, None, None
+    if config.data.hold_out is not None:
+        train_rows, eval_rows, train_report, held_out = load_split(
+            config.data.train, config.data.hold_out, config.data.columns, config.data.format
+        )
+    else:
+        train_rows, train_report = load_preferences(
+            config.data.train, config.data.columns, config.data.format
+        )
     if config.data.eval is not None:
         eval_rows, eval_report = load_preferences(
             config.data.eval, config.data.columns, config.data.format
@@ -147,6 +153,7 @@ def train(config: TrainerConfig) -> TrainingReport:
             final_eval,
             train_report,
             eval_report,
+            held_out,
             started,
         )
     finally:
@@ -213,7 +220,9 @@ def training_arguments(
         "save_strategy": "steps",
         "save_steps": training.save_steps,
         "save_total_limit": SAVE_TOTAL_LIMIT,
-        "eval_strategy": "steps" if config.data.eval is not None else "no",
+        "eval_strategy": "no"
+        if config.data.eval is None and config.data.hold_out is None
+        else "steps",
         "eval_steps": training.save_steps,
         "bf16": dtype == torch.bfloat16,
         "ddp_timeout": training.ddp_timeout_seconds,
@@ -378,6 +387,7 @@ def _finish(
     final_eval: dict[str, float],
     train_report: DataReport,
     eval_report: DataReport | None,
+    held_out: HeldOutReport | None,
     started: float,
 ) -> TrainingReport:
     """Save the whole adapter (or model) with its manifest and write train.json.
@@ -401,6 +411,7 @@ def _finish(
         metrics=dict(metrics.latest),
         eval={k: v for k, v in final_eval.items() if isinstance(v, int | float)},
         data={"train": train_report, "eval": eval_report},
+        held_out=held_out,
         adapter=f"{artifacts.uri.rstrip('/')}/{ADAPTER}",
         log_history=trainer.state.log_history,
         parameters_digest=_agreed_digest(trainer),
