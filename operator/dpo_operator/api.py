@@ -394,9 +394,10 @@ class DataSourceSpec(DataSource, RuledModel):
 
 
 class HoldOutSpec(ContractModel):
-    """Without eval data (data.eval and evalGate.data unset), a part of the training pairs is
-    held out for evaluation and the gate, and never trained on: those whose prompt hashes into
-    the first `fraction`, every pair of a prompt on one side, the same split in every run."""
+    """With the gate on and no eval data (data.eval and evalGate.data unset), a part of the
+    training pairs is held out for evaluation and the gate, and never trained on: those whose
+    prompt hashes into the first `fraction`, every pair of a prompt on one side, the same split
+    in every run."""
 
     fraction: float = Field(default=0.05, gt=0, le=0.5, description="Share of prompts held out.")
     max_pairs: int = Field(default=2000, ge=1, description="Most pairs held out.")

@@ -231,10 +231,10 @@ def trainer_config(
     (`dpo run`); by default they are where the pods mount them."""
     spec = job.spec
     gate = spec.eval_gate
-    # No held-out pairs given: a part of the training pairs is held out for both.
+    # A gate but no held-out pairs given: a part of the training pairs is held out for it.
     hold_out = (
         HoldOut(fraction=spec.data.hold_out.fraction, max_pairs=spec.data.hold_out.max_pairs)
-        if spec.data.eval is None and gate.data is None
+        if gate.enabled and spec.data.eval is None and gate.data is None
         else None
     )
     gate_data = _in_pod(gate.data or spec.data.eval or spec.data.train, claim_paths)
