@@ -77,7 +77,8 @@ class ObjectStore:
                 f"-s3.config={workdir / 's3.json'}",
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
-                "-volume.max=8",
+                # Volumes are made lazily, several per bucket (a collection each): room for many.
+                "-volume.max=200",
                 "-master.volumeSizeLimitMB=64",
             ],
             stdout=(workdir / "weed.log").open("wb"),

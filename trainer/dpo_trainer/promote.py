@@ -12,7 +12,7 @@ fails with ChampionChangedError instead of replacing a possibly better adapter. 
 the swap are one step: under a POSIX lock on a filesystem target, and on S3 a conditional write
 (`If-Match` the ETag of the pointer that was compared, `If-None-Match: *` when there was none)
 that the store refuses once another run wrote the pointer. Other object stores have no such
-write here: their race is narrowed to the one pointer write. A promoted adapter is only ever
+write here, so the API refuses `mustBeatPromoted` with them. A promoted adapter is only ever
 read back after its digests were checked.
 """
 
@@ -189,8 +189,7 @@ def _pointer_and_tag(fs: Any, root: str) -> tuple[PromotionResult | None, str | 
 @contextlib.contextmanager
 def _locked(fs: Any, root: str) -> Iterator[None]:
     """Holds the target's lock on a filesystem (a POSIX lock: NFS shares it between pods).
-    An object store has no lock: its pointer write is conditional instead (S3) or, elsewhere,
-    one atomic write right after the compare."""
+    An object store has no lock: on S3 the pointer write is conditional instead."""
     if not isinstance(fs, LocalFileSystem):
         yield
         return
