@@ -163,3 +163,23 @@ def report_digest(config: TrainerConfig) -> str:
         "adapterDigest"
     ]
     return digest
+
+
+def challengers(workdir: Path, target: str) -> list[TrainerConfig]:
+    """Two different adapters (seeds 1 and 2), each gated with mustBeatPromoted against the same
+    target while nothing is promoted there yet."""
+    from dpo_trainer.evaluate import evaluate
+
+    runs = [
+        with_promotion(
+            trained(workdir / f"run{seed}", dpo={"maxSteps": 10, "seed": seed}),
+            target,
+            must_beat_promoted=True,
+        )
+        for seed in (1, 2)
+    ]
+    for run in runs:
+        report = evaluate(run)
+        assert report.verdict == "Passed"
+        assert report.champion_digest == "", "both beat 'nothing promoted'"
+    return runs

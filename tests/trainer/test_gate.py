@@ -26,6 +26,7 @@ from dpo_trainer.promote import read_current
 
 from tests.trainer.conftest import (
     BIN,
+    challengers,
     report_digest,
     trained,
     trainer_cli,
@@ -173,18 +174,7 @@ def test_two_runs_that_beat_the_same_champion_leave_the_first_promoted(tmp_path:
     """Both gates compared with what was promoted then (nothing); the first to promote wins
     and the second is refused instead of replacing it unseen."""
     target = str(tmp_path / "models")
-    runs = [
-        with_promotion(
-            trained(tmp_path / f"run{seed}", dpo={"maxSteps": 10, "seed": seed}),
-            target,
-            must_beat_promoted=True,
-        )
-        for seed in (1, 2)
-    ]
-    for run in runs:
-        report = evaluate(run)
-        assert report.verdict == "Passed"
-        assert report.champion_digest == ""
+    runs = challengers(tmp_path, target)
     assert trainer_cli("promote", runs[0], tmp_path / "run1")[0] == 0
     code, message = trainer_cli("promote", runs[1], tmp_path / "run2")
     assert code == EXIT_CHAMPION_CHANGED

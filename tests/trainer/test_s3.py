@@ -11,36 +11,18 @@ from typing import Any
 import pytest
 from dpo_trainer import promote as promotion
 from dpo_trainer.artifacts import verify_manifest
-from dpo_trainer.config import EXIT_CHAMPION_CHANGED, ChampionChangedError, TrainerConfig
-from dpo_trainer.evaluate import evaluate
+from dpo_trainer.config import EXIT_CHAMPION_CHANGED, ChampionChangedError
 from dpo_trainer.promote import promote, promoted_adapter, read_current
 
 from tests.object_store import ObjectStore
-from tests.trainer.conftest import BIN, report_digest, trained, with_promotion, write_config
-
-
-def challengers(tmp_path: Path, store: ObjectStore) -> tuple[str, list[TrainerConfig]]:
-    """Two different adapters, each gated against the same (empty) S3 target."""
-    target = f"s3://{store.bucket()}/models"
-    runs = [
-        with_promotion(
-            trained(tmp_path / f"run{seed}", dpo={"maxSteps": 10, "seed": seed}),
-            target,
-            must_beat_promoted=True,
-        )
-        for seed in (1, 2)
-    ]
-    for run in runs:
-        report = evaluate(run)
-        assert report.verdict == "Passed"
-        assert report.champion_digest == "", "both beat 'nothing promoted'"
-    return target, runs
+from tests.trainer.conftest import BIN, challengers, report_digest, write_config
 
 
 def test_a_pointer_written_just_before_ours_is_not_overwritten(
     tmp_path: Path, s3_env: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    target, (first, second) = challengers(tmp_path, s3_env)
+    target = f"s3://{s3_env.bucket()}/models"
+    first, second = challengers(tmp_path, target)
     write = promotion._write_pointer
 
     def another_run_lands_first(*args: Any) -> None:
@@ -59,7 +41,8 @@ def test_a_pointer_written_just_before_ours_is_not_overwritten(
 def test_runs_racing_to_beat_one_champion_on_s3_leave_exactly_one_promoted(
     tmp_path: Path, s3_env: ObjectStore
 ) -> None:
-    target, runs = challengers(tmp_path, s3_env)
+    target = f"s3://{s3_env.bucket()}/models"
+    runs = challengers(tmp_path, target)
     racers = []
     for index, config in enumerate(runs * 2):  # each adapter twice, all at once
         workdir = tmp_path / f"racer{index}"
