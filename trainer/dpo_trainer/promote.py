@@ -181,7 +181,7 @@ def _pointer_and_tag(fs: Any, root: str) -> tuple[PromotionResult | None, str | 
             tag = str(fs.info(path, refresh=True)["ETag"])
         except FileNotFoundError:
             return None, None
-    if not fs.exists(path):
+    elif not fs.exists(path):
         return None, None
     return PromotionResult.model_validate_json(fs.cat_file(path)), tag
 
