@@ -21,7 +21,8 @@ COPY operator operator
 COPY trainer trainer
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
-# The operator: pydantic, kopf and the Kubernetes client; no ML stack (import-linter keeps it so).
+# The operator: pydantic, kopf and aiohttp; neither the ML stack nor the Kubernetes client
+# (import-linter keeps it so).
 FROM ${PYTHON_IMAGE} AS operator
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="dpo-operator" \

@@ -5,11 +5,15 @@ tests that play the pods' part."""
 from __future__ import annotations
 
 from dpo_trainer.config import (
+    DistributedRun,
     Failure,
     GateCriterion,
     GateVerdict,
+    HealthSignal,
     JobIdentity,
     PromotionResult,
+    StoppedEarly,
+    TrainingSummary,
     termination_message_json,
 )
 
@@ -70,4 +74,36 @@ PROMOTED = termination_message_json(
 )
 BAD_INPUT = termination_message_json(
     Failure(status="bad-input", message="prefs.jsonl: row 3, column 'chosen'")
+)
+
+NAN_LOSS = HealthSignal(
+    reason="NonFiniteLoss",
+    step=30,
+    message="the loss is nan at step 30; lower learningRate, or train in bf16 rather than fp16",
+)
+_RAN = DistributedRun(
+    distributed_type="NO",
+    fsdp_version=None,
+    mesh_shape=None,
+    mesh_dims=None,
+    world_size=1,
+    device="cpu",
+)
+TRAINED = termination_message_json(
+    TrainingSummary(step=40, world_size=1, distributed=_RAN, parameters_digest="sha256:cd")
+)
+TRAINED_DEGRADED = termination_message_json(
+    TrainingSummary(
+        step=40, world_size=1, distributed=_RAN, parameters_digest="sha256:cd", health=[NAN_LOSS]
+    )
+)
+STOPPED_EARLY = termination_message_json(
+    TrainingSummary(
+        step=30,
+        world_size=1,
+        distributed=_RAN,
+        parameters_digest="sha256:cd",
+        health=[NAN_LOSS],
+        stopped_early=StoppedEarly(reason="NonFiniteLoss", step=30, kept_step=20),
+    )
 )

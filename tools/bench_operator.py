@@ -19,8 +19,8 @@ for the client, so the benchmark installs one API Priority and Fairness FlowSche
 that matches only the operator's user; `apiserver_flowcontrol_dispatched_requests_total` per
 FlowSchema then counts every request the operator made, kopf's own event posts included.
 The operator runs as its image installs it: from a virtualenv with only the `operator` extra,
-pinned by constraints.txt (no ML stack, no test tools), kept at OPERATOR_VENV and refreshed
-with this tree's code on every run.
+pinned by constraints.txt (no ML stack, no Kubernetes client, no test tools), kept under
+OPERATOR_VENVS and refreshed with this tree's code on every run.
 
 Needs the binaries of tools/build-control-plane.sh.
 """
@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,19 +63,29 @@ FLOW_SCHEMA = "dpo-operator-{}"
 TRAINING_SECONDS = 2.0
 # DPOJobs created one at a time once all N are live, for the latency of the final line.
 PROBES = 20
-OPERATOR_VENV = Path.home() / ".cache" / "dpo-operator" / "operator-venv"
+OPERATOR_VENVS = Path.home() / ".cache" / "dpo-operator" / "operator-venvs"
 
 
 def operator_program() -> Path:
     """`dpo` installed as the operator image installs it (see the Dockerfile), with this tree's
-    code."""
-    pip = [str(OPERATOR_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    if not (OPERATOR_VENV / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(OPERATOR_VENV)], check=True)
-    constraints = ["--constraint", str(REPO / "constraints.txt")]
-    subprocess.run([*pip, *constraints, f"{REPO}[operator]"], check=True)
+    code. The virtualenv holds exactly the operator's dependencies: one per version of them, so a
+    package the operator no longer needs is not left behind to be imported (kopf imports the
+    Kubernetes client whenever it is there)."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = json.dumps(pyproject["project"]["optional-dependencies"]["operator"])
+    wanted += (REPO / "constraints.txt").read_text()
+    venv = OPERATOR_VENVS / hashlib.sha256(wanted.encode()).hexdigest()[:12]
+    if OPERATOR_VENVS.exists():
+        for other in OPERATOR_VENVS.iterdir():
+            if other != venv:
+                shutil.rmtree(other)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        constraints = ["--constraint", str(REPO / "constraints.txt")]
+        subprocess.run([*pip, *constraints, f"{REPO}[operator]"], check=True)
     subprocess.run([*pip, "--no-deps", "--force-reinstall", str(REPO)], check=True)
-    return OPERATOR_VENV / "bin" / "dpo"
+    return venv / "bin" / "dpo"
 
 
 def install_flow_schemas(plane: ControlPlane) -> None:

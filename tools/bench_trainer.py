@@ -4,6 +4,7 @@ log-probs), and our trainer's overhead against a bare TRL script doing the same 
 
 Usage:
     python tools/bench_trainer.py [--model builtin:llama-0.5b] [--steps 30] [--words 32]
+    python tools/bench_trainer.py --reference-cache [--model ...]   (a beta sweep of two runs)
 
 Each variant runs in a fresh process (peak memory is per process). Prints a table and ratios;
 on a GPU (default model: the ~0.5B builtin:llama-0.5b, built locally) also tokens per second,
@@ -111,9 +112,51 @@ def run_ours(args: argparse.Namespace, variant: dict[str, bool], workdir: Path) 
         update={"artifacts_dir": str(workdir), "metrics_port": free_port()}
     )
     summary = train(config)
-    result = measure(summary["logHistory"], args.steps, started)
+    result = measure(summary.log_history, args.steps, started)
     result["planned_bytes"] = planned_bytes(job, on_gpu=torch.cuda.is_available())
     return result
+
+
+def reference_cache_sweep(args: argparse.Namespace) -> None:
+    """Two runs of a beta sweep sharing one reference cache: the first computes the reference
+    log-probs, the second reuses them. Prints the time the second saved."""
+    import torch
+    from dpo_operator.api import parse_dpojob
+    from dpo_operator.local import free_port
+    from dpo_operator.render import trainer_config
+    from dpo_trainer.train import train
+
+    workdir = Path(tempfile.mkdtemp(prefix="dpo-bench-cache-"))
+    variant = VARIANTS["full, precomputed reference log-probs"]
+    runs = []
+    for beta in (0.1, 0.5):
+        on_gpu = torch.cuda.is_available()
+        manifest = job_manifest(args.model, args.steps, args.words, variant, on_gpu)
+        manifest["spec"]["dpo"]["beta"] = beta
+        config = trainer_config(parse_dpojob(manifest)).model_copy(
+            update={
+                "artifacts_dir": str(workdir / f"beta-{beta}"),
+                "reference_cache": str(workdir / "reference-logps"),
+                "metrics_port": free_port(),
+            }
+        )
+        started = time.monotonic()
+        report = train(config)
+        runs.append((beta, time.monotonic() - started, report.reference_log_probs))
+    print(f"\nmodel {args.model}, {args.steps} steps, {args.words} words per response")
+    for beta, seconds, precomputed in runs:
+        for entry in precomputed:
+            how = "reused" if entry.reused else "computed"
+            print(
+                f"beta {beta}: reference log-probs of {entry.pairs} {entry.split} pairs {how} in "
+                f"{entry.seconds:.2f}s (key {entry.key[:12]}); whole run {seconds:.1f}s"
+            )
+    first = sum(e.seconds for e in runs[0][2])
+    second = sum(e.seconds for e in runs[1][2])
+    print(
+        f"reference cache: the second run saved {first - second:.1f}s of {first:.1f}s "
+        f"({(first - second) / first:.0%}); run {runs[0][1]:.1f}s -> {runs[1][1]:.1f}s"
+    )
 
 
 def planned_bytes(job: Any, on_gpu: bool) -> int:
@@ -210,6 +253,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--words", type=int, default=32, help="words per response")
     parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reference-cache",
+        action="store_true",
+        help="time a beta sweep of two runs that share the reference log-prob cache",
+    )
     args = parser.parse_args()
     if args.model is None:
         import torch
@@ -217,6 +265,9 @@ def main() -> None:
         args.model = "builtin:llama-0.5b" if torch.cuda.is_available() else "builtin:small-llama"
     if args.run:
         child(args)
+        return
+    if args.reference_cache:
+        reference_cache_sweep(args)
         return
 
     results: dict[str, dict[str, Any]] = {}

@@ -39,6 +39,8 @@ from dpo_trainer.config import (
     ContractModel,
     DataFormat,
     DataSource,
+    HealthAction,
+    HealthReason,
     LoraSettings,
     LossType,
     ModelRef,
@@ -880,6 +882,25 @@ class MonitoringSpec(RuledModel):
     )
 
 
+class HealthSpec(ContractModel):
+    """What the trainer does when a DPO health signal is raised while it trains: reward accuracy
+    at chance after warm-up, margins collapsing, chosen rewards falling while margins rise
+    (likelihood displacement), a NaN or infinite loss, an exploding gradient norm."""
+
+    action: HealthAction = Field(
+        default="warn",
+        description="warn: a Degraded condition, an Event and dpo_train_degraded; training goes "
+        "on. stop: the same, and training ends at once with the last checkpoint saved before "
+        "the signal as the adapter (the gate still decides).",
+    )
+    warmup_steps: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000_000,
+        description="Steps before accuracy and margins are judged (default: a tenth of the run).",
+    )
+
+
 class EnvVar(ContractModel):
     name: EnvName
     value: Annotated[str, Field(max_length=32768)]
@@ -1020,6 +1041,7 @@ class DPOJobSpec(RuledModel):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
     image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
         default=None, description="Trainer image (default: the operator's matching release)."
     )
@@ -1125,6 +1147,11 @@ class TrainingMetrics(ContractModel):
     loss: float | None = None
     reward_accuracy: float | None = None
     reward_margin: float | None = None
+    degraded: list[HealthReason] = Field(
+        default_factory=list,
+        max_length=8,
+        description="The health signals that hold at the latest log (dpo_train_degraded).",
+    )
     updated_at: datetime | None = None
 
 

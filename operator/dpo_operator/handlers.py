@@ -29,8 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import kopf
-from kubernetes import client, config
-from kubernetes.client import ApiException
+from dpo_trainer.config import DEGRADED_METRIC, HEALTH_REASONS, HealthReason
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
@@ -48,6 +47,7 @@ from dpo_operator.api import (
     describe_errors,
     parse_dpojob,
 )
+from dpo_operator.kube import ApiError, KubeAPI, manifest_path, object_path
 from dpo_operator.lifecycle import (
     Action,
     ChildJob,
@@ -102,10 +102,6 @@ WORKERS = 16
 RETRY_SECONDS = (1.0, 5.0, 30.0)
 SCRAPE_TIMEOUT = 3.0  # for the whole page, not per read
 SCRAPE_MAX_BYTES = 1 << 20  # rank 0's page is a few KiB
-USER_AGENT = "dpo-operator"
-# Writes take the raw response: the client's decoding of it into its models is most of the
-# operator's CPU per write, and nothing reads them.
-UNDECODED: Any = {"_preload_content": False}
 
 Key = tuple[str, str]  # (namespace, DPOJob name)
 
@@ -435,19 +431,13 @@ class ChildRefusedError(Exception):
 class KubernetesExecutor:
     """Creates, deletes and suspends a DPOJob's children and writes its status."""
 
-    api: client.ApiClient
+    api: KubeAPI
     settings: Settings
     validated: set[tuple[str, int]] = field(default_factory=set)
     expected: Expectations = field(default_factory=Expectations)
     # Namespaces whose NetworkPolicy this operator created or is creating: the DPOJobs of a
     # burst in one namespace would otherwise each try before the watch shows the first.
     fenced: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.custom = client.CustomObjectsApi(self.api)
-        self.core = client.CoreV1Api(self.api)
-        self.batch = client.BatchV1Api(self.api)
-        self.networking = client.NetworkingV1Api(self.api)
 
     def parse(self, body: Mapping[str, Any]) -> DPOJob:
         """The DPOJob; its rules and memory plan are checked once per generation."""
@@ -457,7 +447,7 @@ class KubernetesExecutor:
         self.validated.add(generation)
         return job
 
-    def apply(self, job: DPOJob, action: Action, uids: Mapping[str, str]) -> None:
+    async def apply(self, job: DPOJob, action: Action, uids: Mapping[str, str]) -> None:
         """Carries out `action`; `uids` are the uids of the children this DPOJob owns, by name:
         a delete names the uid it means, so it can never remove an object someone else has
         since created under that name."""
@@ -467,77 +457,58 @@ class KubernetesExecutor:
             if namespace not in self.fenced:
                 self.fenced.add(namespace)
                 try:
-                    self._create(job, render_child(job, action.kind, 0, settings=self.settings))
+                    await self._create(
+                        job, render_child(job, action.kind, 0, settings=self.settings)
+                    )
                 except BaseException:
                     self.fenced.discard(namespace)
                     raise
         elif isinstance(action, Create):
             manifest = render_child(job, action.kind, action.attempt, settings=self.settings)
-            self._create(job, manifest)
+            await self._create(job, manifest)
             self.expected.created_child(key, manifest)
         elif isinstance(action, Update):
             manifest = render_child(job, action.kind, 0, settings=self.settings)
-            patch = {"metadata": {"annotations": manifest["metadata"]["annotations"]}}
-            _drain(
-                self.core.patch_namespaced_config_map(
-                    manifest["metadata"]["name"],
-                    namespace,
-                    {**patch, "data": manifest["data"]},
-                    **UNDECODED,
-                )
-            )
+            patch = {
+                "metadata": {"annotations": manifest["metadata"]["annotations"]},
+                "data": manifest["data"],
+            }
+            await self.api.merge_patch(manifest_path(manifest), patch)
         elif isinstance(action, Delete):
             # A Job created since the cache last looked has no uid here yet: it is ours.
-            self._delete(
-                self.batch.delete_namespaced_job, action.job, namespace, uids.get(action.job)
-            )
+            await self._delete(_job_path(namespace, action.job), uids.get(action.job))
             self.expected.deleted_job(key, action.job)
         elif isinstance(action, Suspend):
-            _drain(
-                self.batch.patch_namespaced_job(
-                    action.job, namespace, {"spec": {"suspend": action.suspend}}, **UNDECODED
-                )
-            )
+            suspend = {"spec": {"suspend": action.suspend}}
+            await self.api.merge_patch(_job_path(namespace, action.job), suspend)
         elif isinstance(action, DeleteChildren):
             children = [
-                *((self.batch.delete_namespaced_job, name) for name in action.jobs),
-                (self.core.delete_namespaced_config_map, config_map_name(job)),
-                (self.core.delete_namespaced_service, service_name(job)),
+                *((_job_path(namespace, name), name) for name in action.jobs),
+                (
+                    object_path("v1", "configmaps", namespace, config_map_name(job)),
+                    config_map_name(job),
+                ),
+                (object_path("v1", "services", namespace, service_name(job)), service_name(job)),
             ]
-            for delete, name in children:
+            for path, name in children:
                 if name in uids:  # not ours, or gone already: leave it
-                    self._delete(delete, name, namespace, uids[name])
+                    await self._delete(path, uids[name])
 
-    def _create(self, job: DPOJob, manifest: dict[str, Any]) -> None:
+    async def _create(self, job: DPOJob, manifest: dict[str, Any]) -> None:
         kind, metadata = manifest["kind"], manifest["metadata"]
-        create: Any = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "Service": self.core.create_namespaced_service,
-            "Job": self.batch.create_namespaced_job,
-            "NetworkPolicy": self.networking.create_namespaced_network_policy,
-        }[kind]
         try:
-            _drain(create(metadata["namespace"], manifest, **UNDECODED))
-        except ApiException as error:
+            await self.api.create(manifest)
+        except ApiError as error:
             if error.status in (400, 422):  # the API server (or an admission policy) says no
-                raise ChildRefusedError(
-                    f"{kind} {metadata['name']}: {_api_message(error)}"
-                ) from error
+                raise ChildRefusedError(f"{kind} {metadata['name']}: {error.message}") from error
             if error.status != 409:
                 raise
             if kind == "NetworkPolicy":
                 return  # one per namespace, shared: another DPOJob created it first
             # Already there: the cache lagged behind an earlier create of ours, or it is
             # somebody else's. Only a conflict costs this one read.
-            read: Any = {
-                "ConfigMap": self.core.read_namespaced_config_map,
-                "Service": self.core.read_namespaced_service,
-                "Job": self.batch.read_namespaced_job,
-            }[kind]
-            existing = json.loads(
-                _drain(read(metadata["name"], metadata["namespace"], **UNDECODED))
-            )
-            owner = _controller_uid(kopf.Body(existing))
+            existing = await self.api.read(manifest)
+            owner = _controller_uid(kopf.Body(cast(kopf.RawBody, existing)))
             if owner != job.metadata.uid:
                 raise ChildRefusedError(
                     f"a {kind} named {metadata['name']} already exists and is not this DPOJob's "
@@ -546,29 +517,24 @@ class KubernetesExecutor:
                 ) from error
         log.info("[%s] created %s %s", metadata["namespace"], kind, metadata["name"])
 
-    @staticmethod
-    def _delete(delete: Any, name: str, namespace: str, uid: str | None) -> None:
-        options = client.V1DeleteOptions(
-            propagation_policy="Background",
-            preconditions=client.V1Preconditions(uid=uid) if uid else None,
-        )
+    async def _delete(self, path: str, uid: str | None) -> None:
         try:
-            _drain(delete(name, namespace, body=options, **UNDECODED))
-        except ApiException as error:
+            await self.api.delete(path, uid)
+        except ApiError as error:
             # Gone already, or (409) a different object by now: either way not ours to delete.
             if error.status not in (404, 409):
                 raise
 
-    def write_status(self, job: DPOJob, status: dict[str, Any], decided_on: str) -> int:
+    async def write_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], decided_on: str
+    ) -> int:
         """Writes status, if the DPOJob is still at resourceVersion `decided_on` (else 409:
         the status was decided from an older spec or status, and the watch brings the newer
         one); returns the resourceVersion that carries it."""
         # A merge patch: explicit nulls remove fields the state machine cleared.
         patch = {"metadata": {"resourceVersion": decided_on}, "status": status}
-        response = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, job.namespace, PLURAL, job.name, patch, **UNDECODED
-        )
-        return _revision(json.loads(_drain(response)))
+        path = object_path(f"{GROUP}/{VERSION}", PLURAL, namespace, name, "status")
+        return _revision(await self.api.merge_patch(path, patch, decode=True))
 
     def scrape(self, job: DPOJob, pod_ip: str) -> TrainingMetrics | None:
         """Rank 0's latest step, loss, reward accuracy and margin; None when it cannot say.
@@ -600,9 +566,16 @@ class KubernetesExecutor:
             log.debug("[%s/%s] no metrics at %s: %s", job.namespace, job.name, url, error)
             return None
         values: dict[str, float] = {}
+        degraded: list[HealthReason] = []
         for family in families:
             for sample in family.samples:
-                if sample.labels.get("dpojob") == job.name and math.isfinite(sample.value):
+                if sample.labels.get("dpojob") != job.name or not math.isfinite(sample.value):
+                    continue
+                if sample.name == DEGRADED_METRIC:
+                    reason = sample.labels.get("reason")
+                    if sample.value == 1 and reason in HEALTH_REASONS:
+                        degraded.append(reason)
+                else:
                     values[sample.name] = sample.value
         if "dpo_train_step" not in values:
             return None
@@ -611,6 +584,7 @@ class KubernetesExecutor:
             loss=values.get("dpo_train_loss"),
             reward_accuracy=values.get("dpo_train_reward_accuracy"),
             reward_margin=values.get("dpo_train_reward_margin"),
+            degraded=sorted(degraded, key=HEALTH_REASONS.index),
             updated_at=datetime.now(UTC),
         )
 
@@ -650,7 +624,7 @@ async def reconcile(key: Key, memo: kopf.Memo, indexes: Mapping[str, kopf.Index[
     new = decision.status.model_dump(by_alias=True, mode="json")
     if _without_nulls(new) != (body.get("status") or {}):
         decided_on = body["metadata"]["resourceVersion"]
-        revision = await asyncio.to_thread(executor.write_status, job, new, decided_on)
+        revision = await executor.write_status(job.namespace, job.name, new, decided_on)
         executor.expected.wrote_status(key, revision, _without_nulls(new))
     for event in decision.events:  # only after the status write succeeded
         _post(body, event)
@@ -669,11 +643,10 @@ async def _carry_out(
     creates = [action for action in decision.actions if isinstance(action, Create)]
     for action in decision.actions:
         if not isinstance(action, Create):
-            await asyncio.to_thread(executor.apply, job, action, uids)
+            await executor.apply(job, action, uids)
     # A decision's creates never depend on each other (the config, the service, a Job).
     results = await asyncio.gather(
-        *(asyncio.to_thread(executor.apply, job, c, uids) for c in creates),
-        return_exceptions=True,
+        *(executor.apply(job, c, uids) for c in creates), return_exceptions=True
     )
     for result in results:
         if isinstance(result, BaseException):
@@ -737,12 +710,8 @@ async def _observe(
     return observed, uids
 
 
-def _drain(response: Any) -> bytes:
-    """The body of an undecoded response, read to the end so its connection goes back to the
-    pool (an unread one is dropped, and the next request pays a new TLS handshake)."""
-    body: bytes = response.data
-    response.release_conn()
-    return body
+def _job_path(namespace: str, name: str) -> str:
+    return object_path("batch/v1", "jobs", namespace, name)
 
 
 def _revision(body: Mapping[str, Any]) -> int:
@@ -815,14 +784,8 @@ async def _refuse(
         "message": f"{_REFUSED_AS[reason]}: {message}",
         "conditions": conditions,
     }
-    await asyncio.to_thread(
-        executor.custom.patch_namespaced_custom_object_status,
-        GROUP,
-        VERSION,
-        metadata["namespace"],
-        PLURAL,
-        metadata["name"],
-        {"metadata": {"resourceVersion": metadata["resourceVersion"]}, "status": patch},
+    await executor.write_status(
+        metadata["namespace"], metadata["name"], patch, metadata["resourceVersion"]
     )
     _post(body, Event("Warning", reason, message))
     log.warning("[%s/%s] %s: %s", metadata["namespace"], metadata["name"], reason, message)
@@ -850,13 +813,6 @@ def _export_phases(phases: Mapping[Key, str]) -> None:
         DPOJOBS.labels(phase=phase).set(count)
 
 
-def _api_message(error: ApiException) -> str:
-    try:
-        return str(json.loads(error.body or "")["message"])
-    except (TypeError, ValueError, KeyError):
-        return f"{error.status} {error.reason}"
-
-
 async def _work(memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Key, Any]]) -> None:
     queue: WorkQueue = memo.queue
     failures: dict[Key, int] = {}
@@ -866,11 +822,11 @@ async def _work(memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Key, Any]]) ->
         try:
             await reconcile(key, memo, indexes)
             failures.pop(key, None)
-        except ApiException as error:
+        except ApiError as error:
             RECONCILE_ERRORS.inc()
             tries = failures[key] = failures.get(key, 0) + 1
             delay = RETRY_SECONDS[min(tries, len(RETRY_SECONDS)) - 1]
-            log.warning("[%s/%s] %s; again in %.0fs", *key, _api_message(error), delay)
+            log.warning("[%s/%s] %s; again in %.0fs", *key, error, delay)
             if error.status == 403:
                 _forbidden(indexes, key, error)
             queue.wake_at(key, time.monotonic() + delay)
@@ -883,13 +839,11 @@ async def _work(memo: kopf.Memo, indexes: Mapping[str, kopf.Index[Key, Any]]) ->
             queue.done(key)
 
 
-def _forbidden(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key, error: ApiException) -> None:
+def _forbidden(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key, error: ApiError) -> None:
     """RBAC is missing a verb: say which, on the DPOJob, where users look."""
     body = _cached_body(indexes, key)
     if body is not None:
-        message = (
-            f"the operator may not do this: {_api_message(error)}; grant it in the operator's Role"
-        )
+        message = f"the operator may not do this: {error.message}; grant it in the operator's Role"
         _post(body, Event("Warning", "Forbidden", message))
 
 
@@ -904,17 +858,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # default. A burst of creates then holds thousands of bodies at once, and the heap never
     # shrinks back (the operator's resident memory is its high-water mark).
     settings.batching.idle_timeout = 0.5
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    configuration = client.Configuration.get_default_copy()
-    # One connection per worker thread: with fewer, urllib3 drops connections and each new one
-    # is a TLS handshake and a fresh SSL context (CPU and memory that grow with the load).
-    configuration.connection_pool_maxsize = WORKERS
-    api = client.ApiClient(configuration)
-    api.user_agent = USER_AGENT
-    memo.executor = KubernetesExecutor(api, memo.render_settings)
+    memo.executor = KubernetesExecutor(KubeAPI(), memo.render_settings)
     memo.queue = WorkQueue()
     memo.phases = {}
     # What decide read of each watched object at its last event, as a hash: the projection
@@ -926,10 +870,27 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         # Left to itself, glibc gives threads up to 8 heaps per core, and each keeps the memory
         # its thread freed: resident memory that grows with the worker threads, not the load.
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    # The Kubernetes client is synchronous: its calls run in these threads.
+    # Metrics scrapes (a blocking read with a deadline) run in these threads.
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="k8s")
+        ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scrape")
     )
+
+
+@kopf.on.login()
+async def login(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> kopf.ConnectionInfo | None:
+    """kopf's credentials, which the operator's own requests use too: the pod's service account,
+    else the Kubernetes client's login where it is installed (it runs kubeconfig exec plugins),
+    else the kubeconfig's token or client certificate."""
+    info = (
+        kopf.login_with_service_account(settings=settings, logger=logger)
+        or kopf.login_via_client(settings=settings, logger=logger)
+        or kopf.login_with_kubeconfig(settings=settings, logger=logger)
+    )
+    if info is not None:
+        await memo.executor.api.use(info)
+    return info
 
 
 INDEXES = (
@@ -1030,3 +991,4 @@ def _what_decide_reads(
 async def stop_workers(memo: kopf.Memo, **_: Any) -> None:
     for task in memo.tasks:
         task.cancel()
+    await memo.executor.api.close()

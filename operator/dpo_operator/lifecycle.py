@@ -25,10 +25,13 @@ from dpo_trainer.config import (
     EXIT_CHAMPION_CHANGED,
     EXIT_GATE_REJECTED,
     EXIT_WRONG_ENVIRONMENT,
+    HEALTH_ADVICE,
     Failure,
     GateVerdict,
+    HealthReason,
     PromotionResult,
     TerminationMessage,
+    TrainingSummary,
     parse_termination_message,
 )
 
@@ -252,6 +255,7 @@ class _Machine:
         if train is None or train.state != "Complete":
             self.training(train, attempt)
             return
+        self.trained(train)
         if not self.spec.eval_gate.enabled:
             self.finish("Succeeded", "training finished; no gate configured", "Trained")
             return
@@ -346,6 +350,43 @@ class _Machine:
         self.condition("Training", True, "Running", f"attempt {attempt}")
         if self.observed.metrics is not None:
             self.status.metrics = self.observed.metrics
+            self.health(self.observed.metrics.degraded)
+
+    def degraded(self, reason: str, message: str, event: str) -> None:
+        """Degraded=True; an Event when it turns True or says something new."""
+        current = next((c for c in self.status.conditions if c.type == "Degraded"), None)
+        if current is None or current.status != "True" or current.message != message:
+            self.event(event, message, warning=True)
+        self.condition("Degraded", True, reason, message)
+
+    def health(self, reasons: list[HealthReason]) -> None:
+        """The Degraded condition from the health signals that hold at rank 0's latest log."""
+        if reasons:
+            message = "; ".join(f"{reason}: {HEALTH_ADVICE[reason]}" for reason in reasons)
+            self.degraded(reasons[0], message, "Degraded")
+        elif any(c.type == "Degraded" and c.status == "True" for c in self.status.conditions):
+            self.condition("Degraded", False, "Healthy", "no health signal holds at the latest log")
+
+    def trained(self, train: ChildJob) -> None:
+        """What the finished run says of its health: every signal it raised (the scrapes may
+        have missed one), and whether it stopped early on one."""
+        pod = _telling_pod(train)
+        summary = pod.reported if pod else None
+        if not isinstance(summary, TrainingSummary):
+            return
+        said = "; ".join(f"{signal.reason}: {signal.message}" for signal in summary.health)
+        stopped = summary.stopped_early
+        if stopped is not None:
+            message = (
+                f"training stopped at step {stopped.step} on {stopped.reason} "
+                f"(spec.health.action: stop); the adapter is checkpoint-{stopped.kept_step}'s "
+                f"weights. {said}"
+            )
+            self.degraded(stopped.reason, message, "StoppedEarly")
+        elif summary.health:
+            self.degraded(summary.health[0].reason, f"raised while training: {said}", "Degraded")
+        elif any(c.type == "Degraded" for c in self.status.conditions):
+            self.condition("Degraded", False, "Healthy", "training ended with no health signal")
 
     def not_started(self, child: ChildJob, started: int, wanted: int) -> bool:
         """Tracks a Job whose pods have not all started: says why in the Stalled condition and

@@ -542,6 +542,14 @@ def _summary(executor: LocalExecutor, job: DPOJob, status: DPOJobStatus) -> None
             f"margin {metrics.get('dpo_train_reward_margin', 0):.4f}"
         )
         say(f"ran        {describe_distributed_run(summary.distributed)}")
+        for signal in summary.health:
+            say(f"health     {signal.reason}: {signal.message}")
+        if summary.stopped_early is not None:
+            stopped = summary.stopped_early
+            say(
+                f"  stopped early at step {stopped.step} (spec.health.action: stop); the adapter "
+                f"is checkpoint-{stopped.kept_step}'s weights"
+            )
         plot = plot_rewards(summary.log_history, executor.workdir / "rewards.png")
         if plot:
             say(f"plot       {plot}")
@@ -556,7 +564,7 @@ def _summary(executor: LocalExecutor, job: DPOJob, status: DPOJobStatus) -> None
                 f"{held.fraction:.0%} of its prompts, at most {held.max_pairs} pairs"
             )
         for criterion in gate.criteria:
-            say(f"  {_describe_criterion(criterion, gate.confidence)}")
+            say(f"  {describe_criterion(criterion, gate.confidence)}")
         if gate.message:
             say(f"  {gate.message}")
     if status.promotion is not None:
@@ -615,7 +623,7 @@ def expand_references(text: str, values: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), m.group(0)), text)
 
 
-def _describe_criterion(criterion: GateCriterion, confidence: float) -> str:
+def describe_criterion(criterion: GateCriterion, confidence: float) -> str:
     """One line: name, estimate, its interval and n, threshold, outcome."""
     if criterion.value is None:
         return f"{criterion.name:18s} {'n/a':>9s}  threshold {criterion.threshold:<8} pass"

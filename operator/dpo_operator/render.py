@@ -32,12 +32,14 @@ from dpo_trainer.config import (
     EXIT_CHAMPION_CHANGED,
     EXIT_GATE_REJECTED,
     EXIT_WRONG_ENVIRONMENT,
+    REFERENCE_CACHE_DIR,
     TRAINER_CONFIG_FILE,
     TRAINER_CONFIG_PATH,
     DataConfig,
     DataSource,
     DistributedConfig,
     GateConfig,
+    HealthConfig,
     HoldOut,
     JobIdentity,
     LoraSettings,
@@ -220,6 +222,12 @@ def artifacts_dir(job: DPOJob, claim_paths: ClaimPaths | None = None) -> str:
     return f"{output}/{job.namespace}/{job.name}/{run_id(job)}"
 
 
+def reference_cache_dir(job: DPOJob, claim_paths: ClaimPaths | None = None) -> str:
+    """<output>/<namespace>/reference-logps: shared by the namespace's runs on that output."""
+    output = pod_path(job.spec.output.uri, claim_paths).rstrip("/")
+    return f"{output}/{job.namespace}/{REFERENCE_CACHE_DIR}"
+
+
 # ----------------------------------------------------------------------------------------------
 # the trainer config (trainer.json)
 
@@ -309,6 +317,10 @@ def trainer_config(
         )
         if spec.promotion
         else None,
+        reference_cache=reference_cache_dir(job, claim_paths)
+        if spec.dpo.precompute_ref_log_probs
+        else None,
+        health=HealthConfig(action=spec.health.action, warmup_steps=spec.health.warmup_steps),
         metrics_port=spec.monitoring.port,
     )
 

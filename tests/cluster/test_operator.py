@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -63,10 +64,23 @@ def test_the_happy_path_ends_promoted_with_status_at_every_step(
             lambda: (run.status().get("metrics") or {}).get("step") == 42,
             timeout=40,
         )
+        # A health signal on rank 0's page: the DPOJob is Degraded, and says what to try.
+        exporter.set_degraded({"AccuracyStuck"})
+        exporter.set("dpo_train_step", 43)
+
+        def degraded() -> dict[str, str] | None:
+            conditions = {c["type"]: c for c in run.status().get("conditions", [])}
+            return conditions.get("Degraded")
+
+        wait_for("a Degraded condition", lambda: (degraded() or {}).get("status") == "True")
+        condition = degraded() or {}
+        assert condition["reason"] == "AccuracyStuck"
+        assert "check the pairs" in condition["message"]
+        assert run.status()["metrics"]["degraded"] == ["AccuracyStuck"]
     finally:
         exporter.close()
     columns = crd_installed.kubectl("get", "dpo", "-n", "op-happy").stdout.splitlines()[1].split()
-    assert columns[1:6] == ["Training", "1", "42", "0.875", "0.25"]
+    assert columns[1:6] == ["Training", "1", "43", "0.875", "0.25"]
 
     kubelet.succeeded(train, json.dumps({"status": "completed", "step": 60}))
     run.wait_phase("Evaluating")
@@ -82,7 +96,7 @@ def test_the_happy_path_ends_promoted_with_status_at_every_step(
     assert row[1] == "Succeeded"
     assert row[6] == "Passed"
     described = crd_installed.kubectl("describe", "dpo", "quickstart", "-n", "op-happy").stdout
-    for reason in ("GatePassed", "Promoted"):
+    for reason in ("Degraded", "GatePassed", "Promoted"):
         assert reason in described, f"kubectl describe lacks the {reason} event"
     assert run.jobs() == ["quickstart-eval-1", "quickstart-promote-1", "quickstart-train-1"]
 
@@ -357,12 +371,12 @@ def test_an_object_of_someone_else_under_a_childs_name_is_never_adopted(
 
 
 def test_a_status_decided_from_an_older_dpojob_is_refused_by_the_api_server(
-    crd_installed: ControlPlane,
+    crd_installed: ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dpo_operator.api import parse_dpojob
+    import kopf
     from dpo_operator.handlers import KubernetesExecutor
+    from dpo_operator.kube import ApiError, KubeAPI
     from dpo_operator.render import Settings
-    from kubernetes.client import ApiException
 
     namespace = "op-stale-status"
     crd_installed.kubectl("create", "namespace", namespace)
@@ -383,10 +397,24 @@ def test_a_status_decided_from_an_older_dpojob_is_refused_by_the_api_server(
         "-p",
         '{"spec": {"runPolicy": {"maxRestarts": 5}}}',
     )
-    executor = KubernetesExecutor(crd_installed.api_client(), Settings())
-    with pytest.raises(ApiException) as conflict:
-        executor.write_status(parse_dpojob(read), {"phase": "Pending"}, decided_on)
-    assert conflict.value.status == 409
+    monkeypatch.setenv("KUBECONFIG", str(crd_installed.kubeconfig))
+    info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+    assert info is not None
+
+    async def write_stale_status() -> ApiError:
+        api = KubeAPI()
+        await api.use(info)
+        executor = KubernetesExecutor(api, Settings())
+        try:
+            with pytest.raises(ApiError) as conflict:
+                await executor.write_status(
+                    namespace, "quickstart", {"phase": "Pending"}, decided_on
+                )
+        finally:
+            await api.close()
+        return conflict.value
+
+    assert asyncio.run(write_stale_status()).status == 409
 
 
 def test_the_operator_answers_its_liveness_probe(operator: Operator) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from dpo_trainer.artifacts import verify_manifest
@@ -11,6 +13,8 @@ from dpo_trainer.data import load_preferences, split_held_out
 from dpo_trainer.promote import read_current
 
 from tests.conftest import dpo_run, promotion_target, quickstart
+
+BIN = Path(sys.executable).parent
 
 
 def test_the_quickstart_passes_the_gate_and_is_promoted(tmp_path: Path) -> None:
@@ -104,3 +108,40 @@ def test_a_plain_recipe_without_eval_data_is_gated_on_a_hold_out_it_never_traine
     assert len(held_out) == held["pairs"]
     assert len(trained) + len(held_out) == train["data"]["train"]["kept"]
     assert not {p["prompt"] for p in trained} & {p["prompt"] for p in held_out}
+
+
+def test_a_beta_sweep_is_compared_in_one_command(tmp_path: Path) -> None:
+    runs = []
+    for beta in (0.1, 0.5):
+        workdir = tmp_path / f"beta-{beta}"
+        code, _ = dpo_run(quickstart(**{"dpo.beta": beta, "dpo.maxSteps": 20}), workdir)
+        assert code == 0
+        runs.append(str(workdir))
+    plot = tmp_path / "sweep.png"
+    compared = subprocess.run(
+        [str(BIN / "dpo"), "compare", *runs, "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    print(compared.stdout, compared.stderr)
+    assert compared.returncode == 0, compared.stderr
+    beta = next(line for line in compared.stdout.splitlines() if "training.beta" in line)
+    assert beta.split()[1:] == ["0.1", "0.5"]
+    assert compared.stdout.count(": rewardAccuracy") == 2, "each run's gate, with its interval"
+    assert "95% wilson  n=128" in compared.stdout
+    assert plot.stat().st_size > 20_000
+
+
+def test_coin_flip_pairs_are_reported_degraded_and_rejected(tmp_path: Path) -> None:
+    manifest = quickstart(
+        **{
+            "data.train": {"uri": "builtin:synthetic-preferences/train?noise=0.5"},
+            "dpo.maxSteps": 30,
+        }
+    )
+    code, output = dpo_run(manifest, tmp_path)
+    assert code == EXIT_GATE_REJECTED, "the gate still judges it"
+    assert "Warning  Degraded: raised while training: AccuracyStuck" in output
+    assert "health     AccuracyStuck" in output

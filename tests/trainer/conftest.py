@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from dpo_trainer.config import (
     TRAINER_CONFIG_PATH,
     TrainerConfig,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import job_with
 
@@ -64,10 +67,16 @@ def tiny_job(**spec: Any) -> DPOJob:
 
 
 def local_config(job: DPOJob, workdir: Path, *, cpu: bool = False) -> TrainerConfig:
-    """The rendered trainer config with artifacts under `workdir` and a free metrics port;
-    `cpu` runs a GPU job's process layout on CPUs."""
-    return trainer_config(job, settings=Settings(cpu=cpu)).model_copy(
-        update={"artifacts_dir": str(workdir / "artifacts"), "metrics_port": free_port()}
+    """The rendered trainer config with artifacts (and the reference cache) under `workdir` and
+    a free metrics port; `cpu` runs a GPU job's process layout on CPUs."""
+    config = trainer_config(job, settings=Settings(cpu=cpu))
+    cache = str(workdir / "reference-logps") if config.reference_cache else None
+    return config.model_copy(
+        update={
+            "artifacts_dir": str(workdir / "artifacts"),
+            "reference_cache": cache,
+            "metrics_port": free_port(),
+        }
     )
 
 
@@ -112,6 +121,34 @@ def pod_process(
 
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def watch_metrics(
+    process: subprocess.Popen[bytes], port: int, until: Callable[[Samples], bool]
+) -> Samples:
+    """Rank 0's /metrics, read while `process` runs, until `until` holds of its samples (name,
+    labels, value) or the process ends; the last samples read."""
+    samples: Samples = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
+                text = page.read().decode()
+        except OSError:  # not serving yet
+            time.sleep(0.2)
+            continue
+        samples = [
+            (sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+        if until(samples):
+            break
+        time.sleep(0.2)
+    return samples
 
 
 def trainer_cli(

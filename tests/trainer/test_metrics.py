@@ -4,25 +4,25 @@ train.json agrees."""
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 from pathlib import Path
 
 from dpo_trainer.metrics import EVAL_METRICS, TRAIN_METRICS
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.trainer.conftest import local_config, pod_process, start, tiny_job
+from tests.trainer.conftest import (
+    Samples,
+    local_config,
+    pod_process,
+    start,
+    tiny_job,
+    watch_metrics,
+)
 
 
-def scrape(port: int) -> dict[str, dict[str, float]]:
-    """{metric: {namespace/dpojob: value}} from a live /metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
+def by_job(samples: Samples) -> dict[str, dict[str, float]]:
+    """{metric: {namespace/dpojob: value}}."""
     values: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = f"{sample.labels.get('namespace')}/{sample.labels.get('dpojob')}"
-            values.setdefault(sample.name, {})[key] = sample.value
+    for name, labels, value in samples:
+        values.setdefault(name, {})[f"{labels.get('namespace')}/{labels.get('dpojob')}"] = value
     return values
 
 
@@ -31,18 +31,13 @@ def test_live_metrics_cover_every_training_metric(tmp_path: Path) -> None:
     config = local_config(job, tmp_path)
     command, env = pod_process(job, 0, tmp_path, config)
     process = start(command, env, tmp_path / "run.log")
-    seen: dict[str, dict[str, float]] = {}
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            seen = scrape(config.metrics_port)
-        except OSError:
-            time.sleep(0.2)
-            continue
+
+    def covered(samples: Samples) -> bool:
+        seen = by_job(samples)
         step = seen.get("dpo_train_step", {}).get("ml/demo", 0)
-        if step >= 10 and all(name in seen for name in TRAIN_METRICS):
-            break
-        time.sleep(0.2)
+        return step >= 10 and all(name in seen for name in TRAIN_METRICS)
+
+    seen = by_job(watch_metrics(process, config.metrics_port, covered))
     assert process.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
 
     missing = [name for name in TRAIN_METRICS if name not in seen]

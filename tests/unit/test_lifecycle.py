@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from dpo_operator.api import DPOJob, DPOJobStatus
+from dpo_operator.api import DPOJob, DPOJobStatus, TrainingMetrics
 from dpo_operator.lifecycle import (
     ChildJob,
     Create,
@@ -22,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import job_with
-from tests.reports import BAD_INPUT, PROMOTED
+from tests.reports import BAD_INPUT, PROMOTED, STOPPED_EARLY, TRAINED, TRAINED_DEGRADED
 from tests.reports import GATE_INCONCLUSIVE as INCONCLUSIVE
 from tests.reports import GATE_PASSED as PASSED
 from tests.reports import GATE_REJECTED as REJECTED
@@ -454,3 +455,44 @@ def test_suspend_after_training_suspends_the_gate_and_resume_continues_it() -> N
     assert resumed.actions == [Suspend("demo-eval-1", False)]
     assert resumed.status.phase == "Evaluating"
     assert resumed.status.suspended_seconds == 7200, "off the deadline's clock"
+
+
+def degraded(decision: Any) -> Any:
+    return next((c for c in decision.status.conditions if c.type == "Degraded"), None)
+
+
+def test_a_health_signal_on_rank_zero_raises_degraded_once_and_clears_when_it_goes() -> None:
+    running = observed(child("train", 1, "Running", pod("Running")))
+    signalled = replace(running, metrics=TrainingMetrics(step=30, degraded=["AccuracyStuck"]))
+    first = decide(job(), signalled)
+    condition = degraded(first)
+    assert condition.status == "True"
+    assert condition.reason == "AccuracyStuck"
+    assert "check the pairs" in condition.message, "says what to try"
+    assert [(e.type, e.reason) for e in first.events] == [("Warning", "Degraded")]
+    again = decide(job(status=first.status.model_dump(by_alias=True)), signalled)
+    assert again.events == [], "one Event per change, not per scrape"
+    healthy = replace(running, metrics=TrainingMetrics(step=40, degraded=[]))
+    cleared = decide(job(status=again.status.model_dump(by_alias=True)), healthy)
+    assert degraded(cleared).status == "False"
+    assert degraded(cleared).reason == "Healthy"
+
+
+def test_a_run_that_stopped_early_says_so_and_which_checkpoint_it_kept() -> None:
+    trained = observed(child("train", 1, "Complete", pod("Succeeded", 0, STOPPED_EARLY)))
+    decision = decide(job(status={"attempt": 1, "phase": "Training"}), trained)
+    condition = degraded(decision)
+    assert condition.reason == "NonFiniteLoss"
+    assert "stopped at step 30" in condition.message
+    assert "checkpoint-20" in condition.message
+    assert ("Warning", "StoppedEarly") in [(e.type, e.reason) for e in decision.events]
+    assert decision.actions == [Create("eval", 1)], "the gate still decides"
+
+
+def test_a_signal_the_scrapes_missed_is_reported_when_training_ends() -> None:
+    trained = observed(child("train", 1, "Complete", pod("Succeeded", 0, TRAINED_DEGRADED)))
+    decision = decide(job(status={"attempt": 1, "phase": "Training"}), trained)
+    assert degraded(decision).reason == "NonFiniteLoss"
+    assert "raised while training" in degraded(decision).message
+    clean = observed(child("train", 1, "Complete", pod("Succeeded", 0, TRAINED)))
+    assert degraded(decide(job(status={"attempt": 1, "phase": "Training"}), clean)) is None

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from dpo_operator.handlers import SCRAPE_MAX_BYTES, SCRAPE_TIMEOUT, KubernetesExecutor
+from dpo_operator.kube import KubeAPI
 from dpo_operator.render import Settings
-from kubernetes import client
 
 from tests.conftest import job_with
 
@@ -62,7 +62,7 @@ def serve() -> Iterator[Callable[[Page], int]]:
 
 def scrape(port: int) -> object:
     job = job_with(monitoring={"port": port})
-    executor = KubernetesExecutor(client.ApiClient(), Settings())
+    executor = KubernetesExecutor(KubeAPI(), Settings())
     return executor.scrape(job, "127.0.0.1")
 
 
@@ -114,3 +114,18 @@ def test_a_huge_page_is_not_read_into_memory(serve: Callable[[Page], int]) -> No
 def test_a_page_that_is_not_prometheus_text_is_ignored(serve: Callable[[Page], int]) -> None:
     port = serve(page("<html>{{{ not metrics"))
     assert scrape(port) is None
+
+
+def test_the_health_signals_that_hold_are_read_by_reason(serve: Callable[[Page], int]) -> None:
+    port = serve(
+        page(
+            'dpo_train_step{dpojob="demo",namespace="ml"} 60\n'
+            'dpo_train_degraded{dpojob="demo",namespace="ml",reason="NonFiniteLoss"} 0\n'
+            'dpo_train_degraded{dpojob="demo",namespace="ml",reason="MarginsCollapsed"} 1\n'
+            'dpo_train_degraded{dpojob="demo",namespace="ml",reason="AccuracyStuck"} 1\n'
+            # Not a reason the contract knows (a newer trainer): not passed on to the status.
+            'dpo_train_degraded{dpojob="demo",namespace="ml",reason="SomethingNew"} 1\n'
+        )
+    )
+    metrics = scrape(port)
+    assert getattr(metrics, "degraded", None) == ["AccuracyStuck", "MarginsCollapsed"]

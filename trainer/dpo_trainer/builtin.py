@@ -109,11 +109,13 @@ def build_tokenizer() -> Any:
 
 
 def synthetic_preferences(spec: str) -> list[dict[str, str]]:
-    """Pairs for `synthetic-preferences/<split>[?n=N&words=W&flip=true]`.
+    """Pairs for `synthetic-preferences/<split>[?n=N&words=W&flip=true&noise=P]`.
 
     Each split has its own seed, so eval prompts and responses are unseen combinations. `words`
     sets the response length (default 3; benchmarks use longer ones). `flip=true` swaps chosen
-    and rejected: a run trained on it must fail the gate. The `anchor` split's chosen responses
+    and rejected: a run trained on it must fail the gate. `noise=P` swaps each pair with
+    probability P: at 0.5 the labels are coin flips and there is nothing to learn. The `anchor`
+    split's chosen responses
     are neutral continuations (prompt words) that preference training should leave alone: an
     anchor set for the gate's drift check.
     """
@@ -128,6 +130,7 @@ def synthetic_preferences(spec: str) -> list[dict[str, str]]:
     count = int(options.get("n", 512 if split == "train" else 128))
     flip = options.get("flip", "false").lower() == "true"
     words = int(options.get("words", 3))
+    noise = float(options.get("noise", 0))
     rng = random.Random(_SPLIT_SEEDS[split])
     pairs = []
     for _ in range(count):
@@ -135,7 +138,8 @@ def synthetic_preferences(spec: str) -> list[dict[str, str]]:
         chosen_words = PROMPT_WORDS if split == "anchor" else GOOD_WORDS
         good = " " + " ".join(rng.choices(chosen_words, k=words))
         bad = " " + " ".join(rng.choices(BAD_WORDS, k=words))
-        chosen, rejected = (bad, good) if flip else (good, bad)
+        swapped = flip != (noise > 0 and rng.random() < noise)
+        chosen, rejected = (bad, good) if swapped else (good, bad)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
 

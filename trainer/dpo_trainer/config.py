@@ -224,6 +224,59 @@ class TrainingConfig(ContractModel):
         return self.loss_type == [SIMPO]
 
 
+# What the trainer watches while it trains (dpo_trainer/health.py says when each is raised).
+HealthReason = Literal[
+    "NonFiniteLoss",
+    "GradientExplosion",
+    "AccuracyStuck",
+    "MarginsCollapsed",
+    "LikelihoodDisplacement",
+]
+HEALTH_REASONS: tuple[HealthReason, ...] = get_args(HealthReason)
+HealthAction = Literal["warn", "stop"]
+# 1 while the signal `reason` holds: rank 0's /metrics, read by the operator and Prometheus.
+DEGRADED_METRIC = "dpo_train_degraded"
+# What each signal usually means, and what to try: shown with the signal everywhere.
+HEALTH_ADVICE: dict[HealthReason, str] = {
+    "NonFiniteLoss": "lower learningRate, or train in bf16 rather than fp16",
+    "GradientExplosion": "lower learningRate, or add a warm-up (dpo.extra warmup_steps)",
+    "AccuracyStuck": "check the pairs (noisy or flipped chosen/rejected), or lower dpo.beta or "
+    "raise learningRate",
+    "MarginsCollapsed": "lower learningRate, or stop at the earlier checkpoint",
+    "LikelihoodDisplacement": "raise dpo.beta, add an SFT term (dpo.lossType [sigmoid, sft]), or "
+    "stop earlier",
+}
+
+
+class HealthConfig(ContractModel):
+    """What to do when a health signal is raised: `warn` (report it, train on) or `stop` (end
+    training and keep the last checkpoint saved before the signal as the adapter)."""
+
+    action: HealthAction = "warn"
+    warmup_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="Steps before the accuracy and margin signals are judged; None: a tenth of "
+        "the run's steps.",
+    )
+
+
+class HealthSignal(ContractModel):
+    """A health signal as first raised: the step, and what was seen."""
+
+    reason: HealthReason
+    step: int
+    message: str = Field(max_length=300)
+
+
+class StoppedEarly(ContractModel):
+    """Training stopped on a health signal (`health.action: stop`)."""
+
+    reason: HealthReason
+    step: int
+    kept_step: int = Field(description="The checkpoint whose weights are the adapter.")
+
+
 Strategy = Literal["single", "ddp", "fsdp", "hsdp"]
 Device = Literal["cuda", "cpu"]
 
@@ -268,12 +321,14 @@ class DistributedConfig(ContractModel):
 class DistributedRun(ContractModel):
     """What a training run really ran on, read back from accelerate and the parameters."""
 
+    # The termination message leaves out nulls: each optional field defaults to None.
     distributed_type: str = Field(description="accelerate's DistributedType, e.g. FSDP.")
-    fsdp_version: int | None
+    fsdp_version: int | None = None
     mesh_shape: list[int] | None = Field(
-        description="Shape of the mesh the parameters are sharded over (None: not sharded)."
+        default=None,
+        description="Shape of the mesh the parameters are sharded over (None: not sharded).",
     )
-    mesh_dims: list[str] | None
+    mesh_dims: list[str] | None = None
     world_size: int
     device: str = Field(description="Device type of the parameters: cuda or cpu.")
 
@@ -327,6 +382,12 @@ class TrainerConfig(ContractModel):
     distributed: DistributedConfig
     artifacts_dir: UriStr = Field(
         description="<output>/<namespace>/<name>/<uid>: checkpoints/, adapter/, train.json, ..."
+    )
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    reference_cache: UriStr | None = Field(
+        default=None,
+        description="Where precomputed reference log-probs are kept by content and reused "
+        "(<output>/<namespace>/reference-logps); None: not precomputed.",
     )
     gate: GateConfig | None
     promotion: PromotionConfig | None
@@ -393,6 +454,24 @@ class TrainingSummary(ContractModel):
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Final values of the summary metrics (rank 0)."
     )
+    health: list[HealthSignal] = Field(
+        default_factory=list, description="Each health signal raised, as first raised."
+    )
+    stopped_early: StoppedEarly | None = None
+
+
+# Under <output>/<namespace>/: precomputed reference log-probs, kept by content for any run there.
+REFERENCE_CACHE_DIR = "reference-logps"
+
+
+class ReferenceLogProbsReport(ContractModel):
+    """One set of precomputed reference log-probs: computed, or reused from the cache."""
+
+    split: str
+    pairs: int
+    key: str
+    reused: bool
+    seconds: float
 
 
 class TrainingReport(TrainingSummary):
@@ -403,6 +482,10 @@ class TrainingReport(TrainingSummary):
     eval: dict[str, float]
     data: dict[str, DataReport | None]
     held_out: HeldOutReport | None = None
+    reference_log_probs: list[ReferenceLogProbsReport] = Field(default_factory=list)
+    settings: TrainerConfig | None = Field(
+        default=None, description="The trainer config the run trained with (`dpo compare`)."
+    )
     adapter: str
     log_history: list[dict[str, object]]
     memory: dict[str, int]
@@ -415,6 +498,8 @@ class TrainingReport(TrainingSummary):
             adapter_digest=self.adapter_digest,
             parameters_digest=self.parameters_digest,
             metrics={k: v for k, v in self.metrics.items() if k in summary_metrics},
+            health=self.health,
+            stopped_early=self.stopped_early,
         )
 
 

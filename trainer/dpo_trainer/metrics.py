@@ -9,10 +9,13 @@ nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from dpo_trainer.config import DEGRADED_METRIC, HEALTH_REASONS
 
 # TRL log key -> metric name suffix, with the help text Prometheus shows.
 LOGGED: dict[str, tuple[str, str]] = {
@@ -51,6 +54,15 @@ class PrometheusCallback(TrainerCallback):
             suffix = name.removeprefix("dpo_train_").removeprefix("dpo_eval_")
             self.gauges[name] = Gauge(name, _HELP[suffix], LABELS, registry=self.registry)
         self.labels = {"dpojob": job, "namespace": namespace}
+        # 1 while a health signal (dpo_trainer.health) holds; every reason is there from the
+        # start, at 0, so that a dashboard and an alert see the series before anything is wrong.
+        self.degraded = Gauge(
+            DEGRADED_METRIC,
+            "1 while the health signal `reason` holds at the latest log",
+            (*LABELS, "reason"),
+            registry=self.registry,
+        )
+        self.set_degraded(set())
         self.latest: dict[str, float] = {}
         self._last_tokens: tuple[float, float] | None = None
         self._server = start_http_server(port, registry=self.registry)[0] if serve else None
@@ -58,6 +70,10 @@ class PrometheusCallback(TrainerCallback):
     def set(self, name: str, value: float) -> None:
         self.gauges[name].labels(**self.labels).set(value)
         self.latest[name] = value
+
+    def set_degraded(self, reasons: AbstractSet[str]) -> None:
+        for reason in HEALTH_REASONS:
+            self.degraded.labels(**self.labels, reason=reason).set(1 if reason in reasons else 0)
 
     def on_log(
         self,

@@ -32,6 +32,7 @@ from transformers import (
     set_seed,
 )
 from trl import DPOConfig, DPOTrainer
+from trl import __version__ as trl_version
 
 from dpo_trainer.artifacts import (
     ADAPTER,
@@ -44,11 +45,17 @@ from dpo_trainer.artifacts import (
     write_manifest,
 )
 from dpo_trainer.config import (
+    HEALTH_ADVICE,
     BadInputError,
     DataReport,
     DistributedConfig,
     DistributedRun,
+    HealthConfig,
+    HealthReason,
+    HealthSignal,
     HeldOutReport,
+    ReferenceLogProbsReport,
+    StoppedEarly,
     TrainerConfig,
     TrainingReport,
 )
@@ -62,8 +69,17 @@ from dpo_trainer.distributed import (
     require_gpus,
     state_bytes,
 )
+from dpo_trainer.health import HealthWatch, StepLog
 from dpo_trainer.metrics import PrometheusCallback
 from dpo_trainer.models import load_model, load_tokenizer, lora_config, torch_dtype
+from dpo_trainer.reference_cache import (
+    LOG_PROB_SETTINGS,
+    CachedLogProbs,
+    ReferenceCache,
+    combine,
+    dataset_digest,
+    weights_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +147,8 @@ def train(config: TrainerConfig) -> TrainingReport:
     stopper = StopOnSignal()
     checked = CheckDistributed(distributed)
     measured = MeasureStates()
-    callbacks: list[TrainerCallback] = [checked, measured, metrics, stopper, LogLines()]
+    health = WatchHealth(config.health, metrics)
+    callbacks: list[TrainerCallback] = [checked, measured, metrics, health, stopper, LogLines()]
     trainer = _trainer(
         config, artifacts, policy, reference, tokenizer, train_rows, eval_rows, dtype, callbacks
     )
@@ -141,6 +158,7 @@ def train(config: TrainerConfig) -> TrainingReport:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if stopper.stopped:
             raise TrainingInterruptedError(f"stopped by signal at step {trainer.state.global_step}")
+        stopped_early = _keep_last_healthy_checkpoint(trainer, artifacts, config, health.stopped)
         final_eval = _final_evaluation(trainer) if eval_rows is not None else {}
         assert checked.ran is not None, "on_train_begin ran"
         return _finish(
@@ -155,9 +173,35 @@ def train(config: TrainerConfig) -> TrainingReport:
             eval_report,
             held_out,
             started,
+            list(health.raised.values()),
+            stopped_early,
         )
     finally:
         metrics.close()
+
+
+def _keep_last_healthy_checkpoint(
+    trainer: Any, artifacts: Artifacts, config: TrainerConfig, cause: HealthSignal | None
+) -> StoppedEarly | None:
+    """After a stop on `cause`: the weights of the newest checkpoint, saved before it (none is
+    saved once a signal is raised), become the adapter's."""
+    if cause is None:
+        return None
+    kept = artifacts.latest_checkpoint()
+    if kept is None:
+        raise BadInputError(
+            f"training stopped on {cause.reason} ({cause.message}) before its first checkpoint "
+            f"(dpo.saveSteps {config.training.save_steps}): there are no healthy weights to keep; "
+            f"{HEALTH_ADVICE[cause.reason]}, or save checkpoints more often"
+        )
+    # The loader resume uses: it knows PEFT adapters and FSDP's sharded checkpoints.
+    trainer._load_from_checkpoint(str(kept))
+    log.warning("the adapter is %s's weights, the last saved before %s", kept.name, cause.reason)
+    return StoppedEarly(reason=cause.reason, step=cause.step, kept_step=_checkpoint_step(kept))
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def _checkpoint_to_resume(artifacts: Artifacts, state: PartialState) -> Path | None:
@@ -217,6 +261,8 @@ def training_arguments(
         "data_seed": training.seed,
         "logging_steps": training.logging_steps,
         "logging_first_step": True,
+        # A NaN loss is logged as NaN, not averaged away: the health watch must see it.
+        "logging_nan_inf_filter": False,
         "save_strategy": "steps",
         "save_steps": training.save_steps,
         "save_total_limit": SAVE_TOTAL_LIMIT,
@@ -318,6 +364,9 @@ def _trainer(
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
+            reference_cache=ReferenceCache(config.reference_cache)
+            if config.reference_cache
+            else None,
             **datasets,
         )
     if config.training.precompute_ref_log_probs:
@@ -333,7 +382,9 @@ def _trainer(
 
 
 class PrecomputeOnEveryRank(DPOTrainer):
-    """TRL's DPOTrainer, with the precomputed reference log-probs kept in every rank's memory.
+    """TRL's DPOTrainer, with the precomputed reference log-probs kept in every rank's memory,
+    and taken from the reference cache (dpo_trainer.reference_cache) when a run before computed
+    the same ones.
 
     TRL's precompute has only global rank 0 write the new columns to a dataset cache file, in
     that process's own temporary directory for an in-memory dataset, and every rank then reads
@@ -342,11 +393,62 @@ class PrecomputeOnEveryRank(DPOTrainer):
     within a pod and across pods alike.
     """
 
+    def __init__(self, *args: Any, reference_cache: ReferenceCache | None, **kwargs: Any) -> None:
+        # Set before TRL's __init__, which precomputes.
+        self.reference_cache = reference_cache
+        self.reference_reports: list[ReferenceLogProbsReport] = []
+        self._reference_digest: str | None = None
+        super().__init__(*args, **kwargs)
+
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        started = time.monotonic()
+        reference: Any = self.ref_model or self.model
+        key, fields = self._cache_key(reference, dataset)
+        cache = self.reference_cache
+        cached = cache.load(key, len(dataset)) if cache else None
+        if cached is None:
+            cached = self._compute_ref_logps(reference, dataset, name, batch_size)
+            if cache is not None and self.accelerator.is_main_process:
+                cache.store(key, fields, cached)
+        elif cache is not None:
+            log.info("reference log-probs of the %s pairs reused from %s/%s", name, cache.uri, key)
+        self.reference_reports.append(
+            ReferenceLogProbsReport(
+                split=name,
+                pairs=len(dataset),
+                key=key,
+                reused=cached.reused,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        )
+        return dataset.add_column("ref_chosen_logps", cached.chosen.tolist()).add_column(
+            "ref_rejected_logps", cached.rejected.tolist()
+        )
+
+    def _cache_key(self, reference: Any, dataset: Dataset) -> tuple[str, dict[str, Any]]:
+        if self._reference_digest is None:
+            digest, sharded = weights_digest(reference)
+            if sharded:  # every rank holds other shards: the key is all of them
+                from accelerate.utils import gather_object
+
+                digest = combine(gather_object([digest]))
+            self._reference_digest = digest
+        fields: dict[str, Any] = {
+            "reference": self._reference_digest,
+            "pairs": dataset_digest(dataset.with_format("arrow")[:]),
+            "dtype": str(next(reference.parameters()).dtype),
+            "autocast": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "none",
+            "trl": trl_version,
+            **{setting: getattr(self.args, setting) for setting in LOG_PROB_SETTINGS},
+        }
+        return ReferenceCache.key(fields), fields
+
+    def _compute_ref_logps(
+        self, reference: Any, dataset: Dataset, name: str, batch_size: int
+    ) -> CachedLogProbs:
         loader = self.accelerator.prepare(
             DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator)
         )
-        reference: Any = self.ref_model or self.model
         # Under FSDP the policy is sharded and placed on its GPU only when training starts; a
         # LoRA reference is that policy with the adapter disabled, so it visits the GPU here.
         home = next(reference.parameters()).device
@@ -372,9 +474,7 @@ class PrecomputeOnEveryRank(DPOTrainer):
                 f"of the {name} set"
             )
         log.info("precomputed reference log-probs for %d %s pairs", len(dataset), name)
-        return dataset.add_column("ref_chosen_logps", chosen_all.tolist()).add_column(
-            "ref_rejected_logps", rejected_all.tolist()
-        )
+        return CachedLogProbs(chosen_all, rejected_all, reused=False)
 
 
 def _finish(
@@ -389,6 +489,8 @@ def _finish(
     eval_report: DataReport | None,
     held_out: HeldOutReport | None,
     started: float,
+    health: list[HealthSignal],
+    stopped_early: StoppedEarly | None,
 ) -> TrainingReport:
     """Save the whole adapter (or model) with its manifest and write train.json.
 
@@ -415,6 +517,10 @@ def _finish(
         adapter=f"{artifacts.uri.rstrip('/')}/{ADAPTER}",
         log_history=trainer.state.log_history,
         parameters_digest=_agreed_digest(trainer),
+        health=health,
+        stopped_early=stopped_early,
+        reference_log_probs=getattr(trainer, "reference_reports", []),
+        settings=config,
     )
     if trainer.accelerator.is_main_process:
         if config.lora is None:
@@ -528,6 +634,71 @@ class StopOnSignal(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+class WatchHealth(TrainerCallback):
+    """Judges each training log (dpo_trainer.health): logs each signal when first raised, shows
+    the ones that hold on /metrics (`dpo_train_degraded`), and with `health.action: stop` ends
+    training at the first, before the step's checkpoint is saved.
+
+    Every rank sees the same logged values (TRL gathers them), so every rank stops at the same
+    step."""
+
+    def __init__(self, config: HealthConfig, metrics: PrometheusCallback) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.watch = HealthWatch(warmup_steps=config.warmup_steps or 0)
+        self.stopped: HealthSignal | None = None
+
+    @property
+    def raised(self) -> dict[HealthReason, HealthSignal]:
+        return self.watch.raised
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if self.config.warmup_steps is None:
+            self.watch.warmup_steps = state.max_steps // 10
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **_: Any,
+    ) -> None:
+        if not logs or "loss" not in logs:  # an eval log, or the end-of-training summary
+            return
+
+        def number(key: str) -> float | None:
+            value = logs.get(key)
+            return float(value) if isinstance(value, int | float) else None
+
+        seen = StepLog(
+            step=state.global_step,
+            loss=number("loss"),
+            accuracy=number("rewards/accuracies"),
+            margin=number("rewards/margins"),
+            chosen=number("rewards/chosen"),
+            grad_norm=number("grad_norm"),
+        )
+        first = set(self.watch.raised)
+        signals = self.watch.observe(seen)
+        self.metrics.set_degraded({found.reason for found in signals})
+        for found in signals:
+            if found.reason not in first and state.is_world_process_zero:
+                log.warning("health: %s: %s", found.reason, found.message)
+        if signals and self.config.action == "stop" and self.stopped is None:
+            self.stopped = signals[0]
+            control.should_training_stop = True
+            control.should_save = False
+            if state.is_world_process_zero:
+                log.error(
+                    "health.action is stop: training ends at step %d on %s",
+                    state.global_step,
+                    signals[0].reason,
+                )
 
 
 class UploadCheckpoints(TrainerCallback, NeedsAccelerator):
