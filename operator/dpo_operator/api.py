@@ -52,6 +52,8 @@ from pydantic import (
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -341,7 +343,7 @@ class ObjectMeta(BaseModel):
     name: str  # checked by a DPOJob rule (metadata has no schema in a CRD)
     namespace: str = "default"
     uid: str | None = None
-    generation: int | None = None
+    generation: StrictInt | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
@@ -401,8 +403,10 @@ class HoldOutSpec(ContractModel):
     prompt hashes into the first `fraction`, every pair of a prompt on one side, the same split
     in every run."""
 
-    fraction: float = Field(default=0.05, gt=0, le=0.5, description="Share of prompts held out.")
-    max_pairs: int = Field(default=2000, ge=1, description="Most pairs held out.")
+    fraction: StrictFloat = Field(
+        default=0.05, gt=0, le=0.5, description="Share of prompts held out."
+    )
+    max_pairs: StrictInt = Field(default=2000, ge=1, description="Most pairs held out.")
 
 
 class DataSpec(ContractModel):
@@ -453,7 +457,7 @@ class DPOSpec(RuledModel):
         ),
     )
 
-    beta: float = Field(
+    beta: StrictFloat = Field(
         default=0.1,
         gt=0,
         le=100,
@@ -468,29 +472,31 @@ class DPOSpec(RuledModel):
         "[sigmoid, sft] for RPO. sigmoid_norm is length-normalised DPO; simpo is reference-free "
         "SimPO (TRL's CPO trainer) and must stand alone.",
     )
-    loss_weights: list[float] | None = Field(
+    loss_weights: list[StrictFloat] | None = Field(
         default=None, max_length=8, description="One weight per lossType entry (default all 1.0)."
     )
-    simpo_gamma: float = Field(
+    simpo_gamma: StrictFloat = Field(
         default=0.5, ge=0, description="SimPO's target reward margin (simpo only)."
     )
-    learning_rate: float | None = Field(
+    learning_rate: StrictFloat | None = Field(
         default=None,
         gt=0,
         lt=1,
         description="Peak learning rate. Default: 1e-5 with LoRA, 1e-6 for full fine-tuning.",
     )
-    epochs: float = Field(default=1.0, gt=0, le=1000, description="Passes over the training set.")
-    max_steps: int | None = Field(
+    epochs: StrictFloat = Field(
+        default=1.0, gt=0, le=1000, description="Passes over the training set."
+    )
+    max_steps: StrictInt | None = Field(
         default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    per_device_batch_size: int = Field(
+    per_device_batch_size: StrictInt = Field(
         default=4, ge=1, le=4096, description="Pairs per GPU (or per process on CPU) per step."
     )
-    gradient_accumulation_steps: int = Field(
+    gradient_accumulation_steps: StrictInt = Field(
         default=1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step."
     )
-    max_length: int = Field(
+    max_length: StrictInt = Field(
         default=1024, ge=8, le=1048576, description="Maximum tokens of prompt + response."
     )
     precompute_ref_log_probs: bool = Field(
@@ -498,11 +504,11 @@ class DPOSpec(RuledModel):
         description="Compute the reference log-probs once before training and free the "
         "reference: saves memory and time per step when the reference is a separate model.",
     )
-    seed: int = Field(default=42, ge=0, description="Random seed for data order and init.")
-    logging_steps: int = Field(
+    seed: StrictInt = Field(default=42, ge=0, description="Random seed for data order and init.")
+    logging_steps: StrictInt = Field(
         default=10, ge=1, description="Steps between metric updates (Prometheus, status)."
     )
-    save_steps: int = Field(
+    save_steps: StrictInt = Field(
         default=200, ge=1, description="Steps between checkpoints; a restart resumes from the last."
     )
     extra: dict[str, Any] = Field(
@@ -548,10 +554,10 @@ class PeftSpec(LoraSettings):
 class ResourcesSpec(ContractModel):
     """Machines and what each pod asks for."""
 
-    nodes: int = Field(
+    nodes: StrictInt = Field(
         default=1, ge=1, le=MAX_NODES, description="Number of machines (one pod each)."
     )
-    gpus_per_node: int = Field(
+    gpus_per_node: StrictInt = Field(
         default=1, ge=0, le=16, description="GPUs per pod; 0 trains on CPU (tests, quickstart)."
     )
     gpu_resource_name: QualifiedName = Field(
@@ -635,7 +641,7 @@ class NetworkSpec(RuledModel):
         description="RDMA device resource. Default: rdma/ib (infiniband), rdma/roce (roce), "
         "vpc.amazonaws.com/efa (efa).",
     )
-    rdma_devices: int = Field(
+    rdma_devices: StrictInt = Field(
         default=1,
         ge=1,
         le=64,
@@ -647,7 +653,7 @@ class NetworkSpec(RuledModel):
         description="roce: Multus NetworkAttachmentDefinitions; tcpxo: the GKE networks of the "
         "8 GPU NICs, in NIC order.",
     )
-    collective_timeout_seconds: int = Field(
+    collective_timeout_seconds: StrictInt = Field(
         default=1800,
         ge=60,
         le=86400,
@@ -659,7 +665,7 @@ class NetworkSpec(RuledModel):
 class PodResources(ContractModel):
     """Resources of a single-pod Job; unset values follow spec.resources."""
 
-    gpus: int | None = Field(
+    gpus: StrictInt | None = Field(
         default=None, ge=0, le=16, description="GPUs (default: 1 if training uses GPUs)."
     )
     cpu: Quantity | None = Field(default=None, description="CPU request.")
@@ -697,16 +703,16 @@ class EvalGateSpec(RuledModel):
         default=None,
         description="Texts for the drift check (default: the held-out chosen responses).",
     )
-    max_samples: int | None = Field(
+    max_samples: StrictInt | None = Field(
         default=None, ge=1, description="Evaluate at most this many pairs."
     )
-    min_reward_accuracy: float | None = Field(
+    min_reward_accuracy: StrictFloat | None = Field(
         default=0.6, ge=0, le=1, description="Fraction of held-out pairs ranked correctly."
     )
-    min_reward_margin: float | None = Field(
+    min_reward_margin: StrictFloat | None = Field(
         default=0.0, description="Mean implicit reward margin (chosen - rejected)."
     )
-    max_anchor_nll_increase: float | None = Field(
+    max_anchor_nll_increase: StrictFloat | None = Field(
         default=0.2,
         ge=0,
         description="Largest allowed relative rise of per-token NLL on the anchor set versus the "
@@ -715,10 +721,10 @@ class EvalGateSpec(RuledModel):
     must_beat_promoted: bool = Field(
         default=False, description="Also require beating the currently promoted adapter."
     )
-    beat_margin: float = Field(
+    beat_margin: StrictFloat = Field(
         default=0.0, ge=0, description="Reward accuracy the new adapter must add over it."
     )
-    confidence: float = Field(
+    confidence: StrictFloat = Field(
         default=0.95,
         gt=0.5,
         lt=1,
@@ -798,7 +804,7 @@ class Toleration(ContractModel):
     operator: Literal["Exists", "Equal"] = "Equal"
     value: Annotated[str, Field(max_length=63)] | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: StrictInt | None = None
 
 
 class SchedulingSpec(ContractModel):
@@ -828,19 +834,19 @@ class SchedulingSpec(ContractModel):
 class RunPolicySpec(ContractModel):
     """Restarts, deadlines and clean-up."""
 
-    max_restarts: int = Field(
+    max_restarts: StrictInt = Field(
         default=3,
         ge=0,
         le=MAX_RESTARTS,
         description="Times the pod group is restarted from its checkpoint after a failure "
         "(pod disruptions such as preemption are not counted).",
     )
-    active_deadline_seconds: int | None = Field(
+    active_deadline_seconds: StrictInt | None = Field(
         default=None,
         ge=1,
         description="Fail when running longer (time suspended or awaiting approval not counted).",
     )
-    startup_timeout_seconds: int = Field(
+    startup_timeout_seconds: StrictInt = Field(
         default=1800,
         ge=30,
         le=7 * 86400,
@@ -848,7 +854,7 @@ class RunPolicySpec(ContractModel):
         "(image pull errors, missing Secrets or PVCs, no room for the whole group): the "
         "DPOJob's Stalled condition says why meanwhile. Queued and suspended time not counted.",
     )
-    ttl_seconds_after_finished: int | None = Field(
+    ttl_seconds_after_finished: StrictInt | None = Field(
         default=None,
         ge=0,
         description="Delete finished child Jobs and pods after this long; the DPOJob and the "
@@ -871,13 +877,13 @@ class MonitoringSpec(RuledModel):
         ),
     )
 
-    port: int = Field(
+    port: StrictInt = Field(
         default=DEFAULT_METRICS_PORT,
         ge=1024,
         le=65535,
         description="Rank 0's Prometheus /metrics port.",
     )
-    interval_seconds: int = Field(
+    interval_seconds: StrictInt = Field(
         default=30, ge=5, le=3600, description="How often the operator copies metrics to status."
     )
 
@@ -893,7 +899,7 @@ class HealthSpec(ContractModel):
         "on. stop: the same, and training ends at once with the last checkpoint saved before "
         "the signal as the adapter (the gate still decides).",
     )
-    warmup_steps: int | None = Field(
+    warmup_steps: StrictInt | None = Field(
         default=None,
         ge=0,
         le=10_000_000,
@@ -1137,16 +1143,16 @@ class Condition(ContractModel):
     reason: Annotated[str, Field(max_length=1024)] = ""
     message: Annotated[str, Field(max_length=32768)] = ""
     last_transition_time: datetime | None = None
-    observed_generation: int | None = None
+    observed_generation: StrictInt | None = None
 
 
 class TrainingMetrics(ContractModel):
     """Latest values read from rank 0's /metrics."""
 
-    step: int | None = None
-    loss: float | None = None
-    reward_accuracy: float | None = None
-    reward_margin: float | None = None
+    step: StrictInt | None = None
+    loss: StrictFloat | None = None
+    reward_accuracy: StrictFloat | None = None
+    reward_margin: StrictFloat | None = None
     degraded: list[HealthReason] = Field(
         default_factory=list,
         max_length=8,
@@ -1157,25 +1163,25 @@ class TrainingMetrics(ContractModel):
 
 class GateCriterion(ContractModel):
     name: Annotated[str, Field(max_length=128)]
-    value: float | None = None  # nothing to measure (mustBeatPromoted, nothing promoted yet)
-    low: float | None = None
-    high: float | None = None
-    n: int | None = None
+    value: StrictFloat | None = None  # nothing to measure (mustBeatPromoted, nothing promoted yet)
+    low: StrictFloat | None = None
+    high: StrictFloat | None = None
+    n: StrictInt | None = None
     method: Annotated[str, Field(max_length=32)] | None = None
-    threshold: float
+    threshold: StrictFloat
     passed: bool
     inconclusive: bool = False
-    needed_pairs: int | None = None
+    needed_pairs: StrictInt | None = None
 
 
 class HeldOutStatus(ContractModel):
     """The pairs the gate scored, when held out of the training data."""
 
     source: Annotated[str, Field(max_length=1024)]
-    fraction: float
-    max_pairs: int
-    pairs: int
-    prompts: int
+    fraction: StrictFloat
+    max_pairs: StrictInt
+    pairs: StrictInt
+    prompts: StrictInt
 
 
 class EvaluationStatus(ContractModel):
@@ -1204,15 +1210,15 @@ class DPOJobStatus(ContractModel):
     phase: Phase | None = None
     message: Annotated[str, Field(max_length=32768)] | None = None
     conditions: list[Condition] = Field(default_factory=list, max_length=32)
-    observed_generation: int | None = None
-    attempt: int | None = Field(default=None, description="Training attempt (1 + restarts).")
-    restarts: int = 0
+    observed_generation: StrictInt | None = None
+    attempt: StrictInt | None = Field(default=None, description="Training attempt (1 + restarts).")
+    restarts: StrictInt = 0
     start_time: datetime | None = None
     completion_time: datetime | None = None
     suspended_at: datetime | None = Field(
         default=None, description="When the current suspension (or approval wait) began."
     )
-    suspended_seconds: float = Field(
+    suspended_seconds: StrictFloat = Field(
         default=0.0,
         description="Time spent suspended or awaiting approval; not counted against the deadline.",
     )

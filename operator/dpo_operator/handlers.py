@@ -858,7 +858,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # default. A burst of creates then holds thousands of bodies at once, and the heap never
     # shrinks back (the operator's resident memory is its high-water mark).
     settings.batching.idle_timeout = 0.5
-    memo.executor = KubernetesExecutor(KubeAPI(), memo.render_settings)
+    memo.executor = KubernetesExecutor(KubeAPI(connections=WORKERS), memo.render_settings)
     memo.queue = WorkQueue()
     memo.phases = {}
     # What decide read of each watched object at its last event, as a hash: the projection

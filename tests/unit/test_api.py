@@ -294,3 +294,14 @@ def test_several_cross_field_problems_are_reported_one_per_line() -> None:
     assert len(lines) == 3
     assert sum(line.startswith("spec.parallelism.strategy:") for line in lines) == 2
     assert any(line.startswith("spec.env:") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("group", "field", "value"),
+    [("dpo", "beta", True), ("dpo", "maxSteps", False), ("peft", "r", True)],
+)
+def test_a_boolean_is_not_a_number(group: str, field: str, value: bool) -> None:
+    # The API server refuses `beta: true`; pydantic's lax mode would have read it as 1.0.
+    with pytest.raises(ValidationError) as refused:
+        job_with(**{group: {field: value}})
+    assert f"spec.{group}.{field}" in "\n".join(describe_errors(refused.value))

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic.alias_generators import to_camel
 
 # Files mounted into every pod from the DPOJob's ConfigMap.
@@ -149,9 +157,9 @@ DataFormat = Literal["auto", "standard", "conversational"]
 class LoraSettings(ContractModel):
     """LoRA adapter settings (PEFT)."""
 
-    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
-    alpha: int = Field(default=32, ge=1, le=4096, description="LoRA scaling alpha.")
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    r: StrictInt = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    alpha: StrictInt = Field(default=32, ge=1, le=4096, description="LoRA scaling alpha.")
+    dropout: StrictFloat = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default=["all-linear"],
         max_length=64,
