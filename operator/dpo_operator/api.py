@@ -335,10 +335,45 @@ class RuledModel(ContractModel):
         return self
 
 
+# Kubernetes' ObjectMeta: the fields the API server sets or keeps besides those read here.
+OBJECT_META_FIELDS = frozenset(
+    {
+        "name",
+        "generateName",
+        "namespace",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "labels",
+        "annotations",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+    }
+)
+
+
 class ObjectMeta(BaseModel):
-    """The part of metadata the operator reads; the API server adds more, which is ignored."""
+    """The part of metadata the operator reads; the rest of Kubernetes' ObjectMeta (what the API
+    server adds) is ignored, and any other field refused, as the API server refuses it."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_object_meta(cls, document: Any) -> Any:
+        if isinstance(document, dict):
+            unknown = sorted(str(key) for key in document if key not in OBJECT_META_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"unknown field {', '.join(unknown)}: not a field of Kubernetes' ObjectMeta; "
+                    "remove it (labels or annotations hold free-form data)"
+                )
+        return document
 
     name: str  # checked by a DPOJob rule (metadata has no schema in a CRD)
     namespace: str = "default"

@@ -305,3 +305,14 @@ def test_a_boolean_is_not_a_number(group: str, field: str, value: bool) -> None:
     with pytest.raises(ValidationError) as refused:
         job_with(**{group: {field: value}})
     assert f"spec.{group}.{field}" in "\n".join(describe_errors(refused.value))
+
+
+def test_an_unknown_metadata_field_is_refused_as_the_api_server_refuses_it() -> None:
+    manifest = minimal_manifest()
+    manifest["metadata"]["unknownField"] = 1
+    with pytest.raises(ValidationError) as refused:
+        parse_dpojob(manifest)
+    assert "metadata: " in "\n".join(describe_errors(refused.value))
+    assert "unknown field unknownField" in str(refused.value)
+    manifest["metadata"] = {"name": "demo", "resourceVersion": "7", "managedFields": []}
+    assert parse_dpojob(manifest).metadata.name == "demo", "what the API server adds is read"

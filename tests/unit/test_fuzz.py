@@ -17,7 +17,13 @@ from tests.conftest import minimal_manifest, set_fields
 from tests.fuzz import PROBLEM_LINE, hostile_manifests
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The same examples on every run: CI answers for the code, not for the draw.
+@settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(hostile_manifests())
 def test_every_hostile_manifest_is_refused_naming_its_field_or_renders(
     manifest: dict[str, Any],
