@@ -198,9 +198,18 @@ class _Machine:
         self.status.phase = phase
         self.status.message = message
 
+    def current(self, kind: str) -> Condition | None:
+        """The status's condition of type `kind`, if it has one."""
+        return next((c for c in self.status.conditions if c.type == kind), None)
+
+    def holds(self, kind: str) -> bool:
+        """Whether the status's condition `kind` is True."""
+        condition = self.current(kind)
+        return condition is not None and condition.status == "True"
+
     def condition(self, kind: str, value: bool, reason: str, message: str) -> None:
         wanted = "True" if value else "False"
-        existing = next((c for c in self.status.conditions if c.type == kind), None)
+        existing = self.current(kind)
         since = self.now
         if existing is not None and existing.status == wanted:
             since = existing.last_transition_time or self.now
@@ -354,7 +363,7 @@ class _Machine:
 
     def degraded(self, reason: str, message: str, event: str) -> None:
         """Degraded=True; an Event when it turns True or says something new."""
-        current = next((c for c in self.status.conditions if c.type == "Degraded"), None)
+        current = self.current("Degraded")
         if current is None or current.status != "True" or current.message != message:
             self.event(event, message, warning=True)
         self.condition("Degraded", True, reason, message)
@@ -364,7 +373,7 @@ class _Machine:
         if reasons:
             message = "; ".join(f"{reason}: {HEALTH_ADVICE[reason]}" for reason in reasons)
             self.degraded(reasons[0], message, "Degraded")
-        elif any(c.type == "Degraded" and c.status == "True" for c in self.status.conditions):
+        elif self.holds("Degraded"):
             self.condition("Degraded", False, "Healthy", "no health signal holds at the latest log")
 
     def trained(self, train: ChildJob) -> None:
@@ -385,7 +394,7 @@ class _Machine:
             self.degraded(stopped.reason, message, "StoppedEarly")
         elif summary.health:
             self.degraded(summary.health[0].reason, f"raised while training: {said}", "Degraded")
-        elif any(c.type == "Degraded" for c in self.status.conditions):
+        elif self.current("Degraded") is not None:
             self.condition("Degraded", False, "Healthy", "training ended with no health signal")
 
     def not_started(self, child: ChildJob, started: int, wanted: int) -> bool:
@@ -394,7 +403,7 @@ class _Machine:
         is set when the Job is created, so keeping it costs no write). True when the run
         ended."""
         if started >= wanted:
-            if any(c.type == "Stalled" and c.status == "True" for c in self.status.conditions):
+            if self.holds("Stalled"):
                 self.condition("Stalled", False, "Started", f"every pod of {child.name} started")
             return False
         since = self.status.waiting_since = self.status.waiting_since or self.now
@@ -403,7 +412,7 @@ class _Machine:
             f"pod {p.name}: {p.waiting_reason}: {p.waiting_message}".rstrip(": ") for p in stuck
         )
         if stuck:
-            stalled = next((c for c in self.status.conditions if c.type == "Stalled"), None)
+            stalled = self.current("Stalled")
             if stalled is None or stalled.status != "True":
                 self.event("Stalled", why[:1000], warning=True)
             self.condition("Stalled", True, stuck[0].waiting_reason, why[:4000])
@@ -430,9 +439,7 @@ class _Machine:
         if not stopped and self.status.suspended_at is not None:
             self.status.suspended_seconds += (self.now - self.status.suspended_at).total_seconds()
             self.status.suspended_at = None
-        if not self.spec.run_policy.suspend and any(
-            c.type == "Suspended" and c.status == "True" for c in self.status.conditions
-        ):
+        if not self.spec.run_policy.suspend and self.holds("Suspended"):
             self.condition("Suspended", False, "Resumed", "runPolicy.suspend is false")
 
     def suspended_after_training(self, child: ChildJob | None, what: str) -> bool:
