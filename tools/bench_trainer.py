@@ -108,8 +108,9 @@ def run_ours(args: argparse.Namespace, variant: dict[str, bool], workdir: Path) 
     job = parse_dpojob(
         job_manifest(args.model, args.steps, args.words, variant, torch.cuda.is_available())
     )
+    # No reference cache: each run scores its reference, as the variants compare.
     config = trainer_config(job).model_copy(
-        update={"artifacts_dir": str(workdir), "metrics_port": free_port()}
+        update={"artifacts_dir": str(workdir), "reference_cache": None, "metrics_port": free_port()}
     )
     summary = train(config)
     result = measure(summary.log_history, args.steps, started)
@@ -149,7 +150,7 @@ def reference_cache_sweep(args: argparse.Namespace) -> None:
             how = "reused" if entry.reused else "computed"
             print(
                 f"beta {beta}: reference log-probs of {entry.pairs} {entry.split} pairs {how} in "
-                f"{entry.seconds:.2f}s (key {entry.key[:12]}); whole run {seconds:.1f}s"
+                f"{entry.seconds:.2f}s (key {(entry.key or '')[:12]}); whole run {seconds:.1f}s"
             )
     first = sum(e.seconds for e in runs[0][2])
     second = sum(e.seconds for e in runs[1][2])

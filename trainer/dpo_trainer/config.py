@@ -477,7 +477,7 @@ class ReferenceLogProbsReport(ContractModel):
 
     split: str
     pairs: int
-    key: str
+    key: str | None = Field(description="The cache key (None: no cache configured).")
     reused: bool
     seconds: float
 

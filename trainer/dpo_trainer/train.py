@@ -403,12 +403,15 @@ class PrecomputeOnEveryRank(DPOTrainer):
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         started = time.monotonic()
         reference: Any = self.ref_model or self.model
-        key, fields = self._cache_key(reference, dataset)
         cache = self.reference_cache
-        cached = cache.load(key, len(dataset)) if cache else None
+        key = None
+        cached = None
+        if cache is not None:  # without one, nothing is worth hashing the weights and data for
+            key, fields = self._cache_key(reference, dataset)
+            cached = cache.load(key, len(dataset))
         if cached is None:
             cached = self._compute_ref_logps(reference, dataset, name, batch_size)
-            if cache is not None and self.accelerator.is_main_process:
+            if cache is not None and key is not None and self.accelerator.is_main_process:
                 cache.store(key, fields, cached)
         elif cache is not None:
             log.info("reference log-probs of the %s pairs reused from %s/%s", name, cache.uri, key)
