@@ -85,13 +85,11 @@ def load_run(run: str, get: Kubectl = kubectl) -> ComparedRun:
     if (local / "trainer.json").is_file():  # a `dpo run` directory
         config = TrainerConfig.model_validate_json((local / "trainer.json").read_text())
         compared = _load_artifacts(local.name, config.artifacts_dir)
-        compared.settings = flatten(config.model_dump(by_alias=True, mode="json"))
+        compared.settings = settings_of(config)
         return compared
     compared = _load_artifacts(local.name if "://" not in run else run.rstrip("/"), run)
     if compared.training is not None and compared.training.settings is not None:
-        compared.settings = flatten(
-            compared.training.settings.model_dump(by_alias=True, mode="json")
-        )
+        compared.settings = settings_of(compared.training.settings)
     if compared.training is None:
         raise RunNotFoundError(
             f"{run}: no trainer.json (a `dpo run` directory) or train.json (a run's artifacts); "
@@ -114,7 +112,7 @@ def _load_dpojob(run: str, get: Kubectl) -> ComparedRun:
         compared.notes.append(f"{output} is on a PVC: curves and reports not readable here")
     else:
         compared = _load_artifacts(job.name, output)
-    compared.settings = flatten(trainer_config(job).model_dump(by_alias=True, mode="json"))
+    compared.settings = settings_of(trainer_config(job))
     status = job.status
     if status is not None:
         compared.phase = status.phase
@@ -160,6 +158,11 @@ def _read(uri: str, name: str) -> str | None:
 
 
 # -- the comparison (pure) ---------------------------------------------------------------------
+
+
+def settings_of(config: TrainerConfig) -> dict[str, Any]:
+    """A trainer config as the flat settings the comparison lines up."""
+    return flatten(config.model_dump(by_alias=True, mode="json"))
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
