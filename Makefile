@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: quickstart test unit lint control-plane prometheus crd golden clean
+.PHONY: quickstart test unit lint control-plane prometheus registry crd golden clean
 
 $(BIN)/dpo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ quickstart: $(BIN)/dpo
 
 # Every tier: lint, types, layering, then all tests (unit, trainer, cluster, e2e, distributed,
 # chaos).
-test: lint control-plane prometheus
+test: lint control-plane prometheus registry
 	$(BIN)/pytest
 
 # kube-apiserver, kube-controller-manager and etcd from the Go module proxy, kubectl and helm
@@ -32,6 +32,12 @@ prometheus:
 	@command -v prometheus >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+
+# Debian's docker-registry (distribution 2.8) takes the OCI adapters the tests promote.
+registry:
+	@command -v docker-registry >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends docker-registry; }
 
 # The fast tier while you work: pure functions only, a few seconds.
 unit: $(BIN)/dpo

@@ -5,9 +5,12 @@ tests that play the pods' part."""
 from __future__ import annotations
 
 from dpo_trainer.config import (
+    DataReport,
     DistributedRun,
     Failure,
     GateCriterion,
+    GateOutcome,
+    GateReport,
     GateVerdict,
     HealthSignal,
     JobIdentity,
@@ -107,3 +110,17 @@ STOPPED_EARLY = termination_message_json(
         stopped_early=StoppedEarly(reason="NonFiniteLoss", step=30, kept_step=20),
     )
 )
+
+
+def gate_report(digest: str, verdict: GateOutcome = "Passed") -> GateReport:
+    """eval.json of a gate that judged the adapter `digest`."""
+    passed = verdict == "Passed"
+    return GateReport(
+        status="passed" if passed else "rejected",
+        verdict=verdict,
+        adapter_digest=digest,
+        criteria=[ACCURACY.model_copy(update={"passed": passed})],
+        metrics={"eval/rewards/accuracies": 0.93},
+        pairs=128,
+        data=DataReport(source="eval", read=128, identical=0, empty=0, duplicates=0, kept=128),
+    )

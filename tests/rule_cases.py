@@ -145,6 +145,24 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "may not contain '.' or '..' path segments",
     ),
     (
+        "plain-http-to-an-object-store",
+        manifest("rule-u2", promotion={"target": "s3://m/adapters", "plainHttp": True}),
+        "spec.promotion.plainHttp",
+        "talks to an OCI registry without TLS; only an oci:// target has one: remove it",
+    ),
+    (
+        "beat-the-promoted-in-an-oci-repository",
+        manifest(
+            "rule-u3",
+            **{
+                "evalGate.mustBeatPromoted": True,
+                "promotion": {"target": "oci://registry.example:5000/team/adapters"},
+            },
+        ),
+        "spec.evalGate.mustBeatPromoted",
+        "which needs a pvc:// target (a lock) or an s3:// one (a conditional write)",
+    ),
+    (
         "gate-with-every-criterion-off",
         manifest(
             "rule-v",
@@ -211,6 +229,13 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("simpo-alone", manifest("ok-e", **{"dpo.lossType": ["simpo"]})),
+    (
+        "promoted-to-an-oci-repository-over-plain-http",
+        manifest(
+            "ok-e2",
+            promotion={"target": "oci://registry.ml.svc:5000/team/adapters", "plainHttp": True},
+        ),
+    ),
     (
         "rpo-weights",
         manifest("ok-f", **{"dpo.lossType": ["sigmoid", "sft"], "dpo.lossWeights": [1.0, 0.5]}),

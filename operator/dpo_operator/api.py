@@ -24,6 +24,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 import celpy
 from celpy import celtypes
 from celpy.adapter import json_to_cel
+from dpo_trainer import oci
 from dpo_trainer.config import (
     DEFAULT_MASTER_PORT,
     DEFAULT_METRICS_PORT,
@@ -156,6 +157,17 @@ Quantity = Annotated[
 STORAGE_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|(s3|gs|gcs|az|abfs)://.+)$"
 StorageUri = Annotated[str, Field(min_length=1, max_length=1024, pattern=STORAGE_URI_PATTERN)]
 _STORAGE_URI_HINT = "use pvc://<claim>/<path> or an object store URI (s3://, gs://, az://)"
+# A promotion target may also be an OCI repository: the version is its tag, so none is given.
+PROMOTION_TARGET_PATTERN = (
+    STORAGE_URI_PATTERN[:-2] + f"|oci://{oci.REGISTRY_PATTERN}/{oci.REPOSITORY_PATTERN})$"
+)
+PromotionTarget = Annotated[
+    str, Field(min_length=1, max_length=1024, pattern=PROMOTION_TARGET_PATTERN)
+]
+_PROMOTION_TARGET_HINT = (
+    "use pvc://<claim>/<path>, an object store URI (s3://, gs://, az://) or an OCI repository "
+    "(oci://<registry>[:<port>]/<repository>, lower case, no tag)"
+)
 
 # The pod contract's own variables: a user value would break the rendezvous.
 RESERVED_ENV = (
@@ -785,11 +797,19 @@ def _no_traversal(field: str) -> Rule:
 class PromotionSpec(RuledModel):
     """Where a gated adapter is published."""
 
-    rules = (_no_traversal("target"),)
+    rules = (
+        _no_traversal("target"),
+        Rule(
+            "!self.plainHttp || self.target.startsWith('oci://')",
+            "talks to an OCI registry without TLS; only an oci:// target has one: remove it",
+            ".plainHttp",
+        ),
+    )
 
-    target: StorageUri = Field(
+    target: PromotionTarget = Field(
         description="Adapters land in <target>/versions/<version>/ and <target>/current points at "
-        "the newest."
+        "the newest. oci://<registry>/<repository>: pushed as an OCI artifact tagged with its "
+        "version and moved to the tag current, the gate report attached as a referrer."
     )
     mode: Literal["auto", "manual"] = Field(
         default="auto",
@@ -802,10 +822,18 @@ class PromotionSpec(RuledModel):
         "base_model_name_or_path. Default: model.name.",
     )
 
+    plain_http: bool = Field(
+        default=False,
+        description="oci:// only: HTTP instead of HTTPS, for a registry inside the cluster "
+        "without TLS. Credentials: OCI_USERNAME and OCI_PASSWORD in output.credentialsSecret.",
+    )
+
     @field_validator("target", mode="before")
     @classmethod
     def _explain_target(cls, value: object) -> object:
-        return _explain_storage_uri(value)
+        if isinstance(value, str) and not re.match(PROMOTION_TARGET_PATTERN, value):
+            raise ValueError(f"{value!r} is not a promotion target: {_PROMOTION_TARGET_HINT}")
+        return value
 
 
 class OutputSpec(RuledModel):

@@ -314,6 +314,7 @@ def trainer_config(
             target=pod_path(spec.promotion.target, claim_paths),
             mode=spec.promotion.mode,
             served_model_name=served_model_name(job),
+            plain_http=spec.promotion.plain_http,
         )
         if spec.promotion
         else None,

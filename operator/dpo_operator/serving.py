@@ -4,7 +4,9 @@ record in, text out (the DPOJob's status carries both, `kubectl describe` shows 
 
 vLLM reads the adapter's own adapter_config.json for the base model, rank and target modules;
 the trainer writes `base_model_name_or_path` as the served name, and the DPOJob's rules keep the
-rank and modules within what vLLM serves (see api.VLLM_MAX_LORA_RANK).
+rank and modules within what vLLM serves (see api.VLLM_MAX_LORA_RANK). vLLM loads adapters from
+its own disk, so an adapter promoted to an OCI registry is first fetched (and verified) by
+`dpo pull` into PULLED_ADAPTERS/<job>, which both lines then name.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 import json
 import shlex
 
+from dpo_trainer.oci import is_oci
+
 from dpo_operator.api import VLLM_LORA_RANKS, DPOJob, PromotionStatus
 
 VLLM_ADDRESS = "http://VLLM_HOST:8000"  # a placeholder the reader replaces
+PULLED_ADAPTERS = "adapters"  # where the serve line pulls an OCI adapter, beside vLLM
 
 
 def served_model_name(job: DPOJob) -> str:
@@ -34,7 +39,13 @@ def with_vllm_instructions(job: DPOJob, promotion: PromotionStatus) -> Promotion
     if not job.spec.peft.enabled:
         return promotion  # full weights: served as a model of their own, not as a LoRA
     base, name, path = served_model_name(job), job.name, promotion.uri
-    serve = shlex.join(
+    pull = ""
+    if is_oci(promotion.uri):
+        path = f"{PULLED_ADAPTERS}/{name}"
+        plain = job.spec.promotion is not None and job.spec.promotion.plain_http
+        flags = ["--plain-http"] if plain else []
+        pull = shlex.join(["dpo", "pull", promotion.uri, path, *flags]) + " && "
+    serve = pull + shlex.join(
         [
             "vllm",
             "serve",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dpo_trainer.artifacts import ADAPTER, CHECKPOINTS, TRAIN_REPORT, verify_manifest
+from dpo_trainer.artifacts import ADAPTER, CHECKPOINTS, TRAIN_REPORT
+from dpo_trainer.manifest import verify_manifest
 from dpo_trainer.promote import CURRENT, VERSIONS
 
 from tests.chaos.conftest import Outcome

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 from dpo_operator.api import parse_dpojob
-from dpo_trainer.artifacts import EVAL_REPORT, verify_manifest
+from dpo_trainer.artifacts import EVAL_REPORT
+from dpo_trainer.manifest import verify_manifest
 from dpo_trainer.promote import CURRENT, VERSIONS
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for

@@ -9,13 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from dpo_trainer.artifacts import (
-    CHECKPOINTS,
-    EVAL_REPORT,
-    TRAIN_REPORT,
-    download_folder,
-    verify_manifest,
-)
+from dpo_trainer.artifacts import CHECKPOINTS, EVAL_REPORT, TRAIN_REPORT, download_folder
+from dpo_trainer.manifest import verify_manifest
 from dpo_trainer.promote import CURRENT, VERSIONS
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from dpo_operator.plan import Layout, estimate, model_shape
-from dpo_trainer.artifacts import MANIFEST, verify_manifest
 from dpo_trainer.distributed import parameters_digest
+from dpo_trainer.manifest import MANIFEST, verify_manifest
 from dpo_trainer.models import model_location
 from peft import PeftModel
 from transformers import AutoModelForCausalLM

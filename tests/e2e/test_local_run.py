@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from dpo_trainer.artifacts import verify_manifest
 from dpo_trainer.config import EXIT_GATE_REJECTED, ColumnMapping, DataSource, HoldOut
 from dpo_trainer.data import load_preferences, split_held_out
+from dpo_trainer.manifest import verify_manifest
 from dpo_trainer.promote import read_current
 
 from tests.conftest import dpo_run, promotion_target, quickstart
+from tests.oci_registry import OciRegistry
 
 BIN = Path(sys.executable).parent
 
@@ -69,6 +71,37 @@ def test_manual_promotion_waits_for_approval(tmp_path: Path) -> None:
     assert "Succeeded" in output
     assert "step 1/" not in output, "training is not repeated"
     assert read_current(str(promotion_target(tmp_path))) is not None
+
+
+def test_an_adapter_promoted_to_an_oci_registry_is_pulled_back_verified_for_vllm(
+    oci_registry: OciRegistry, tmp_path: Path
+) -> None:
+    target = f"oci://{oci_registry.host}/adapters/quickstart"
+    manifest = quickstart(
+        **{"promotion.target": target, "promotion.plainHttp": True, "dpo.maxSteps": 20}
+    )
+    code, output = dpo_run(manifest, tmp_path)
+    assert code == 0
+    serve = next(line for line in output.splitlines() if line.startswith("serve "))
+    pull, vllm = serve.removeprefix("serve").strip().split(" && ")
+    command = shlex.split(pull)
+    assert command[:2] == ["dpo", "pull"]
+    assert command[2].startswith(f"{target}@sha256:"), "pulled by digest, not by a moving tag"
+    assert vllm.startswith("vllm serve builtin:tiny-llama --enable-lora")
+
+    pulled = subprocess.run(
+        [BIN / "dpo", *command[1:]], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    assert "gate Passed on 128 pairs" in pulled.stdout, pulled.stdout
+    adapter = tmp_path / command[3]
+    digest = verify_manifest(adapter)
+    assert f"adapter {digest}, every file verified" in pulled.stdout
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "builtin:tiny-llama"
+    )
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert shlex.split(vllm)[-1] == f"quickstart={command[3]}"
 
 
 def test_a_two_node_job_runs_as_two_local_processes(tmp_path: Path) -> None:

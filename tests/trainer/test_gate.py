@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dpo_trainer.artifacts import verify_manifest
 from dpo_trainer.config import (
     EXIT_BAD_INPUT,
     EXIT_CHAMPION_CHANGED,
@@ -22,6 +21,7 @@ from dpo_trainer.config import (
     TrainerConfig,
 )
 from dpo_trainer.evaluate import evaluate
+from dpo_trainer.manifest import verify_manifest
 from dpo_trainer.promote import read_current
 
 from tests.trainer.conftest import (

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from dpo_trainer import promote as promotion
-from dpo_trainer.artifacts import verify_manifest
 from dpo_trainer.config import EXIT_CHAMPION_CHANGED, ChampionChangedError
+from dpo_trainer.manifest import verify_manifest
 from dpo_trainer.promote import promote, promoted_adapter, read_current
 
 from tests.object_store import ObjectStore

@@ -101,6 +101,18 @@ def _both(*mutations: Callable[[Manifest], None]) -> Callable[[Manifest], None]:
 
 # (case, mutation, the field path the error must name, what the error must say to do)
 BAD_MANIFESTS: list[tuple[str, Callable[[Manifest], None], str, str]] = [
+    (
+        "oci-target-with-a-tag",
+        _set("spec.promotion", {"target": "oci://registry.example/team/adapters:v1"}),
+        "spec.promotion.target",
+        "an OCI repository (oci://<registry>[:<port>]/<repository>, lower case, no tag)",
+    ),
+    (
+        "oci-target-in-upper-case",
+        _set("spec.promotion", {"target": "oci://registry.example/Team/Adapters"}),
+        "spec.promotion.target",
+        "lower case",
+    ),
     ("zero-nodes", _set("spec.resources.nodes", 0), "spec.resources.nodes", ">= 1"),
     ("negative-nodes", _set("spec.resources.nodes", -2), "spec.resources.nodes", ">= 1"),
     ("nodes-not-a-number", _set("spec.resources.nodes", "two"), "spec.resources.nodes", "integer"),

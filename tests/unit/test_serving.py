@@ -60,3 +60,19 @@ def test_without_a_served_name_the_base_is_the_model_trained() -> None:
 def test_a_full_fine_tune_gets_no_lora_line() -> None:
     job = job_with(**{"peft.enabled": False, "promotion": {"target": "s3://models/demo"}})
     assert with_vllm_instructions(job, PROMOTED).vllm_serve is None
+
+
+def test_an_oci_adapter_is_pulled_verified_beside_vllm_before_it_is_served() -> None:
+    target = "oci://registry.ml.svc:5000/team/adapters"
+    job = job_with(promotion={"target": target, "plainHttp": True})
+    promoted = PromotionStatus(
+        version="demo-ab12", uri=f"{target}@sha256:{'0' * 64}", digest="sha256:ab12"
+    )
+    status = with_vllm_instructions(job, promoted)
+    assert status.vllm_serve is not None
+    pull, serve = status.vllm_serve.split(" && ")
+    assert shlex.split(pull) == ["dpo", "pull", promoted.uri, "adapters/demo", "--plain-http"]
+    assert shlex.split(serve)[-1] == "demo=adapters/demo"
+    assert status.vllm_load_request is not None
+    body = json.loads(shlex.split(status.vllm_load_request)[-1])
+    assert body == {"lora_name": "demo", "lora_path": "adapters/demo"}

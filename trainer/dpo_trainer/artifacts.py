@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -21,9 +20,8 @@ from typing import Any, TypeVar
 import fsspec
 from pydantic import BaseModel
 
-from dpo_trainer.config import BadInputError
+from dpo_trainer.manifest import write_text_atomically
 
-MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 TRAIN_REPORT = "train.json"
@@ -165,22 +163,6 @@ def _step(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write then rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text.rstrip("\n") + "\n")
-    staging.replace(path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -192,53 +174,6 @@ def name_served_base_model(adapter: Path, served_model_name: str) -> None:
     settings = json.loads(path.read_text())
     settings["base_model_name_or_path"] = served_model_name
     write_text_atomically(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-
-def write_manifest(directory: Path) -> str:
-    """Record the sha256 of every file in `directory`; returns the digest of the whole set."""
-    files = {
-        str(path.relative_to(directory)): sha256_file(path)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
-    }
-    digest = manifest_digest(files)
-    manifest = {"files": files, "digest": digest}
-    write_text_atomically(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-    return digest
-
-
-def manifest_digest(files: dict[str, str]) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def verify_manifest(directory: Path) -> str:
-    """Check every file against manifest.json, and that no file is missing from it; returns the
-    digest, or raises naming the file."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.exists():
-        raise BadInputError(f"{directory}: no {MANIFEST}; the adapter was not written completely")
-    files: dict[str, str] = json.loads(manifest_path.read_text())["files"]
-    for relative, expected in files.items():
-        path = directory / relative
-        if not path.exists():
-            raise BadInputError(f"{path}: listed in {MANIFEST} but missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise BadInputError(
-                f"{path}: digest mismatch (manifest sha256 {expected[:12]}..., file "
-                f"{actual[:12]}...); the adapter is corrupted: retrain or restore it"
-            )
-    unlisted = sorted(
-        str(p.relative_to(directory))
-        for p in directory.rglob("*")
-        if p.is_file() and p.name != MANIFEST and str(p.relative_to(directory)) not in files
-    )
-    if unlisted:
-        raise BadInputError(
-            f"{directory}: {', '.join(unlisted)} not listed in {MANIFEST}; the adapter was "
-            "changed after it was written: retrain or restore it"
-        )
-    return manifest_digest(files)
 
 
 def replace_directory(source: Path, target: Path) -> None:

@@ -372,6 +372,9 @@ class PromotionConfig(ContractModel):
         description="The base model's name where the adapter is served: the adapter's "
         "adapter_config.json names it as base_model_name_or_path."
     )
+    plain_http: bool = Field(
+        default=False, description="oci:// targets: HTTP instead of HTTPS to the registry."
+    )
 
 
 class TrainerConfig(ContractModel):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, Artifacts, verify_manifest
+from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, Artifacts
 from dpo_trainer.confidence import Estimate, Outcome, Relation, bootstrap, judge, mean, wilson
 from dpo_trainer.config import (
     BadInputError,
@@ -43,6 +43,7 @@ from dpo_trainer.config import (
 )
 from dpo_trainer.data import load_preferences, load_split
 from dpo_trainer.distributed import require_gpus
+from dpo_trainer.manifest import verify_manifest
 from dpo_trainer.models import load_model, load_tokenizer, torch_dtype
 from dpo_trainer.promote import promoted_adapter
 

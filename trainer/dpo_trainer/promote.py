@@ -33,15 +33,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dpo_trainer.artifacts import (
-    ADAPTER,
-    EVAL_REPORT,
-    MANIFEST,
-    Artifacts,
-    download_folder,
-    upload_folder,
-    verify_manifest,
-)
+from dpo_trainer.artifacts import ADAPTER, EVAL_REPORT, Artifacts, download_folder, upload_folder
 from dpo_trainer.config import (
     BadInputError,
     ChampionChangedError,
@@ -49,6 +41,8 @@ from dpo_trainer.config import (
     PromotionResult,
     TrainerConfig,
 )
+from dpo_trainer.manifest import MANIFEST, verify_manifest
+from dpo_trainer.oci import AdapterPush, is_oci, push_adapter
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +106,25 @@ def promote(config: TrainerConfig) -> PromotionResult:
         raise BadInputError(f"the gate rejected adapter {digest}; it cannot be promoted")
 
     target = config.promotion.target
+    version = version_name(config.job.name, digest)
+    if is_oci(target):
+        push = AdapterPush(
+            adapter=adapter,
+            adapter_digest=digest,
+            version=version,
+            served_model_name=config.promotion.served_model_name,
+            report=report,
+            job=config.job,
+        )
+        pointer = push_adapter(target, push, plain_http=config.promotion.plain_http)
+        log.info("promoted %s to %s", digest, pointer.uri)
+        return pointer
     current = read_current(target)
     if current is not None and current.digest == digest:
         log.info("%s already points at %s: nothing to do", target, current.version)
         return current
 
     fs, root = fsspec.core.url_to_fs(target)
-    version = version_name(config.job.name, digest)
     destination = f"{root}/{VERSIONS}/{version}"
     if isinstance(fs, LocalFileSystem):
         _copy_local(adapter, Path(destination), digest)

@@ -42,7 +42,6 @@ from dpo_trainer.artifacts import (
     Artifacts,
     name_served_base_model,
     replace_directory,
-    write_manifest,
 )
 from dpo_trainer.config import (
     HEALTH_ADVICE,
@@ -70,6 +69,7 @@ from dpo_trainer.distributed import (
     state_bytes,
 )
 from dpo_trainer.health import HealthWatch, StepLog
+from dpo_trainer.manifest import write_manifest
 from dpo_trainer.metrics import PrometheusCallback
 from dpo_trainer.models import load_model, load_tokenizer, lora_config, torch_dtype
 from dpo_trainer.reference_cache import (
