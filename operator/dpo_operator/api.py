@@ -890,7 +890,13 @@ class SchedulingSpec(ContractModel):
     topology_key: QualifiedName | None = Field(
         default=None,
         description="Node label grouping well-connected machines (e.g. a rack or block label): "
-        "pods are packed into one such group (Kueue topology-aware scheduling when queued).",
+        "pods are packed into one such group (Kueue topology-aware scheduling when queued; "
+        "for hsdp, each shard group is also required inside one).",
+    )
+    topology_policy: Literal["Preferred", "Required"] = Field(
+        default="Preferred",
+        description="Preferred: pack into one topologyKey group where possible; Required: "
+        "wait until one group has room for every pod.",
     )
 
 
@@ -1014,6 +1020,12 @@ class DPOJobSpec(RuledModel):
     """What to train, on what, on how many machines, and where it goes."""
 
     rules = (
+        Rule(
+            "self.scheduling.topologyPolicy != 'Required' || has(self.scheduling.topologyKey)",
+            "requires the pods inside one topology group, which scheduling.topologyKey names: "
+            "set it, or use Preferred",
+            ".scheduling.topologyPolicy",
+        ),
         Rule(
             "self.parallelism.strategy != 'hsdp' || self.resources.nodes > 1",
             "hsdp replicates across nodes and needs resources.nodes > 1; use fsdp on one node",

@@ -318,8 +318,13 @@ class _Machine:
                 self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
                 return
             self.act(Create("train", attempt))
-            self.status.waiting_since = None if self.queued_by_kueue() else self.now
-            if self.status.start_time is None and not self.queued_by_kueue():
+            if self.queued_by_kueue():
+                # Created suspended: nothing changes until Kueue admits it, so say so now.
+                self.status.waiting_since = None
+                self.phase("Queued", f"attempt {attempt}: waiting for Kueue to admit it")
+                return
+            self.status.waiting_since = self.now
+            if self.status.start_time is None:
                 self.status.start_time = self.now
             self.phase("Pending", waiting)
             return

@@ -73,7 +73,12 @@ LABEL_JOB = "dpo.dev/job-name"
 LABEL_ATTEMPT = "dpo.dev/attempt"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-KUEUE_TOPOLOGY_ANNOTATION = "kueue.x-k8s.io/podset-preferred-topology"
+KUEUE_TOPOLOGY_ANNOTATIONS = {
+    "Preferred": "kueue.x-k8s.io/podset-preferred-topology",
+    "Required": "kueue.x-k8s.io/podset-required-topology",
+}
+KUEUE_SLICE_TOPOLOGY_ANNOTATION = "kueue.x-k8s.io/podset-slice-required-topology"
+KUEUE_SLICE_SIZE_ANNOTATION = "kueue.x-k8s.io/podset-slice-size"
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 PVC_MOUNT_ROOT = "/mnt/pvc"
@@ -701,7 +706,7 @@ def render_training_job(
     annotations = dict(pieces.annotations)
     topology = spec.scheduling.topology_key
     if topology and spec.scheduling.queue_name:
-        annotations[KUEUE_TOPOLOGY_ANNOTATION] = topology
+        annotations.update(kueue_topology_annotations(job, topology))
     elif topology:
         _add_packing_affinity(pod, job, topology)
     nodes = spec.resources.nodes
@@ -726,17 +731,32 @@ def render_training_job(
     )
 
 
+def kueue_topology_annotations(job: DPOJob, topology_key: str) -> dict[str, str]:
+    """What Kueue's topology-aware scheduling reads off the training pods: the whole gang in one
+    `topology_key` group (preferred or required), and for hsdp each shard group in one: the
+    shards all-gather every layer, the replicas only all-reduce once a step."""
+    annotations = {KUEUE_TOPOLOGY_ANNOTATIONS[job.spec.scheduling.topology_policy]: topology_key}
+    chosen = layout(job.spec)
+    if chosen.strategy == "hsdp":
+        pods_per_shard_group = max(1, chosen.shard // max(1, job.spec.resources.gpus_per_node))
+        annotations[KUEUE_SLICE_TOPOLOGY_ANNOTATION] = topology_key
+        annotations[KUEUE_SLICE_SIZE_ANNOTATION] = str(pods_per_shard_group)
+    return annotations
+
+
 def _add_packing_affinity(pod: Manifest, job: DPOJob, topology_key: str) -> None:
-    term = {
-        "weight": 100,
-        "podAffinityTerm": {
-            "topologyKey": topology_key,
-            "labelSelector": {"matchLabels": {LABEL_JOB: job.name, LABEL_COMPONENT: "train"}},
-        },
-    }
+    selector = {"matchLabels": {LABEL_JOB: job.name, LABEL_COMPONENT: "train"}}
+    term = {"topologyKey": topology_key, "labelSelector": selector}
     affinity = pod.setdefault("affinity", {})
     pod_affinity = affinity.setdefault("podAffinity", {})
-    pod_affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(term)
+    if job.spec.scheduling.topology_policy == "Required":
+        # The first pod matches its own labels, so the gang's first pod picks the group.
+        pod_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", []).append(term)
+    else:
+        preferred = {"weight": 100, "podAffinityTerm": term}
+        pod_affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(
+            preferred
+        )
 
 
 def _single_pod_job(

@@ -34,6 +34,8 @@ BIN = CACHE / "bin" / K8S_VERSION
 PROMETHEUS_OPERATOR_CRDS = CACHE / "crds" / "prometheus-operator-v0.85.0"
 SEAWEEDFS_VERSION = os.environ.get("SEAWEEDFS_VERSION", "v0.0.0-20261109003541-7506e5f91cd6")
 WEED = CACHE / "bin" / "seaweedfs" / SEAWEEDFS_VERSION / "weed"
+KUEUE_VERSION = os.environ.get("KUEUE_VERSION", "v0.17.0")
+KUEUE = CACHE / "bin" / "kueue" / KUEUE_VERSION
 ADMIN_TOKEN = "dpo-test-admin-token"  # a static token of group system:masters
 # The operator's own identity (cluster-admin through RBAC, not system:masters), so the API
 # server can tell its requests from everyone else's (see tools/bench_operator.py).
@@ -43,8 +45,8 @@ READY_TIMEOUT = 120
 
 
 def ensure_binaries() -> Path:
-    """Build or fetch what is missing (minutes, once per machine; SeaweedFS too); returns the
-    control plane's bin directory."""
+    """Build or fetch what is missing (minutes, once per machine; SeaweedFS and Kueue too);
+    returns the control plane's bin directory."""
     names = (
         "etcd",
         "kube-apiserver",
@@ -54,11 +56,17 @@ def ensure_binaries() -> Path:
         "helm",
     )
     crds = PROMETHEUS_OPERATOR_CRDS / "monitoring.coreos.com_prometheusrules.yaml"
-    if not all((BIN / name).exists() for name in names) or not crds.exists() or not WEED.exists():
+    built = [BIN / name for name in names] + [crds, WEED, KUEUE / "kueue"]
+    if not all(path.exists() for path in built):
+        versions = {
+            "K8S_VERSION": K8S_VERSION,
+            "SEAWEEDFS_VERSION": SEAWEEDFS_VERSION,
+            "KUEUE_VERSION": KUEUE_VERSION,
+        }
         subprocess.run(
             [str(REPO / "tools" / "build-control-plane.sh")],
             check=True,
-            env={**os.environ, "K8S_VERSION": K8S_VERSION, "SEAWEEDFS_VERSION": SEAWEEDFS_VERSION},
+            env={**os.environ, **versions},
         )
     return BIN
 

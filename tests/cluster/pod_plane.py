@@ -157,6 +157,15 @@ class Run:
 
         return wait_for(f"a running pod of {job}", started, TRAINING_TIMEOUT)  # type: ignore[no-any-return]
 
+    def placed(self, count: int, attempt: int = 1) -> list[str] | None:
+        """The Nodes the training Job's `count` pods were bound to, once all of them were."""
+        pods = self.plane.core().list_namespaced_pod(
+            self.namespace,
+            label_selector=f"batch.kubernetes.io/job-name={self.name}-train-{attempt}",
+        )
+        nodes = [p.spec.node_name for p in pods.items if p.spec.node_name]
+        return sorted(nodes) if len(nodes) == count else None
+
     @property
     def uid(self) -> str:
         job = self.plane.custom().get_namespaced_custom_object(

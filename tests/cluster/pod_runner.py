@@ -233,6 +233,10 @@ class PodRunner:
             _signal(running.process, signal.SIGKILL)
             running.process.wait()
             self._release(running)
+        elif (pod.status.phase or "Pending") == "Pending":
+            # Deleted before it started (held): as the kubelet does, it ends Failed first; the
+            # API server shortens no grace period of a pod still Pending on its node.
+            self._patch_status(pod, {"phase": "Failed", "reason": "Terminated"})
         try:
             self.core.delete_namespaced_pod(
                 pod.metadata.name,

@@ -22,14 +22,6 @@ SPEC: dict[str, Any] = {
 }
 
 
-def placed(run: Run, count: int) -> list[str] | None:
-    pods = run.plane.core().list_namespaced_pod(
-        run.namespace, label_selector=f"batch.kubernetes.io/job-name={run.name}-train-1"
-    )
-    nodes = [p.spec.node_name for p in pods.items if p.spec.node_name]
-    return sorted(nodes) if len(nodes) == count else None
-
-
 def stalled(run: Run) -> dict[str, Any] | None:
     conditions = run.status().get("conditions") or []
     return next((c for c in conditions if c["type"] == "Stalled" and c["status"] == "True"), None)
@@ -41,9 +33,9 @@ def test_the_scheduler_packs_each_gang_into_one_block_of_the_selected_gpu_nodes(
     example = "llama-8b-lora-infiniband"  # 2 nodes x 8 GPUs, rdma/ib, the GPU toleration
     with pod_runner.holding("train"):
         first = Run(pod_plane, pod_runner, "placement", "first", example, **SPEC)
-        first_nodes = wait_for("first placed", lambda: placed(first, 2))
+        first_nodes = wait_for("first placed", lambda: first.placed(2))
         second = Run(pod_plane, pod_runner, "placement", "second", example, **SPEC)
-        second_nodes = wait_for("second placed", lambda: placed(second, 2))
+        second_nodes = wait_for("second placed", lambda: second.placed(2))
         for nodes in (first_nodes, second_nodes):
             assert {PRODUCT[n] for n in nodes} == {"H100"}, "the nodeSelector holds"
             assert len({BLOCK[n] for n in nodes}) == 1, f"one gang, one block: {nodes}"

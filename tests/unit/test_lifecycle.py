@@ -118,6 +118,16 @@ def test_a_queued_job_waits_for_kueue() -> None:
     assert decision.actions == [], "Kueue unsuspends the Job, not the operator"
 
 
+def test_a_queued_job_is_queued_from_the_moment_its_suspended_job_is_created() -> None:
+    # Nothing about the Job changes until Kueue admits it, so no later reconcile would say it.
+    queued = job(scheduling={"queueName": "q"})
+    decision = decide(queued, observed())
+    assert Create("train", 1) in decision.actions
+    assert decision.status.phase == "Queued"
+    assert decision.status.waiting_since is None, "admission is Kueue's wait, not a stall"
+    assert decision.status.start_time is None
+
+
 def test_suspend_stops_the_pods_and_resume_starts_them_again() -> None:
     suspended = job(runPolicy={"suspend": True})
     decision = decide(suspended, observed(child("train", 1, "Running", pod("Running"))))

@@ -10,8 +10,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from dpo_operator.api import DPOJob
+from dpo_operator.api import DPOJob, parse_dpojob
+from dpo_operator.parallelism import layout
 from dpo_operator.render import (
+    KUEUE_TOPOLOGY_ANNOTATIONS,
     Settings,
     render_all,
     render_config_map,
@@ -31,7 +33,7 @@ from dpo_trainer.config import (
     TrainerConfig,
 )
 
-from tests.conftest import REPO, example, job_with
+from tests.conftest import REPO, example, example_manifest, job_with
 
 GOLDEN = REPO / "tests" / "unit" / "golden"
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
@@ -228,6 +230,44 @@ def test_topology_key_without_kueue_packs_pods_with_preferred_affinity() -> None
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"]["dpo.dev/job-name"] == (
         "llama-70b-full-dpo"
     )
+
+
+def test_a_required_topology_without_kueue_is_required_pod_affinity() -> None:
+    job = example("full-finetune-hsdp-efa")
+    required = job.model_copy(
+        update={
+            "spec": job.spec.model_copy(
+                update={
+                    "scheduling": job.spec.scheduling.model_copy(
+                        update={"topology_policy": "Required"}
+                    )
+                }
+            )
+        }
+    )
+    affinity = pod_spec(render_training_job(required, 1))["affinity"]["podAffinity"]
+    assert "preferredDuringSchedulingIgnoredDuringExecution" not in affinity
+    (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "topology.k8s.aws/network-node-layer-3"
+
+
+@pytest.mark.parametrize(("policy", "annotation"), list(KUEUE_TOPOLOGY_ANNOTATIONS.items()))
+def test_a_queued_hsdp_gang_asks_kueue_for_its_topology_and_one_slice_per_shard_group(
+    policy: str, annotation: str
+) -> None:
+    # 8 nodes: two replicas of a shard group of 4 nodes (32 GPUs) each.
+    manifest = example_manifest("full-finetune-hsdp-efa")
+    manifest["spec"]["parallelism"]["strategy"] = "hsdp"
+    manifest["spec"]["resources"]["nodes"] = 8
+    scheduling = manifest["spec"]["scheduling"]
+    scheduling.update({"queueName": "gpus", "topologyPolicy": policy})
+    job = parse_dpojob(manifest)
+    annotations = render_training_job(job, 1)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[annotation] == scheduling["topologyKey"]
+    assert layout(job.spec).shard == 32
+    assert annotations["kueue.x-k8s.io/podset-slice-required-topology"] == scheduling["topologyKey"]
+    assert annotations["kueue.x-k8s.io/podset-slice-size"] == "4"
+    assert "affinity" not in pod_spec(render_training_job(job, 1)), "Kueue places, not affinity"
 
 
 def test_the_group_is_restarted_by_the_operator_never_pod_by_pod() -> None:
