@@ -44,7 +44,7 @@ GPU_FLAVOR = "h100"
 CPU_FLAVOR = "cpu"
 GPU_QUEUE = "gpus"  # ClusterQueue and LocalQueue
 CPU_QUEUE = "cpus"
-GPU_QUOTA = 16  # two of the four H100 nodes
+GPU_QUOTA = 32  # the four H100 nodes
 CPU_QUOTA = "2"  # one quickstart training pod at a time
 LOW_PRIORITY, HIGH_PRIORITY = "dpo-low", "dpo-high"
 # The webhooks registered: Kueue's own objects, and batch/v1 Jobs (the operator's children).
@@ -190,7 +190,7 @@ def _serving_certificate(certs: Path) -> bytes:
 
 
 def queues(namespace: str) -> list[dict[str, Any]]:
-    """GPU quota for two H100 nodes, placed by Kueue's TAS over the blocks; CPU quota for one
+    """GPU quota for the four H100 nodes, placed by Kueue's TAS over the blocks; CPU quota for one
     quickstart pod, preempting lower priorities; a LocalQueue of each in `namespace`."""
     everything = {"cpu": "10000", "memory": "100Ti", "rdma/ib": "100"}
     return [

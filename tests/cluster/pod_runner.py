@@ -233,16 +233,15 @@ class PodRunner:
             _signal(running.process, signal.SIGKILL)
             running.process.wait()
             self._release(running)
-        elif (pod.status.phase or "Pending") == "Pending":
-            # Deleted before it started (held): as the kubelet does, it ends Failed first; the
-            # API server shortens no grace period of a pod still Pending on its node.
-            self._patch_status(pod, {"phase": "Failed", "reason": "Terminated"})
         try:
+            # In the body: with a body, the API server reads no query parameter, so a grace
+            # period passed as one left a pod that never ran terminating for its whole grace.
             self.core.delete_namespaced_pod(
                 pod.metadata.name,
                 pod.metadata.namespace,
-                grace_period_seconds=0,
-                body=client.V1DeleteOptions(preconditions={"uid": pod.metadata.uid}),
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions={"uid": pod.metadata.uid}
+                ),
             )
         except ApiException as error:
             if error.status not in (404, 409):

@@ -1,7 +1,8 @@
 """Kueue admits DPOJobs for real: its manager, built from sigs.k8s.io/kueue, owns the queued
-training Jobs' suspension. A gang waits, Queued, while another holds the GPU quota, and is
+training Jobs' suspension. A gang waits, Queued, while two others hold the GPU quota, and is
 admitted when that quota frees; Kueue's topology-aware scheduling, not the test and not pod
-affinity, puts each gang in one block of the simulated GPU Nodes. A run preempted by a higher
+affinity, puts each gang in one block of the simulated GPU Nodes, and each shard group of an
+hsdp run in one block. A run preempted by a higher
 priority one resumes from its checkpoint once readmitted, without spending a restart."""
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from tests.cluster.kueue import (
     admitted,
     queues,
 )
-from tests.cluster.pod_plane import BLOCK_LABEL, GPU_TAINT, NODES, TRAINING_TIMEOUT, Run
+from tests.cluster.pod_plane import (
+    BLOCK_LABEL,
+    GPU_PRODUCT_LABEL,
+    GPU_TAINT,
+    NODES,
+    TRAINING_TIMEOUT,
+    Run,
+)
 from tests.cluster.pod_runner import PodRunner
 
 BLOCK = {n.name: n.labels.get(BLOCK_LABEL) for n in NODES}
@@ -31,7 +39,7 @@ QUEUED_GANG: dict[str, Any] = {
     "scheduling.topologyPolicy": "Required",
     "promotion.target": "pvc://dpo-checkpoints/promoted/llama",
 }
-GANG = "llama-8b-lora-infiniband"  # 2 nodes x 8 GPUs: the GPU quota holds one gang
+GANG = "llama-8b-lora-infiniband"  # 2 nodes x 8 GPUs: the GPU quota holds two gangs
 
 
 def workload_of(kueue: Kueue, run: Run, attempt: int = 1) -> dict[str, Any] | None:
@@ -51,6 +59,30 @@ def train_job_suspended(run: Run, attempt: int = 1) -> bool:
     return bool(job.spec.suspend)
 
 
+def assigned_nodes(workload: dict[str, Any]) -> list[str]:
+    """The Nodes Kueue's TAS assigned to the training pods (one podset, by hostname)."""
+    (assignment,) = workload["status"]["admission"]["podSetAssignments"]
+    topology = assignment["topologyAssignment"]
+    assert topology["levels"] == ["kubernetes.io/hostname"], topology
+    nodes = []
+    for topology_slice in topology["slices"]:
+        (hosts,) = topology_slice["valuesPerLevel"]
+        individual = hosts["individual"]
+        nodes += [individual.get("prefix", "") + root for root in individual["roots"]]
+    return sorted(nodes)
+
+
+def release_gpu_nodes(plane: ControlPlane, namespace: str) -> None:
+    """Delete the namespace's runs and wait until their pods are gone from the Nodes."""
+    plane.kubectl("delete", "dpojobs", "--all", "-n", namespace)
+    wait_for(
+        f"the pods of {namespace} gone",
+        lambda: not plane.core().list_namespaced_pod(namespace).items,
+        120,
+    )
+    plane.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
 def test_a_queued_gang_waits_for_gpu_quota_and_kueue_places_it_in_one_block(
     pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator, kueue: Kueue
 ) -> None:
@@ -58,37 +90,88 @@ def test_a_queued_gang_waits_for_gpu_quota_and_kueue_places_it_in_one_block(
     pod_plane.kubectl("create", "namespace", namespace, check=False)
     kueue.apply(*queues(namespace))
     with pod_runner.holding("train"):
-        first = Run(pod_plane, pod_runner, namespace, "first", GANG, **QUEUED_GANG)
-        first_nodes = wait_for("first admitted and placed", lambda: first.placed(2), 120)
-        assert len({BLOCK[n] for n in first_nodes}) == 1, f"one gang, one block: {first_nodes}"
-        workload = workload_of(kueue, first)
-        assert workload is not None
-        assert admitted(workload), workload
-        (assignment,) = workload["status"]["admission"]["podSetAssignments"]
-        topology = assignment["topologyAssignment"]
-        assert topology["levels"] == ["kubernetes.io/hostname"]
-        (hosts,) = topology["slices"][0]["valuesPerLevel"]
-        assigned = [hosts["individual"]["prefix"] + root for root in hosts["individual"]["roots"]]
-        assert sorted(assigned) == first_nodes, "the pods went where Kueue's TAS put them"
+        gangs = [
+            Run(pod_plane, pod_runner, namespace, name, GANG, **QUEUED_GANG)
+            for name in ("first", "second")
+        ]
+        placements = [
+            wait_for(f"{g.name} admitted and placed", lambda g=g: g.placed(2), 120) for g in gangs
+        ]
+        for gang, nodes in zip(gangs, placements, strict=True):
+            assert len({BLOCK[n] for n in nodes}) == 1, f"one gang, one block: {nodes}"
+            workload = workload_of(kueue, gang)
+            assert workload is not None
+            assert admitted(workload), workload
+            assert assigned_nodes(workload) == nodes, "the pods went where Kueue's TAS put them"
+        assert {BLOCK[p[0]] for p in placements} == {"a", "b"}
 
-        second = Run(pod_plane, pod_runner, namespace, "second", GANG, **QUEUED_GANG)
-        pending = wait_for("second's workload", lambda: workload_of(kueue, second))
+        third = Run(pod_plane, pod_runner, namespace, "third", GANG, **QUEUED_GANG)
+        pending = wait_for("third's workload", lambda: workload_of(kueue, third))
         assert not admitted(pending), pending
-        queued = wait_for("second Queued", lambda: second.status().get("phase") == "Queued")
-        assert queued
-        assert train_job_suspended(second), "Kueue keeps it suspended: the quota is used"
-        reserved = next(c for c in pending["status"]["conditions"] if c["type"] == "QuotaReserved")
+        wait_for("third Queued", lambda: third.status().get("phase") == "Queued")
+        assert train_job_suspended(third), "Kueue keeps it suspended: the quota is used"
+        reserved = wait_for(
+            "third's quota refused",
+            lambda: next(
+                (
+                    c
+                    for c in (workload_of(kueue, third) or {})
+                    .get("status", {})
+                    .get("conditions", [])
+                    if c["type"] == "QuotaReserved"
+                ),
+                None,
+            ),
+        )
         assert reserved["status"] == "False"
         assert "nvidia.com/gpu" in reserved["message"], reserved
 
         pod_plane.kubectl("delete", "dpojob", "first", "-n", namespace)
-        second_nodes = wait_for(
-            "second admitted once the quota freed", lambda: second.placed(2), 180
+        nodes = wait_for("third admitted as the quota freed", lambda: third.placed(2), 180)
+        assert nodes == placements[0], "into the block the first gang left"
+        assert not train_job_suspended(third)
+        assert third.status().get("restarts", 0) == 0
+        release_gpu_nodes(pod_plane, namespace)  # while held: no pod ever starts
+
+
+def test_a_queued_hsdp_run_gets_each_shard_group_inside_one_block(
+    pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator, kueue: Kueue
+) -> None:
+    # 30B, full fine-tune, 4 nodes x 8 GPUs: hsdp 2x16, a shard group of 2 nodes. No block has
+    # four H100 nodes, so the gang is split, one shard group (ranks 0-1, 2-3) per block.
+    namespace = "queued-hsdp"
+    pod_plane.kubectl("create", "namespace", namespace, check=False)
+    kueue.apply(*queues(namespace))
+    spec = {
+        **QUEUED_GANG,
+        "scheduling.topologyPolicy": "Preferred",
+        "peft.enabled": False,
+        "model.parameters": "30B",
+        "parallelism.strategy": "hsdp",
+        "resources.nodes": 4,
+        "scheduling.nodeSelector": {GPU_PRODUCT_LABEL: "H100"},
+    }
+    with pod_runner.holding("train"):
+        run = Run(pod_plane, pod_runner, namespace, "hsdp", GANG, **spec)
+        wait_for("hsdp placed", lambda: run.placed(4), 180)
+        pods = run.plane.core().list_namespaced_pod(
+            namespace, label_selector="batch.kubernetes.io/job-name=hsdp-train-1"
         )
-        assert len({BLOCK[n] for n in second_nodes}) == 1, f"one gang, one block: {second_nodes}"
-        assert not train_job_suspended(second)
-        assert second.status().get("restarts", 0) == 0
-    pod_plane.kubectl("delete", "namespace", namespace, "--wait=false")
+        template = pods.items[0].metadata.annotations or {}
+        assert template.get("kueue.x-k8s.io/podset-slice-size") == "2"
+        rank_block = {
+            int(p.metadata.annotations["batch.kubernetes.io/job-completion-index"]): BLOCK[
+                p.spec.node_name
+            ]
+            for p in pods.items
+        }
+        assert rank_block[0] == rank_block[1], rank_block
+        assert rank_block[2] == rank_block[3], rank_block
+        assert rank_block[0] != rank_block[2], rank_block
+        workload = workload_of(kueue, run)
+        assert workload is not None
+        assert sorted(assigned_nodes(workload)) == sorted(p.spec.node_name for p in pods.items)
+        release_gpu_nodes(pod_plane, namespace)
 
 
 def test_a_run_preempted_by_kueue_resumes_from_its_checkpoint_without_spending_a_restart(
