@@ -360,6 +360,11 @@ class Descriptor:
         return {**data, **extra}
 
 
+_EMPTY_CONFIG = Descriptor(
+    EMPTY_CONFIG, "sha256:" + hashlib.sha256(EMPTY_CONFIG_DATA).hexdigest(), len(EMPTY_CONFIG_DATA)
+)
+
+
 def fallback_tag(digest: str) -> str:
     return digest.replace(":", "-")
 
@@ -439,11 +444,13 @@ def push_adapter(
     registry = registry or Registry(where.registry, plain_http=plain_http)
     repository = where.repository
     current = registry.fetch_manifest(repository, CURRENT_TAG)
-    if current is not None and _annotations(current[0]).get(ADAPTER_DIGEST) == push.adapter_digest:
-        return _pointer(where, current[0], current[1], push.job)
+    if current is not None:
+        promoted = _annotations(current[0])
+        if promoted.get(ADAPTER_DIGEST) == push.adapter_digest:
+            return _pointer(where, promoted, current[1], push.job)
 
-    registry.push_blob(repository, _digest(EMPTY_CONFIG_DATA), 2, EMPTY_CONFIG_DATA)
-    config = Descriptor(EMPTY_CONFIG, _digest(EMPTY_CONFIG_DATA), 2).as_json(data="e30=")
+    # Both manifests (the adapter's and its gate report's) have the empty config.
+    registry.push_blob(repository, _EMPTY_CONFIG.digest, _EMPTY_CONFIG.size, EMPTY_CONFIG_DATA)
     layers = []
     for path in sorted(p for p in push.adapter.rglob("*") if p.is_file()):
         title = str(path.relative_to(push.adapter))
@@ -463,21 +470,12 @@ def push_adapter(
     rank = _lora_rank(push.adapter)
     if rank is not None:
         annotations[LORA_RANK] = str(rank)
-    manifest = _canonical(
-        {
-            "schemaVersion": 2,
-            "mediaType": IMAGE_MANIFEST,
-            "artifactType": ADAPTER_ARTIFACT_TYPE,
-            "config": config,
-            "layers": layers,
-            "annotations": annotations,
-        }
-    )
+    manifest = _artifact_manifest(ADAPTER_ARTIFACT_TYPE, layers, annotations)
     manifest_digest = _digest(manifest)
     registry.push_manifest(repository, push.version, manifest, IMAGE_MANIFEST)
     _push_gate_report(registry, repository, manifest_digest, len(manifest), push)
     registry.push_manifest(repository, CURRENT_TAG, manifest, IMAGE_MANIFEST)
-    return _pointer(where, json.loads(manifest), manifest_digest, push.job)
+    return _pointer(where, annotations, manifest_digest, push.job)
 
 
 def _push_gate_report(
@@ -486,24 +484,17 @@ def _push_gate_report(
     report_json = push.report_json
     report_digest = _digest(report_json)
     registry.push_blob(repository, report_digest, len(report_json), report_json)
-    registry.push_blob(repository, _digest(EMPTY_CONFIG_DATA), 2, EMPTY_CONFIG_DATA)
     annotations = {
         CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
         GATE_VERDICT: push.report.verdict,
         ADAPTER_DIGEST: push.report.adapter_digest,
     }
-    manifest = _canonical(
-        {
-            "schemaVersion": 2,
-            "mediaType": IMAGE_MANIFEST,
-            "artifactType": GATE_REPORT_ARTIFACT_TYPE,
-            "config": Descriptor(EMPTY_CONFIG, _digest(EMPTY_CONFIG_DATA), 2).as_json(data="e30="),
-            "layers": [
-                Descriptor(JSON_FILE, report_digest, len(report_json), EVAL_REPORT_TITLE).as_json()
-            ],
-            "subject": {"mediaType": IMAGE_MANIFEST, "digest": subject, "size": subject_size},
-            "annotations": annotations,
-        }
+    layer = Descriptor(JSON_FILE, report_digest, len(report_json), EVAL_REPORT_TITLE).as_json()
+    manifest = _artifact_manifest(
+        GATE_REPORT_ARTIFACT_TYPE,
+        [layer],
+        annotations,
+        subject=Descriptor(IMAGE_MANIFEST, subject, subject_size).as_json(),
     )
     digest = _digest(manifest)
     if not registry.push_manifest(repository, digest, manifest, IMAGE_MANIFEST):
@@ -513,15 +504,35 @@ def _push_gate_report(
         registry.add_referrer(repository, subject, referrer)
 
 
+def _artifact_manifest(
+    artifact_type: str,
+    layers: list[dict[str, Any]],
+    annotations: dict[str, str],
+    *,
+    subject: dict[str, Any] | None = None,
+) -> bytes:
+    """An OCI image manifest of an artifact (ORAS' form: the empty config), as pushed."""
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": IMAGE_MANIFEST,
+        "artifactType": artifact_type,
+        "config": _EMPTY_CONFIG.as_json(data=base64.b64encode(EMPTY_CONFIG_DATA).decode()),
+        "layers": layers,
+        "annotations": annotations,
+    }
+    if subject is not None:
+        manifest["subject"] = subject
+    return _canonical(manifest)
+
+
 def _annotations(manifest: Mapping[str, Any]) -> dict[str, str]:
     annotations = manifest.get("annotations") or {}
     return {str(k): str(v) for k, v in annotations.items()}
 
 
 def _pointer(
-    where: Reference, manifest: Mapping[str, Any], digest: str, job: JobIdentity
+    where: Reference, annotations: Mapping[str, str], digest: str, job: JobIdentity
 ) -> PromotionResult:
-    annotations = _annotations(manifest)
     return PromotionResult(
         version=annotations.get(VERSION, digest),
         digest=annotations.get(ADAPTER_DIGEST, ""),
