@@ -831,9 +831,7 @@ class PromotionSpec(RuledModel):
     @field_validator("target", mode="before")
     @classmethod
     def _explain_target(cls, value: object) -> object:
-        if isinstance(value, str) and not re.match(PROMOTION_TARGET_PATTERN, value):
-            raise ValueError(f"{value!r} is not a promotion target: {_PROMOTION_TARGET_HINT}")
-        return value
+        return _explain_uri(value, PROMOTION_TARGET_PATTERN, "promotion target")
 
 
 class OutputSpec(RuledModel):
@@ -853,12 +851,12 @@ class OutputSpec(RuledModel):
     @field_validator("uri", mode="before")
     @classmethod
     def _explain_uri(cls, value: object) -> object:
-        return _explain_storage_uri(value)
+        return _explain_uri(value, STORAGE_URI_PATTERN, "storage URI")
 
 
-def _explain_storage_uri(value: object) -> object:
-    if isinstance(value, str) and not re.match(STORAGE_URI_PATTERN, value):
-        raise ValueError(f"{value!r} is not a storage URI: {_STORAGE_URI_HINT}")
+def _explain_uri(value: object, pattern: str, what: str) -> object:
+    if isinstance(value, str) and not re.match(pattern, value):
+        raise ValueError(f"{value!r} is not a {what}: {PATTERN_HINTS[pattern]}")
     return value
 
 
@@ -1445,6 +1443,7 @@ PATTERN_HINTS = {
     QUANTITY_PATTERN: "a Kubernetes quantity such as 8, 500m or 64Gi",
     PARAMETER_COUNT_PATTERN: "a parameter count such as 70B, 8.03B or 500M",
     STORAGE_URI_PATTERN: _STORAGE_URI_HINT,
+    PROMOTION_TARGET_PATTERN: _PROMOTION_TARGET_HINT,
 }
 
 

@@ -738,7 +738,8 @@ def kueue_topology_annotations(job: DPOJob, topology_key: str) -> dict[str, str]
     annotations = {KUEUE_TOPOLOGY_ANNOTATIONS[job.spec.scheduling.topology_policy]: topology_key}
     chosen = layout(job.spec)
     if chosen.strategy == "hsdp":
-        pods_per_shard_group = max(1, chosen.shard // max(1, job.spec.resources.gpus_per_node))
+        # plan.layouts makes each hsdp shard group whole nodes: shard = nodes in it x GPUs.
+        pods_per_shard_group = chosen.shard // job.spec.resources.gpus_per_node
         annotations[KUEUE_SLICE_TOPOLOGY_ANNOTATION] = topology_key
         annotations[KUEUE_SLICE_SIZE_ANNOTATION] = str(pods_per_shard_group)
     return annotations
