@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from botocore.exceptions import BotoCoreError
 from dpo_operator.local import free_port
 
 from tests.cluster.control_plane import WEED, ensure_binaries
+from tests.servers import stop, wait_until_ready
 
 ACCESS_KEY = "dpo-test-access-key"
 SECRET_KEY = "dpo-test-secret-key"
@@ -89,31 +89,24 @@ class ObjectStore:
         return store
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited: {self.log()[-3000:]}")
-            try:
-                # A bucket round trip, not just an open port: the filer and volume servers
-                # behind the gateway must be up too.
-                probe = f"ready-{uuid.uuid4().hex[:8]}"
-                self.fs().mkdir(probe)
-                self.fs().rm(probe, recursive=True)
-                return
-            except (OSError, BotoCoreError):  # refused, or the gateway still starting
-                time.sleep(0.5)
-        raise TimeoutError(f"SeaweedFS not ready in {START_TIMEOUT}s: {self.log()[-3000:]}")
+        wait_until_ready("SeaweedFS", self.process, self._answers, self.log, START_TIMEOUT)
+
+    def _answers(self) -> bool:
+        """A bucket round trip, not just an open port: the filer and volume servers behind the
+        gateway must be up too."""
+        try:
+            probe = f"ready-{uuid.uuid4().hex[:8]}"
+            self.fs().mkdir(probe)
+            self.fs().rm(probe, recursive=True)
+            return True
+        except (OSError, BotoCoreError):  # refused, or the gateway still starting
+            return False
 
     def log(self) -> str:
         return (self.workdir / "weed.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
         shutil.rmtree(self.workdir / "data", ignore_errors=True)
 
     def env(self, host: str = "127.0.0.1") -> dict[str, str]:

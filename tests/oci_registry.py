@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from dpo_operator.local import free_port
+
+from tests.servers import stop, wait_until_ready
 
 DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
 USERNAME = "dpo-pusher"
@@ -72,20 +73,16 @@ class OciRegistry:
         return f"127.0.0.1:{self.port}"
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"docker-registry exited: {self.log()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
-                return
-            except urllib.error.HTTPError as error:
-                if error.code == 401:  # up, and asking for the login it was given
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"docker-registry not ready in {START_TIMEOUT}s: {self.log()[-3000:]}")
+        wait_until_ready("docker-registry", self.process, self._answers, self.log, START_TIMEOUT)
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+            return True
+        except urllib.error.HTTPError as error:
+            return error.code == 401  # up, and asking for the login it was given
+        except OSError:
+            return False
 
     def log(self) -> str:
         return (self.workdir / "registry.log").read_text(errors="replace")
@@ -102,12 +99,7 @@ class OciRegistry:
         )
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
         shutil.rmtree(self.workdir / "storage", ignore_errors=True)
 
 

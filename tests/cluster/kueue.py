@@ -18,8 +18,6 @@ import copy
 import os
 import shutil
 import subprocess
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from dpo_operator.render import KUEUE_QUEUE_LABEL
 
 from tests.cluster.control_plane import KUEUE, ControlPlane, ensure_binaries
 from tests.cluster.pod_plane import BLOCK_LABEL, GPU_PRODUCT_LABEL, GPU_TAINT
+from tests.servers import stop, wait_until_ready
 
 NAMESPACE = "kueue-system"
 # Without its own certificate management, Kueue reads the metrics server's certificate from
@@ -110,16 +109,14 @@ class Kueue:
         return kueue
 
     def _wait_ready(self, health_port: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"kueue exited: {self.log()[-4000:]}")
+        def ready() -> bool:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=2).close()
-                return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
-        raise TimeoutError(f"kueue not ready in {START_TIMEOUT}s: {self.log()[-4000:]}")
+                return True
+            except OSError:  # refused, or not ready yet (an HTTPError)
+                return False
+
+        wait_until_ready("kueue", self.process, ready, self.log, START_TIMEOUT)
 
     def _register_webhooks(self, port: int, ca: bytes) -> None:
         bundle = base64.b64encode(ca).decode()
@@ -147,8 +144,10 @@ class Kueue:
                 f"{configuration['kind'].lower()}/{configuration['metadata']['name']}"
             )
 
-    def apply(self, *objects: dict[str, Any]) -> None:
-        for body in objects:
+    def open_queues(self, namespace: str) -> None:
+        """The namespace, with the quota, flavors, Topology and LocalQueues of `queues`."""
+        self.plane.kubectl("create", "namespace", namespace, check=False)
+        for body in queues(namespace):
             self.plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(body))
 
     def workloads(self, namespace: str) -> list[dict[str, Any]]:
@@ -164,12 +163,7 @@ class Kueue:
         """Unregister the webhooks (nothing would answer them), then stop the manager."""
         for name in self.webhook_configurations:
             self.plane.kubectl("delete", name, "--ignore-not-found", check=False)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
 
 
 def _serving_certificate(certs: Path) -> bytes:

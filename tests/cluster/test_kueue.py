@@ -17,7 +17,6 @@ from tests.cluster.kueue import (
     LOW_PRIORITY,
     Kueue,
     admitted,
-    queues,
 )
 from tests.cluster.pod_plane import (
     BLOCK_LABEL,
@@ -87,8 +86,7 @@ def test_a_queued_gang_waits_for_gpu_quota_and_kueue_places_it_in_one_block(
     pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator, kueue: Kueue
 ) -> None:
     namespace = "queued-gangs"
-    pod_plane.kubectl("create", "namespace", namespace, check=False)
-    kueue.apply(*queues(namespace))
+    kueue.open_queues(namespace)
     with pod_runner.holding("train"):
         gangs = [
             Run(pod_plane, pod_runner, namespace, name, GANG, **QUEUED_GANG)
@@ -140,8 +138,7 @@ def test_a_queued_hsdp_run_gets_each_shard_group_inside_one_block(
     # 30B, full fine-tune, 4 nodes x 8 GPUs: hsdp 2x16, a shard group of 2 nodes. No block has
     # four H100 nodes, so the gang is split, one shard group (ranks 0-1, 2-3) per block.
     namespace = "queued-hsdp"
-    pod_plane.kubectl("create", "namespace", namespace, check=False)
-    kueue.apply(*queues(namespace))
+    kueue.open_queues(namespace)
     spec = {
         **QUEUED_GANG,
         "scheduling.topologyPolicy": "Preferred",
@@ -178,8 +175,7 @@ def test_a_run_preempted_by_kueue_resumes_from_its_checkpoint_without_spending_a
     pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator, kueue: Kueue
 ) -> None:
     namespace = "preempted"
-    pod_plane.kubectl("create", "namespace", namespace, check=False)
-    kueue.apply(*queues(namespace))
+    kueue.open_queues(namespace)
     low = Run(
         pod_plane,
         pod_runner,
