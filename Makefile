@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: quickstart test unit lint control-plane prometheus registry crd golden clean
+.PHONY: quickstart test unit lint control-plane prometheus registry crd golden clean install-check
 
 $(BIN)/dpo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,9 @@ $(BIN)/dpo: pyproject.toml
 quickstart: $(BIN)/dpo
 	$(BIN)/dpo run examples/quickstart.yaml
 
-# Every tier: lint, types, layering, then all tests (unit, trainer, cluster, e2e, distributed,
-# chaos).
-test: lint control-plane prometheus registry
+# Every tier: lint, types, layering, an unconstrained install's resolution, then all tests (unit,
+# trainer, cluster, e2e, distributed, chaos).
+test: lint install-check control-plane prometheus registry
 	$(BIN)/pytest
 
 # kube-apiserver, kube-controller-manager and etcd from the Go module proxy, kubectl and helm
@@ -42,6 +42,11 @@ registry:
 # The fast tier while you work: pure functions only, a few seconds.
 unit: $(BIN)/dpo
 	$(BIN)/pytest -m "not trainer and not cluster and not e2e and not distributed and not chaos"
+
+# `pip install ".[operator,trainer,dev]"` without constraints.txt, as users install it, resolves
+# to wheels in minutes (a dry run: nothing is downloaded beyond metadata).
+install-check:
+	tools/check-unconstrained-install.sh
 
 lint: $(BIN)/dpo
 	$(BIN)/ruff check .

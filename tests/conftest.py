@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
-from dpo_operator.api import DPOJob, parse_dpojob
-from dpo_operator.local import LocalOptions, free_port, run
+from dpo_operator.api import DPOJob
+from dpo_operator.cli.report import summarize
+from dpo_operator.core.validate import parse_dpojob
+from dpo_operator.local.executor import LocalOptions, run
+from dpo_operator.local.kubelet import free_port
 
 pytest_plugins = [
     "tests.cluster.pod_plane",
@@ -80,12 +83,13 @@ def quickstart(**changes: Any) -> dict[str, Any]:
 
 
 def dpo_run(manifest: dict[str, Any], workdir: Path, **options: Any) -> tuple[int, str]:
-    """`dpo run` on a manifest; its exit code and everything it printed."""
+    """`dpo run` on a manifest; its exit code and everything it printed (its summary too)."""
     out = io.StringIO()
     code = run(
         parse_dpojob(manifest),
         LocalOptions(workdir=workdir, metrics_port=free_port(), **options),
         out=out,
+        summarize=summarize,
     )
     print(out.getvalue())
     return code, out.getvalue()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import BotoCoreError
-from dpo_operator.local import free_port
+from dpo_operator.local.kubelet import free_port
 
 from tests.cluster.control_plane import WEED, ensure_binaries
 from tests.servers import stop, wait_until_ready

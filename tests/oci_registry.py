@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dpo_operator.local import free_port
+from dpo_operator.local.kubelet import free_port
 
 from tests.servers import stop, wait_until_ready
 

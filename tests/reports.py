@@ -1,24 +1,21 @@
 """What the trainer's commands report in their pods' termination messages, built with the
-trainer's own contract models and written as the trainer writes them (dpo_trainer.config), for
+trainer's own contract models and written as the trainer writes them (dpo_contract), for
 tests that play the pods' part."""
 
 from __future__ import annotations
 
-from dpo_trainer.config import (
+from dpo_contract.config import DistributedRun, HealthSignal, JobIdentity, StoppedEarly
+from dpo_contract.reports import (
     DataReport,
-    DistributedRun,
     Failure,
     GateCriterion,
     GateOutcome,
     GateReport,
     GateVerdict,
-    HealthSignal,
-    JobIdentity,
     PromotionResult,
-    StoppedEarly,
     TrainingSummary,
-    termination_message_json,
 )
+from dpo_contract.termination import termination_message_json
 
 ACCURACY = GateCriterion(name="rewardAccuracy", value=0.93, threshold=0.6, passed=True)
 GATE_PASSED = termination_message_json(

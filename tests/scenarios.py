@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_operator.api import parse_dpojob
-from dpo_operator.lifecycle import Component
-from dpo_operator.local import LocalOptions, run
-from dpo_trainer.config import ENV_TERMINATION_LOG
+from dpo_contract.pod import ENV_TERMINATION_LOG
+from dpo_operator.core.lifecycle import Component
+from dpo_operator.core.validate import parse_dpojob
+from dpo_operator.local.executor import LocalOptions, run
 
 from tests.conftest import example_manifest, set_fields
 from tests.reports import BAD_INPUT, GATE_PASSED, GATE_REJECTED, PROMOTED

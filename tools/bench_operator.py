@@ -12,7 +12,8 @@ the DPOJobs and their children live, and the time from a DPOJob's create to its 
 for the N created at once, and for 20 more created one at a time with the N live (the p50/p99
 of the final line). It ends with one line per N:
 
-    operator bench: jobs=N p50_s=… p99_s=… writes_per_job=… reads_per_job=… rss_mib=…
+    operator bench: jobs=N p50_s=… p99_s=… burst_p50_s=… burst_p99_s=… writes_per_job=…
+        reads_per_job=… rss_mib=…
 
 Requests are counted by the kube-apiserver itself. Its `apiserver_request_total` has no label
 for the client, so the benchmark installs one API Priority and Fairness FlowSchema per verb
@@ -307,7 +308,8 @@ def bench(jobs: int, program: Path) -> str:
         print("CPU seconds: " + "  ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))
         return (
             f"operator bench: jobs={jobs} p50_s={statistics.median(probes):.3f} "
-            f"p99_s={percentile(probes, 0.99):.3f} writes_per_job={writes:.2f} "
+            f"p99_s={percentile(probes, 0.99):.3f} burst_p50_s={statistics.median(burst):.2f} "
+            f"burst_p99_s={percentile(burst, 0.99):.2f} writes_per_job={writes:.2f} "
             f"reads_per_job={reads:.2f} rss_mib={rss:.0f}"
         )
     finally:

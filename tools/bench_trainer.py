@@ -99,17 +99,18 @@ def measure(
 
 def run_ours(args: argparse.Namespace, variant: dict[str, bool], workdir: Path) -> dict[str, Any]:
     import torch
-    from dpo_operator.api import parse_dpojob
-    from dpo_operator.local import free_port
-    from dpo_operator.render import trainer_config
-    from dpo_trainer.train import train
+    from dpo_operator.core.render import trainer_config
+    from dpo_operator.core.resolve import resolve
+    from dpo_operator.core.validate import parse_dpojob
+    from dpo_operator.local.kubelet import free_port
+    from dpo_trainer.train.run import train
 
     started = time.monotonic()
     job = parse_dpojob(
         job_manifest(args.model, args.steps, args.words, variant, torch.cuda.is_available())
     )
     # No reference cache: each run scores its reference, as the variants compare.
-    config = trainer_config(job).model_copy(
+    config = trainer_config(resolve(job)).model_copy(
         update={"artifacts_dir": str(workdir), "reference_cache": None, "metrics_port": free_port()}
     )
     summary = train(config)
@@ -122,10 +123,11 @@ def reference_cache_sweep(args: argparse.Namespace) -> None:
     """Two runs of a beta sweep sharing one reference cache: the first computes the reference
     log-probs, the second reuses them. Prints the time the second saved."""
     import torch
-    from dpo_operator.api import parse_dpojob
-    from dpo_operator.local import free_port
-    from dpo_operator.render import trainer_config
-    from dpo_trainer.train import train
+    from dpo_operator.core.render import trainer_config
+    from dpo_operator.core.resolve import resolve
+    from dpo_operator.core.validate import parse_dpojob
+    from dpo_operator.local.kubelet import free_port
+    from dpo_trainer.train.run import train
 
     workdir = Path(tempfile.mkdtemp(prefix="dpo-bench-cache-"))
     variant = VARIANTS["full, precomputed reference log-probs"]
@@ -134,7 +136,7 @@ def reference_cache_sweep(args: argparse.Namespace) -> None:
         on_gpu = torch.cuda.is_available()
         manifest = job_manifest(args.model, args.steps, args.words, variant, on_gpu)
         manifest["spec"]["dpo"]["beta"] = beta
-        config = trainer_config(parse_dpojob(manifest)).model_copy(
+        config = trainer_config(resolve(parse_dpojob(manifest))).model_copy(
             update={
                 "artifacts_dir": str(workdir / f"beta-{beta}"),
                 "reference_cache": str(workdir / "reference-logps"),
@@ -162,7 +164,7 @@ def reference_cache_sweep(args: argparse.Namespace) -> None:
 
 def planned_bytes(job: Any, on_gpu: bool) -> int:
     """The memory plan's estimate for this one-process run (bf16 on a GPU, fp32 on CPU)."""
-    from dpo_operator.plan import Layout, estimate, model_shape
+    from dpo_operator.core.plan import Layout, estimate, model_shape
 
     shape = model_shape(job.spec)
     assert shape is not None, "builtin models have known sizes"
@@ -173,8 +175,8 @@ def run_bare_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """The same work written directly against TRL, as a user script would."""
     import torch
     from datasets import Dataset
-    from dpo_trainer.builtin import builtin_model_path, synthetic_preferences
-    from dpo_trainer.models import cache_dir
+    from dpo_trainer.io.builtin import builtin_model_path, synthetic_preferences
+    from dpo_trainer.io.models import cache_dir
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer

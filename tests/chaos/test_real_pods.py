@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dpo_trainer.artifacts import ADAPTER, CHECKPOINTS, TRAIN_REPORT
-from dpo_trainer.manifest import verify_manifest
-from dpo_trainer.promote import CURRENT, VERSIONS
+from dpo_contract.manifest import verify_manifest
+from dpo_trainer.io.artifacts import ADAPTER, CHECKPOINTS, TRAIN_REPORT
+from dpo_trainer.publish.pointer import CURRENT, VERSIONS
 
 from tests.chaos.conftest import Outcome
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_operator.local import free_port
+from dpo_operator.local.kubelet import free_port
 from kubernetes import client, config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 import yaml
-from dpo_operator.local import free_port
-from dpo_operator.render import KUEUE_QUEUE_LABEL
+from dpo_operator.core.names import KUEUE_QUEUE_LABEL
+from dpo_operator.local.kubelet import free_port
 
 from tests.cluster.control_plane import KUEUE, ControlPlane, ensure_binaries
 from tests.cluster.pod_plane import BLOCK_LABEL, GPU_PRODUCT_LABEL, GPU_TAINT

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import yaml
-from dpo_operator.api import parse_dpojob
-from dpo_trainer.artifacts import EVAL_REPORT
-from dpo_trainer.manifest import verify_manifest
-from dpo_trainer.promote import CURRENT, VERSIONS
+from dpo_contract.manifest import verify_manifest
+from dpo_operator.core.validate import parse_dpojob
+from dpo_trainer.io.artifacts import EVAL_REPORT
+from dpo_trainer.publish.pointer import CURRENT, VERSIONS
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
 from tests.cluster.pod_runner import NodeSpec, PodRunner

@@ -37,7 +37,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from dpo_operator.local import expand_references
+from dpo_operator.local.kubelet import expand_references
 from kubernetes import client
 from kubernetes.client import ApiException
 

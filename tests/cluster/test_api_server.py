@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from dpo_operator.render import render_all, to_yaml
+from dpo_operator.core.render import render_all, to_yaml
+from dpo_operator.core.resolve import resolve
 
 from tests.cluster.control_plane import ControlPlane, Kubelet
 from tests.conftest import EXAMPLES, MINIMAL, REPO, example, set_fields
@@ -156,7 +157,7 @@ def test_every_rendered_object_of_every_example_is_created(namespaces: ControlPl
         job = example(path.stem)
         children = [
             child
-            for child in render_all(job)
+            for child in render_all(resolve(job))
             if child["kind"] != "NetworkPolicy" or job.namespace not in fenced
         ]
         fenced.add(job.namespace)
@@ -170,7 +171,7 @@ def create_rendered(plane: ControlPlane, name: str, namespace: str) -> None:
     plane.kubectl("create", "namespace", namespace)
     job = example(name).model_copy(deep=True)
     job.metadata.namespace = namespace
-    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(job)))
+    plane.kubectl("create", "-f", "-", stdin=to_yaml(render_all(resolve(job))))
 
 
 def test_the_job_controller_makes_pods_with_the_promised_hostnames_and_env(

@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from dpo_operator.cli import _settings, build_parser
+from dpo_operator.cli.main import build_parser, settings_from_args
 from kubernetes import client
 
 from tests.cluster.control_plane import BIN as K8S_BIN
@@ -149,7 +149,7 @@ def test_the_privileged_pieces_reach_the_operator_only_from_the_chart() -> None:
     assert "--tcpxo-daemon-image=registry.corp/rxdm@sha256:abc" in chosen
     # The flags are the ones `dpo operator` and `dpo render` parse.
     parsed = build_parser().parse_args(["operator", *chosen])
-    settings = _settings(parsed)
+    settings = settings_from_args(parsed)
     assert settings.allowed_profiles["ml"] == frozenset({"tcpxo"})
     assert settings.promotion_roots == {"*": ("s3://models/{namespace}/",)}
 

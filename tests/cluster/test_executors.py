@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 from dpo_operator.api import GROUP, PLURAL, TERMINAL_PHASES, VERSION
-from dpo_operator.lifecycle import APPROVE_ANNOTATION, Component
-from dpo_operator.render import LABEL_ATTEMPT, LABEL_COMPONENT
+from dpo_operator.core.lifecycle import APPROVE_ANNOTATION, Component
+from dpo_operator.core.names import LABEL_ATTEMPT, LABEL_COMPONENT
 from kubernetes import client, watch
 from urllib3.exceptions import ProtocolError
 

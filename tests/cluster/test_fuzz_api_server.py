@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 import pytest
-from dpo_operator.api import parse_dpojob
+from dpo_operator.core.validate import parse_dpojob
 from hypothesis import HealthCheck, assume, given, settings
 from pydantic import ValidationError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dpo_trainer.metrics import PrometheusCallback
+from dpo_trainer.train.metrics import PrometheusCallback
 
 from tests.cluster.control_plane import ControlPlane, Kubelet, Operator, free_port, wait_for
 from tests.cluster.scenario import Scenario
@@ -374,9 +374,9 @@ def test_a_status_decided_from_an_older_dpojob_is_refused_by_the_api_server(
     crd_installed: ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kopf
-    from dpo_operator.handlers import KubernetesExecutor
-    from dpo_operator.kube import ApiError, KubeAPI
-    from dpo_operator.render import Settings
+    from dpo_operator.controller.client import ApiError, KubeAPI
+    from dpo_operator.controller.executor import KubernetesExecutor
+    from dpo_operator.core.settings import Settings
 
     namespace = "op-stale-status"
     crd_installed.kubectl("create", "namespace", namespace)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from dpo_trainer.artifacts import TRAIN_REPORT
+from dpo_trainer.io.artifacts import TRAIN_REPORT
 
 from tests.cluster.control_plane import ControlPlane, Operator
 from tests.cluster.pod_plane import Run, assert_promoted_intact

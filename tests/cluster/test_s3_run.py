@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from dpo_trainer.artifacts import CHECKPOINTS, EVAL_REPORT, TRAIN_REPORT, download_folder
-from dpo_trainer.manifest import verify_manifest
-from dpo_trainer.promote import CURRENT, VERSIONS
+from dpo_contract.manifest import verify_manifest
+from dpo_trainer.io.artifacts import CHECKPOINTS, EVAL_REPORT, TRAIN_REPORT, download_folder
+from dpo_trainer.publish.pointer import CURRENT, VERSIONS
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
 from tests.cluster.pod_plane import TRAINING_TIMEOUT, Run

@@ -17,9 +17,9 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from dpo_contract.config import TrainerConfig
 from dpo_operator.api import DPOJob
-from dpo_operator.local import free_port
-from dpo_trainer.config import TrainerConfig
+from dpo_operator.local.kubelet import free_port
 
 from tests.trainer.conftest import local_config, pod_process, tiny_job
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dpo_trainer.manifest import verify_manifest
-from dpo_trainer.promote import read_current
+from dpo_contract.manifest import verify_manifest
+from dpo_trainer.publish.targets import read_current
 
 from tests.conftest import dpo_run, promotion_target, quickstart
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from dpo_operator.plan import Layout, estimate, model_shape
+from dpo_contract.manifest import MANIFEST, verify_manifest
+from dpo_operator.core.plan import Layout, estimate, model_shape
 from dpo_trainer.distributed import parameters_digest
-from dpo_trainer.manifest import MANIFEST, verify_manifest
-from dpo_trainer.models import model_location
+from dpo_trainer.io.models import model_location
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpo_trainer.config import EXIT_GATE_REJECTED, ColumnMapping, DataSource, HoldOut
-from dpo_trainer.data import load_preferences, split_held_out
-from dpo_trainer.manifest import verify_manifest
-from dpo_trainer.promote import read_current
+from dpo_contract.config import HoldOut
+from dpo_contract.fields import ColumnMapping, DataSource
+from dpo_contract.manifest import verify_manifest
+from dpo_contract.pod import EXIT_GATE_REJECTED
+from dpo_trainer.io.data import load_preferences, split_held_out
+from dpo_trainer.publish.targets import read_current
 
 from tests.conftest import dpo_run, promotion_target, quickstart
 from tests.oci_registry import OciRegistry

@@ -12,16 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dpo_operator.api import DPOJob
-from dpo_operator.local import free_port, kubelet_process
-from dpo_operator.render import Settings, render_config_map, render_training_job, trainer_config
-from dpo_trainer.config import (
+from dpo_contract.config import TrainerConfig
+from dpo_contract.pod import (
     ACCELERATE_CONFIG_FILE,
     ACCELERATE_CONFIG_PATH,
     DEFAULT_MASTER_PORT,
     TRAINER_CONFIG_PATH,
-    TrainerConfig,
 )
+from dpo_operator.api import DPOJob
+from dpo_operator.core.render import render_config_map, render_training_job, trainer_config
+from dpo_operator.core.resolve import resolve
+from dpo_operator.core.settings import Settings
+from dpo_operator.local.kubelet import free_port, kubelet_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import job_with
@@ -69,7 +71,7 @@ def tiny_job(**spec: Any) -> DPOJob:
 def local_config(job: DPOJob, workdir: Path, *, cpu: bool = False) -> TrainerConfig:
     """The rendered trainer config with artifacts (and the reference cache) under `workdir` and
     a free metrics port; `cpu` runs a GPU job's process layout on CPUs."""
-    config = trainer_config(job, settings=Settings(cpu=cpu))
+    config = trainer_config(resolve(job, Settings(cpu=cpu)))
     cache = str(workdir / "reference-logps") if config.reference_cache else None
     return config.model_copy(
         update={
@@ -97,12 +99,12 @@ def pod_process(
 ) -> tuple[list[str], dict[str, str]]:
     """The command and env of training pod `rank`, exactly as rendered, run on this machine
     the way `dpo run` starts it (see dpo_operator.local.kubelet_process)."""
-    container = render_training_job(job, attempt=1, settings=Settings(cpu=cpu))["spec"]["template"][
-        "spec"
-    ]["containers"][0]
+    container = render_training_job(resolve(job, Settings(cpu=cpu)), 1)["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     accelerate_yaml = workdir / "accelerate.yaml"
     accelerate_yaml.write_text(
-        render_config_map(job, settings=Settings(cpu=cpu))["data"][ACCELERATE_CONFIG_FILE]
+        render_config_map(resolve(job, Settings(cpu=cpu)))["data"][ACCELERATE_CONFIG_FILE]
     )
     files = {
         ACCELERATE_CONFIG_PATH: accelerate_yaml,
@@ -171,7 +173,7 @@ def trainer_cli(
 
 def trained(workdir: Path, **spec: Any) -> TrainerConfig:
     """A tiny run trained in this process; its config."""
-    from dpo_trainer.train import train
+    from dpo_trainer.train.run import train
 
     config = local_config(tiny_job(**spec), workdir)
     train(config)
@@ -205,7 +207,7 @@ def report_digest(config: TrainerConfig) -> str:
 def challengers(workdir: Path, target: str) -> list[TrainerConfig]:
     """Two different adapters (seeds 1 and 2), each gated with mustBeatPromoted against the same
     target while nothing is promoted there yet."""
-    from dpo_trainer.evaluate import evaluate
+    from dpo_trainer.gate.evaluate import evaluate
 
     runs = [
         with_promotion(

@@ -10,8 +10,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dpo_trainer.config import EXIT_BAD_INPUT, BadInputError, ColumnMapping, DataSource
-from dpo_trainer.data import load_preferences
+from dpo_contract.fields import ColumnMapping, DataSource
+from dpo_contract.pod import EXIT_BAD_INPUT, BadInputError
+from dpo_trainer.io.data import load_preferences
 
 from tests.trainer.conftest import local_config, tiny_job, trainer_cli
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpo_trainer.config import EXIT_BAD_INPUT
+from dpo_contract.pod import EXIT_BAD_INPUT
 
 from tests.trainer.conftest import (
     free_port,

@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dpo_trainer.config import (
-    EXIT_WRONG_ENVIRONMENT,
-    DistributedConfig,
-    DistributedRun,
-    WrongEnvironmentError,
-)
+from dpo_contract.config import DistributedConfig, DistributedRun
+from dpo_contract.pod import EXIT_WRONG_ENVIRONMENT, WrongEnvironmentError
 from dpo_trainer.distributed import check_run
 
 from tests.trainer.conftest import local_config, tiny_job, trainer_cli

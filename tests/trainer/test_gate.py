@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dpo_trainer.config import (
+from dpo_contract.config import TrainerConfig
+from dpo_contract.manifest import verify_manifest
+from dpo_contract.pod import (
     EXIT_BAD_INPUT,
     EXIT_CHAMPION_CHANGED,
     EXIT_GATE_REJECTED,
     BadInputError,
-    GateCriterion,
-    GateReport,
-    TrainerConfig,
 )
-from dpo_trainer.evaluate import evaluate
-from dpo_trainer.manifest import verify_manifest
-from dpo_trainer.promote import read_current
+from dpo_contract.reports import GateCriterion, GateReport
+from dpo_trainer.gate.evaluate import evaluate
+from dpo_trainer.publish.targets import read_current
 
 from tests.trainer.conftest import (
     BIN,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from dpo_trainer.config import BadInputError, TrainingReport
-from dpo_trainer.train import train
+from dpo_contract.pod import BadInputError
+from dpo_contract.reports import TrainingReport
+from dpo_trainer.train.run import train
 from safetensors.torch import load_file
 
 from tests.trainer.conftest import (

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from dpo_trainer.config import DPO_LOSS_TYPES, TrainingReport
-from dpo_trainer.data import load_preferences
-from dpo_trainer.models import load_model, load_tokenizer
-from dpo_trainer.train import train, training_arguments
+from dpo_contract.fields import DPO_LOSS_TYPES
+from dpo_contract.reports import TrainingReport
+from dpo_trainer.io.data import load_preferences
+from dpo_trainer.io.models import load_model, load_tokenizer
+from dpo_trainer.train.run import train
+from dpo_trainer.train.trl_trainer import training_arguments
 from trl import DPOConfig, DPOTrainer
 
 from tests.trainer.conftest import local_config, tiny_job

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dpo_trainer import models
-from dpo_trainer.config import TrainingReport
-from dpo_trainer.train import train
+from dpo_contract.reports import TrainingReport
+from dpo_trainer.io import models
+from dpo_trainer.train.run import train
 
 from tests.trainer.conftest import local_config, tiny_job
 
@@ -57,7 +57,7 @@ def test_simpo_is_reference_free_and_learns(
         loaded.append(ref.name)
         return real_load(ref, **kwargs)
 
-    monkeypatch.setattr("dpo_trainer.train.load_model", counting_load)
+    monkeypatch.setattr("dpo_trainer.train.run.load_model", counting_load)
     job = tiny_job(
         dpo={"lossType": ["simpo"], "beta": 2.0, "simpoGamma": 0.5},
         evalGate={"maxAnchorNllIncrease": None},

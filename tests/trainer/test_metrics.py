@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpo_trainer.metrics import EVAL_METRICS, TRAIN_METRICS
+from dpo_trainer.train.metrics import EVAL_METRICS, TRAIN_METRICS
 
 from tests.trainer.conftest import (
     Samples,

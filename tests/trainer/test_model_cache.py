@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpo_operator.local import free_port
-from dpo_trainer.builtin import MODEL_FORMAT, builtin_model_path
+from dpo_operator.local.kubelet import free_port
+from dpo_trainer.io.builtin import MODEL_FORMAT, builtin_model_path
 from transformers import AutoModelForCausalLM
 
 BUILD = (
-    "import sys; from pathlib import Path; from dpo_trainer.builtin import builtin_model_path; "
+    "import sys; from pathlib import Path; from dpo_trainer.io.builtin import builtin_model_path; "
     "print(builtin_model_path('builtin:tiny-llama', Path(sys.argv[1])))"
 )
 # Rank 1 of a real gloo process group builds first: transformers writes model files on global
@@ -20,8 +20,8 @@ BUILD_FROM_RANK_ONE = """
 import sys
 from pathlib import Path
 import torch.distributed as dist
-from dpo_operator.local import free_port
-from dpo_trainer.builtin import builtin_model_path
+from dpo_operator.local.kubelet import free_port
+from dpo_trainer.io.builtin import builtin_model_path
 dist.init_process_group("gloo")
 if dist.get_rank() == 1:
     print(builtin_model_path("builtin:tiny-llama", Path(sys.argv[1])))

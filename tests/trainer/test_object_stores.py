@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dpo_trainer.builtin import builtin_model_path, synthetic_preferences
-from dpo_trainer.config import ModelRef
-from dpo_trainer.models import model_location
-from dpo_trainer.train import train
+from dpo_contract.fields import ModelRef
+from dpo_trainer.io.builtin import builtin_model_path, synthetic_preferences
+from dpo_trainer.io.models import model_location
+from dpo_trainer.train.run import train
 
 from tests.trainer.conftest import local_config, tiny_job
 

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dpo_trainer.config import BadInputError, JobIdentity
-from dpo_trainer.manifest import write_manifest
-from dpo_trainer.oci import (
+from dpo_contract.config import JobIdentity
+from dpo_contract.manifest import write_manifest
+from dpo_contract.oci import (
     ADAPTER_ARTIFACT_TYPE,
     ADAPTER_DIGEST,
     BASE_MODEL,
@@ -20,12 +20,11 @@ from dpo_trainer.oci import (
     GATE_VERDICT,
     LORA_RANK,
     TITLE,
-    AdapterPush,
-    Registry,
-    fallback_tag,
-    pull_adapter,
-    push_adapter,
 )
+from dpo_contract.pod import BadInputError
+from dpo_trainer.publish.oci import pull_adapter, push_adapter
+from dpo_trainer.publish.registry import Registry, fallback_tag
+from dpo_trainer.publish.target import Publication
 
 from tests.oci_registry import PASSWORD, USERNAME, OciRegistry
 from tests.reports import gate_report
@@ -47,8 +46,8 @@ def adapter_folder(root: Path, seed: int = 0) -> tuple[Path, str]:
     return folder, write_manifest(folder)
 
 
-def push(adapter: Path, digest: str, version: str = "quickstart-v1") -> AdapterPush:
-    return AdapterPush(
+def push(adapter: Path, digest: str, version: str = "quickstart-v1") -> Publication:
+    return Publication(
         adapter=adapter,
         adapter_digest=digest,
         version=version,
@@ -165,7 +164,7 @@ def test_an_adapter_without_a_passing_gate_report_cannot_be_pulled(
     adapter, digest = adapter_folder(tmp_path, seed=4)
     target = repository(oci_registry, "ungated")
     rejected = push(adapter, digest)
-    rejected = AdapterPush(**{**rejected.__dict__, "report": gate_report(digest, "Rejected")})
+    rejected = Publication(**{**rejected.__dict__, "report": gate_report(digest, "Rejected")})
     push_adapter(target, rejected, plain_http=True)
     with pytest.raises(BadInputError, match=r"no gate report passed .*found: Rejected"):
         pull_adapter(target, tmp_path / "served", plain_http=True)

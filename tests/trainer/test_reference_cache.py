@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from dpo_trainer.config import TrainingReport
-from dpo_trainer.reference_cache import KEY_FILE, LOGPS_FILE, dataset_digest
-from dpo_trainer.train import train
+from dpo_contract.reports import TrainingReport
+from dpo_trainer.train.reference_cache import KEY_FILE, LOGPS_FILE, dataset_digest
+from dpo_trainer.train.run import train
 
 from tests.trainer.conftest import local_config, tiny_job
 

@@ -7,8 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from dpo_trainer.config import TrainingReport
-from dpo_trainer.train import EXIT_INTERRUPTED, train
+from dpo_contract.reports import TrainingReport
+from dpo_trainer.train.run import EXIT_INTERRUPTED, train
 
 from tests.trainer.conftest import local_config, pod_process, start, tiny_job
 

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dpo_trainer import promote as promotion
-from dpo_trainer.config import EXIT_CHAMPION_CHANGED, ChampionChangedError
-from dpo_trainer.manifest import verify_manifest
-from dpo_trainer.promote import promote, promoted_adapter, read_current
+from dpo_contract.manifest import verify_manifest
+from dpo_contract.pod import EXIT_CHAMPION_CHANGED, ChampionChangedError
+from dpo_trainer.publish.object_store import ObjectStoreTarget
+from dpo_trainer.publish.promote import promote
+from dpo_trainer.publish.targets import promoted_adapter, read_current
 
 from tests.object_store import ObjectStore
 from tests.trainer.conftest import BIN, challengers, report_digest, write_config
@@ -23,14 +24,14 @@ def test_a_pointer_written_just_before_ours_is_not_overwritten(
 ) -> None:
     target = f"s3://{s3_env.bucket()}/models"
     first, second = challengers(tmp_path, target)
-    write = promotion._write_pointer
+    write = ObjectStoreTarget.write_pointer
 
     def another_run_lands_first(*args: Any) -> None:
-        monkeypatch.setattr(promotion, "_write_pointer", write)
+        monkeypatch.setattr(ObjectStoreTarget, "write_pointer", write)
         promote(first)  # between the second run's compare and its pointer write
         write(*args)
 
-    monkeypatch.setattr(promotion, "_write_pointer", another_run_lands_first)
+    monkeypatch.setattr(ObjectStoreTarget, "write_pointer", another_run_lands_first)
     with pytest.raises(ChampionChangedError, match="promoted meanwhile by another run"):
         promote(second)
     current = read_current(target)

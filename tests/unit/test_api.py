@@ -6,8 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from dpo_operator.api import describe_errors, parse_dpojob
-from dpo_trainer.config import DPO_LOSS_TYPES
+from dpo_contract.fields import DPO_LOSS_TYPES
+from dpo_operator.api import describe_errors
+from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
 
 from tests.conftest import job_with, minimal_manifest

@@ -7,9 +7,11 @@ import asyncio
 import time
 from typing import Any
 
-from dpo_operator.handlers import Expectations, WorkQueue
-from dpo_operator.lifecycle import ChildJob, Create, Observed, decide
-from dpo_operator.render import render_child
+from dpo_operator.controller.expectations import Expectations
+from dpo_operator.controller.workqueue import WorkQueue
+from dpo_operator.core.lifecycle import ChildJob, Create, Observed, decide
+from dpo_operator.core.render import render_child
+from dpo_operator.core.resolve import resolve
 
 from tests.conftest import job_with
 from tests.unit.test_lifecycle import NOW
@@ -25,7 +27,7 @@ def test_a_job_created_but_not_yet_in_the_cache_is_not_created_again() -> None:
     job = job_with()
     expected = Expectations()
     for kind in ("config", "service", "train"):
-        expected.created_child(KEY, render_child(job, kind, 1))
+        expected.created_child(KEY, render_child(resolve(job), kind, 1))
     jobs, names = expected.with_children(KEY, (), set())
     assert [j.name for j in jobs] == ["demo-train-1"]
     assert {"demo-config", "demo-nodes"} <= names
@@ -38,7 +40,7 @@ def test_a_job_created_but_not_yet_in_the_cache_is_not_created_again() -> None:
 
 def test_once_the_cache_shows_a_child_the_cache_is_believed() -> None:
     expected = Expectations()
-    expected.created_child(KEY, render_child(job_with(), "train", 1))
+    expected.created_child(KEY, render_child(resolve(job_with()), "train", 1))
     seen = ChildJob("demo-train-1", "train", 1, False, "Complete")
     jobs, _ = expected.with_children(KEY, (seen,), set())
     assert jobs == (seen,)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dpo_operator.cli import main
+from dpo_operator.cli.main import main
 
 from tests.conftest import EXAMPLES, REPO
 

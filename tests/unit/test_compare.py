@@ -9,18 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dpo_operator.cli import main
-from dpo_operator.compare import RunNotFoundError, load_run
-from dpo_operator.render import trainer_config
-from dpo_trainer.config import (
-    DataReport,
-    DistributedRun,
-    GateCriterion,
-    GateReport,
-    HealthSignal,
-    JobIdentity,
-    TrainingReport,
-)
+from dpo_contract.config import DistributedRun, HealthSignal, JobIdentity
+from dpo_contract.reports import DataReport, GateCriterion, GateReport, TrainingReport
+from dpo_operator.cli.compare import RunNotFoundError, load_run
+from dpo_operator.cli.main import main
+from dpo_operator.core.render import trainer_config
+from dpo_operator.core.resolve import resolve
 
 from tests.conftest import job_with
 
@@ -47,7 +41,7 @@ def write_run(directory: Path, beta: float, accuracy: float, **report: Any) -> P
     """A `dpo run` directory as `dpo run` leaves it: trainer.json and the run's artifacts."""
     artifacts = directory / "volumes" / "artifacts"
     artifacts.mkdir(parents=True)
-    config = trainer_config(job_with(dpo={"beta": beta})).model_copy(
+    config = trainer_config(resolve(job_with(dpo={"beta": beta}))).model_copy(
         update={"artifacts_dir": str(artifacts)}
     )
     (directory / "trainer.json").write_text(config.model_dump_json(by_alias=True))

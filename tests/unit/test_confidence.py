@@ -1,10 +1,10 @@
-"""The gate's statistics (dpo_trainer.confidence): intervals, and verdicts that know n."""
+"""The gate's statistics (dpo_trainer.gate.confidence): intervals, and verdicts that know n."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from dpo_trainer.confidence import Estimate, bootstrap, judge, mean, wilson
+from dpo_trainer.gate.confidence import Estimate, bootstrap, judge, mean, wilson
 
 
 def test_wilson_matches_the_textbook_interval() -> None:

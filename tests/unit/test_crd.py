@@ -7,8 +7,8 @@ from typing import Any, get_args
 
 import yaml
 from dpo_operator.api import DPOJob
-from dpo_operator.cli import main
-from dpo_operator.crd import crd_manifest, openapi_schema
+from dpo_operator.api.crd import crd_manifest, openapi_schema
+from dpo_operator.cli.main import main
 from pydantic import BaseModel
 
 from tests.conftest import REPO

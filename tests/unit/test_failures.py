@@ -9,8 +9,8 @@ from typing import Any
 
 import kopf
 from dpo_operator.api import DPOJob
-from dpo_operator.handlers import _seen_job, _seen_pod
-from dpo_operator.lifecycle import Decision, PodState, decide
+from dpo_operator.controller.cache import seen_job, seen_pod
+from dpo_operator.core.lifecycle import Decision, PodState, decide
 
 from tests.reports import GATE_PASSED, GATE_PASSED_FIRST
 from tests.unit.test_lifecycle import NOW, child, job, observed, pod
@@ -147,7 +147,7 @@ def test_the_job_controllers_early_verdicts_are_read_as_the_outcome() -> None:
                 "status": {"active": 1, "conditions": [{"type": condition, "status": "True"}]},
             }
         )
-        return _seen_job("demo-train-1", {"app.kubernetes.io/component": "train"}, body).state
+        return seen_job("demo-train-1", {"app.kubernetes.io/component": "train"}, body).state
 
     assert seen("FailureTarget") == "Failed"
     assert seen("SuccessCriteriaMet") == "Complete"
@@ -156,7 +156,7 @@ def test_the_job_controllers_early_verdicts_are_read_as_the_outcome() -> None:
 def test_a_pending_pods_reason_comes_from_its_container_or_the_scheduler() -> None:
     def waiting(status: dict[str, object]) -> tuple[str, str]:
         body = kopf.Body({"metadata": {"name": "p"}, "status": {"phase": "Pending", **status}})
-        state = _seen_pod("p", {}, body).state
+        state = seen_pod("p", {}, body).state
         return state.waiting_reason, state.waiting_message
 
     secret = {
@@ -188,7 +188,7 @@ def test_a_pending_pods_reason_comes_from_its_container_or_the_scheduler() -> No
 
 
 def test_a_champion_that_changed_after_the_gate_fails_the_run_without_a_retry() -> None:
-    from dpo_trainer.config import EXIT_CHAMPION_CHANGED
+    from dpo_contract.pod import EXIT_CHAMPION_CHANGED
 
     lost = pod(
         "Failed",

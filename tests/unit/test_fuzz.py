@@ -7,9 +7,12 @@ import json
 import math
 from typing import Any
 
-from dpo_operator.api import describe_errors, parse_dpojob
-from dpo_operator.policy import refusals
-from dpo_operator.render import Settings, render_all
+from dpo_operator.api import describe_errors
+from dpo_operator.core.policy import refusals
+from dpo_operator.core.render import render_all
+from dpo_operator.core.resolve import resolve
+from dpo_operator.core.settings import Settings
+from dpo_operator.core.validate import parse_dpojob
 from hypothesis import HealthCheck, given, settings
 from pydantic import ValidationError
 
@@ -38,7 +41,7 @@ def test_every_hostile_manifest_is_refused_naming_its_field_or_renders(
         return
     # Accepted: it must render to objects the API server can carry (JSON without NaN).
     refusals(job, Settings())
-    for child in render_all(job, attempt=1):
+    for child in render_all(resolve(job), 1):
         json.dumps(child, allow_nan=False)
     for number in _numbers(job.spec.model_dump()):
         assert math.isfinite(number), "NaN or infinity accepted in the spec"

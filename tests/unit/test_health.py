@@ -1,12 +1,13 @@
-"""DPO's health signals (dpo_trainer.health) on the series that raise them, and on a healthy one
-that must raise nothing."""
+"""DPO's health signals (dpo_trainer.train.health) on the series that raise them, and on a
+healthy one that must raise nothing."""
 
 from __future__ import annotations
 
 import math
 
-from dpo_trainer.config import TrainingSummary, parse_termination_message
-from dpo_trainer.health import WINDOW, HealthWatch, StepLog
+from dpo_contract.reports import TrainingSummary
+from dpo_contract.termination import parse_termination_message
+from dpo_trainer.train.health import WINDOW, HealthWatch, StepLog
 
 from tests.reports import STOPPED_EARLY, TRAINED, TRAINED_DEGRADED
 

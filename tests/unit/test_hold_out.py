@@ -1,11 +1,12 @@
-"""The automatic hold-out (dpo_trainer.data.split_held_out): no prompt on both sides, the same
+"""The automatic hold-out (dpo_trainer.io.data.split_held_out): no prompt on both sides, the same
 split every time, bounded."""
 
 from __future__ import annotations
 
 import pytest
-from dpo_trainer.config import BadInputError, HoldOut
-from dpo_trainer.data import split_held_out
+from dpo_contract.config import HoldOut
+from dpo_contract.pod import BadInputError
+from dpo_trainer.io.data import split_held_out
 from hypothesis import given
 from hypothesis import strategies as st
 

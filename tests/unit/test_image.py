@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from dpo_contract.pod import ENV_LIBRARY_PATH
 from dpo_operator.api import NetworkSpec
-from dpo_operator.network import network_pieces
-from dpo_trainer.config import ENV_LIBRARY_PATH
+from dpo_operator.core.network import network_pieces
 
 from tests.conftest import REPO
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from dpo_operator.api import DPOJob, DPOJobStatus, TrainingMetrics
-from dpo_operator.lifecycle import (
+from dpo_operator.core.lifecycle import (
     ChildJob,
     Create,
     Delete,
@@ -406,7 +406,7 @@ def test_a_spec_edited_while_queued_re_creates_the_waiting_job_and_the_config() 
     from dataclasses import replace
 
     from dpo_operator.api import spec_digest
-    from dpo_operator.lifecycle import Update
+    from dpo_operator.core.lifecycle import Update
 
     before = job(scheduling={"queueName": "q"})
     edited = job(scheduling={"queueName": "q"}, dpo={"beta": 0.3})

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from dpo_contract.config import TrainerConfig
 from dpo_operator.api import NetworkSpec
-from dpo_operator.network import network_pieces
-from dpo_operator.render import render_config_map, render_training_job
-from dpo_trainer.config import TrainerConfig
+from dpo_operator.core.network import network_pieces
+from dpo_operator.core.render import render_config_map, render_training_job
+from dpo_operator.core.resolve import resolve
 
 from tests.conftest import example, job_with
 
@@ -80,13 +81,13 @@ def test_rdma_resource_name_can_be_changed_for_other_device_plugins() -> None:
 
 
 def test_roce_attaches_the_secondary_network_through_multus() -> None:
-    pod = render_training_job(example("kueue-queued"), 1)["spec"]["template"]
+    pod = render_training_job(resolve(example("kueue-queued")), 1)["spec"]["template"]
     assert pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "roce-net-a"
     assert "IPC_LOCK" in pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
 
 
 def test_tcpxo_runs_its_daemon_as_a_native_sidecar_with_gke_annotations() -> None:
-    pod = render_training_job(example("tcpxo"), 1)["spec"]["template"]
+    pod = render_training_job(resolve(example("tcpxo")), 1)["spec"]["template"]
     (daemon,) = pod["spec"]["initContainers"]
     assert daemon["name"] == "tcpxo-daemon"
     # A native sidecar (restartPolicy Always) lets the Job complete when the trainer exits.
@@ -103,5 +104,7 @@ def test_tcpxo_runs_its_daemon_as_a_native_sidecar_with_gke_annotations() -> Non
 
 def test_collective_timeout_reaches_the_trainer_as_ddp_timeout() -> None:
     job = job_with(network={"collectiveTimeoutSeconds": 600})
-    config = TrainerConfig.model_validate_json(render_config_map(job)["data"]["trainer.json"])
+    config = TrainerConfig.model_validate_json(
+        render_config_map(resolve(job))["data"]["trainer.json"]
+    )
     assert config.training.ddp_timeout_seconds == 600

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dpo_trainer.config import BadInputError, JobIdentity
-from dpo_trainer.oci import AdapterPush, Reference, fallback_tag, push_adapter
+from dpo_contract.config import JobIdentity
+from dpo_contract.oci import Reference
+from dpo_contract.pod import BadInputError
+from dpo_trainer.publish.oci import push_adapter
+from dpo_trainer.publish.registry import fallback_tag
+from dpo_trainer.publish.target import Publication
 
 from tests.reports import gate_report
 
@@ -37,7 +41,7 @@ def test_a_bad_reference_says_how_one_is_written(bad: str) -> None:
 
 
 def test_a_promotion_target_names_the_repository_and_no_tag() -> None:
-    push = AdapterPush(
+    push = Publication(
         adapter=Path("."),
         adapter_digest="sha256:00",
         version="v1",

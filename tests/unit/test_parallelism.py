@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dpo_operator.api import describe_errors, parse_dpojob
-from dpo_operator.parallelism import (
-    accelerate_config,
-    resolve_strategy,
-)
-from dpo_operator.render import trainer_config
+from dpo_operator.api import describe_errors
+from dpo_operator.core.render import trainer_config
+from dpo_operator.core.render.accelerate import accelerate_config
+from dpo_operator.core.resolve import resolve
+from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
 
 from tests.conftest import job_with, minimal_manifest, set_fields
@@ -33,12 +32,12 @@ def test_auto_picks_the_cheapest_strategy_that_fits(
     nodes: int, gpus: int, lora: bool, expected: str
 ) -> None:
     job = job_with(resources={"nodes": nodes, "gpusPerNode": gpus}, peft={"enabled": lora})
-    assert resolve_strategy(job.spec) == expected
+    assert resolve(job).layout.strategy == expected
 
 
 def test_hsdp_shards_inside_a_node_and_replicates_across_nodes() -> None:
     job = job_with(resources={"nodes": 4, "gpusPerNode": 8}, parallelism={"strategy": "hsdp"})
-    config = accelerate_config(job.spec)
+    config = accelerate_config(resolve(job))
     assert config["distributed_type"] == "FSDP"
     assert config["num_machines"] == 4
     assert config["num_processes"] == 32
@@ -65,7 +64,7 @@ def test_fsdp1_is_refused_with_what_to_do() -> None:
 
 def test_fsdp_on_one_node_has_no_replication_group() -> None:
     job = job_with(resources={"gpusPerNode": 8}, parallelism={"strategy": "fsdp"})
-    config = accelerate_config(job.spec)
+    config = accelerate_config(resolve(job))
     assert config["distributed_type"] == "FSDP"
     assert "parallelism_config" not in config
 
@@ -79,13 +78,13 @@ def test_activations_are_checkpointed_by_the_trainer_never_by_fsdp(
         resources={"nodes": 2, "gpusPerNode": 8},
         parallelism={"strategy": strategy, "activationCheckpointing": wanted},
     )
-    config: dict[str, Any] = accelerate_config(job.spec)
+    config: dict[str, Any] = accelerate_config(resolve(job))
     assert config.get("fsdp_config", {}).get("fsdp_activation_checkpointing", False) is False
-    assert trainer_config(job).training.gradient_checkpointing is wanted
+    assert trainer_config(resolve(job)).training.gradient_checkpointing is wanted
 
 
 def test_cpu_runs_use_gloo_without_mixed_precision() -> None:
-    config = accelerate_config(job_with(resources={"nodes": 2, "gpusPerNode": 0}).spec)
+    config = accelerate_config(resolve(job_with(resources={"nodes": 2, "gpusPerNode": 0})))
     assert config["distributed_type"] == "MULTI_CPU"
     assert config["use_cpu"] is True
     assert config["mixed_precision"] == "no"
@@ -93,6 +92,6 @@ def test_cpu_runs_use_gloo_without_mixed_precision() -> None:
 
 
 def test_gpu_runs_use_bf16() -> None:
-    config = accelerate_config(job_with(resources={"gpusPerNode": 8}).spec)
+    config = accelerate_config(resolve(job_with(resources={"gpusPerNode": 8})))
     assert config["mixed_precision"] == "bf16"
     assert config["distributed_type"] == "MULTI_GPU"

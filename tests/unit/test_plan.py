@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 import yaml
-from dpo_operator.api import describe_errors, parse_dpojob
-from dpo_operator.plan import GIB, gpu_memory, model_shape, plan
-from dpo_operator.render import render_config_map, render_eval_job, trainer_config
-from dpo_trainer.config import ACCELERATE_CONFIG_FILE
+from dpo_contract.pod import ACCELERATE_CONFIG_FILE
+from dpo_operator.api import describe_errors
+from dpo_operator.core.plan import GIB, gpu_memory, model_shape, plan
+from dpo_operator.core.render import render_config_map, render_eval_job, trainer_config
+from dpo_operator.core.resolve import resolve
+from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
 
 from tests.conftest import job_with, minimal_manifest, set_fields
@@ -109,10 +111,10 @@ def test_a_shard_group_spans_as_many_nodes_as_it_must() -> None:
     )
     job = parse_dpojob(manifest)
     assert chosen(manifest) == ("hsdp", 16)
-    accelerate = yaml.safe_load(render_config_map(job)["data"][ACCELERATE_CONFIG_FILE])
+    accelerate = yaml.safe_load(render_config_map(resolve(job))["data"][ACCELERATE_CONFIG_FILE])
     assert accelerate["parallelism_config"]["parallelism_config_dp_replicate_size"] == 2
     assert accelerate["parallelism_config"]["parallelism_config_dp_shard_size"] == 16
-    distributed = trainer_config(job).distributed
+    distributed = trainer_config(resolve(job)).distributed
     assert distributed.shard_group_size == 16
     assert distributed.mesh_shape == (2, 16)
 
@@ -176,19 +178,19 @@ def test_a_bad_parameter_count_says_how_to_write_one() -> None:
 
 def test_the_gate_gets_the_gpus_its_bf16_weights_need_and_uses_them_all() -> None:
     job = parse_dpojob(llama_job("s3://acme/llama-3.3-70b-sft", 4, lora=False))
-    container = render_eval_job(job, 1)["spec"]["template"]["spec"]["containers"][0]
+    container = render_eval_job(resolve(job), 1)["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "3", "140 GB of bf16 weights"
     assert container["resources"]["limits"]["memory"] == "173Gi"
-    gate = trainer_config(job).gate
+    gate = trainer_config(resolve(job)).gate
     assert gate is not None
     assert gate.gpus == 3, "the scorer spreads the model over all of them"
     override = set_fields(
         llama_job("s3://acme/llama-3.3-70b-sft", 4, lora=False),
         **{"evalGate.resources": {"gpus": 4, "memory": "300Gi"}},
     )
-    limits = render_eval_job(parse_dpojob(override), 1)["spec"]["template"]["spec"]["containers"][
-        0
-    ]["resources"]["limits"]
+    limits = render_eval_job(resolve(parse_dpojob(override)), 1)["spec"]["template"]["spec"][
+        "containers"
+    ][0]["resources"]["limits"]
     assert limits == {"nvidia.com/gpu": "4", "memory": "300Gi"}
 
 

@@ -4,10 +4,13 @@ image, and where each namespace may promote to. A DPOJob cannot choose any of th
 from __future__ import annotations
 
 import pytest
-from dpo_operator.api import DPOJob, describe_errors, parse_dpojob
-from dpo_operator.cli import main
-from dpo_operator.policy import is_under, refusals
-from dpo_operator.render import Settings, render_training_job
+from dpo_operator.api import DPOJob, describe_errors
+from dpo_operator.cli.main import main
+from dpo_operator.core.policy import is_under, refusals
+from dpo_operator.core.render import render_training_job
+from dpo_operator.core.resolve import resolve
+from dpo_operator.core.settings import Settings
+from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
 
 from tests.conftest import REPO, example, example_manifest
@@ -33,7 +36,7 @@ def test_a_dpojob_cannot_choose_the_tcpxo_daemon_image() -> None:
 
 def test_the_tcpxo_daemon_runs_the_image_the_admin_pinned() -> None:
     pinned = Settings(tcpxo_daemon_image="registry.corp/tcpxo-daemon@sha256:" + "a" * 64)
-    pod = render_training_job(example("tcpxo"), 1, settings=pinned)["spec"]["template"]
+    pod = render_training_job(resolve(example("tcpxo"), pinned), 1)["spec"]["template"]
     (daemon,) = pod["spec"]["initContainers"]
     assert daemon["image"] == pinned.tcpxo_daemon_image
 

@@ -10,11 +10,17 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from dpo_operator.api import DPOJob, parse_dpojob
-from dpo_operator.parallelism import layout
-from dpo_operator.render import (
+from dpo_contract.config import TrainerConfig
+from dpo_contract.pod import (
+    EXIT_BAD_INPUT,
+    EXIT_CHAMPION_CHANGED,
+    EXIT_GATE_REJECTED,
+    EXIT_WRONG_ENVIRONMENT,
+    TRAINER_CONFIG_FILE,
+)
+from dpo_operator.api import DPOJob
+from dpo_operator.core.render import (
     KUEUE_TOPOLOGY_ANNOTATIONS,
-    Settings,
     render_all,
     render_config_map,
     render_eval_job,
@@ -24,14 +30,9 @@ from dpo_operator.render import (
     render_training_job,
     to_yaml,
 )
-from dpo_trainer.config import (
-    EXIT_BAD_INPUT,
-    EXIT_CHAMPION_CHANGED,
-    EXIT_GATE_REJECTED,
-    EXIT_WRONG_ENVIRONMENT,
-    TRAINER_CONFIG_FILE,
-    TrainerConfig,
-)
+from dpo_operator.core.resolve import resolve
+from dpo_operator.core.settings import Settings
+from dpo_operator.core.validate import parse_dpojob
 
 from tests.conftest import REPO, example, example_manifest, job_with
 
@@ -56,7 +57,7 @@ def env_of(container: Manifest) -> dict[str, Any]:
 
 
 def test_rendered_examples_match_their_golden_files(example_job: DPOJob) -> None:
-    rendered = to_yaml(render_all(example_job))
+    rendered = to_yaml(render_all(resolve(example_job)))
     golden = GOLDEN / f"{example_job.name}.yaml"
     if os.environ.get("DPO_UPDATE_GOLDEN"):
         golden.write_text(rendered)
@@ -67,19 +68,19 @@ def test_rendered_examples_match_their_golden_files(example_job: DPOJob) -> None
 
 
 def test_every_rendered_object_is_valid_kubernetes(example_job: DPOJob) -> None:
-    for obj in render_all(example_job):
+    for obj in render_all(resolve(example_job)):
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
 def test_two_node_job_finds_rank_zero_by_dns_without_extra_controllers() -> None:
     job = example("llama-8b-lora-infiniband")
-    train = render_training_job(job, attempt=1)
+    train = render_training_job(resolve(job), 1)
     env = env_of(trainer(train))
     assert train["spec"]["completionMode"] == "Indexed"
     assert train["spec"]["completions"] == train["spec"]["parallelism"] == 2
     # Indexed Job pods are named <job>-<index> and live under the Service's subdomain.
     assert env["MASTER_ADDR"] == "llama-8b-ultrafeedback-train-1-0.llama-8b-ultrafeedback-nodes"
-    assert pod_spec(train)["subdomain"] == render_service(job)["metadata"]["name"]
+    assert pod_spec(train)["subdomain"] == render_service(resolve(job))["metadata"]["name"]
     assert env["NODE_RANK"] == {
         "fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -91,7 +92,7 @@ def test_two_node_job_finds_rank_zero_by_dns_without_extra_controllers() -> None
 
 def test_each_attempt_gets_its_own_job_and_rank_zero_address() -> None:
     job = example("llama-8b-lora-infiniband")
-    second = render_training_job(job, attempt=2)
+    second = render_training_job(resolve(job), 2)
     assert second["metadata"]["name"] == "llama-8b-ultrafeedback-train-2"
     assert env_of(trainer(second))["MASTER_ADDR"].startswith("llama-8b-ultrafeedback-train-2-0.")
     assert second["metadata"]["labels"]["dpo.dev/attempt"] == "2"
@@ -99,15 +100,17 @@ def test_each_attempt_gets_its_own_job_and_rank_zero_address() -> None:
 
 def test_headless_service_resolves_rank_zero_before_it_is_ready() -> None:
     job = example("llama-8b-lora-infiniband")
-    service = render_service(job)
+    service = render_service(resolve(job))
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
-    pod_labels = render_training_job(job, 1)["spec"]["template"]["metadata"]["labels"]
+    pod_labels = render_training_job(resolve(job), 1)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
 def test_launch_passes_machine_count_rank_address_and_port_explicitly() -> None:
-    command = trainer(render_training_job(example("llama-8b-lora-infiniband"), 1))["command"]
+    command = trainer(render_training_job(resolve(example("llama-8b-lora-infiniband")), 1))[
+        "command"
+    ]
     # PID 1 forwards SIGTERM to accelerate and the trainer, so they checkpoint before exiting.
     assert command[:5] == ["dpo-trainer", "launch", "--", "accelerate", "launch"]
     flags = dict(zip(command[5::2], command[6::2], strict=False))
@@ -121,7 +124,7 @@ def test_launch_passes_machine_count_rank_address_and_port_explicitly() -> None:
 
 
 def test_every_variable_the_command_references_is_defined_before_use(example_job: DPOJob) -> None:
-    container = trainer(render_training_job(example_job, 1))
+    container = trainer(render_training_job(resolve(example_job), 1))
     defined: set[str] = set()
     for entry in container["env"]:
         for reference in re.findall(r"\$\((\w+)\)", entry.get("value", "")):
@@ -133,7 +136,7 @@ def test_every_variable_the_command_references_is_defined_before_use(example_job
 
 def test_cpu_pods_receive_their_rank_for_gloo() -> None:
     env = env_of(
-        trainer(render_training_job(job_with(resources={"nodes": 2, "gpusPerNode": 0}), 1))
+        trainer(render_training_job(resolve(job_with(resources={"nodes": 2, "gpusPerNode": 0})), 1))
     )
     assert env["RANK"] == "$(NODE_RANK)"
     assert env["WORLD_SIZE"] == "$(NNODES)"
@@ -141,7 +144,7 @@ def test_cpu_pods_receive_their_rank_for_gloo() -> None:
 
 
 def test_shared_memory_is_a_sized_memory_volume() -> None:
-    train = render_training_job(example("full-finetune-hsdp-efa"), 1)
+    train = render_training_job(resolve(example("full-finetune-hsdp-efa")), 1)
     volumes = {v["name"]: v for v in pod_spec(train)["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
     mounts = {m["mountPath"]: m["name"] for m in trainer(train)["volumeMounts"]}
@@ -149,16 +152,16 @@ def test_shared_memory_is_a_sized_memory_volume() -> None:
 
 
 def test_gpus_and_rdma_devices_are_requested_as_limits() -> None:
-    limits = trainer(render_training_job(example("llama-8b-lora-infiniband"), 1))["resources"][
-        "limits"
-    ]
+    limits = trainer(render_training_job(resolve(example("llama-8b-lora-infiniband")), 1))[
+        "resources"
+    ]["limits"]
     assert limits["nvidia.com/gpu"] == "8"
     assert limits["rdma/ib"] == "1"
     assert limits["memory"] == "800Gi"
 
 
 def test_pods_are_locked_down(example_job: DPOJob) -> None:
-    for obj in render_all(example_job):
+    for obj in render_all(resolve(example_job)):
         if obj["kind"] != "Job":
             continue
         pod = pod_spec(obj)
@@ -175,7 +178,7 @@ def test_pods_are_locked_down(example_job: DPOJob) -> None:
 def test_children_are_owned_and_labelled_when_the_dpojob_exists() -> None:
     job = job_with()
     applied = job.model_copy(update={"metadata": job.metadata.model_copy(update={"uid": "u-1"})})
-    children = render_all(applied)
+    children = render_all(resolve(applied))
     shared = [obj for obj in children if obj["kind"] == "NetworkPolicy"]
     assert [obj["metadata"].get("ownerReferences") for obj in shared] == [None], (
         "the namespace's NetworkPolicy serves every DPOJob there: no one owns it"
@@ -199,12 +202,12 @@ def test_children_are_owned_and_labelled_when_the_dpojob_exists() -> None:
 
 
 def test_a_manifest_never_applied_renders_without_owner_references() -> None:
-    assert all("ownerReferences" not in obj["metadata"] for obj in render_all(job_with()))
+    assert all("ownerReferences" not in obj["metadata"] for obj in render_all(resolve(job_with())))
 
 
 def test_kueue_queue_label_creates_jobs_suspended() -> None:
     job = example("kueue-queued")
-    train, evaluation = render_training_job(job, 1), render_eval_job(job, 1)
+    train, evaluation = render_training_job(resolve(job), 1), render_eval_job(resolve(job), 1)
     for queued in (train, evaluation):
         assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
         assert queued["spec"]["suspend"] is True
@@ -216,13 +219,13 @@ def test_kueue_queue_label_creates_jobs_suspended() -> None:
 
 
 def test_unqueued_jobs_run_at_once_unless_suspended() -> None:
-    assert render_training_job(job_with(), 1)["spec"]["suspend"] is False
+    assert render_training_job(resolve(job_with()), 1)["spec"]["suspend"] is False
     suspended = job_with(runPolicy={"suspend": True})
-    assert render_training_job(suspended, 1)["spec"]["suspend"] is True
+    assert render_training_job(resolve(suspended), 1)["spec"]["suspend"] is True
 
 
 def test_topology_key_without_kueue_packs_pods_with_preferred_affinity() -> None:
-    train = render_training_job(example("full-finetune-hsdp-efa"), 1)
+    train = render_training_job(resolve(example("full-finetune-hsdp-efa")), 1)
     (term,) = pod_spec(train)["affinity"]["podAffinity"][
         "preferredDuringSchedulingIgnoredDuringExecution"
     ]
@@ -245,7 +248,7 @@ def test_a_required_topology_without_kueue_is_required_pod_affinity() -> None:
             )
         }
     )
-    affinity = pod_spec(render_training_job(required, 1))["affinity"]["podAffinity"]
+    affinity = pod_spec(render_training_job(resolve(required), 1))["affinity"]["podAffinity"]
     assert "preferredDuringSchedulingIgnoredDuringExecution" not in affinity
     (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "topology.k8s.aws/network-node-layer-3"
@@ -262,23 +265,27 @@ def test_a_queued_hsdp_gang_asks_kueue_for_its_topology_and_one_slice_per_shard_
     scheduling = manifest["spec"]["scheduling"]
     scheduling.update({"queueName": "gpus", "topologyPolicy": policy})
     job = parse_dpojob(manifest)
-    annotations = render_training_job(job, 1)["spec"]["template"]["metadata"]["annotations"]
+    annotations = render_training_job(resolve(job), 1)["spec"]["template"]["metadata"][
+        "annotations"
+    ]
     assert annotations[annotation] == scheduling["topologyKey"]
-    assert layout(job.spec).shard == 32
+    assert resolve(job).layout.shard == 32
     assert annotations["kueue.x-k8s.io/podset-slice-required-topology"] == scheduling["topologyKey"]
     assert annotations["kueue.x-k8s.io/podset-slice-size"] == "4"
-    assert "affinity" not in pod_spec(render_training_job(job, 1)), "Kueue places, not affinity"
+    assert "affinity" not in pod_spec(render_training_job(resolve(job), 1)), (
+        "Kueue places, not affinity"
+    )
 
 
 def test_the_group_is_restarted_by_the_operator_never_pod_by_pod() -> None:
-    spec = render_training_job(job_with(), 1)["spec"]
+    spec = render_training_job(resolve(job_with()), 1)["spec"]
     assert spec["backoffLimit"] == 0
     assert spec["podReplacementPolicy"] == "Failed"
 
 
 def test_eval_and_promote_never_retry_bad_input_a_wrong_environment_or_a_rejection() -> None:
     job = example("quickstart")
-    evaluation, promote = render_eval_job(job, 1), render_promote_job(job, 1)
+    evaluation, promote = render_eval_job(resolve(job), 1), render_promote_job(resolve(job), 1)
     eval_rules = evaluation["spec"]["podFailurePolicy"]["rules"]
     assert eval_rules[0]["action"] == "FailJob"
     assert eval_rules[0]["onExitCodes"]["values"] == [
@@ -301,15 +308,15 @@ def test_eval_and_promote_never_retry_bad_input_a_wrong_environment_or_a_rejecti
 
 
 def test_promote_job_exists_only_with_a_promotion_target() -> None:
-    kinds = [obj["metadata"]["name"] for obj in render_all(job_with())]
+    kinds = [obj["metadata"]["name"] for obj in render_all(resolve(job_with()))]
     assert kinds == ["demo-config", "demo-nodes", "dpo-trainers", "demo-train-1", "demo-eval-1"]
     promoted = job_with(promotion={"target": "s3://models/demo"})
-    assert render_all(promoted)[-1]["metadata"]["name"] == "demo-promote-1"
+    assert render_all(resolve(promoted))[-1]["metadata"]["name"] == "demo-promote-1"
 
 
 def test_configmap_carries_the_pod_contract_the_trainer_parses() -> None:
     job = example("kueue-queued")
-    data = render_config_map(job)["data"]
+    data = render_config_map(resolve(job))["data"]
     config = TrainerConfig.model_validate_json(data[TRAINER_CONFIG_FILE])
     assert config.training.loss_type == ["sigmoid", "sft"]
     assert config.training.loss_weights == [1.0, 0.5]
@@ -322,10 +329,12 @@ def test_configmap_carries_the_pod_contract_the_trainer_parses() -> None:
 
 def test_pvc_uris_are_mounted_and_seen_as_paths_by_the_trainer() -> None:
     job = example("sigmoid-norm")
-    config = TrainerConfig.model_validate_json(render_config_map(job)["data"][TRAINER_CONFIG_FILE])
+    config = TrainerConfig.model_validate_json(
+        render_config_map(resolve(job))["data"][TRAINER_CONFIG_FILE]
+    )
     assert config.data.train.uri == "/mnt/pvc/datasets/prefs/train.parquet"
     assert config.artifacts_dir.startswith("/mnt/pvc/dpo-checkpoints/default/qwen-7b-ln-dpo/")
-    train = render_training_job(job, 1)
+    train = render_training_job(resolve(job), 1)
     claims = {
         v["persistentVolumeClaim"]["claimName"]
         for v in pod_spec(train)["volumes"]
@@ -335,7 +344,7 @@ def test_pvc_uris_are_mounted_and_seen_as_paths_by_the_trainer() -> None:
 
 
 def test_secrets_are_passed_by_reference_only() -> None:
-    env = env_of(trainer(render_training_job(example("llama-8b-lora-infiniband"), 1)))
+    env = env_of(trainer(render_training_job(resolve(example("llama-8b-lora-infiniband")), 1)))
     assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
 
 
@@ -346,13 +355,15 @@ def test_trainer_knows_when_no_reference_model_is_needed(
     loss: list[str], reference_free: bool
 ) -> None:
     job = job_with(dpo={"lossType": loss})
-    config = TrainerConfig.model_validate_json(render_config_map(job)["data"][TRAINER_CONFIG_FILE])
+    config = TrainerConfig.model_validate_json(
+        render_config_map(resolve(job))["data"][TRAINER_CONFIG_FILE]
+    )
     assert config.training.reference_free is reference_free
 
 
 def test_the_namespace_policy_lets_trainers_talk_and_only_the_operator_scrape() -> None:
     settings = Settings(operator_namespace="dpo-system", metrics_scrapers=("monitoring",))
-    policy = render_network_policy(job_with(), settings=settings)
+    policy = render_network_policy(resolve(job_with(), settings))
     assert policy["metadata"]["namespace"] == "ml"
     spec = policy["spec"]
     trainers = {"matchLabels": {"app.kubernetes.io/managed-by": "dpo-operator"}}
@@ -367,10 +378,12 @@ def test_the_namespace_policy_lets_trainers_talk_and_only_the_operator_scrape() 
         {"kubernetes.io/metadata.name": "monitoring"},
     ]
     # The named port exists on the training container, whatever spec.monitoring.port says.
-    container = render_training_job(job_with(monitoring={"port": 9555}), 1)["spec"]["template"]
+    container = render_training_job(resolve(job_with(monitoring={"port": 9555})), 1)["spec"][
+        "template"
+    ]
     ports = container["spec"]["containers"][0]["ports"]
     assert {"name": "metrics", "containerPort": 9555, "protocol": "TCP"} in ports
     assert all(
         o["kind"] != "NetworkPolicy"
-        for o in render_all(job_with(), settings=Settings(network_policy=False))
+        for o in render_all(resolve(job_with(), Settings(network_policy=False)))
     )

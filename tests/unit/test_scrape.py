@@ -11,9 +11,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from dpo_operator.handlers import SCRAPE_MAX_BYTES, SCRAPE_TIMEOUT, KubernetesExecutor
-from dpo_operator.kube import KubeAPI
-from dpo_operator.render import Settings
+from dpo_operator.controller.scraper import SCRAPE_MAX_BYTES, SCRAPE_TIMEOUT, scrape
 
 from tests.conftest import job_with
 
@@ -60,10 +58,8 @@ def serve() -> Iterator[Callable[[Page], int]]:
         server.shutdown()
 
 
-def scrape(port: int) -> object:
-    job = job_with(monitoring={"port": port})
-    executor = KubernetesExecutor(KubeAPI(), Settings())
-    return executor.scrape(job, "127.0.0.1")
+def scrape_rank_zero(port: int) -> object:
+    return scrape(job_with(monitoring={"port": port}), "127.0.0.1")
 
 
 def test_metrics_are_read_from_rank_zero(serve: Callable[[Page], int]) -> None:
@@ -74,7 +70,7 @@ def test_metrics_are_read_from_rank_zero(serve: Callable[[Page], int]) -> None:
             'dpo_train_reward_accuracy{dpojob="demo",namespace="ml"} 0.75\n'
         )
     )
-    metrics = scrape(port)
+    metrics = scrape_rank_zero(port)
     assert getattr(metrics, "step", None) == 40
     assert getattr(metrics, "reward_accuracy", None) == 0.75
 
@@ -89,7 +85,7 @@ def test_a_nan_value_is_left_out_and_the_status_stays_writable(
             'dpo_train_reward_margin{dpojob="demo",namespace="ml"} +Inf\n'
         )
     )
-    metrics = scrape(port)
+    metrics = scrape_rank_zero(port)
     assert getattr(metrics, "step", None) == 41
     assert getattr(metrics, "loss", "unset") is None
     assert getattr(metrics, "reward_margin", "unset") is None
@@ -102,18 +98,18 @@ def test_a_page_that_never_ends_is_given_up_on_within_the_deadline(
 ) -> None:
     port = serve(endless)
     started = time.monotonic()
-    assert scrape(port) is None
+    assert scrape_rank_zero(port) is None
     assert time.monotonic() - started < SCRAPE_TIMEOUT + 1.5
 
 
 def test_a_huge_page_is_not_read_into_memory(serve: Callable[[Page], int]) -> None:
     port = serve(page("# " + "x" * (SCRAPE_MAX_BYTES + 10) + "\n"))
-    assert scrape(port) is None
+    assert scrape_rank_zero(port) is None
 
 
 def test_a_page_that_is_not_prometheus_text_is_ignored(serve: Callable[[Page], int]) -> None:
     port = serve(page("<html>{{{ not metrics"))
-    assert scrape(port) is None
+    assert scrape_rank_zero(port) is None
 
 
 def test_the_health_signals_that_hold_are_read_by_reason(serve: Callable[[Page], int]) -> None:
@@ -127,5 +123,5 @@ def test_the_health_signals_that_hold_are_read_by_reason(serve: Callable[[Page],
             'dpo_train_degraded{dpojob="demo",namespace="ml",reason="SomethingNew"} 1\n'
         )
     )
-    metrics = scrape(port)
+    metrics = scrape_rank_zero(port)
     assert getattr(metrics, "degraded", None) == ["AccuracyStuck", "MarginsCollapsed"]

@@ -6,8 +6,9 @@ import json
 import shlex
 
 import pytest
-from dpo_operator.api import DPOJob, PromotionStatus, parse_dpojob
-from dpo_operator.serving import vllm_max_lora_rank, with_vllm_instructions
+from dpo_operator.api import DPOJob, PromotionStatus
+from dpo_operator.core.serving import vllm_max_lora_rank, with_vllm_instructions
+from dpo_operator.core.validate import parse_dpojob
 
 from tests.conftest import minimal_manifest, set_fields
 

@@ -23,7 +23,8 @@ import sys
 import warnings
 from types import FrameType
 
-from dpo_trainer.config import (
+from dpo_contract.config import load_trainer_config
+from dpo_contract.pod import (
     ENV_TERMINATION_LOG,
     EXIT_BAD_INPUT,
     EXIT_CHAMPION_CHANGED,
@@ -34,13 +35,11 @@ from dpo_trainer.config import (
     TRAINER_CONFIG_PATH,
     BadInputError,
     ChampionChangedError,
-    Failure,
-    FailureStatus,
-    TerminationMessage,
     WrongEnvironmentError,
-    load_trainer_config,
-    termination_message_json,
 )
+from dpo_contract.reports import Failure, FailureStatus
+from dpo_contract.termination import TerminationMessage, termination_message_json
+
 from dpo_trainer.launch import main as launch
 from dpo_trainer.launch import record_exit, register_trainer
 
@@ -94,7 +93,7 @@ def write_termination_message(message: TerminationMessage) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dpo_trainer.train import EXIT_INTERRUPTED, TrainingInterruptedError, train
+    from dpo_trainer.train.run import EXIT_INTERRUPTED, TrainingInterruptedError, train
 
     config = load_trainer_config(args.config)
     try:
@@ -110,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dpo_trainer.evaluate import evaluate
+    from dpo_trainer.gate.evaluate import evaluate
 
     report = evaluate(load_trainer_config(args.config))
     write_termination_message(report.short())
@@ -120,7 +119,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from dpo_trainer.promote import promote
+    from dpo_trainer.publish.promote import promote
 
     write_termination_message(promote(load_trainer_config(args.config)))
     return EXIT_OK

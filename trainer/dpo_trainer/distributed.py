@@ -14,12 +14,8 @@ import resource
 from typing import Any
 
 import torch
-
-from dpo_trainer.config import (
-    DistributedConfig,
-    DistributedRun,
-    WrongEnvironmentError,
-)
+from dpo_contract.config import DistributedConfig, DistributedRun
+from dpo_contract.pod import WrongEnvironmentError
 
 # accelerate's DistributedType for each rendered strategy, by device. One process may also sit
 # in a process group of one (a CPU pod's env sets LOCAL_RANK): the world size tells them apart.

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from dpo_trainer.config import (
+from dpo_contract.pod import (
     ENV_LIBRARY_PATH,
     EXIT_BAD_INPUT,
     EXIT_GATE_REJECTED,

@@ -1,0 +1,116 @@
+"""The DPOJob's status. The schema is strict: the API server prunes any field it does not
+declare.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal, get_args
+
+from dpo_contract.config import HealthReason
+from dpo_contract.fields import ContractModel
+from dpo_contract.reports import GateCriterion
+from pydantic import Field, StrictFloat, StrictInt
+
+Phase = Literal[
+    "Pending",
+    "Queued",
+    "Training",
+    "Evaluating",
+    "AwaitingApproval",
+    "Promoting",
+    "Succeeded",
+    "Rejected",
+    "Failed",
+    "Suspended",
+]
+PHASES: tuple[str, ...] = get_args(Phase)
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Rejected", "Failed"})
+
+
+class Condition(ContractModel):
+    """A Kubernetes-style condition (type, status, reason, message)."""
+
+    type: Annotated[str, Field(max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: datetime | None = None
+    observed_generation: StrictInt | None = None
+
+
+class TrainingMetrics(ContractModel):
+    """Latest values read from rank 0's /metrics."""
+
+    step: StrictInt | None = None
+    loss: StrictFloat | None = None
+    reward_accuracy: StrictFloat | None = None
+    reward_margin: StrictFloat | None = None
+    degraded: list[HealthReason] = Field(
+        default_factory=list,
+        max_length=8,
+        description="The health signals that hold at the latest log (dpo_train_degraded).",
+    )
+    updated_at: datetime | None = None
+
+
+class HeldOutStatus(ContractModel):
+    """The pairs the gate scored, when held out of the training data."""
+
+    source: Annotated[str, Field(max_length=1024)]
+    fraction: StrictFloat
+    max_pairs: StrictInt
+    pairs: StrictInt
+    prompts: StrictInt
+
+
+class EvaluationStatus(ContractModel):
+    verdict: Literal["Passed", "Rejected", "Inconclusive"]
+    criteria: list[GateCriterion] = Field(default_factory=list, max_length=32)
+    held_out: HeldOutStatus | None = None
+
+
+class PromotionStatus(ContractModel):
+    version: Annotated[str, Field(max_length=128)]
+    uri: Annotated[str, Field(max_length=1024)]
+    digest: Annotated[str, Field(max_length=128)]
+    at: datetime | None = None
+    vllm_serve: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None,
+        description="A vLLM command line that serves the base model with this adapter.",
+    )
+    vllm_load_request: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None,
+        description="The request that loads this adapter into a running vLLM "
+        "(VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).",
+    )
+
+
+class DPOJobStatus(ContractModel):
+    phase: Phase | None = None
+    message: Annotated[str, Field(max_length=32768)] | None = None
+    conditions: list[Condition] = Field(default_factory=list, max_length=32)
+    observed_generation: StrictInt | None = None
+    attempt: StrictInt | None = Field(default=None, description="Training attempt (1 + restarts).")
+    restarts: StrictInt = 0
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    suspended_at: datetime | None = Field(
+        default=None, description="When the current suspension (or approval wait) began."
+    )
+    suspended_seconds: StrictFloat = Field(
+        default=0.0,
+        description="Time spent suspended or awaiting approval; not counted against the deadline.",
+    )
+    waiting_since: datetime | None = Field(
+        default=None,
+        description="When the current Job was created (or admitted by Kueue): "
+        "runPolicy.startupTimeoutSeconds for its pods to start counts from here.",
+    )
+    children_deleted: bool = Field(
+        default=False,
+        description="ttlSecondsAfterFinished removed the child Jobs; they are never re-created.",
+    )
+    metrics: TrainingMetrics | None = None
+    evaluation: EvaluationStatus | None = None
+    promotion: PromotionStatus | None = None

@@ -1,0 +1,347 @@
+"""The spec groups that say what to train and how: model, data, dpo, peft, resources,
+parallelism and network.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from dpo_contract.config import DistributedStrategy
+from dpo_contract.fields import (
+    ColumnMapping,
+    ContractModel,
+    DataFormat,
+    DataSource,
+    LoraSettings,
+    LossType,
+    ModelRef,
+    ShortStr,
+    UriStr,
+)
+from pydantic import Field, StrictFloat, StrictInt, field_validator
+
+from dpo_operator.api.cel import Rule, RuledModel
+from dpo_operator.api.grammar import (
+    ENV_NAME_PATTERN,
+    MAX_NODES,
+    PARAMETER_COUNT_PATTERN,
+    K8sName,
+    ParameterCount,
+    QualifiedName,
+    Quantity,
+    check_quantity,
+    printable_name,
+)
+from dpo_operator.api.limits import EXTRA_TRAINING_FIELDS
+
+
+class ModelSpec(ContractModel):
+    """The policy to train and, optionally, a separate reference model."""
+
+    name: UriStr = Field(
+        description="Hub id (org/model), local path, storage URI, or builtin:tiny-<name> for a "
+        "tiny model built locally (tests, quickstart)."
+    )
+    revision: ShortStr | None = Field(
+        default=None, description="Hub branch, tag or commit; pin it for reproducible runs."
+    )
+    reference: ModelRef | None = Field(
+        default=None,
+        description="A separate frozen reference model. Default: the policy itself (with LoRA, "
+        "the adapter disabled, so no second copy is loaded).",
+    )
+    parameters: ParameterCount | None = Field(
+        default=None,
+        description="Parameter count (e.g. 70B, 8.03B) for the memory plan, when the model is "
+        "none of the builtin or well-known ones `dpo plan` recognises by name.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run model code shipped in the checkpoint (security risk)."
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameter_count(cls, value: str | int | None) -> str | int | None:
+        if value is not None and not re.match(PARAMETER_COUNT_PATTERN, str(value)):
+            raise ValueError(
+                f"{value!r} is not a parameter count; write e.g. 70B, 8.03B, 500M or 7615616512"
+            )
+        return value
+
+
+class DataSourceSpec(DataSource, RuledModel):
+    """Preference pairs: a hub dataset (`name` + `split`) or jsonl/parquet files (`uri`)."""
+
+    rules = (
+        Rule(
+            "has(self.name) != has(self.uri)",
+            "set exactly one of name (a hub dataset) or uri (jsonl/parquet files)",
+        ),
+    )
+
+
+class HoldOutSpec(ContractModel):
+    """With the gate on and no eval data (data.eval and evalGate.data unset), a part of the
+    training pairs is held out for evaluation and the gate, and never trained on: those whose
+    prompt hashes into the first `fraction`, every pair of a prompt on one side, the same split
+    in every run."""
+
+    fraction: StrictFloat = Field(
+        default=0.05, gt=0, le=0.5, description="Share of prompts held out."
+    )
+    max_pairs: StrictInt = Field(default=2000, ge=1, description="Most pairs held out.")
+
+
+class DataSpec(ContractModel):
+    """Preference pairs (prompt, chosen, rejected) to train and evaluate on."""
+
+    train: DataSourceSpec = Field(description="Training pairs.")
+    eval: DataSourceSpec | None = Field(
+        default=None,
+        description="Held-out pairs for evaluation logs and, by default, the gate (default: a "
+        "hold-out of the training pairs).",
+    )
+    hold_out: HoldOutSpec = Field(
+        default_factory=HoldOutSpec,
+        description="The hold-out of the training pairs used when there is no eval data.",
+    )
+    format: DataFormat = Field(
+        default="auto",
+        description="standard (text columns), conversational (lists of messages) or auto.",
+    )
+    columns: ColumnMapping = Field(
+        default_factory=ColumnMapping, description="The dataset's own column names."
+    )
+
+
+class DPOSpec(RuledModel):
+    """DPO hyper-parameters (TRL DPOConfig; CPOConfig for simpo)."""
+
+    rules = (
+        Rule(
+            "!has(self.lossType) || !('simpo' in self.lossType) || size(self.lossType) == 1",
+            "simpo is reference-free and runs through TRL's CPO trainer: it cannot be combined "
+            "with other loss types",
+            ".lossType",
+            quoting="'simpo is reference-free and runs through TRL\\'s CPO trainer: it cannot be "
+            "combined with other loss types, got ' + self.lossType.join(', ')",
+        ),
+        Rule(
+            "!has(self.lossWeights) || !has(self.lossType) || "
+            "size(self.lossWeights) == size(self.lossType)",
+            "needs as many entries as lossType: give one weight per loss type",
+            ".lossWeights",
+        ),
+        Rule(
+            "!has(self.lossType) || !('simpo' in self.lossType) || "
+            "!has(self.precomputeRefLogProbs) || !self.precomputeRefLogProbs",
+            "simpo uses no reference model, so there are no reference log-probs to precompute",
+            ".precomputeRefLogProbs",
+        ),
+    )
+
+    beta: StrictFloat = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference: too low drifts and reward-hacks, "
+        "too high learns nothing. 0.1 for sigmoid; 2.0 is typical for sigmoid_norm and simpo.",
+    )
+    loss_type: list[LossType] = Field(
+        default=["sigmoid"],
+        min_length=1,
+        max_length=8,
+        description="One loss, e.g. [sigmoid], or several summed with lossWeights, e.g. "
+        "[sigmoid, sft] for RPO. sigmoid_norm is length-normalised DPO; simpo is reference-free "
+        "SimPO (TRL's CPO trainer) and must stand alone.",
+    )
+    loss_weights: list[StrictFloat] | None = Field(
+        default=None, max_length=8, description="One weight per lossType entry (default all 1.0)."
+    )
+    simpo_gamma: StrictFloat = Field(
+        default=0.5, ge=0, description="SimPO's target reward margin (simpo only)."
+    )
+    learning_rate: StrictFloat | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Peak learning rate. Default: 1e-5 with LoRA, 1e-6 for full fine-tuning.",
+    )
+    epochs: StrictFloat = Field(
+        default=1.0, gt=0, le=1000, description="Passes over the training set."
+    )
+    max_steps: StrictInt | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    per_device_batch_size: StrictInt = Field(
+        default=4, ge=1, le=4096, description="Pairs per GPU (or per process on CPU) per step."
+    )
+    gradient_accumulation_steps: StrictInt = Field(
+        default=1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step."
+    )
+    max_length: StrictInt = Field(
+        default=1024, ge=8, le=1048576, description="Maximum tokens of prompt + response."
+    )
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description="Compute the reference log-probs once before training and free the "
+        "reference: saves memory and time per step when the reference is a separate model.",
+    )
+    seed: StrictInt = Field(default=42, ge=0, description="Random seed for data order and init.")
+    logging_steps: StrictInt = Field(
+        default=10, ge=1, description="Steps between metric updates (Prometheus, status)."
+    )
+    save_steps: StrictInt = Field(
+        default=200, ge=1, description="Steps between checkpoints; a restart resumes from the last."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Rarely used DPOConfig fields in snake_case (e.g. label_smoothing, "
+        "warmup_steps, lr_scheduler_type), from an allowlist; their values are checked against "
+        "DPOConfig when training starts.",
+        # The allowed fields, each of any type, and no other: the API server refuses (or, for a
+        # client that does not ask for strict validation, drops) any other key.
+        json_schema_extra={
+            "properties": {
+                name: {"x-kubernetes-preserve-unknown-fields": True}
+                for name in EXTRA_TRAINING_FIELDS
+            },
+            "additionalProperties": False,
+        },
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_allowed(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        refused = sorted(set(extra) - set(EXTRA_TRAINING_FIELDS))
+        if refused:
+            named = ", ".join(printable_name(key) for key in refused)
+            raise ValueError(
+                f"may not set {named}; allowed, in snake_case as TRL's DPOConfig "
+                f"names them: {', '.join(EXTRA_TRAINING_FIELDS)} (the spec's own fields set the "
+                "rest, e.g. spec.dpo.beta)"
+            )
+        return extra
+
+
+class PeftSpec(LoraSettings):
+    """LoRA adapter training; disabled means a full fine-tune."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Train a LoRA adapter (default). false trains every weight (full fine-tune).",
+    )
+
+
+class ResourcesSpec(ContractModel):
+    """Machines and what each pod asks for."""
+
+    nodes: StrictInt = Field(
+        default=1, ge=1, le=MAX_NODES, description="Number of machines (one pod each)."
+    )
+    gpus_per_node: StrictInt = Field(
+        default=1, ge=0, le=16, description="GPUs per pod; 0 trains on CPU (tests, quickstart)."
+    )
+    gpu_resource_name: QualifiedName = Field(
+        default="nvidia.com/gpu", description="Extended resource name of the GPU device plugin."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request per pod, e.g. 32.")
+    memory: Quantity | None = Field(
+        default=None, description="Memory request and limit, e.g. 512Gi."
+    )
+    shm_size: Quantity = Field(
+        default="16Gi", description="Size of /dev/shm (RAM-backed) for NCCL and data loaders."
+    )
+    gpu_memory: Quantity | None = Field(
+        default=None,
+        description="Memory of one GPU, e.g. 80Gi, for the memory plan. Default: read from a GPU "
+        "product label in scheduling.nodeSelector (nvidia.com/gpu.product, "
+        "cloud.google.com/gke-accelerator, node.kubernetes.io/instance-type).",
+    )
+
+    @field_validator("cpu", "memory", "shm_size", "gpu_memory")
+    @classmethod
+    def _quantity(cls, value: str | int | None) -> str | None:
+        return None if value is None else check_quantity(value)
+
+
+# What a DPOJob asks for: a strategy by name, or `auto` (the memory plan chooses).
+StrategyChoice = Literal["auto", DistributedStrategy]
+
+
+class ParallelismSpec(ContractModel):
+    """How the model is spread over GPUs."""
+
+    strategy: StrategyChoice = Field(
+        default="auto",
+        description="ddp replicates the model; fsdp shards it over all GPUs; hsdp shards inside a "
+        "node and replicates across nodes. auto: one process needs none; LoRA and CPU use ddp; "
+        "a full fine-tune uses fsdp on one node and hsdp on several.",
+    )
+    activation_checkpointing: bool = Field(
+        default=True, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+    cpu_offload: bool = Field(
+        default=False, description="Offload sharded parameters to CPU memory (fsdp/hsdp only)."
+    )
+
+
+NetworkProfile = Literal["tcp", "infiniband", "roce", "efa", "tcpxo"]
+
+
+class NetworkSpec(RuledModel):
+    """The fabric between nodes; each profile sets the NCCL variables and pod pieces it needs."""
+
+    rules = (
+        Rule(
+            "!has(self.profile) || !(self.profile in ['roce', 'tcpxo']) || "
+            "(has(self.secondaryNetworks) && size(self.secondaryNetworks) > 0)",
+            "roce and tcpxo need them: list the Multus attachments (roce) or GKE networks (tcpxo) "
+            "of the GPU NICs",
+            ".secondaryNetworks",
+            quoting="'profile ' + self.profile + ' needs them: list the Multus attachments (roce) "
+            "or GKE networks (tcpxo) of the GPU NICs'",
+        ),
+        Rule(
+            f"!has(self.env) || self.env.all(name, name.matches('{ENV_NAME_PATTERN}'))",
+            "keys must be environment variable names: letters, digits, '_', '-' and '.', not "
+            "starting with a digit",
+            ".env",
+        ),
+    )
+
+    profile: NetworkProfile = Field(
+        default="tcp",
+        description="tcp (any cluster), infiniband, roce, efa (AWS) or tcpxo (GKE A3 Mega).",
+    )
+    env: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Overrides of the profile's NCCL/FI variables (these win).",
+    )
+    rdma_resource: QualifiedName | None = Field(
+        default=None,
+        description="RDMA device resource. Default: rdma/ib (infiniband), rdma/roce (roce), "
+        "vpc.amazonaws.com/efa (efa).",
+    )
+    rdma_devices: StrictInt = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="RDMA devices per pod (efa: the instance's EFA count, e.g. 32 on p5).",
+    )
+    secondary_networks: list[K8sName] = Field(
+        default_factory=list,
+        max_length=16,
+        description="roce: Multus NetworkAttachmentDefinitions; tcpxo: the GKE networks of the "
+        "8 GPU NICs, in NIC order.",
+    )
+    collective_timeout_seconds: StrictInt = Field(
+        default=1800,
+        ge=60,
+        le=86400,
+        description="A collective that hangs longer aborts the run so it can be restarted "
+        "(the Trainer's ddp_timeout; NCCL itself has no timeout variable).",
+    )

@@ -1,0 +1,1 @@
+"""The `dpo` command: validate, render, plan, run, compare, pull, crd, operator."""

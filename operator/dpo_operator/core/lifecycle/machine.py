@@ -1,0 +1,539 @@
+"""The DPOJob state machine: one pure function from (DPOJob, what the cluster shows) to
+(actions, new status, events).
+
+It is level-triggered: it reads only the DPOJob (spec and status) and the observed children,
+never memory of past events, so a restarted operator carries on from cluster state alone and the
+same observations always give the same decision.
+
+    Pending -> (Queued) -> Training -> Evaluating -> (AwaitingApproval) -> Promoting -> Succeeded
+                 Suspended <-'  |  `-> restart (attempt + 1)   `-> Rejected
+                                `-> Failed (bad input, restarts exhausted, deadline)
+
+Invariants (property-tested): a promote Job is only created after the eval Job of the same
+training attempt succeeded with verdict Passed; restarts never exceed runPolicy.maxRestarts;
+there is never more than one training Job.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from dpo_contract.config import HEALTH_ADVICE, HealthReason
+from dpo_contract.pod import (
+    EXIT_BAD_INPUT,
+    EXIT_CHAMPION_CHANGED,
+    EXIT_GATE_REJECTED,
+    EXIT_WRONG_ENVIRONMENT,
+)
+from dpo_contract.reports import Failure, GateVerdict, PromotionResult, TrainingSummary
+
+from dpo_operator.api import (
+    TERMINAL_PHASES,
+    Condition,
+    DPOJob,
+    DPOJobStatus,
+    EvaluationStatus,
+    HeldOutStatus,
+    Phase,
+    PromotionStatus,
+    spec_digest,
+)
+from dpo_operator.core.lifecycle.decision import (
+    Action,
+    Create,
+    Decision,
+    Delete,
+    DeleteChildren,
+    Event,
+    Suspend,
+    Update,
+)
+from dpo_operator.core.lifecycle.observed import (
+    APPROVE_ANNOTATION,
+    EVENTFUL_PHASES,
+    ChildJob,
+    Component,
+    Observed,
+    PodState,
+)
+from dpo_operator.core.lifecycle.timing import active_seconds, requeue_after
+from dpo_operator.core.serving import with_vllm_instructions
+
+
+def decide(job: DPOJob, observed: Observed) -> Decision:
+    """What to do next for `job`, given the children observed now."""
+    status = (job.status or DPOJobStatus()).model_copy(deep=True)
+    status.observed_generation = job.metadata.generation
+    status.attempt = status.attempt or 1
+    decision = Decision(status)
+    _Machine(job, observed, decision).run()
+    decision.requeue_after = requeue_after(job, decision.status, observed.now)
+    return decision
+
+
+class _Machine:
+    def __init__(self, job: DPOJob, observed: Observed, decision: Decision) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.observed = observed
+        self.decision = decision
+        self.status = decision.status
+        self.now = observed.now
+        self.digest = spec_digest(job.spec)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def child(self, component: Component, attempt: int) -> ChildJob | None:
+        return next(
+            (j for j in self.observed.jobs if j.component == component and j.attempt == attempt),
+            None,
+        )
+
+    def act(self, action: Action) -> None:
+        self.decision.actions.append(action)
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.decision.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def phase(self, phase: Phase, message: str, reason: str | None = None) -> None:
+        # Routine progress is in status; an Event marks what a person may need to act on, or
+        # the end. (Each Event is one more write to the API server.)
+        if self.status.phase != phase and phase in EVENTFUL_PHASES:
+            self.event(reason or phase, message, warning=phase in ("Failed", "Rejected"))
+        self.status.phase = phase
+        self.status.message = message
+
+    def current(self, kind: str) -> Condition | None:
+        """The status's condition of type `kind`, if it has one."""
+        return next((c for c in self.status.conditions if c.type == kind), None)
+
+    def holds(self, kind: str) -> bool:
+        """Whether the status's condition `kind` is True."""
+        condition = self.current(kind)
+        return condition is not None and condition.status == "True"
+
+    def condition(self, kind: str, value: bool, reason: str, message: str) -> None:
+        wanted = "True" if value else "False"
+        existing = self.current(kind)
+        since = self.now
+        if existing is not None and existing.status == wanted:
+            since = existing.last_transition_time or self.now
+        updated = Condition(
+            type=kind,
+            status=wanted,
+            reason=reason,
+            message=message,
+            last_transition_time=since,
+            observed_generation=self.job.metadata.generation,
+        )
+        # In place: the order of conditions is part of the status, and a needless change is a
+        # needless write.
+        kinds = [c.type for c in self.status.conditions]
+        if kind in kinds:
+            self.status.conditions[kinds.index(kind)] = updated
+        else:
+            self.status.conditions.append(updated)
+
+    def finish(self, phase: Phase, message: str, reason: str) -> None:
+        self.phase(phase, message, reason)
+        self.status.completion_time = self.status.completion_time or self.now
+        self.condition("Training", False, reason, message)
+        self.condition("Succeeded" if phase == "Succeeded" else "Failed", True, reason, message)
+        for child in self.observed.jobs:
+            if child.state in ("Pending", "Running") and not child.deleting:
+                self.act(Delete(child.name))
+
+    # -- the machine ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.condition("SpecValid", True, "Valid", "the spec is valid")
+        if self.status.phase in TERMINAL_PHASES:
+            self.expire_children()
+            return
+        if self.observed.refused is not None:
+            self.finish("Failed", f"cannot create a child: {self.observed.refused}", "ChildRefused")
+            return
+        if not self.observed.has_config_map:
+            self.act(Create("config"))
+        elif self.observed.config_spec_digest not in (None, "", self.digest):
+            # Pods read trainer.json when they start: the next ones get the edited spec.
+            self.act(Update("config"))
+        if not self.observed.has_service:
+            self.act(Create("service"))
+        if not self.observed.has_network_policy:
+            self.act(Create("network-policy"))
+        if self.deadline_exceeded():
+            return
+        attempt = self.status.attempt or 1
+        train = self.child("train", attempt)
+        if train is None or train.state != "Complete":
+            self.training(train, attempt)
+            return
+        self.trained(train)
+        if not self.spec.eval_gate.enabled:
+            self.finish("Succeeded", "training finished; no gate configured", "Trained")
+            return
+        evaluation = self.child("eval", attempt)
+        if not self.evaluated(evaluation, attempt):
+            return
+        if self.spec.promotion is None:
+            self.finish("Succeeded", "the gate passed; no promotion target", "GatePassed")
+            return
+        self.promoting(attempt)
+
+    def deadline_exceeded(self) -> bool:
+        limit = self.spec.run_policy.active_deadline_seconds
+        active = active_seconds(self.status, self.now)
+        if limit is None or active is None or active <= limit:
+            return False
+        self.finish(
+            "Failed",
+            f"ran {active:.0f}s, over runPolicy.activeDeadlineSeconds {limit}",
+            "DeadlineExceeded",
+        )
+        return True
+
+    def training(self, train: ChildJob | None, attempt: int) -> None:
+        others = [
+            j
+            for j in self.observed.jobs
+            if j.component == "train" and j.attempt != attempt and not j.deleting
+        ]
+        for stale in others:  # never two training Jobs at once
+            self.act(Delete(stale.name))
+        suspend = self.spec.run_policy.suspend
+        self.clock_stopped(suspend)
+        nodes = self.spec.resources.nodes
+        waiting = f"attempt {attempt}: waiting for {nodes} pod(s) to start"
+        if train is None:
+            if any(j.component == "train" for j in self.observed.jobs):
+                self.phase(
+                    "Training",
+                    f"waiting for the previous attempt to go before attempt {attempt} starts",
+                    "Restarting",
+                )
+                return
+            if suspend:
+                self.phase("Suspended", "runPolicy.suspend is true; no pods run")
+                self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+                return
+            self.act(Create("train", attempt))
+            if self.queued_by_kueue():
+                # Created suspended: nothing changes until Kueue admits it, so say so now.
+                self.status.waiting_since = None
+                self.phase("Queued", f"attempt {attempt}: waiting for Kueue to admit it")
+                return
+            self.status.waiting_since = self.now
+            if self.status.start_time is None:
+                self.status.start_time = self.now
+            self.phase("Pending", waiting)
+            return
+        if train.state == "Failed":
+            self.training_failed(train, attempt)
+            return
+        if train.deleting:
+            self.phase("Pending", f"{train.name} goes first; it is re-created from the edited spec")
+            return
+        if train.suspended and train.spec_digest not in ("", self.digest):
+            # Edited while it waited (queued or suspended): no pod runs it, so it is re-created
+            # from the spec as it is now instead of starting as it was.
+            self.act(Delete(train.name))
+            self.phase("Pending", f"the spec changed while {train.name} waited; re-creating it")
+            return
+        if train.suspended != suspend and not (train.suspended and self.queued_by_kueue()):
+            self.act(Suspend(train.name, suspend))
+        if suspend:
+            self.status.waiting_since = None
+            self.phase("Suspended", "runPolicy.suspend is true; checkpoints are kept")
+            self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+            return
+        if train.suspended:
+            self.status.waiting_since = None  # admission is Kueue's wait, not a stall
+            self.phase("Queued", f"waiting for Kueue to admit {train.name}")
+            return
+        if self.status.start_time is None:
+            self.status.start_time = self.now
+        # A pod that finished (either way) before its Job did has started all the same.
+        started = sum(pod.phase != "Pending" for pod in train.pods)
+        if self.not_started(train, started, nodes):
+            return
+        if started == 0:
+            self.phase("Pending", waiting)
+            return
+        self.phase("Training", f"attempt {attempt}: {started}/{nodes} pods started")
+        self.condition("Training", True, "Running", f"attempt {attempt}")
+        if self.observed.metrics is not None:
+            self.status.metrics = self.observed.metrics
+            self.health(self.observed.metrics.degraded)
+
+    def degraded(self, reason: str, message: str, event: str) -> None:
+        """Degraded=True; an Event when it turns True or says something new."""
+        current = self.current("Degraded")
+        if current is None or current.status != "True" or current.message != message:
+            self.event(event, message, warning=True)
+        self.condition("Degraded", True, reason, message)
+
+    def health(self, reasons: list[HealthReason]) -> None:
+        """The Degraded condition from the health signals that hold at rank 0's latest log."""
+        if reasons:
+            message = "; ".join(f"{reason}: {HEALTH_ADVICE[reason]}" for reason in reasons)
+            self.degraded(reasons[0], message, "Degraded")
+        elif self.holds("Degraded"):
+            self.condition("Degraded", False, "Healthy", "no health signal holds at the latest log")
+
+    def trained(self, train: ChildJob) -> None:
+        """What the finished run says of its health: every signal it raised (the scrapes may
+        have missed one), and whether it stopped early on one."""
+        pod = _telling_pod(train)
+        summary = pod.reported if pod else None
+        if not isinstance(summary, TrainingSummary):
+            return
+        said = "; ".join(f"{signal.reason}: {signal.message}" for signal in summary.health)
+        stopped = summary.stopped_early
+        if stopped is not None:
+            message = (
+                f"training stopped at step {stopped.step} on {stopped.reason} "
+                f"(spec.health.action: stop); the adapter is checkpoint-{stopped.kept_step}'s "
+                f"weights. {said}"
+            )
+            self.degraded(stopped.reason, message, "StoppedEarly")
+        elif summary.health:
+            self.degraded(summary.health[0].reason, f"raised while training: {said}", "Degraded")
+        elif self.current("Degraded") is not None:
+            self.condition("Degraded", False, "Healthy", "training ended with no health signal")
+
+    def not_started(self, child: ChildJob, started: int, wanted: int) -> bool:
+        """Tracks a Job whose pods have not all started: says why in the Stalled condition and
+        fails the run at runPolicy.startupTimeoutSeconds (counted from `waiting_since`, which
+        is set when the Job is created, so keeping it costs no write). True when the run
+        ended."""
+        if started >= wanted:
+            if self.holds("Stalled"):
+                self.condition("Stalled", False, "Started", f"every pod of {child.name} started")
+            return False
+        since = self.status.waiting_since = self.status.waiting_since or self.now
+        stuck = [p for p in child.pods if p.phase == "Pending" and p.waiting_reason]
+        why = "; ".join(
+            f"pod {p.name}: {p.waiting_reason}: {p.waiting_message}".rstrip(": ") for p in stuck
+        )
+        if stuck:
+            stalled = self.current("Stalled")
+            if stalled is None or stalled.status != "True":
+                self.event("Stalled", why[:1000], warning=True)
+            self.condition("Stalled", True, stuck[0].waiting_reason, why[:4000])
+        limit = self.spec.run_policy.startup_timeout_seconds
+        if (self.now - since).total_seconds() <= limit:
+            return False
+        if not child.pods:
+            why = (
+                f"no pod was created; `kubectl describe job {child.name}` shows why "
+                "(FailedCreate: a quota, an admission policy)"
+            )
+        self.finish(
+            "Failed",
+            f"{started}/{wanted} pod(s) of {child.name} started within "
+            f"runPolicy.startupTimeoutSeconds ({limit}s): {why or 'pods still Pending'}",
+            "StartupTimeout",
+        )
+        return True
+
+    def clock_stopped(self, stopped: bool) -> None:
+        """Suspended or waiting for a person: that time is not counted against the deadline."""
+        if stopped and self.status.suspended_at is None:
+            self.status.suspended_at = self.now
+        if not stopped and self.status.suspended_at is not None:
+            self.status.suspended_seconds += (self.now - self.status.suspended_at).total_seconds()
+            self.status.suspended_at = None
+        if not self.spec.run_policy.suspend and self.holds("Suspended"):
+            self.condition("Suspended", False, "Resumed", "runPolicy.suspend is false")
+
+    def suspended_after_training(self, child: ChildJob | None, what: str) -> bool:
+        """runPolicy.suspend holds for the gate and the promotion too: their Job is suspended
+        (or not created yet) until it is false again. True while suspended."""
+        suspend = self.spec.run_policy.suspend
+        self.clock_stopped(suspend)
+        if (
+            child is not None
+            and child.state in ("Pending", "Running")
+            and child.suspended != suspend
+            and not (child.suspended and self.queued_by_kueue())
+        ):
+            self.act(Suspend(child.name, suspend))
+        if suspend:
+            self.phase("Suspended", f"runPolicy.suspend is true; {what} waits")
+            self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+        return suspend
+
+    def queued_by_kueue(self) -> bool:
+        return self.spec.scheduling.queue_name is not None and not self.spec.run_policy.suspend
+
+    def training_failed(self, train: ChildJob, attempt: int) -> None:
+        failed = [pod for pod in train.pods if pod.phase == "Failed"]
+        bad_input = next((p for p in failed if p.exit_code == EXIT_BAD_INPUT), None)
+        if bad_input is not None:
+            self.finish("Failed", f"bad config or data: {_reason(bad_input)}", "BadInput")
+            return
+        wrong = next((p for p in failed if p.exit_code == EXIT_WRONG_ENVIRONMENT), None)
+        if wrong is not None:
+            self.finish(
+                "Failed",
+                f"the pods are not what was rendered: {_reason(wrong)}",
+                "WrongEnvironment",
+            )
+            return
+        disrupted = bool(failed) and all(pod.disrupted for pod in failed)
+        restarts = self.status.restarts
+        if not disrupted and restarts >= self.spec.run_policy.max_restarts:
+            codes = sorted({p.exit_code for p in failed if p.exit_code is not None})
+            self.finish(
+                "Failed",
+                f"attempt {attempt} failed (exit codes {codes}) and runPolicy.maxRestarts "
+                f"({self.spec.run_policy.max_restarts}) restarts are used up",
+                "RestartsExhausted",
+            )
+            return
+        if not disrupted:
+            self.status.restarts = restarts + 1
+        self.status.attempt = attempt + 1
+        self.status.waiting_since = None
+        self.act(Delete(train.name))
+        why = (
+            "pods were disrupted (not counted)"
+            if disrupted
+            else (f"restart {self.status.restarts}/{self.spec.run_policy.max_restarts}")
+        )
+        self.event(
+            "Restarting",
+            f"attempt {attempt} failed; {why}; resuming from the last checkpoint",
+            warning=True,
+        )
+        self.phase("Training", f"restarting from the last checkpoint ({why})", "Restarting")
+
+    def evaluated(self, evaluation: ChildJob | None, attempt: int) -> bool:
+        """Runs the gate; True once it passed."""
+        if self.suspended_after_training(evaluation, "the gate"):
+            return False
+        if evaluation is None:
+            self.act(Create("eval", attempt))
+            self.status.waiting_since = self.now
+            self.condition("Training", False, "Trained", f"attempt {attempt} finished")
+            self.phase("Evaluating", "running the held-out gate", "Trained")
+            return False
+        if evaluation.state in ("Pending", "Running"):
+            started = sum(pod.phase != "Pending" for pod in evaluation.pods)
+            if not self.not_started(evaluation, started, 1):
+                self.phase("Evaluating", "running the held-out gate")
+            return False
+        pod = _telling_pod(evaluation)
+        verdict = pod.reported if pod else None
+        passed = isinstance(verdict, GateVerdict) and verdict.verdict == "Passed"
+        if evaluation.state == "Complete" and isinstance(verdict, GateVerdict) and passed:
+            self.record_verdict(verdict)
+            return True
+        if isinstance(verdict, GateVerdict) and pod and pod.exit_code == EXIT_GATE_REJECTED:
+            self.record_verdict(verdict)
+            self.finish(
+                "Rejected",
+                verdict.message or "the gate rejected the adapter",
+                _gate_reason(verdict),
+            )
+            return False
+        self.finish("Failed", f"the gate could not run: {_reason(pod)}", "GateFailed")
+        return False
+
+    def record_verdict(self, verdict: GateVerdict) -> None:
+        passed = verdict.verdict == "Passed"
+        message = verdict.message or ("every criterion holds" if passed else "gate rejected")
+        if self.status.evaluation is None:
+            self.event(_gate_reason(verdict), message, warning=not passed)
+        self.status.evaluation = EvaluationStatus(
+            verdict=verdict.verdict,
+            criteria=list(verdict.criteria),
+            held_out=HeldOutStatus.model_validate(verdict.held_out.model_dump())
+            if verdict.held_out
+            else None,
+        )
+        self.condition("GatePassed", passed, verdict.verdict, message)
+
+    def promoting(self, attempt: int) -> None:
+        promotion = self.spec.promotion
+        assert promotion is not None
+        promote = self.child("promote", attempt)
+        approved = self.job.metadata.annotations.get(APPROVE_ANNOTATION) == "true"
+        if self.suspended_after_training(promote, "the promotion"):
+            return
+        if promote is None:
+            waiting = promotion.mode == "manual" and not approved
+            # Waiting for a person is not running: like a suspension, off the deadline's clock.
+            self.clock_stopped(waiting)
+            if waiting:
+                self.phase(
+                    "AwaitingApproval",
+                    f"the gate passed; approve with: kubectl annotate "
+                    f"dpo {self.job.name} {APPROVE_ANNOTATION}=true",
+                )
+                return
+            self.act(Create("promote", attempt))
+            self.status.waiting_since = self.now
+            self.phase("Promoting", f"publishing to {promotion.target}")
+            return
+        if promote.state in ("Pending", "Running"):
+            started = sum(pod.phase != "Pending" for pod in promote.pods)
+            if not self.not_started(promote, started, 1):
+                self.phase("Promoting", f"publishing to {promotion.target}")
+            return
+        pod = _telling_pod(promote)
+        result = pod.reported if pod else None
+        if promote.state == "Complete" and isinstance(result, PromotionResult):
+            self.status.promotion = with_vllm_instructions(
+                self.job,
+                PromotionStatus(
+                    version=result.version,
+                    uri=result.uri,
+                    digest=result.digest,
+                    at=datetime.fromisoformat(result.promoted_at),
+                ),
+            )
+            self.condition("Promoted", True, "Promoted", result.uri)
+            self.finish("Succeeded", f"promoted {result.version} to {result.uri}", "Promoted")
+            return
+        if pod is not None and pod.exit_code == EXIT_CHAMPION_CHANGED:
+            self.finish("Failed", f"not promoted: {_reason(pod)}", "ChampionChanged")
+            return
+        self.finish("Failed", f"promotion failed: {_reason(pod)}", "PromotionFailed")
+
+    def expire_children(self) -> None:
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        if ttl is None or self.status.children_deleted or self.status.completion_time is None:
+            return
+        if (self.now - self.status.completion_time).total_seconds() >= ttl:
+            self.act(DeleteChildren(tuple(child.name for child in self.observed.jobs)))
+            self.status.children_deleted = True
+            self.event(
+                "ChildrenDeleted",
+                f"ttlSecondsAfterFinished ({ttl}s) passed; the record and the artifacts stay",
+            )
+
+
+def _gate_reason(verdict: GateVerdict) -> str:
+    """GatePassed, GateRejected, or GateInconclusive (too few pairs to be sure either way)."""
+    return f"Gate{verdict.verdict}"
+
+
+def _telling_pod(child: ChildJob) -> PodState | None:
+    """The pod whose termination tells the Job's story: of a completed Job the pod that
+    succeeded (earlier tries may have failed), of a failed one the last pod that failed."""
+    wanted = "Succeeded" if child.state == "Complete" else "Failed"
+    candidates = [p for p in child.pods if p.phase == wanted and not p.disrupted]
+    candidates = candidates or [p for p in child.pods if p.phase in ("Succeeded", "Failed")]
+    return candidates[-1] if candidates else None
+
+
+def _reason(pod: PodState | None) -> str:
+    """What went wrong, in the trainer's words where it said."""
+    if pod is None:
+        return "no pod finished"
+    reported = pod.reported
+    if isinstance(reported, Failure):
+        return reported.message[:2000]
+    return (pod.message or f"exit code {pod.exit_code}, no termination message")[:2000]

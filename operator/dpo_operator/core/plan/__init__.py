@@ -1,0 +1,61 @@
+"""The memory plan (`dpo plan`): pure, from the spec alone. See `memory` for how each part is
+counted.
+"""
+
+from dpo_operator.core.plan.memory import (
+    EVAL_BATCH,
+    PARTS,
+    Estimate,
+    Layout,
+    Part,
+    Plan,
+    activation_bytes,
+    estimate,
+    layouts,
+    lora_parameters,
+    plan,
+    reference_parameters,
+)
+from dpo_operator.core.plan.report import (
+    format_plan,
+)
+from dpo_operator.core.plan.shapes import (
+    ASSUMED_GPU_MEMORY,
+    GIB,
+    GPU_LABELS,
+    INSTANCE_GPU_MEMORY,
+    KNOWN_MODELS,
+    RUNTIME_BYTES,
+    USABLE_FRACTION,
+    GpuMemory,
+    ModelShape,
+    gpu_memory,
+    model_shape,
+)
+
+__all__ = [
+    "ASSUMED_GPU_MEMORY",
+    "EVAL_BATCH",
+    "GIB",
+    "GPU_LABELS",
+    "INSTANCE_GPU_MEMORY",
+    "KNOWN_MODELS",
+    "PARTS",
+    "RUNTIME_BYTES",
+    "USABLE_FRACTION",
+    "Estimate",
+    "GpuMemory",
+    "Layout",
+    "ModelShape",
+    "Part",
+    "Plan",
+    "activation_bytes",
+    "estimate",
+    "format_plan",
+    "gpu_memory",
+    "layouts",
+    "lora_parameters",
+    "model_shape",
+    "plan",
+    "reference_parameters",
+]

@@ -1,0 +1,65 @@
+"""`dpo plan`'s table: the bytes per GPU by part for each layout, and the one chosen."""
+
+from __future__ import annotations
+
+from dpo_operator.api import DPOJobSpec
+from dpo_operator.core.plan.memory import PARTS, Plan, world_size_of
+from dpo_operator.core.plan.shapes import GIB
+
+
+def format_plan(spec: DPOJobSpec, result: Plan) -> str:
+    """The table `dpo plan` prints: per-GPU GiB by part for each layout, the choice and why."""
+    lines = []
+    world = world_size_of(spec)
+    gpus = spec.resources.gpus_per_node
+    if result.shape is not None:
+        lines.append(
+            f"model      {result.shape.parameters / 1e9:.2f}B parameters ({result.shape.source}); "
+            + ("LoRA r=" + str(spec.peft.r) if spec.peft.enabled else "full fine-tune")
+        )
+    else:
+        lines.append("model      size unknown: set spec.model.parameters (e.g. 70B) to plan memory")
+    if result.gpu is not None:
+        lines.append(
+            f"hardware   {spec.resources.nodes} node(s) x {gpus} GPUs of "
+            f"{result.gpu.bytes / GIB:.0f} GiB ({result.gpu.source})"
+        )
+    else:
+        lines.append(f"hardware   {spec.resources.nodes} CPU pod(s)")
+    if result.estimates:
+        headers = [e.layout.describe(world, gpus) for e in result.estimates]
+        width = max(12, *(len(h) + 2 for h in headers))
+        lines.append("")
+        lines.append(
+            "layouts    ddp: a copy per GPU; fsdp S: sharded over S GPUs; hsdp RxS: R copies,"
+        )
+        lines.append("           each sharded over S GPUs")
+        lines.append("GiB per GPU".ljust(18) + "".join(h.rjust(width) for h in headers))
+        for part in PARTS:
+            lines.append(
+                f"  {part}".ljust(18)
+                + "".join(f"{e.parts[part] / GIB:.2f}".rjust(width) for e in result.estimates)
+            )
+        lines.append(
+            "  total".ljust(18)
+            + "".join(f"{e.total / GIB:.2f}".rjust(width) for e in result.estimates)
+        )
+        lines.append(
+            f"  fits (<= {result.estimates[0].budget / GIB:.1f})".ljust(18)
+            + "".join(("yes" if e.fits else "no").rjust(width) for e in result.estimates)
+        )
+        lines.append("")
+    if result.choice is not None:
+        lines.append(f"choice     {result.choice.describe(world, gpus)}: {result.reason}")
+    if result.eval_gpus and result.eval_memory:
+        lines.append(
+            f"eval gate  {result.eval_gpus} GPU(s), {result.eval_memory // GIB}Gi memory (the bf16 "
+            "weights spread over the GPUs)"
+        )
+    if result.host_memory is not None:
+        lines.append(
+            f"host       each pod's processes read the bf16 weights when loading: up to "
+            f"{result.host_memory / GIB:.0f} GiB"
+        )
+    lines += [f"problem    {problem}" for problem in result.problems]
+    return "\n".join(lines)

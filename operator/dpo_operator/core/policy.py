@@ -1,0 +1,66 @@
+"""What the cluster admin allows a DPOJob beyond what the API allows everyone: pure checks of a
+DPOJob against the operator's settings (`render.Settings`, set by the chart).
+
+The API cannot hold these rules: they differ per installation and per namespace. The operator
+refuses a DPOJob that breaks one as it refuses an invalid spec (SpecValid=False, an Event), and
+`dpo render` refuses to print it.
+"""
+
+from __future__ import annotations
+
+from dpo_operator.api import DPOJob
+from dpo_operator.core.network import PROFILES
+from dpo_operator.core.settings import Settings
+
+
+def refusals(job: DPOJob, settings: Settings) -> list[str]:
+    """One line per setting of `job` the admin does not allow in its namespace, each naming the
+    field, the boundary and who can move it."""
+    problems: list[str] = []
+    namespace = job.namespace
+    profile = job.spec.network.profile
+    allowed = allowed_profiles(namespace, settings)
+    # On CPUs every profile renders as plain TCP: nothing privileged runs.
+    if not settings.cpu and profile not in allowed:
+        host_access = PROFILES[profile].host_access
+        why = f" ({host_access})" if host_access else ""
+        problems.append(
+            f"spec.network.profile: {profile}{why} is not allowed in namespace {namespace}; "
+            f"allowed here: {', '.join(sorted(allowed)) or 'none'}. The cluster admin allows "
+            "profiles per namespace with the chart value network.allowedProfiles"
+        )
+    roots = promotion_roots(namespace, settings)
+    promotion = job.spec.promotion
+    if (
+        promotion is not None
+        and roots is not None
+        and not any(is_under(promotion.target, root) for root in roots)
+    ):
+        problems.append(
+            f"spec.promotion.target: {promotion.target} is outside what namespace {namespace} "
+            f"may promote to ({', '.join(roots) or 'nothing'}); choose a target under one of "
+            "these, or ask the cluster admin (chart value promotion.roots)"
+        )
+    return problems
+
+
+def allowed_profiles(namespace: str, settings: Settings) -> frozenset[str]:
+    everywhere = settings.allowed_profiles.get("*", frozenset())
+    return everywhere | settings.allowed_profiles.get(namespace, frozenset())
+
+
+def promotion_roots(namespace: str, settings: Settings) -> tuple[str, ...] | None:
+    """The prefixes `namespace` may promote under; None when the admin set no boundary."""
+    if not settings.promotion_roots:
+        return None
+    templates = settings.promotion_roots.get("*", ()) + settings.promotion_roots.get(namespace, ())
+    return tuple(template.replace("{namespace}", namespace) for template in templates)
+
+
+def is_under(uri: str, root: str) -> bool:
+    """Whether `uri` is `root` or below it, by whole path segments (s3://m/team-a is not under
+    s3://m/team); a root that is only a scheme (pvc://) admits everything of that scheme."""
+    if root.endswith("://"):
+        return uri.startswith(root)
+    base = root.rstrip("/")
+    return uri == base or uri.startswith(base + "/")

@@ -1,0 +1,66 @@
+"""A DPOJob resolved once: everything rendering derives from it (the installation's settings,
+the memory plan and the layout it chose, the claims its URIs name, the process layout), built by
+`resolve` and handed to every renderer, so that rendering the children of one reconcile plans
+the job once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dpo_operator.api import DPOJob, DPOJobSpec
+from dpo_operator.core.plan import Layout, Plan, plan
+from dpo_operator.core.settings import DEFAULT_SETTINGS, Settings
+from dpo_operator.core.storage import claims
+
+FSDP_VERSION: Literal[2] = 2
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    job: DPOJob
+    settings: Settings
+    plan: Plan
+    claims: tuple[str, ...]
+
+    @property
+    def spec(self) -> DPOJobSpec:
+        return self.job.spec
+
+    @property
+    def layout(self) -> Layout:
+        """The strategy and shard group the memory plan chose (`auto`: the cheapest that
+        fits)."""
+        chosen = self.plan.choice
+        assert chosen is not None, "validation refuses a job that fits nowhere"
+        return chosen
+
+    @property
+    def processes_per_node(self) -> int:
+        """One process per GPU; one per pod on CPU."""
+        return max(self.spec.resources.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.resources.nodes * self.processes_per_node
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the processes run on CPUs: the job asks for no GPU, or the installation runs
+        its layout on CPUs (`dpo run --cpu`, tests)."""
+        return self.settings.cpu or self.spec.resources.gpus_per_node == 0
+
+    @property
+    def mixed_precision(self) -> Literal["bf16", "no"]:
+        """bf16 on GPUs (the trainer falls back to fp32 where the GPU lacks it); fp32 on CPU."""
+        return "no" if self.on_cpu else "bf16"
+
+    @property
+    def fsdp_version(self) -> Literal[2] | None:
+        """The FSDP implementation that shards the job (always FSDP2), or None when nothing
+        is."""
+        return FSDP_VERSION if self.layout.strategy in ("fsdp", "hsdp") else None
+
+
+def resolve(job: DPOJob, settings: Settings = DEFAULT_SETTINGS) -> ResolvedJob:
+    return ResolvedJob(job, settings, plan(job.spec), tuple(claims(job)))

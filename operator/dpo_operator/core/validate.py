@@ -1,0 +1,32 @@
+"""Validation of a DPOJob: the API's rules (pydantic and CEL, on the models) and the memory
+plan, arithmetic CEL cannot do. What the installation allows is `policy.refusals`.
+
+The plan reads the API's models, so the API cannot import it: it is handed to the spec's
+validator through the validation context, and every problem is still reported at once, each
+under its field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpo_operator.api import MEMORY_CHECK, WITHOUT_RULES, DPOJob, DPOJobSpec
+from dpo_operator.core.plan import plan
+
+
+def memory_problems(spec: DPOJobSpec) -> list[str]:
+    return plan(spec).problems
+
+
+def parse_dpojob(
+    manifest: object, *, check_memory: bool = True, check_rules: bool = True
+) -> DPOJob:
+    """Validate a manifest (a dict from YAML/JSON or the API server) into a DPOJob.
+
+    `check_memory=False` skips the memory plan (`dpo plan` shows a job that fits nowhere);
+    `check_rules=False` skips the rules and the plan, for a spec already found valid (the
+    operator checks each generation once).
+    """
+    context: dict[str, Any] = {WITHOUT_RULES: not check_rules}
+    if check_memory:
+        context[MEMORY_CHECK] = memory_problems
+    return DPOJob.model_validate(manifest, context=context)

@@ -1,0 +1,164 @@
+"""What the trainer reports: train.json, eval.json, the promotion pointer and the pieces of
+each pod's termination message, written by the trainer and parsed once, with these models, by
+the operator and by `dpo run`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from dpo_contract.config import (
+    DistributedRun,
+    HealthSignal,
+    HeldOutReport,
+    JobIdentity,
+    StoppedEarly,
+    TrainerConfig,
+)
+from dpo_contract.fields import ContractModel
+
+
+class DataReport(ContractModel):
+    """How many pairs of one source were read, dropped (by reason) and kept."""
+
+    source: str
+    read: int
+    identical: int
+    empty: int
+    duplicates: int
+    kept: int
+
+
+FailureStatus = Literal["interrupted", "bad-input", "wrong-environment", "champion-changed"]
+
+
+class Failure(ContractModel):
+    """A command that did not finish; `message` says why and what to do."""
+
+    status: FailureStatus
+    message: str
+
+
+class TrainingSummary(ContractModel):
+    """A finished training run, short enough for a termination message."""
+
+    status: Literal["completed"] = "completed"
+    step: int
+    world_size: int
+    distributed: DistributedRun
+    adapter_digest: str | None = Field(
+        default=None, description="sha256 of the artifact's manifest (rank 0's pod only)."
+    )
+    parameters_digest: str
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Final values of the summary metrics (rank 0)."
+    )
+    health: list[HealthSignal] = Field(
+        default_factory=list, description="Each health signal raised, as first raised."
+    )
+    stopped_early: StoppedEarly | None = None
+
+
+# Under <output>/<namespace>/: precomputed reference log-probs, kept by content for any run there.
+REFERENCE_CACHE_DIR = "reference-logps"
+
+
+class ReferenceLogProbsReport(ContractModel):
+    """One set of precomputed reference log-probs: computed, or reused from the cache."""
+
+    split: str
+    pairs: int
+    key: str | None = Field(description="The cache key (None: no cache configured).")
+    reused: bool
+    seconds: float
+
+
+class TrainingReport(TrainingSummary):
+    """train.json: the summary and everything behind it."""
+
+    job: JobIdentity
+    seconds: float
+    eval: dict[str, float]
+    data: dict[str, DataReport | None]
+    held_out: HeldOutReport | None = None
+    reference_log_probs: list[ReferenceLogProbsReport] = Field(default_factory=list)
+    settings: TrainerConfig | None = Field(
+        default=None, description="The trainer config the run trained with (`dpo compare`)."
+    )
+    adapter: str
+    log_history: list[dict[str, object]]
+    memory: dict[str, int]
+
+    def summary(self, summary_metrics: tuple[str, ...]) -> TrainingSummary:
+        return TrainingSummary(
+            step=self.step,
+            world_size=self.world_size,
+            distributed=self.distributed,
+            adapter_digest=self.adapter_digest,
+            parameters_digest=self.parameters_digest,
+            metrics={k: v for k, v in self.metrics.items() if k in summary_metrics},
+            health=self.health,
+            stopped_early=self.stopped_early,
+        )
+
+
+# One threshold of the gate: the estimate, its interval over `n` samples, the threshold, and
+# whether the interval cleared it (`passed`), or only the estimate did (`inconclusive`, with the
+# samples that would likely decide it). Also the DPOJob's status.evaluation.criteria: the bounds
+# are for the CRD's schema, and a docstring here would become the CRD's description.
+class GateCriterion(ContractModel):
+    name: Annotated[str, Field(max_length=128)]
+    value: float | None = None  # nothing to measure (mustBeatPromoted, nothing promoted yet)
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None
+    # How the interval was found: wilson, bootstrap, paired-bootstrap.
+    method: Annotated[str, Field(max_length=32)] | None = None
+    threshold: float
+    passed: bool
+    inconclusive: bool = False
+    needed_pairs: int | None = None
+
+
+GateOutcome = Literal["Passed", "Rejected", "Inconclusive"]
+
+
+class GateVerdict(ContractModel):
+    """The gate's verdict, short enough for a termination message."""
+
+    status: Literal["passed", "rejected", "inconclusive"]
+    verdict: GateOutcome
+    adapter_digest: str
+    criteria: list[GateCriterion]
+    message: str | None = None
+    held_out: HeldOutReport | None = Field(
+        default=None, description="The pairs scored, when held out of the training data."
+    )
+
+
+class GateReport(GateVerdict):
+    """eval.json: the verdict and the measurements behind it."""
+
+    metrics: dict[str, float]
+    pairs: int
+    confidence: float = Field(default=0.95, description="Confidence of the criteria's intervals.")
+    # With mustBeatPromoted: the digest of the adapter this one was compared with ("" when none
+    # was promoted yet). Promotion refuses when `current` has moved on since.
+    champion_digest: str | None = None
+    data: DataReport
+
+    def short(self) -> GateVerdict:
+        return GateVerdict.model_validate(self.model_dump(include=set(GateVerdict.model_fields)))
+
+
+class PromotionResult(ContractModel):
+    """A promoted adapter: also the content of `<target>/current`."""
+
+    status: Literal["promoted"] = "promoted"
+    version: str
+    digest: str
+    uri: str
+    promoted_at: str
+    job: JobIdentity

@@ -1,0 +1,1 @@
+"""The eval gate: scoring an adapter on held-out pairs, and the intervals that decide it."""

@@ -1,0 +1,1 @@
+"""Inputs and outputs: preference data, models and tokenizers, downloads, the run's artifacts."""

@@ -1,0 +1,241 @@
+"""The Trainer callbacks a run installs, one per concern: what really ran, the states each rank
+holds, SIGTERM, DPO's health, checkpoint uploads and the log lines `dpo run` shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from dpo_contract.config import (
+    DistributedConfig,
+    DistributedRun,
+    HealthConfig,
+    HealthReason,
+    HealthSignal,
+)
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from dpo_trainer.distributed import check_run, describe_run, state_bytes
+from dpo_trainer.io.artifacts import CHECKPOINT_COMPLETE_MARKER, CHECKPOINTS, Artifacts
+from dpo_trainer.train.health import HealthWatch, StepLog
+from dpo_trainer.train.metrics import PrometheusCallback
+
+log = logging.getLogger(__name__)
+
+# Never more than this many checkpoints on disk: resuming needs only the newest complete one.
+SAVE_TOTAL_LIMIT = 2
+
+
+class NeedsAccelerator:
+    """A callback that is handed the trainer's accelerator once the trainer exists."""
+
+    accelerator: Any = None
+
+
+class MeasureStates(TrainerCallback):
+    """After the first optimizer step, when the optimizer's states exist: the bytes this rank
+    holds of parameters, trainable parameters and optimizer states."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, int] = {}
+
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        optimizer: Any = None,
+        **_: Any,
+    ) -> None:
+        if not self.states and optimizer is not None:
+            self.states = state_bytes(model, optimizer)
+
+
+class CheckDistributed(TrainerCallback, NeedsAccelerator):
+    """Once the model is prepared, records what really runs and stops when it is not what
+    trainer.json renders (before the first step)."""
+
+    def __init__(self, expected: DistributedConfig) -> None:
+        self.expected = expected
+        self.ran: DistributedRun | None = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **_: Any,
+    ) -> None:
+        self.ran = describe_run(self.accelerator, model)
+        if state.is_world_process_zero:
+            log.info("running %s", self.ran.model_dump_json(by_alias=True))
+        check_run(self.expected, self.ran)
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGTERM, finish the current step, write a checkpoint, and stop.
+
+    Every rank must stop at the same step (the checkpoint is a collective), so the flag is
+    agreed on with an all-reduce at each step end.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped = False
+        self._previous = signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        self.requested = True
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        requested = self.requested
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([1 if requested else 0], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            log.warning("termination requested: checkpointing at step %d", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class WatchHealth(TrainerCallback):
+    """Judges each training log (dpo_trainer.train.health): logs each signal when first raised,
+    shows the ones that hold on /metrics (`dpo_train_degraded`), and with `health.action: stop` ends
+    training at the first, before the step's checkpoint is saved.
+
+    Every rank sees the same logged values (TRL gathers them), so every rank stops at the same
+    step."""
+
+    def __init__(self, config: HealthConfig, metrics: PrometheusCallback) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.watch = HealthWatch(warmup_steps=config.warmup_steps or 0)
+        self.stopped: HealthSignal | None = None
+
+    @property
+    def raised(self) -> dict[HealthReason, HealthSignal]:
+        return self.watch.raised
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if self.config.warmup_steps is None:
+            self.watch.warmup_steps = state.max_steps // 10
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **_: Any,
+    ) -> None:
+        if not logs or "loss" not in logs:  # an eval log, or the end-of-training summary
+            return
+
+        def number(key: str) -> float | None:
+            value = logs.get(key)
+            return float(value) if isinstance(value, int | float) else None
+
+        seen = StepLog(
+            step=state.global_step,
+            loss=number("loss"),
+            accuracy=number("rewards/accuracies"),
+            margin=number("rewards/margins"),
+            chosen=number("rewards/chosen"),
+            grad_norm=number("grad_norm"),
+        )
+        first = set(self.watch.raised)
+        signals = self.watch.observe(seen)
+        self.metrics.set_degraded({found.reason for found in signals})
+        for found in signals:
+            if found.reason not in first and state.is_world_process_zero:
+                log.warning("health: %s: %s", found.reason, found.message)
+        if signals and self.config.action == "stop" and self.stopped is None:
+            self.stopped = signals[0]
+            control.should_training_stop = True
+            control.should_save = False
+            if state.is_world_process_zero:
+                log.error(
+                    "health.action is stop: training ends at step %d on %s",
+                    state.global_step,
+                    signals[0].reason,
+                )
+
+
+class UploadCheckpoints(TrainerCallback, NeedsAccelerator):
+    """Copy each checkpoint to the object store as soon as it is written, whole.
+
+    A sharded checkpoint is written by every rank into its own pod's disk, so one process per
+    pod uploads what its pod holds; once every pod is done, rank 0 uploads the completion marker
+    that makes the checkpoint count for resume, and drops checkpoints beyond the newest few.
+    """
+
+    def __init__(self, artifacts: Artifacts) -> None:
+        self.artifacts = artifacts
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if self.artifacts.is_local:
+            return
+        name = f"{CHECKPOINTS}/checkpoint-{state.global_step}"
+        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG state last)
+        if self.accelerator.is_local_main_process:
+            self.artifacts.upload(name, skip=(CHECKPOINT_COMPLETE_MARKER,))
+        self.accelerator.wait_for_everyone()
+        if state.is_world_process_zero:
+            self.artifacts.upload(f"{name}/{CHECKPOINT_COMPLETE_MARKER}")
+        if self.accelerator.is_local_main_process:
+            self.artifacts.prune_checkpoints(SAVE_TOTAL_LIMIT, remote=state.is_world_process_zero)
+
+
+class LogLines(TrainerCallback):
+    """One line per logging step when no progress bar is shown (not a terminal)."""
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **_: Any,
+    ) -> None:
+        if not args.disable_tqdm or not state.is_world_process_zero or not logs:
+            return
+        shown = {
+            key: value
+            for key, value in logs.items()
+            if key
+            in (
+                "loss",
+                "eval_loss",
+                "rewards/accuracies",
+                "eval_rewards/accuracies",
+                "rewards/margins",
+                "eval_rewards/margins",
+                "learning_rate",
+            )
+        }
+        if not shown:
+            return
+        text = " ".join(f"{key}={value:.4g}" for key, value in shown.items())
+        total = state.max_steps or "?"
+        print(f"step {state.global_step}/{total} epoch {state.epoch or 0:.2f} {text}", flush=True)

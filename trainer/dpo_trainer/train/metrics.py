@@ -1,0 +1,115 @@
+"""Live training metrics: a TrainerCallback that serves Prometheus `/metrics` on rank 0.
+
+TRL's logged keys map to the metric names of docs/architecture.md (`rewards/accuracies` ->
+`dpo_train_reward_accuracy`, ...); evaluation logs (`eval_*`) go to the same names under
+`dpo_eval_`. Every series carries the `dpojob` and `namespace` labels. Other ranks serve
+nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Set as AbstractSet
+from typing import Any
+
+from dpo_contract.config import DEGRADED_METRIC, HEALTH_REASONS
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+# TRL log key -> metric name suffix, with the help text Prometheus shows.
+LOGGED: dict[str, tuple[str, str]] = {
+    "loss": ("loss", "DPO loss"),
+    "rewards/accuracies": ("reward_accuracy", "Share of pairs whose chosen reward is higher"),
+    "rewards/margins": ("reward_margin", "Mean implicit reward margin, chosen minus rejected"),
+    "rewards/chosen": ("reward_chosen", "Mean implicit reward of chosen responses"),
+    "rewards/rejected": ("reward_rejected", "Mean implicit reward of rejected responses"),
+    "logps/chosen": ("logps_chosen", "Mean policy log-probability of chosen responses"),
+    "logps/rejected": ("logps_rejected", "Mean policy log-probability of rejected responses"),
+    "learning_rate": ("learning_rate", "Current learning rate"),
+}
+# Derived from the Trainer's state rather than a logged key.
+DERIVED: dict[str, str] = {
+    "step": "Optimizer steps done",
+    "epoch": "Epochs done (fractional)",
+    "tokens_total": "Tokens processed (prompt + responses, all ranks)",
+    "tokens_per_second": "Tokens processed per second since the previous log",
+}
+_HELP = dict(LOGGED.values()) | DERIVED
+TRAIN_METRICS = [f"dpo_train_{suffix}" for suffix in _HELP]
+# Evaluation logs carry no learning rate and repeat the training token count.
+_TRAIN_ONLY = {"learning_rate", "tokens_total", "tokens_per_second"}
+EVAL_METRICS = [f"dpo_eval_{suffix}" for suffix in _HELP if suffix not in _TRAIN_ONLY]
+LABELS = ("dpojob", "namespace")
+EVAL_PREFIX = "eval_"
+
+
+class PrometheusCallback(TrainerCallback):
+    """Mirrors each log into gauges; serves them on `port` when `serve` (rank 0 only)."""
+
+    def __init__(self, job: str, namespace: str, port: int, *, serve: bool) -> None:
+        self.registry = CollectorRegistry()
+        self.gauges: dict[str, Any] = {}
+        for name in TRAIN_METRICS + EVAL_METRICS:
+            suffix = name.removeprefix("dpo_train_").removeprefix("dpo_eval_")
+            self.gauges[name] = Gauge(name, _HELP[suffix], LABELS, registry=self.registry)
+        self.labels = {"dpojob": job, "namespace": namespace}
+        # 1 while a health signal (dpo_trainer.train.health) holds; every reason is there from the
+        # start, at 0, so that a dashboard and an alert see the series before anything is wrong.
+        self.degraded = Gauge(
+            DEGRADED_METRIC,
+            "1 while the health signal `reason` holds at the latest log",
+            (*LABELS, "reason"),
+            registry=self.registry,
+        )
+        self.set_degraded(set())
+        self.latest: dict[str, float] = {}
+        self._last_tokens: tuple[float, float] | None = None
+        self._server = start_http_server(port, registry=self.registry)[0] if serve else None
+
+    def set(self, name: str, value: float) -> None:
+        self.gauges[name].labels(**self.labels).set(value)
+        self.latest[name] = value
+
+    def set_degraded(self, reasons: AbstractSet[str]) -> None:
+        for reason in HEALTH_REASONS:
+            self.degraded.labels(**self.labels, reason=reason).set(1 if reason in reasons else 0)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        phase = "eval" if any(key.startswith(EVAL_PREFIX) for key in logs) else "train"
+        if phase == "train" and "loss" not in logs:
+            return  # the end-of-training summary (train_runtime, ...), not a step log
+        prefix = EVAL_PREFIX if phase == "eval" else ""
+        for key, (suffix, _) in LOGGED.items():
+            value = logs.get(prefix + key)
+            if isinstance(value, int | float):
+                self.set(f"dpo_{phase}_{suffix}", float(value))
+        self.set(f"dpo_{phase}_step", float(state.global_step))
+        if state.epoch is not None:
+            self.set(f"dpo_{phase}_epoch", float(state.epoch))
+        tokens = logs.get("num_tokens")
+        if phase == "train" and isinstance(tokens, int | float):
+            self._count_tokens(float(tokens))
+
+    def _count_tokens(self, tokens: float) -> None:
+        now = time.monotonic()
+        self.set("dpo_train_tokens_total", tokens)
+        if self._last_tokens is not None:
+            last_tokens, last_time = self._last_tokens
+            if now > last_time and tokens >= last_tokens:
+                self.set("dpo_train_tokens_per_second", (tokens - last_tokens) / (now - last_time))
+        self._last_tokens = (tokens, now)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,198 @@
+"""A DPO training run, top to bottom: config -> data -> models -> TRL trainer -> adapter.
+
+Runs under `accelerate launch` on every rank. It resumes from the newest complete checkpoint by
+itself, checkpoints and stops cleanly on SIGTERM, and at the end writes the adapter (or full
+model) with a manifest of sha256 digests and `train.json`. A finished run started again returns
+its recorded result instead of training twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from dpo_contract.config import (
+    HEALTH_ADVICE,
+    DistributedConfig,
+    HealthSignal,
+    StoppedEarly,
+    TrainerConfig,
+)
+from dpo_contract.pod import BadInputError
+from dpo_contract.reports import TrainingReport
+from transformers import TrainerCallback, set_seed
+
+from dpo_trainer.distributed import keep_fsdp_on_cpu, require_gpus
+from dpo_trainer.io.artifacts import TRAIN_REPORT, Artifacts
+from dpo_trainer.io.data import load_preferences, load_split
+from dpo_trainer.io.models import load_model, load_tokenizer, torch_dtype
+from dpo_trainer.train.callbacks import (
+    CheckDistributed,
+    LogLines,
+    MeasureStates,
+    StopOnSignal,
+    WatchHealth,
+)
+from dpo_trainer.train.finish import Finish
+from dpo_trainer.train.metrics import PrometheusCallback
+from dpo_trainer.train.trl_trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 128 + signal.SIGTERM
+
+
+class TrainingInterruptedError(Exception):
+    """SIGTERM arrived: a checkpoint was written and the run can resume from it."""
+
+
+def train(config: TrainerConfig) -> TrainingReport:
+    """Train, or return the report of the run that already finished."""
+    artifacts = Artifacts(config.artifacts_dir)
+    finished = artifacts.read_report(TRAIN_REPORT, TrainingReport)
+    if finished is not None:
+        log.info("%s already finished; reporting its result", artifacts.uri)
+        return finished
+
+    distributed = config.distributed
+    require_gpus(
+        distributed.nproc_per_node if distributed.device == "cuda" else 0,
+        "trainer.json (distributed.device: cuda)",
+    )
+    # The first PartialState decides the process group for the whole process (a singleton); on
+    # CPU only cpu=True makes it join the other ranks over gloo.
+    state = PartialState(
+        cpu=distributed.device == "cpu",
+        timeout=timedelta(seconds=config.training.ddp_timeout_seconds),
+    )
+    check_world_size(distributed, state.num_processes)
+    if distributed.device == "cpu" and distributed.strategy in ("fsdp", "hsdp"):
+        keep_fsdp_on_cpu()
+    dtype = torch_dtype(config.training.mixed_precision)
+
+    eval_rows, eval_report, held_out = None, None, None
+    if config.data.hold_out is not None:
+        train_rows, eval_rows, train_report, held_out = load_split(
+            config.data.train, config.data.hold_out, config.data.columns, config.data.format
+        )
+    else:
+        train_rows, train_report = load_preferences(
+            config.data.train, config.data.columns, config.data.format
+        )
+    if config.data.eval is not None:
+        eval_rows, eval_report = load_preferences(
+            config.data.eval, config.data.columns, config.data.format
+        )
+
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    # Seeded before the policy is built, so a LoRA adapter starts the same on every rank and in
+    # every run with the same seed, whatever the process did before.
+    set_seed(config.training.seed)
+    policy = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=dtype)
+    reference = None
+    if config.reference is not None and not config.training.reference_free:
+        reference = load_model(
+            config.reference, trust_remote_code=config.trust_remote_code, dtype=dtype
+        )
+
+    metrics = PrometheusCallback(
+        config.job.name, config.job.namespace, config.metrics_port, serve=state.is_main_process
+    )
+    stopper = StopOnSignal()
+    checked = CheckDistributed(distributed)
+    measured = MeasureStates()
+    health = WatchHealth(config.health, metrics)
+    callbacks: list[TrainerCallback] = [checked, measured, metrics, health, stopper, LogLines()]
+    trainer = build_trainer(
+        config, artifacts, policy, reference, tokenizer, train_rows, eval_rows, dtype, callbacks
+    )
+    resume = _checkpoint_to_resume(artifacts, state)
+    started = time.monotonic()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if stopper.stopped:
+            raise TrainingInterruptedError(f"stopped by signal at step {trainer.state.global_step}")
+        stopped_early = _keep_last_healthy_checkpoint(trainer, artifacts, config, health.stopped)
+        final_eval = _final_evaluation(trainer) if eval_rows is not None else {}
+        assert checked.ran is not None, "on_train_begin ran"
+        finish = Finish(
+            config=config,
+            artifacts=artifacts,
+            data={"train": train_report, "eval": eval_report},
+            held_out=held_out,
+            ran=checked.ran,
+            states=measured.states,
+            health=list(health.raised.values()),
+            stopped_early=stopped_early,
+            started=started,
+        )
+        return finish.write(trainer, metrics, final_eval)
+    finally:
+        metrics.close()
+
+
+def _keep_last_healthy_checkpoint(
+    trainer: Any, artifacts: Artifacts, config: TrainerConfig, cause: HealthSignal | None
+) -> StoppedEarly | None:
+    """After a stop on `cause`: the weights of the newest checkpoint, saved before it (none is
+    saved once a signal is raised), become the adapter's."""
+    if cause is None:
+        return None
+    kept = artifacts.latest_checkpoint()
+    if kept is None:
+        raise BadInputError(
+            f"training stopped on {cause.reason} ({cause.message}) before its first checkpoint "
+            f"(dpo.saveSteps {config.training.save_steps}): there are no healthy weights to keep; "
+            f"{HEALTH_ADVICE[cause.reason]}, or save checkpoints more often"
+        )
+    # The loader resume uses: it knows PEFT adapters and FSDP's sharded checkpoints.
+    trainer._load_from_checkpoint(str(kept))
+    log.warning("the adapter is %s's weights, the last saved before %s", kept.name, cause.reason)
+    return StoppedEarly(reason=cause.reason, step=cause.step, kept_step=_checkpoint_step(kept))
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _checkpoint_to_resume(artifacts: Artifacts, state: PartialState) -> Path | None:
+    """The newest complete checkpoint, brought into this pod by one process per pod."""
+    if state.is_local_main_process:
+        name = artifacts.latest_remote_checkpoint()
+        if name is not None:
+            artifacts.download_checkpoint(name)
+    state.wait_for_everyone()
+    resume = artifacts.latest_checkpoint()
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    return resume
+
+
+def _final_evaluation(trainer: Any) -> dict[str, float]:
+    """The held-out metrics at the last step, evaluating only if that step was not evaluated."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == trainer.state.global_step:
+                return {k: v for k, v in entry.items() if isinstance(v, int | float)}
+            break
+    evaluated: dict[str, float] = trainer.evaluate()
+    return evaluated
+
+
+def check_world_size(distributed: DistributedConfig, actual: int) -> None:
+    """Refuse to train when the launch lost its rendezvous settings.
+
+    Otherwise each node would train alone with world size 1 and report success.
+    """
+    if actual != distributed.world_size:
+        raise BadInputError(
+            f"world size is {actual} but the config expects {distributed.nnodes} nodes x "
+            f"{distributed.nproc_per_node} processes = {distributed.world_size}; pass "
+            "--num_machines, --machine_rank, --main_process_ip and --main_process_port to "
+            "accelerate launch (it ignores torchrun's PET_* variables)"
+        )
