@@ -20,6 +20,8 @@ from dpo_operator.core.lifecycle import ChildJob, JobState, PodState
 from dpo_operator.core.names import LABEL_ATTEMPT, LABEL_COMPONENT, LABEL_JOB
 
 Key = tuple[str, str]  # (namespace, DPOJob name)
+# kopf hands a handler every index by its function's name.
+Indexes = Mapping[str, kopf.Index[Key, Any]]
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ async def dpojob_bodies(
     return {(namespace or "default", name): json.dumps(kept, separators=(",", ":")).encode()}
 
 
-def cached_body(indexes: Mapping[str, kopf.Index[Key, Any]], key: Key) -> dict[str, Any] | None:
+def cached_body(indexes: Indexes, key: Key) -> dict[str, Any] | None:
     stored = list(indexes["dpojob_bodies"].get(key, []))
     return json.loads(stored[-1]) if stored else None
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from dpo_operator.api import GROUP, PLURAL, VERSION, DPOJob, DPOJobStatus, describe_errors
 from dpo_operator.controller.cache import (
     INDEXES,
+    Indexes,
     Key,
     Owned,
     SeenPod,
@@ -67,8 +68,6 @@ log = logging.getLogger("dpo_operator")
 
 # A reconcile that failed on the API is tried again after this long, then longer.
 RETRY_SECONDS = (1.0, 5.0, 30.0)
-
-Indexes = Mapping[str, kopf.Index[Key, Any]]
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -203,7 +202,7 @@ async def _carry_out(
 async def _observe(
     job: DPOJob,
     key: Key,
-    indexes: Mapping[str, kopf.Index[Key, Any]],
+    indexes: Indexes,
     executor: KubernetesExecutor,
 ) -> tuple[Observed, dict[str, str]]:
     """What `decide` reads of `job`'s children (only those it controls), and their uids."""
