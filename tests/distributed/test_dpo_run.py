@@ -27,7 +27,7 @@ from tests.conftest import dpo_run, promotion_target, quickstart
             False,
             "FSDP2 sharded over a 2x2 mesh (dp_replicate, dp_shard_cp), world size 4, "
             "parameters on cpu",
-            {"config.json", "model.safetensors", "tokenizer.json"},
+            {"config.json", "model.safetensors.index.json", "tokenizer.json"},
         ),
     ],
     ids=["fsdp-lora", "hsdp-full-finetune"],

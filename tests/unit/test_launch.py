@@ -29,6 +29,14 @@ def test_the_node_plugin_directory_is_appended_never_replacing_the_image_path() 
     assert child_environment({}, Path("/t")).get("LD_LIBRARY_PATH") is None
 
 
+def test_the_trainers_return_freed_host_buffers_unless_the_pod_says_otherwise() -> None:
+    """glibc's mmap threshold is fixed, so buffers freed at every layer go back to the kernel
+    instead of growing each rank's resident memory (the memory tier measures the difference)."""
+    assert child_environment({}, Path("/t"))["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
+    chosen = child_environment({"MALLOC_MMAP_THRESHOLD_": "4096"}, Path("/t"))
+    assert chosen["MALLOC_MMAP_THRESHOLD_"] == "4096"
+
+
 def limited_run(net: str) -> list[str]:
     script = LIMITED.format(net=net)
     result = subprocess.run(

@@ -15,7 +15,7 @@ from dpo_operator.core.resolve import resolve
 from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
 
-from tests.conftest import job_with, minimal_manifest, set_fields
+from tests.conftest import example, job_with, minimal_manifest, set_fields
 
 H100 = {"gpuMemory": "80Gi"}
 
@@ -202,3 +202,41 @@ def test_a_model_no_node_can_hold_for_the_gate_is_refused() -> None:
         parse_dpojob(manifest)
     problems = describe_errors(refused.value)
     assert any(p.startswith("spec.evalGate: holding the 405") for p in problems), problems
+
+
+def test_the_70b_example_loads_within_what_its_pods_ask_for() -> None:
+    """Each process reads only its slice of each tensor: a pod of eight holds tens of GiB at
+    load, not a copy of the model per process (1 TiB)."""
+    result = plan(example("full-finetune-hsdp-efa").spec)
+    assert result.choice is not None
+    assert result.choice.strategy in ("fsdp", "hsdp")
+    assert result.host_memory is not None
+    print(f"70B example: {result.host_memory / GIB:.0f} GiB of host memory per pod at load")
+    assert result.host_memory < 64 * GIB
+    assert not result.problems
+
+
+def test_a_pod_that_cannot_load_its_copies_within_resources_memory_is_refused() -> None:
+    manifest = llama_job(
+        "meta-llama/Llama-3.1-8B-Instruct", 1, lora=True, **{"resources.memory": "64Gi"}
+    )
+    with pytest.raises(ValidationError) as refused:
+        parse_dpojob(manifest)
+    (message,) = describe_errors(refused.value)
+    print(message)
+    assert message.startswith("spec.resources.memory: each pod needs about 152 GiB")
+    assert "more than the 64Gi asked" in message
+    assert "parallelism.strategy fsdp or hsdp" in message
+    sharded = set_fields(copy.deepcopy(manifest), **{"parallelism.strategy": "fsdp"})
+    assert plan(parse_dpojob(sharded).spec).host_memory < 64 * GIB  # type: ignore[operator]
+
+
+def test_a_sharded_full_finetune_counts_the_reference_layer_and_fp32_reduce_buffers() -> None:
+    result = plan(parse_dpojob(llama_job("meta-llama/Llama-3.1-8B-Instruct", 1, lora=False)).spec)
+    shape = result.shape
+    assert shape is not None
+    sharded = next(e for e in result.estimates if e.layout == result.choice)
+    per_layer = shape.parameters // shape.layers
+    # Two policy layers and one reference layer gathered in bf16; one layer reduced in fp32.
+    assert sharded.parts["gathered layers"] == pytest.approx(2 * 3 * per_layer, rel=0.01)
+    assert sharded.parts["reduce buffers"] == pytest.approx(4 * per_layer, rel=0.01)

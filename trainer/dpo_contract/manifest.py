@@ -31,13 +31,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path) -> str:
-    """Record the sha256 of every file in `directory`; returns the digest of the whole set."""
+def write_manifest(directory: Path, elsewhere: dict[str, str] | None = None) -> str:
+    """Record the sha256 of every file in `directory`, and of the files `elsewhere` names (the
+    parts other pods wrote into the same artifact, hashed where they were written); returns the
+    digest of the whole set."""
+    known = elsewhere or {}
     files = {
         str(path.relative_to(directory)): sha256_file(path)
         for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file()
+        and path.name != MANIFEST
+        and str(path.relative_to(directory)) not in known
     }
+    files = dict(sorted({**files, **known}.items()))
     digest = manifest_digest(files)
     manifest = {"files": files, "digest": digest}
     write_text_atomically(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))

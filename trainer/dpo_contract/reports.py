@@ -75,6 +75,35 @@ class ReferenceLogProbsReport(ContractModel):
     seconds: float
 
 
+class MixedPrecision(ContractModel):
+    """How a sharded run keeps, computes and reduces its parameters and gradients."""
+
+    master_dtype: str = Field(description="The dtype of the sharded trainable weights.")
+    param_dtype: str = Field(description="The dtype parameters are gathered in for compute.")
+    reduce_dtype: str = Field(description="The dtype gradients are reduced in.")
+
+
+class PhaseMemory(ContractModel):
+    """One rank's memory during one phase of the run (load, reference, train, export)."""
+
+    start_bytes: int = Field(description="Resident host memory when the phase began.")
+    peak_bytes: int = Field(description="The most resident host memory during the phase.")
+    device_peak_bytes: int | None = Field(
+        default=None, description="The most GPU memory allocated during the phase (GPUs only)."
+    )
+
+
+class RankMemory(ContractModel):
+    """What one rank held and read, phase by phase."""
+
+    rank: int
+    node: int = Field(description="The pod (machine rank) the process ran in.")
+    phases: dict[str, PhaseMemory]
+    read_bytes: int = Field(
+        default=0, description="Bytes of checkpoint tensors this rank read to fill its shards."
+    )
+
+
 class TrainingReport(TrainingSummary):
     """train.json: the summary and everything behind it."""
 
@@ -90,6 +119,10 @@ class TrainingReport(TrainingSummary):
     adapter: str
     log_history: list[dict[str, object]]
     memory: dict[str, int]
+    memory_by_rank: list[RankMemory] = Field(default_factory=list)
+    mixed_precision: MixedPrecision | None = Field(
+        default=None, description="Set when the model was sharded (fsdp, hsdp)."
+    )
 
     def summary(self, summary_metrics: tuple[str, ...]) -> TrainingSummary:
         return TrainingSummary(

@@ -10,6 +10,7 @@ trainer.json's `distributed`. It also computes the one parameters digest every r
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 from typing import Any
 
@@ -132,13 +133,28 @@ def check_run(expected: DistributedConfig, ran: DistributedRun) -> None:
             f"{list(wanted_mesh)})"
         )
     if differences:
-        raise WrongEnvironmentError(
-            f"trainer.json renders {expected.strategy} on {expected.nnodes} node(s) x "
-            f"{expected.nproc_per_node} {expected.device} process(es), but this run got "
-            + "; ".join(differences)
-            + ". Launch with the rendered /etc/dpo/accelerate.yaml and the same trainer image "
-            "as the operator (`dpo render` shows both)"
-        )
+        raise _launched_otherwise(expected, differences)
+
+
+def check_launch(expected: DistributedConfig, launched_type: str) -> None:
+    """Before anything is loaded: fsdp and hsdp build the model on the meta device for FSDP to
+    shard, so a launcher that dropped FSDP (`launched_type`, accelerate's type without it) must
+    stop the run here, not when the Trainer tries to move an empty model."""
+    if expected.strategy not in ("fsdp", "hsdp"):
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return
+    raise _launched_otherwise(expected, [f"distributed type {launched_type} (expected FSDP)"])
+
+
+def _launched_otherwise(expected: DistributedConfig, differences: list[str]) -> Exception:
+    return WrongEnvironmentError(
+        f"trainer.json renders {expected.strategy} on {expected.nnodes} node(s) x "
+        f"{expected.nproc_per_node} {expected.device} process(es), but this run got "
+        + "; ".join(differences)
+        + ". Launch with the rendered /etc/dpo/accelerate.yaml and the same trainer image "
+        "as the operator (`dpo render` shows both)"
+    )
 
 
 def state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
@@ -171,9 +187,10 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def parameters_digest(model: Any) -> str:
-    """sha256 over the full trainable tensors, in name order: the same on every rank, and the
-    same for the saved artifact loaded back.
+def parameters_digest(model: Any, as_dtype: torch.dtype | None = None) -> str:
+    """sha256 over the full trainable tensors (cast to `as_dtype`, the dtype they are saved in,
+    when that is not their own), in name order: the same on every rank, and the same for the
+    saved artifact loaded back.
 
     Sharded (DTensor) parameters are gathered first, which is a collective: every rank must call
     this at the same point.
@@ -184,7 +201,8 @@ def parameters_digest(model: Any) -> str:
     for name, parameter in sorted(model.named_parameters(), key=lambda item: item[0]):
         if not parameter.requires_grad:
             continue
-        full = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+        cast = parameter.detach().to(as_dtype) if as_dtype is not None else parameter.detach()
+        full = cast.full_tensor() if isinstance(cast, DTensor) else cast
         digest.update(name.encode())
         digest.update(full.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -56,9 +56,22 @@ def record_exit(pid: int, code: int) -> None:
         (Path(directory) / f"{pid}.exit").write_text(str(code))
 
 
+# glibc returns a freed block of at least this many bytes to the kernel at once. Left to itself
+# it raises the threshold after a large block is freed (up to 32 MiB), and the host buffers a
+# sharded run frees at every layer (each rank's slice read at load, each layer gathered on CPU)
+# stay on its heap: a rank's resident memory then creeps far past what its tensors need.
+MALLOC_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+MMAP_THRESHOLD_BYTES = 1 << 17
+
+
 def child_environment(parent: dict[str, str], launch_dir: Path) -> dict[str, str]:
-    """The trainers' env: the parent's, with DPO_LIBRARY_PATH appended to LD_LIBRARY_PATH."""
-    env = {**parent, ENV_LAUNCH_DIR: str(launch_dir)}
+    """The trainers' env: the parent's, with DPO_LIBRARY_PATH appended to LD_LIBRARY_PATH and
+    glibc's mmap threshold fixed (unless the pod sets it)."""
+    env = {
+        MALLOC_MMAP_THRESHOLD: str(MMAP_THRESHOLD_BYTES),
+        **parent,
+        ENV_LAUNCH_DIR: str(launch_dir),
+    }
     extra = parent.get(ENV_LIBRARY_PATH)
     if extra:
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (parent.get("LD_LIBRARY_PATH"), extra) if p)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from accelerate.utils import gather_object
 from dpo_contract.config import (
     DistributedRun,
     HealthSignal,
@@ -15,8 +19,8 @@ from dpo_contract.config import (
     StoppedEarly,
     TrainerConfig,
 )
-from dpo_contract.manifest import write_manifest
-from dpo_contract.reports import DataReport, TrainingReport
+from dpo_contract.manifest import sha256_file, write_manifest
+from dpo_contract.reports import DataReport, RankMemory, TrainingReport
 
 from dpo_trainer.distributed import parameters_digest, peak_memory_bytes
 from dpo_trainer.io.artifacts import (
@@ -26,7 +30,14 @@ from dpo_trainer.io.artifacts import (
     name_served_base_model,
     replace_directory,
 )
+from dpo_trainer.train.memory import PhaseMemoryRecorder
 from dpo_trainer.train.metrics import PrometheusCallback
+from dpo_trainer.train.sharding import (
+    adapter_state,
+    export_full_model,
+    mixed_precision,
+    shards_the_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +57,28 @@ class Finish:
     health: list[HealthSignal]
     stopped_early: StoppedEarly | None
     started: float
+    memory: PhaseMemoryRecorder
+    read_bytes: int
 
     def write(
         self, trainer: Any, metrics: PrometheusCallback, final_eval: dict[str, float]
     ) -> TrainingReport:
         """Save the whole adapter (or model) with its manifest and write train.json.
 
-        Every rank takes part: gathering sharded tensors is a collective. Rank 0 writes the
-        files.
+        Every rank takes part: gathering sharded tensors is a collective, and a sharded full
+        fine-tune is written by every rank, each its part. Rank 0 writes the rest and the
+        manifest over every part; each pod uploads what it wrote.
         """
         config, artifacts, ran = self.config, self.artifacts, self.ran
+        accelerator = trainer.accelerator
         staging = artifacts.root / f".{ADAPTER}.partial"
-        if trainer.is_fsdp_enabled:
-            # Checkpoints stay sharded for resume; the final artifact is gathered into full tensors
-            # so PEFT and transformers load it as they load any checkpoint.
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(staging))
+        if accelerator.is_local_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # a part-written attempt before this one
+        accelerator.wait_for_everyone()
+        sharded = shards_the_model(config.distributed)
+        with self.memory.phase("export"):
+            parts = self._save(trainer, staging)
+        exported_as = training_dtype(trainer) if sharded and config.lora is None else None
         report = TrainingReport(
             job=config.job,
             step=trainer.state.global_step,
@@ -69,6 +86,8 @@ class Finish:
             distributed=ran,
             # Rank 0's model and optimizer states (its shards) and peak: the memory plan's check.
             memory={**self.states, "peakBytes": peak_memory_bytes(ran.device)},
+            memory_by_rank=self._memory_by_rank(trainer),
+            mixed_precision=mixed_precision(training_dtype(trainer)) if sharded else None,
             seconds=round(time.monotonic() - self.started, 3),
             metrics=dict(metrics.latest),
             eval={k: v for k, v in final_eval.items() if isinstance(v, int | float)},
@@ -76,35 +95,81 @@ class Finish:
             held_out=self.held_out,
             adapter=f"{artifacts.uri.rstrip('/')}/{ADAPTER}",
             log_history=trainer.state.log_history,
-            parameters_digest=_agreed_digest(trainer),
+            parameters_digest=_agreed_digest(trainer, exported_as),
             health=self.health,
             stopped_early=self.stopped_early,
             reference_log_probs=getattr(trainer, "reference_reports", []),
             settings=config,
         )
-        if trainer.accelerator.is_main_process:
+        if (
+            parts
+            and not artifacts.is_local
+            and not accelerator.is_main_process
+            and accelerator.is_local_main_process
+        ):
+            # Another pod's parts: into the store beside rank 0's (a shared volume has them).
+            replace_directory(staging, artifacts.adapter)
+            artifacts.upload(ADAPTER)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             if config.lora is None:
                 trainer.processing_class.save_pretrained(str(staging))
             elif config.promotion is not None:
                 name_served_base_model(staging, config.promotion.served_model_name)
-            report.adapter_digest = write_manifest(staging)
+            report.adapter_digest = write_manifest(staging, elsewhere=parts)
             replace_directory(staging, artifacts.adapter)
             artifacts.upload(ADAPTER)
             artifacts.write_report(TRAIN_REPORT, report)
-        trainer.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
         # Left to interpreter exit, gloo's threads are torn down mid-flight and a rank may abort
         # (`terminate called without an active exception`, exit -6) after a finished run.
         if dist.is_initialized():
             dist.destroy_process_group()
         return report
 
+    def _save(self, trainer: Any, staging: Path) -> dict[str, str]:
+        """The whole adapter (LoRA) or model in the training dtype, into `staging`. A sharded
+        full fine-tune is written by every rank, each its part: returns the sha256 of each
+        rank's part, for the manifest (the files of other pods are not on this disk)."""
+        config = self.config
+        if not shards_the_model(config.distributed):
+            trainer.save_model(str(staging))
+            return {}
+        if config.lora is None:
+            written = export_full_model(trainer.model, staging, training_dtype(trainer))
+            return _gathered({written.name: sha256_file(written)})
+        adapter = adapter_state(trainer.model)
+        if trainer.accelerator.is_main_process:
+            trainer.model.save_pretrained(str(staging), state_dict=adapter)
+        return {}
 
-def _agreed_digest(trainer: Any) -> str:
-    """The parameters digest, checked to be the same on every rank: ranks that trained apart
-    (a broken collective, a wrong mesh) must not produce an artifact."""
-    from accelerate.utils import gather_object
+    def _memory_by_rank(self, trainer: Any) -> list[RankMemory]:
+        mine = RankMemory(
+            rank=trainer.accelerator.process_index,
+            node=trainer.accelerator.process_index // self.config.distributed.nproc_per_node,
+            phases=self.memory.phases,
+            read_bytes=self.read_bytes,
+        )
+        every = gather_object([mine.model_dump_json()])
+        return sorted((RankMemory.model_validate_json(m) for m in every), key=lambda m: m.rank)
 
-    digest = parameters_digest(trainer.model)
+
+def training_dtype(trainer: Any) -> torch.dtype:
+    return torch.bfloat16 if trainer.args.bf16 else torch.float32
+
+
+def _gathered(mine: dict[str, str]) -> dict[str, str]:
+    every: dict[str, str] = {}
+    for entry in gather_object([mine]):
+        every.update(entry)
+    return every
+
+
+def _agreed_digest(trainer: Any, exported_as: torch.dtype | None) -> str:
+    """The parameters digest (of the tensors as exported), checked to be the same on every
+    rank: ranks that trained apart (a broken collective, a wrong mesh) must not produce an
+    artifact."""
+    digest = parameters_digest(trainer.model, exported_as)
     log.info("rank %d: parameters digest %s", trainer.accelerator.process_index, digest)
     every_rank = set(gather_object([digest]))
     if len(every_rank) != 1:

@@ -27,7 +27,7 @@ from dpo_contract.pod import BadInputError
 from dpo_contract.reports import TrainingReport
 from transformers import TrainerCallback, set_seed
 
-from dpo_trainer.distributed import keep_fsdp_on_cpu, require_gpus
+from dpo_trainer.distributed import check_launch, keep_fsdp_on_cpu, require_gpus
 from dpo_trainer.io.artifacts import TRAIN_REPORT, Artifacts
 from dpo_trainer.io.data import load_preferences, load_split
 from dpo_trainer.io.models import load_model, load_tokenizer, torch_dtype
@@ -39,8 +39,10 @@ from dpo_trainer.train.callbacks import (
     WatchHealth,
 )
 from dpo_trainer.train.finish import Finish
+from dpo_trainer.train.memory import PhaseMemoryRecorder
 from dpo_trainer.train.metrics import PrometheusCallback
-from dpo_trainer.train.trl_trainer import build_trainer
+from dpo_trainer.train.sharding import Models, load_sharded, shards_the_model
+from dpo_trainer.train.trl_trainer import build_trainer, precompute_reference
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ def train(config: TrainerConfig) -> TrainingReport:
         timeout=timedelta(seconds=config.training.ddp_timeout_seconds),
     )
     check_world_size(distributed, state.num_processes)
+    check_launch(distributed, str(state.distributed_type.value))
     if distributed.device == "cpu" and distributed.strategy in ("fsdp", "hsdp"):
         keep_fsdp_on_cpu()
     dtype = torch_dtype(config.training.mixed_precision)
@@ -90,16 +93,6 @@ def train(config: TrainerConfig) -> TrainingReport:
         )
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    # Seeded before the policy is built, so a LoRA adapter starts the same on every rank and in
-    # every run with the same seed, whatever the process did before.
-    set_seed(config.training.seed)
-    policy = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=dtype)
-    reference = None
-    if config.reference is not None and not config.training.reference_free:
-        reference = load_model(
-            config.reference, trust_remote_code=config.trust_remote_code, dtype=dtype
-        )
-
     metrics = PrometheusCallback(
         config.job.name, config.job.namespace, config.metrics_port, serve=state.is_main_process
     )
@@ -108,13 +101,26 @@ def train(config: TrainerConfig) -> TrainingReport:
     measured = MeasureStates()
     health = WatchHealth(config.health, metrics)
     callbacks: list[TrainerCallback] = [checked, measured, metrics, health, stopper, LogLines()]
-    trainer = build_trainer(
-        config, artifacts, policy, reference, tokenizer, train_rows, eval_rows, dtype, callbacks
-    )
+    memory = PhaseMemoryRecorder(distributed.device)
+    with memory.phase("load"):
+        # Seeded before the policy is built, so a LoRA adapter starts the same on every rank and
+        # in every run with the same seed, whatever the process did before.
+        set_seed(config.training.seed)
+        models = _load_models(config, state, dtype)
+        trainer = build_trainer(
+            config, artifacts, models, tokenizer, train_rows, eval_rows, dtype, callbacks
+        )
+        read_bytes = models.read_bytes
+        # The trainer holds the models now: the reference it frees after precomputing must not
+        # stay alive here.
+        del models
+    with memory.phase("reference"):
+        precompute_reference(trainer)
     resume = _checkpoint_to_resume(artifacts, state)
     started = time.monotonic()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with memory.phase("train"):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if stopper.stopped:
             raise TrainingInterruptedError(f"stopped by signal at step {trainer.state.global_step}")
         stopped_early = _keep_last_healthy_checkpoint(trainer, artifacts, config, health.stopped)
@@ -130,10 +136,26 @@ def train(config: TrainerConfig) -> TrainingReport:
             health=list(health.raised.values()),
             stopped_early=stopped_early,
             started=started,
+            memory=memory,
+            read_bytes=read_bytes,
         )
         return finish.write(trainer, metrics, final_eval)
     finally:
         metrics.close()
+
+
+def _load_models(config: TrainerConfig, state: PartialState, dtype: Any) -> Models:
+    """Under fsdp/hsdp: sharded before they are ever whole (dpo_trainer.train.sharding).
+    Otherwise each process loads the whole policy, and a separate reference when there is one
+    (a full fine-tune without one gets TRL's copy of the policy)."""
+    if shards_the_model(config.distributed):
+        return load_sharded(config, config.distributed, state.device, dtype)
+    trust = config.trust_remote_code
+    policy = load_model(config.model, trust_remote_code=trust, dtype=dtype)
+    reference = None
+    if config.reference is not None and not config.training.reference_free:
+        reference = load_model(config.reference, trust_remote_code=trust, dtype=dtype)
+    return Models(policy=policy, reference=reference)
 
 
 def _keep_last_healthy_checkpoint(

@@ -31,6 +31,12 @@ from dpo_trainer.train.reference_cache import (
     dataset_digest,
     weights_digest,
 )
+from dpo_trainer.train.sharding import (
+    Models,
+    adapter_initial_weights,
+    materialize_policy,
+    replica_sync_on_last_micro_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +129,22 @@ def _config_with_extra(
 def build_trainer(
     config: TrainerConfig,
     artifacts: Artifacts,
-    policy: Any,
-    reference: Any,
+    models: Models,
     tokenizer: Any,
     train_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]] | None,
     dtype: torch.dtype,
     callbacks: list[TrainerCallback],
 ) -> Any:
+    """TRL's trainer around the run's models. Under fsdp/hsdp the policy reaches it on the meta
+    device, so that LoRA goes in before it is sharded; it is sharded and filled here."""
     args: Any = training_arguments(config, str(artifacts.checkpoints), dtype)
+    # A sharded policy is precomputed with by `precompute_reference` once it is filled: TRL
+    # would compute in its constructor, and hash the whole reference on one process first.
+    precompute = config.training.precompute_ref_log_probs
+    deferred = models.mesh is not None and precompute
+    if deferred:
+        args.precompute_ref_log_probs = False
     peft_config = lora_config(config.lora) if config.lora is not None else None
     datasets = {
         "train_dataset": Dataset.from_list(train_rows),
@@ -142,7 +155,7 @@ def build_trainer(
         from trl.experimental.cpo import CPOTrainer
 
         trainer: Any = CPOTrainer(
-            model=policy,
+            model=models.policy,
             args=args,
             processing_class=tokenizer,
             peft_config=peft_config,
@@ -151,8 +164,8 @@ def build_trainer(
         )
     else:
         trainer = PrecomputeOnEveryRank(
-            model=policy,
-            ref_model=reference,
+            model=models.policy,
+            ref_model=models.reference,
             args=args,
             processing_class=tokenizer,
             peft_config=peft_config,
@@ -162,16 +175,51 @@ def build_trainer(
             else None,
             **datasets,
         )
-    if config.training.precompute_ref_log_probs:
-        # Scored once: a separate reference is not kept for training (TRL frees only the copy
-        # it made itself).
-        trainer.ref_model = None
+    if deferred:
+        args.precompute_ref_log_probs = True
+    trainer.deferred_precompute = deferred
+    if precompute and not deferred:
+        _free_reference(trainer)
+    if models.mesh is not None:
+        device = trainer.accelerator.device
+        materialize_policy(trainer.model, models, config, device, dtype)
+        hsdp = config.distributed.strategy == "hsdp"
+        trainer.accelerator.no_sync = lambda model: replica_sync_on_last_micro_batch(model, hsdp)
+    elif config.lora is not None:
+        adapter_initial_weights(trainer.model, config.training.seed)
     # LogLines prints one readable line per log instead of the raw dict.
     trainer.remove_callback(PrinterCallback)
     for callback in callbacks:
         if isinstance(callback, NeedsAccelerator):
             callback.accelerator = trainer.accelerator
     return trainer
+
+
+def precompute_reference(trainer: Any) -> None:
+    """The reference log-probs of the train and eval pairs with the sharded models, when the run
+    precomputes them; the reference is then freed (it is not needed for training)."""
+    if not getattr(trainer, "deferred_precompute", False):
+        return
+    trainer.precompute_ref_logps = True
+    args = trainer.args
+    train_batch = args.precompute_ref_batch_size or args.per_device_train_batch_size
+    precompute = trainer._precompute_ref_logps
+    trainer.train_dataset = precompute(trainer.train_dataset, "train", train_batch)
+    if trainer.eval_dataset is not None:
+        eval_batch = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+        trainer.eval_dataset = precompute(trainer.eval_dataset, "eval", eval_batch)
+    _free_reference(trainer)
+
+
+def _free_reference(trainer: Any) -> None:
+    """After the reference log-probs were precomputed, the separate reference is not kept for
+    training: TRL frees only a copy it made itself, and accelerate keeps every model it
+    prepared."""
+    reference = trainer.ref_model
+    trainer.ref_model = None
+    if reference is not None:
+        accelerator = trainer.accelerator
+        accelerator._models = [m for m in accelerator._models if m is not reference]
 
 
 class PrecomputeOnEveryRank(DPOTrainer):
@@ -245,12 +293,6 @@ class PrecomputeOnEveryRank(DPOTrainer):
         loader = self.accelerator.prepare(
             DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator)
         )
-        # Under FSDP the policy is sharded and placed on its GPU only when training starts; a
-        # LoRA reference is that policy with the adapter disabled, so it visits the GPU here.
-        home = next(reference.parameters()).device
-        visiting = home != self.accelerator.device
-        if visiting:
-            reference.to(self.accelerator.device)
         chosen, rejected = [], []
         for batch in loader:
             chosen_logps, rejected_logps = self.compute_ref_log_probs(  # type: ignore[no-untyped-call]
@@ -261,8 +303,6 @@ class PrecomputeOnEveryRank(DPOTrainer):
             )
             chosen.append(chosen_logps.float().cpu())
             rejected.append(rejected_logps.float().cpu())
-        if visiting:
-            reference.to(home)
         chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
         if len(chosen_all) != len(dataset):
             raise RuntimeError(

@@ -8,29 +8,37 @@ or a GPU product named by a node label in `spec.scheduling.nodeSelector`.
 
 The estimates follow what the trainer does, per GPU, with N parameters sharded S ways:
 - full fine-tune, replicated (ddp): bf16 weights, gradients and AdamW moments, 8 B/param;
-- full fine-tune, sharded (fsdp/hsdp): accelerate keeps fp32 master weights for FSDP2 mixed
-  precision, so 16 B/param / S, plus two gathered bf16 layers in flight;
+- full fine-tune, sharded (fsdp/hsdp): fp32 master weights, gradients and AdamW moments,
+  16 B/param / S (gradients stay sharded under accumulation: each micro-batch reduce-scatters),
+  plus two gathered bf16 layers in flight and one layer's gradients reduced in fp32;
 - LoRA: frozen bf16 base, 2 B/param (/ S when sharded), and fp32 adapter weights, gradients and
   moments, 16 B per adapter parameter;
 - reference: none with LoRA (the base with the adapter disabled), with SimPO, or when
-  precomputed; otherwise a bf16 copy, sharded like the policy under fsdp/hsdp;
+  precomputed; otherwise a bf16 copy, sharded per layer like the policy under fsdp/hsdp, whose
+  forward gathers one more layer;
 - activations of one micro-batch (chosen and rejected: 2 x batch sequences of maxLength), with
   one saved layer input per layer under activation checkpointing; TRL projects the LM head in
   tiles, so the logits never exist whole;
 - 3 GiB for the CUDA context, NCCL buffers and allocator slack.
 A plan fits when the total is at most 90% of the GPU's memory.
+
+Host memory per pod at load: under fsdp/hsdp each process reads only its slice of each tensor
+(a transient buffer of one slice) into its GPU, so a pod needs its processes' own memory plus
+what `cpuOffload` keeps there; otherwise every process reads the whole bf16 model (and a
+separate reference) into host memory first. It is checked against `resources.memory`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from dpo_contract.config import Strategy
 from dpo_contract.fields import SIMPO
 
 from dpo_operator.api import DPOJobSpec
+from dpo_operator.api.grammar import parse_quantity
 from dpo_operator.core.plan.shapes import (
     GIB,
     RUNTIME_BYTES,
@@ -42,6 +50,8 @@ from dpo_operator.core.plan.shapes import (
 )
 
 EVAL_BATCH = 16
+# A training process's own host memory: Python, torch, CUDA's host side, NCCL, the data.
+HOST_PROCESS_BYTES = 4 * GIB
 
 
 @dataclass(frozen=True)
@@ -132,12 +142,15 @@ def estimate(
         weights, gradients, optimizer = 4 * n // shard, 4 * n // shard, 8 * n // shard
     else:
         weights, gradients, optimizer = w * n, w * n, 2 * w * n
+    reference = reference_parameters(spec, shape)
+    gathered = (2 * n + (reference if reference else 0)) * w // shape.layers if sharded else 0
     parts = {
         "weights": weights * on_gpu,
         "gradients": gradients * on_gpu,
         "optimizer": optimizer * on_gpu,
-        "gathered layers": 2 * w * n // shape.layers if sharded else 0,
-        "reference": w * reference_parameters(spec, shape) // shard,
+        "gathered layers": gathered,
+        "reduce buffers": 4 * (adapter if lora else n) // shape.layers if sharded else 0,
+        "reference": w * reference // shard,
         "activations": activation_bytes(spec, shape, w),
         "runtime": RUNTIME_BYTES,
     }
@@ -208,9 +221,10 @@ def plan(spec: DPOJobSpec) -> Plan:
         estimates,
         eval_gpus=eval_gpus,
         eval_memory=eval_memory,
-        host_memory=max(spec.resources.gpus_per_node, 1) * 2 * shape.parameters,
     )
     fitting = next((e for e in estimates if e.fits), None)
+    chosen_or_smallest = fitting or min(estimates, key=lambda e: e.total)
+    result = replace(result, host_memory=host_memory_at_load(spec, shape, chosen_or_smallest))
     if fitting is not None:
         rejected = estimates[: estimates.index(fitting)]
         why = "; ".join(
@@ -234,7 +248,52 @@ def plan(spec: DPOJobSpec) -> Plan:
         result = replace(result, problems=[_fits_nowhere(spec, shape, gpu, estimates)])
     if eval_problem and not gpu.assumed:
         result = replace(result, problems=[*result.problems, eval_problem])
+    host_problem = _host_problem(spec, result)
+    if host_problem:
+        result = replace(result, problems=[*result.problems, host_problem])
     return result
+
+
+def host_memory_at_load(spec: DPOJobSpec, shape: ModelShape, chosen: Estimate) -> int:
+    """The most host memory one pod holds while its processes load the model (see the module
+    docstring), for the chosen layout."""
+    processes = max(spec.resources.gpus_per_node, 1)
+    n = shape.parameters
+    if chosen.layout.strategy in ("fsdp", "hsdp"):
+        slice_buffer = 4 * shape.largest_tensor // chosen.layout.shard
+        offloaded = _offloaded(spec, shape, chosen.layout) if spec.parallelism.cpu_offload else 0
+        return processes * (HOST_PROCESS_BYTES + slice_buffer + offloaded)
+    copies = 1 + (1 if reference_parameters(spec, shape) else 0)
+    return processes * (HOST_PROCESS_BYTES + 2 * n * copies)
+
+
+def _offloaded(spec: DPOJobSpec, shape: ModelShape, layout: Layout) -> int:
+    """What cpuOffload keeps in host memory per process: the sharded states."""
+    on_gpu = spec.parallelism.model_copy(update={"cpu_offload": False})
+    parts = estimate(spec.model_copy(update={"parallelism": on_gpu}), shape, layout, 0).parts
+    return sum(parts[p] for p in ("weights", "gradients", "optimizer"))
+
+
+def _host_problem(spec: DPOJobSpec, result: Plan) -> str | None:
+    """A pod whose processes cannot load the model within `resources.memory`."""
+    if result.host_memory is None or spec.resources.memory is None:
+        return None
+    asked = parse_quantity(spec.resources.memory)
+    if result.host_memory <= asked:
+        return None
+    need = math.ceil(result.host_memory / GIB)
+    sharded = result.choice is not None and result.choice.strategy in ("fsdp", "hsdp")
+    fix = (
+        "or turn parallelism.cpuOffload off"
+        if sharded
+        else "or shard the model (parallelism.strategy fsdp or hsdp: each process then reads "
+        "only its slice of the weights)"
+    )
+    return (
+        f"resources.memory: each pod needs about {need} GiB of host memory while its processes "
+        f"load the model, more than the {spec.resources.memory} asked; raise resources.memory to "
+        f"at least {need}Gi, {fix} (`dpo plan` shows the figure)"
+    )
 
 
 def world_size_of(spec: DPOJobSpec) -> int:
@@ -325,14 +384,13 @@ def _fits_nowhere(
 
 
 Part = Literal[
-    "weights", "gradients", "optimizer", "gathered layers", "reference", "activations", "runtime"
-]
-PARTS: tuple[Part, ...] = (
     "weights",
     "gradients",
     "optimizer",
     "gathered layers",
+    "reduce buffers",
     "reference",
     "activations",
     "runtime",
-)
+]
+PARTS: tuple[Part, ...] = get_args(Part)  # in the order `dpo plan` prints them

@@ -58,8 +58,13 @@ def format_plan(spec: DPOJobSpec, result: Plan) -> str:
         )
     if result.host_memory is not None:
         lines.append(
-            f"host       each pod's processes read the bf16 weights when loading: up to "
-            f"{result.host_memory / GIB:.0f} GiB"
+            f"host       each pod holds up to {result.host_memory / GIB:.0f} GiB while its "
+            "processes load the model"
+            + (
+                " (each reads only its slice of the weights)"
+                if result.choice is not None and result.choice.strategy in ("fsdp", "hsdp")
+                else " (each reads the whole bf16 weights)"
+            )
         )
     lines += [f"problem    {problem}" for problem in result.problems]
     return "\n".join(lines)

@@ -31,6 +31,11 @@ class ModelShape:
     kv_ratio: float = 1.0  # key/value width over hidden width (grouped-query attention)
     source: str = ""
 
+    @property
+    def largest_tensor(self) -> int:
+        """Elements of the largest weight: the embeddings or an MLP projection."""
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
 
 def _llama_like(
     hidden: int,

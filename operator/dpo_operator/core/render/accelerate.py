@@ -64,11 +64,14 @@ def _fsdp_config(spec: DPOJobSpec) -> dict[str, Any]:
     parallelism = spec.parallelism
     return {
         "fsdp_version": FSDP_VERSION,
-        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        # The trainer shards the models itself, per decoder layer, before any rank holds them
+        # whole (it builds them on the meta device and reads each rank's slice of the
+        # checkpoint): accelerate receives them sharded and neither wraps nor loads them again.
+        "fsdp_auto_wrap_policy": "NO_WRAP",
         # Checkpoints stay sharded (each rank writes its own part, fast, what resume reads); the
-        # trainer gathers full tensors once for the final artifact.
+        # final artifact is written by every rank, each its part.
         "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_cpu_ram_efficient_loading": False,
         "fsdp_offload_params": parallelism.cpu_offload,
         # Activations are checkpointed by the Trainer (transformers' gradient checkpointing, as in
         # TRL's own FSDP2 config), never by FSDP: its checkpoint wrapper renames every layer, so
