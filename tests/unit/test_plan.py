@@ -224,8 +224,10 @@ def test_a_pod_that_cannot_load_its_copies_within_resources_memory_is_refused() 
         parse_dpojob(manifest)
     (message,) = describe_errors(refused.value)
     print(message)
-    assert message.startswith("spec.resources.memory: each pod needs about 152 GiB")
-    assert "more than the 64Gi asked" in message
+    assert message.startswith(
+        "spec.resources.memory: each pod's processes put 120 GiB of the model in host memory"
+    )
+    assert "(about 152 GiB with their own), more than the 64Gi asked" in message
     assert "parallelism.strategy fsdp or hsdp" in message
     sharded = set_fields(copy.deepcopy(manifest), **{"parallelism.strategy": "fsdp"})
     assert plan(parse_dpojob(sharded).spec).host_memory < 64 * GIB  # type: ignore[operator]

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 # accelerate's names for the HSDP mesh (ParallelismConfig): `dpo` reports what it rendered.
 HSDP_DIMS = ("dp_replicate", "dp_shard_cp")
+ENV_OFFLOAD_PARAMS = "FSDP_OFFLOAD_PARAMS"
 
 
 def shards_the_model(distributed: DistributedConfig) -> bool:
@@ -54,6 +56,17 @@ def device_mesh(distributed: DistributedConfig, device: str) -> DeviceMesh:
             device, (distributed.world_size // shard, shard), mesh_dim_names=HSDP_DIMS
         )
     return init_device_mesh(device, (distributed.world_size,))
+
+
+def offloads_parameters() -> bool:
+    """`parallelism.cpuOffload`, as the rendered accelerate.yaml hands it to the launcher
+    (fsdp_offload_params): the sharded states then live in host memory."""
+    return os.environ.get(ENV_OFFLOAD_PARAMS, "false").lower() == "true"
+
+
+def shard_home(device: torch.device) -> torch.device:
+    """Where a rank's shards are allocated: its device, or the host when offloading."""
+    return torch.device("cpu") if offloads_parameters() else device
 
 
 def mixed_precision(compute_dtype: torch.dtype) -> MixedPrecision:
@@ -109,8 +122,18 @@ def shard(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype | No
     """FSDP2 over `mesh`: each decoder layer its own unit (gathered one at a time), the rest
     (embeddings, final norm, LM head) in the root. `compute_dtype` casts parameters for compute
     and keeps the reduction in fp32 (None: compute in the stored dtype)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
+    offload = (
+        CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if offloads_parameters()
+        else OffloadPolicy()
+    )
     policy = (
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         if compute_dtype is not None
@@ -124,8 +147,12 @@ def shard(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype | No
             "be sharded per layer; use parallelism.strategy ddp"
         )
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(
+            layer, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=True
+        )
+    fully_shard(
+        model, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=True
+    )
 
 
 def _decoder_layer_classes(model: nn.Module) -> list[str]:
@@ -386,7 +413,8 @@ def load_sharded(
         reference = build_on_meta(reference_ref, trust_remote_code=trust, dtype=compute_dtype)
         reference.requires_grad_(False)
         shard(reference, mesh, compute_dtype=None)
-        models.read_bytes += fill_from_checkpoint(reference, reference_ref, device).read_bytes
+        filled = fill_from_checkpoint(reference, reference_ref, shard_home(device))
+        models.read_bytes += filled.read_bytes
         models.reference = reference
     return models
 
@@ -420,7 +448,7 @@ def materialize_policy(
         models.mesh,
         compute_dtype=None if compute_dtype == torch.float32 else compute_dtype,
     )
-    filled = fill_from_checkpoint(policy, config.model, device, initial=initial)
+    filled = fill_from_checkpoint(policy, config.model, shard_home(device), initial=initial)
     models.read_bytes += filled.read_bytes
 
 

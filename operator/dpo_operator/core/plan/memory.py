@@ -97,6 +97,7 @@ class Plan:
     eval_gpus: int = 0
     eval_memory: int | None = None
     host_memory: int | None = None
+    host_model_memory: int | None = None
 
 
 def layouts(spec: DPOJobSpec) -> list[Layout]:
@@ -224,7 +225,13 @@ def plan(spec: DPOJobSpec) -> Plan:
     )
     fitting = next((e for e in estimates if e.fits), None)
     chosen_or_smallest = fitting or min(estimates, key=lambda e: e.total)
-    result = replace(result, host_memory=host_memory_at_load(spec, shape, chosen_or_smallest))
+    model_part = host_model_memory(spec, shape, chosen_or_smallest)
+    processes = max(spec.resources.gpus_per_node, 1)
+    result = replace(
+        result,
+        host_memory=model_part + processes * HOST_PROCESS_BYTES,
+        host_model_memory=model_part,
+    )
     if fitting is not None:
         rejected = estimates[: estimates.index(fitting)]
         why = "; ".join(
@@ -254,17 +261,16 @@ def plan(spec: DPOJobSpec) -> Plan:
     return result
 
 
-def host_memory_at_load(spec: DPOJobSpec, shape: ModelShape, chosen: Estimate) -> int:
-    """The most host memory one pod holds while its processes load the model (see the module
-    docstring), for the chosen layout."""
+def host_model_memory(spec: DPOJobSpec, shape: ModelShape, chosen: Estimate) -> int:
+    """What the model puts in one pod's host memory while its processes load it (see the module
+    docstring), for the chosen layout; the processes' own memory comes on top."""
     processes = max(spec.resources.gpus_per_node, 1)
-    n = shape.parameters
     if chosen.layout.strategy in ("fsdp", "hsdp"):
         slice_buffer = 4 * shape.largest_tensor // chosen.layout.shard
         offloaded = _offloaded(spec, shape, chosen.layout) if spec.parallelism.cpu_offload else 0
-        return processes * (HOST_PROCESS_BYTES + slice_buffer + offloaded)
+        return processes * (slice_buffer + offloaded)
     copies = 1 + (1 if reference_parameters(spec, shape) else 0)
-    return processes * (HOST_PROCESS_BYTES + 2 * n * copies)
+    return processes * 2 * shape.parameters * copies
 
 
 def _offloaded(spec: DPOJobSpec, shape: ModelShape, layout: Layout) -> int:
@@ -275,24 +281,26 @@ def _offloaded(spec: DPOJobSpec, shape: ModelShape, layout: Layout) -> int:
 
 
 def _host_problem(spec: DPOJobSpec, result: Plan) -> str | None:
-    """A pod whose processes cannot load the model within `resources.memory`."""
-    if result.host_memory is None or spec.resources.memory is None:
+    """A pod whose processes cannot load the model within `resources.memory`. Only the model's
+    part is held against it: the processes' own memory is an estimate, the model's is not."""
+    if result.host_model_memory is None or spec.resources.memory is None:
         return None
     asked = parse_quantity(spec.resources.memory)
-    if result.host_memory <= asked:
+    if result.host_model_memory <= asked:
         return None
-    need = math.ceil(result.host_memory / GIB)
+    need = math.ceil((result.host_memory or result.host_model_memory) / GIB)
     sharded = result.choice is not None and result.choice.strategy in ("fsdp", "hsdp")
     fix = (
-        "or turn parallelism.cpuOffload off"
+        "or turn parallelism.cpuOffload off (the sharded states then stay on the GPUs)"
         if sharded
         else "or shard the model (parallelism.strategy fsdp or hsdp: each process then reads "
         "only its slice of the weights)"
     )
     return (
-        f"resources.memory: each pod needs about {need} GiB of host memory while its processes "
-        f"load the model, more than the {spec.resources.memory} asked; raise resources.memory to "
-        f"at least {need}Gi, {fix} (`dpo plan` shows the figure)"
+        f"resources.memory: each pod's processes put "
+        f"{result.host_model_memory / GIB:.0f} GiB of the model in host memory while loading it "
+        f"(about {need} GiB with their own), more than the {spec.resources.memory} asked; raise "
+        f"resources.memory to at least {need}Gi, {fix} (`dpo plan` shows the figure)"
     )
 
 
