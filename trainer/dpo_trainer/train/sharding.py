@@ -2,7 +2,7 @@
 then filled with only this rank's slice of each checkpoint tensor.
 
 Under fsdp and hsdp every rank reads from the checkpoint's safetensors only the rows of each
-tensor its shard holds (safetensors slices a memory-mapped file), so a node reads one copy of the
+tensor its shard holds (plain reads of those byte ranges), so a node reads one copy of the
 weights whatever its process count, and no process ever holds a full copy of a model it shards.
 The policy keeps fp32 master weights and computes in bf16 on GPUs; gradients are reduced in fp32.
 The frozen reference is sharded the same way (per layer, in the compute dtype), so a reference
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from dpo_trainer.io.models import model_location
-
-log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -81,16 +78,6 @@ def mixed_precision(compute_dtype: torch.dtype) -> MixedPrecision:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-@dataclass
-class LoadReport:
-    """What one rank read from the checkpoint while filling its shards."""
-
-    read_bytes: int = 0
-    checkpoint_bytes: int = 0
-    tensors: int = 0
-    missing: list[str] = field(default_factory=list)
 
 
 def build_on_meta(ref: ModelRef, *, trust_remote_code: bool, dtype: torch.dtype) -> nn.Module:
@@ -167,19 +154,18 @@ def fill_from_checkpoint(
     device: torch.device,
     *,
     initial: dict[str, torch.Tensor] | None = None,
-) -> LoadReport:
+) -> int:
     """Allocate this rank's shards on `device` and read into them only their rows of each
-    checkpoint tensor. `initial` holds full tensors for parameters the checkpoint does not
-    have (a new LoRA adapter's starting weights)."""
+    checkpoint tensor; returns the bytes read. `initial` holds full tensors for parameters the
+    checkpoint does not have (a new LoRA adapter's starting weights)."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
     model.to_empty(device=device)
     for name, buffer in model.named_buffers():
         if name in buffers:
             buffer.copy_(buffers[name])
     initial = initial or {}
-    report = LoadReport()
+    read, missing = 0, []
     with Checkpoint(Path(model_location(ref))) as checkpoint, torch.no_grad():
-        report.checkpoint_bytes = checkpoint.total_bytes
         for name, parameter in model.named_parameters():
             rows = local_rows(parameter)
             if name in initial:
@@ -188,21 +174,20 @@ def fill_from_checkpoint(
             else:
                 key = checkpoint_key(name)
                 if key not in checkpoint:
-                    report.missing.append(key)
+                    missing.append(key)
                     continue
                 part = checkpoint.read(key, rows)
-                report.read_bytes += part.numel() * part.element_size()
-            report.tensors += 1
+                read += part.numel() * part.element_size()
             _local(parameter).copy_(part)
-    if report.missing:
+    if missing:
         raise BadInputError(
-            f"model {ref.name!r}: {len(report.missing)} tensors of the model are not in its "
-            f"checkpoint under their own names (e.g. {', '.join(report.missing[:3])}); the "
+            f"model {ref.name!r}: {len(missing)} tensors of the model are not in its "
+            f"checkpoint under their own names (e.g. {', '.join(missing[:3])}); the "
             "sharded loader reads tensors by name and does not convert checkpoint layouts "
             "(fused MoE experts, renamed keys): save the model with transformers 5 "
             "(save_pretrained) or use parallelism.strategy ddp"
         )
-    return report
+    return read
 
 
 def _local(parameter: torch.Tensor) -> torch.Tensor:
@@ -276,7 +261,6 @@ class Checkpoint:
         self.entries: dict[str, _Entry] = {}
         for name in files:
             self.entries.update(_header(directory / name, name))
-        self.total_bytes = sum((directory / name).stat().st_size for name in files)
         self._stack = ExitStack()
         self._open: dict[str, io.BufferedReader] = {}
 
@@ -300,14 +284,16 @@ class Checkpoint:
             offset, count = rows.start * per_row, shape[0] * per_row
         if count == 0:
             return torch.empty(shape, dtype=entry.dtype)
-        buffer = bytearray(count * entry.dtype.itemsize)
+        # Read straight into a tensor torch owns: no intermediate copy, no borrowed buffer.
+        tensor = torch.empty(count, dtype=entry.dtype)
         stream = self._stream(entry.file)
         stream.seek(entry.start + offset * entry.dtype.itemsize)
-        if stream.readinto(buffer) != len(buffer):
+        target = tensor.view(torch.uint8).numpy().data
+        if stream.readinto(target) != target.nbytes:
             raise BadInputError(
                 f"{self.directory / entry.file}: {key} is cut short; download the model again"
             )
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(shape)
+        return tensor.reshape(shape)
 
     def _stream(self, name: str) -> io.BufferedReader:
         if name not in self._open:
@@ -413,8 +399,7 @@ def load_sharded(
         reference = build_on_meta(reference_ref, trust_remote_code=trust, dtype=compute_dtype)
         reference.requires_grad_(False)
         shard(reference, mesh, compute_dtype=None)
-        filled = fill_from_checkpoint(reference, reference_ref, shard_home(device))
-        models.read_bytes += filled.read_bytes
+        models.read_bytes += fill_from_checkpoint(reference, reference_ref, shard_home(device))
         models.reference = reference
     return models
 
@@ -448,8 +433,9 @@ def materialize_policy(
         models.mesh,
         compute_dtype=None if compute_dtype == torch.float32 else compute_dtype,
     )
-    filled = fill_from_checkpoint(policy, config.model, shard_home(device), initial=initial)
-    models.read_bytes += filled.read_bytes
+    models.read_bytes += fill_from_checkpoint(
+        policy, config.model, shard_home(device), initial=initial
+    )
 
 
 def export_full_model(model: Any, directory: Path, dtype: torch.dtype) -> Path:
