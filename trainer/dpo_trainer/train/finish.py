@@ -30,6 +30,7 @@ from dpo_trainer.io.artifacts import (
     name_served_base_model,
     replace_directory,
 )
+from dpo_trainer.io.models import torch_dtype
 from dpo_trainer.train.memory import PhaseMemoryRecorder
 from dpo_trainer.train.metrics import PrometheusCallback
 from dpo_trainer.train.sharding import (
@@ -76,9 +77,10 @@ class Finish:
             shutil.rmtree(staging, ignore_errors=True)  # a part-written attempt before this one
         accelerator.wait_for_everyone()
         sharded = shards_the_model(config.distributed)
+        dtype = torch_dtype(config.training.mixed_precision)
         with self.memory.phase("export"):
-            parts = self._save(trainer, staging)
-        exported_as = training_dtype(trainer) if sharded and config.lora is None else None
+            parts = self._save(trainer, staging, sharded, dtype)
+        exported_as = dtype if sharded and config.lora is None else None
         report = TrainingReport(
             job=config.job,
             step=trainer.state.global_step,
@@ -87,7 +89,7 @@ class Finish:
             # Rank 0's model and optimizer states (its shards) and peak: the memory plan's check.
             memory={**self.states, "peakBytes": peak_memory_bytes(ran.device)},
             memory_by_rank=self._memory_by_rank(trainer),
-            mixed_precision=mixed_precision(training_dtype(trainer)) if sharded else None,
+            mixed_precision=mixed_precision(dtype) if sharded else None,
             seconds=round(time.monotonic() - self.started, 3),
             metrics=dict(metrics.latest),
             eval={k: v for k, v in final_eval.items() if isinstance(v, int | float)},
@@ -127,16 +129,17 @@ class Finish:
             dist.destroy_process_group()
         return report
 
-    def _save(self, trainer: Any, staging: Path) -> dict[str, str]:
-        """The whole adapter (LoRA) or model in the training dtype, into `staging`. A sharded
-        full fine-tune is written by every rank, each its part: returns the sha256 of each
-        rank's part, for the manifest (the files of other pods are not on this disk)."""
-        config = self.config
-        if not shards_the_model(config.distributed):
+    def _save(
+        self, trainer: Any, staging: Path, sharded: bool, dtype: torch.dtype
+    ) -> dict[str, str]:
+        """The whole adapter (LoRA) or model in the training dtype `dtype`, into `staging`. A
+        sharded full fine-tune is written by every rank, each its part: returns the sha256 of
+        each rank's part, for the manifest (the files of other pods are not on this disk)."""
+        if not sharded:
             trainer.save_model(str(staging))
             return {}
-        if config.lora is None:
-            written = export_full_model(trainer.model, staging, training_dtype(trainer))
+        if self.config.lora is None:
+            written = export_full_model(trainer.model, staging, dtype)
             return _gathered({written.name: sha256_file(written)})
         adapter = adapter_state(trainer.model)
         if trainer.accelerator.is_main_process:
@@ -152,10 +155,6 @@ class Finish:
         )
         every = gather_object([mine.model_dump_json()])
         return sorted((RankMemory.model_validate_json(m) for m in every), key=lambda m: m.rank)
-
-
-def training_dtype(trainer: Any) -> torch.dtype:
-    return torch.bfloat16 if trainer.args.bf16 else torch.float32
 
 
 def _gathered(mine: dict[str, str]) -> dict[str, str]:

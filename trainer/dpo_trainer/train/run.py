@@ -149,7 +149,7 @@ def _load_models(config: TrainerConfig, state: PartialState, dtype: Any) -> Mode
     Otherwise each process loads the whole policy, and a separate reference when there is one
     (a full fine-tune without one gets TRL's copy of the policy)."""
     if shards_the_model(config.distributed):
-        return load_sharded(config, config.distributed, state.device, dtype)
+        return load_sharded(config, state.device, dtype)
     trust = config.trust_remote_code
     policy = load_model(config.model, trust_remote_code=trust, dtype=dtype)
     reference = None

@@ -380,16 +380,11 @@ class Models:
     read_bytes: int = 0
 
 
-def load_sharded(
-    config: TrainerConfig,
-    distributed: DistributedConfig,
-    device: torch.device,
-    compute_dtype: torch.dtype,
-) -> Models:
+def load_sharded(config: TrainerConfig, device: torch.device, compute_dtype: torch.dtype) -> Models:
     """The policy on the meta device (fp32 master weights for a full fine-tune; a LoRA base is
     frozen and stays in `compute_dtype`) and, for a run with a reference model, that reference
     sharded and filled (frozen, in `compute_dtype`)."""
-    mesh = device_mesh(distributed, device.type)
+    mesh = device_mesh(config.distributed, device.type)
     trust = config.trust_remote_code
     master = compute_dtype if config.lora is not None else torch.float32
     policy = build_on_meta(config.model, trust_remote_code=trust, dtype=master)

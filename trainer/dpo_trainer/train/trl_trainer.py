@@ -177,8 +177,7 @@ def build_trainer(
         )
     if deferred:
         args.precompute_ref_log_probs = True
-    trainer.deferred_precompute = deferred
-    if precompute and not deferred:
+    elif precompute:
         _free_reference(trainer)
     if models.mesh is not None:
         device = trainer.accelerator.device
@@ -197,11 +196,14 @@ def build_trainer(
 
 def precompute_reference(trainer: Any) -> None:
     """The reference log-probs of the train and eval pairs with the sharded models, when the run
-    precomputes them; the reference is then freed (it is not needed for training)."""
-    if not getattr(trainer, "deferred_precompute", False):
+    precomputes them and TRL's constructor did not (it does for unsharded models); the
+    reference is then freed (it is not needed for training)."""
+    if not isinstance(trainer, PrecomputeOnEveryRank):
+        return  # SimPO: reference-free
+    args: Any = trainer.args  # a DPOConfig
+    if not args.precompute_ref_log_probs or trainer.reference_reports:
         return
     trainer.precompute_ref_logps = True
-    args = trainer.args
     train_batch = args.precompute_ref_batch_size or args.per_device_train_batch_size
     precompute = trainer._precompute_ref_logps
     trainer.train_dataset = precompute(trainer.train_dataset, "train", train_batch)
