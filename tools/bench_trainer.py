@@ -168,7 +168,9 @@ def planned_bytes(job: Any, on_gpu: bool) -> int:
 
     shape = model_shape(job.spec)
     assert shape is not None, "builtin models have known sizes"
-    return estimate(job.spec, shape, Layout("single", 1), 0, dtype_bytes=2 if on_gpu else 4).total
+    return estimate(
+        job.spec, shape, Layout("single", 1), 0, device="cuda" if on_gpu else "cpu"
+    ).total
 
 
 def run_bare_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 train.json, with the figures the memory tier asserts and `tools/bench_memory.py` prints.
 
 A run trains `builtin:medium-llama` (~113M parameters: 453 MB in fp32, well above a process's
-own few hundred MB) for one optimizer step with short sequences, no evaluation and no
-checkpoint (the checkpoint's I/O is not what is measured).
+own few hundred MB) for two optimizer steps (the second one's backward pass runs while the
+optimizer's states are held: the steady state the plan describes) with short sequences, no
+evaluation and no checkpoint (the checkpoint's I/O is not what is measured).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def memory_job(
     lora: bool,
     accumulation: int,
     model: str = MEDIUM,
-    steps: int = 1,
+    steps: int = 2,
     save_steps: int = 1000,
 ) -> DPOJob:
     """Full fine-tunes load a separate reference (`model.reference`): both models are sharded
@@ -114,7 +115,7 @@ class Measured:
         shard = {"single": 1, "fsdp": self.layout.world_size, "hsdp": self.layout.gpus_per_node}
         strategy: Any = self.layout.strategy
         parts = estimate(
-            self.job.spec, shape, Layout(strategy, shard[strategy]), 0, dtype_bytes=FP32
+            self.job.spec, shape, Layout(strategy, shard[strategy]), 0, device="cpu"
         ).parts
         return sum(v for k, v in parts.items() if k != "runtime")
 
@@ -154,7 +155,8 @@ def figures(full_ga4: Measured, full_ga1: Measured, model: str = MEDIUM) -> Figu
       reference, one fp32 copy each): 1 when the node reads each model once, N when every
       rank reads all of it.
     - ref_rank_over_shard: a rank's peak during the reference precompute over what it held of
-      both models (its shards) plus two gathered layers: 1 when a forward gathers layer by
+      both models (its shards) plus two gathered layers (a forward's: the layer and its
+      all-gather buffer): 1 when a forward gathers layer by
       layer; a whole-model gather adds N shards.
     - ga4_over_ga1: a rank's peak while training with accumulation 4 over accumulation 1.
     - export_rank0_over_median: rank 0's peak at export over the median of the other ranks'.

@@ -117,9 +117,14 @@ def test_a_sharded_full_finetune_is_written_by_every_rank_and_loads(
 
 
 def test_the_plan_predicts_each_ranks_training_peak(measured: dict[str, Measured]) -> None:
+    """Every sharded run, full fine-tune and LoRA, within 25% of the plan (the replicated
+    full-1 is printed for comparison: AdamW's foreach temporaries add a copy there)."""
+    errors = {}
     for name in ("full-1", "full-2", "full-4", "lora-4"):
         run = measured[name]
         held = max(run.held(r, "train") for r in run.ranks)
         planned = run.planned_per_rank()
+        errors[name] = abs(held / planned - 1)
         print(f"{name}: held {held / 2**20:.0f} MiB, planned {planned / 2**20:.0f} MiB")
     assert figures(measured["full-4"], measured["full-4-ga1"]).plan_error <= 0.25
+    assert all(errors[name] <= 0.25 for name in ("full-2", "full-4", "lora-4")), errors

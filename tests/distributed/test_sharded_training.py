@@ -181,7 +181,7 @@ def test_the_memory_plan_matches_the_model_states_each_rank_really_holds(
     rendered = run.config.distributed
     shard = {"single": 1, "fsdp": rendered.world_size, "hsdp": rendered.shard_group_size}[name]
     assert shard is not None
-    planned = estimate(job.spec, shape, Layout(rendered.strategy, shard), 0, dtype_bytes=4).parts
+    planned = estimate(job.spec, shape, Layout(rendered.strategy, shard), 0, device="cpu").parts
     measured = run.summary()["memory"]
     pairs = {
         "weights": measured["parameterBytes"],

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from dpo_contract.pod import ACCELERATE_CONFIG_FILE
 from dpo_operator.api import describe_errors
-from dpo_operator.core.plan import GIB, gpu_memory, model_shape, plan
+from dpo_operator.core.plan import GIB, estimate, gpu_memory, model_shape, plan
 from dpo_operator.core.render import render_config_map, render_eval_job, trainer_config
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.validate import parse_dpojob
@@ -233,12 +233,17 @@ def test_a_pod_that_cannot_load_its_copies_within_resources_memory_is_refused() 
     assert plan(parse_dpojob(sharded).spec).host_memory < 64 * GIB  # type: ignore[operator]
 
 
-def test_a_sharded_full_finetune_counts_the_reference_layer_and_fp32_reduce_buffers() -> None:
-    result = plan(parse_dpojob(llama_job("meta-llama/Llama-3.1-8B-Instruct", 1, lora=False)).spec)
+def test_a_sharded_full_finetune_counts_the_gathered_layers_and_fp32_reduce_buffers() -> None:
+    spec = parse_dpojob(llama_job("meta-llama/Llama-3.1-8B-Instruct", 1, lora=False)).spec
+    result = plan(spec)
     shape = result.shape
     assert shape is not None
     sharded = next(e for e in result.estimates if e.layout == result.choice)
     per_layer = shape.parameters // shape.layers
-    # Two policy layers and one reference layer gathered in bf16; one layer reduced in fp32.
+    # In the backward pass: the layer computing, the next one's all-gather buffer and the
+    # parameters it is copied into, in bf16; one layer's gradients reduced in fp32.
     assert sharded.parts["gathered layers"] == pytest.approx(2 * 3 * per_layer, rel=0.01)
+    on_cpu = estimate(spec, shape, sharded.layout, 0, device="cpu")
+    # Gloo stages each all-gather once more, and CPUs load fp32.
+    assert on_cpu.parts["gathered layers"] == pytest.approx(4 * 4 * per_layer, rel=0.01)
     assert sharded.parts["reduce buffers"] == pytest.approx(4 * per_layer, rel=0.01)

@@ -10,12 +10,13 @@ The estimates follow what the trainer does, per GPU, with N parameters sharded S
 - full fine-tune, replicated (ddp): bf16 weights, gradients and AdamW moments, 8 B/param;
 - full fine-tune, sharded (fsdp/hsdp): fp32 master weights, gradients and AdamW moments,
   16 B/param / S (gradients stay sharded under accumulation: each micro-batch reduce-scatters),
-  plus two gathered bf16 layers in flight and one layer's gradients reduced in fp32;
+  plus three gathered bf16 layers in flight (see GATHERED_LAYERS) and one layer's gradients
+  reduced in fp32;
 - LoRA: frozen bf16 base, 2 B/param (/ S when sharded), and fp32 adapter weights, gradients and
   moments, 16 B per adapter parameter;
 - reference: none with LoRA (the base with the adapter disabled), with SimPO, or when
-  precomputed; otherwise a bf16 copy, sharded per layer like the policy under fsdp/hsdp, whose
-  forward gathers one more layer;
+  precomputed; otherwise a bf16 copy, sharded per layer like the policy under fsdp/hsdp (its
+  forward, before the policy's backward, gathers fewer layers than that backward does);
 - activations of one micro-batch (chosen and rejected: 2 x batch sequences of maxLength), with
   one saved layer input per layer under activation checkpointing; TRL projects the LM head in
   tiles, so the logits never exist whole;
@@ -50,6 +51,13 @@ from dpo_operator.core.plan.shapes import (
 )
 
 EVAL_BATCH = 16
+Device = Literal["cuda", "cpu"]
+# The width of the loaded weights: bf16 on GPUs, fp32 on CPUs.
+WEIGHT_BYTES: dict[Device, int] = {"cuda": 2, "cpu": 4}
+# Layers gathered at once under FSDP2: in the backward pass one layer computes while the next is
+# prefetched, and a gather lands in one buffer that is then copied into the layer's parameters.
+# Gloo (CPU) stages each all-gather's output in one more buffer of its own.
+GATHERED_LAYERS: dict[Device, int] = {"cuda": 3, "cpu": 4}
 # A training process's own host memory: Python, torch, CUDA's host side, NCCL, the data.
 HOST_PROCESS_BYTES = 4 * GIB
 
@@ -124,11 +132,11 @@ def layouts(spec: DPOJobSpec) -> list[Layout]:
 
 
 def estimate(
-    spec: DPOJobSpec, shape: ModelShape, layout: Layout, budget: int, *, dtype_bytes: int = 2
+    spec: DPOJobSpec, shape: ModelShape, layout: Layout, budget: int, *, device: Device = "cuda"
 ) -> Estimate:
-    """Bytes on each GPU, by part, for `layout`; `dtype_bytes` is the width of the loaded
-    weights (2 for bf16 on GPUs, 4 for fp32 on CPUs)."""
-    n, w = shape.parameters, dtype_bytes
+    """Bytes on each GPU (or, with `device` cpu, each CPU process over gloo), by part, for
+    `layout`."""
+    n, w = shape.parameters, WEIGHT_BYTES[device]
     shard = layout.shard
     sharded = layout.strategy in ("fsdp", "hsdp")
     lora = spec.peft.enabled
@@ -144,7 +152,7 @@ def estimate(
     else:
         weights, gradients, optimizer = w * n, w * n, 2 * w * n
     reference = reference_parameters(spec, shape)
-    gathered = (2 * n + (reference if reference else 0)) * w // shape.layers if sharded else 0
+    gathered = GATHERED_LAYERS[device] * n * w // shape.layers if sharded else 0
     parts = {
         "weights": weights * on_gpu,
         "gradients": gradients * on_gpu,
