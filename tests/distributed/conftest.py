@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import psutil
 import pytest
 import yaml
 from dpo_contract.config import TrainerConfig
 from dpo_operator.api import DPOJob
 from dpo_operator.local.kubelet import free_port
+from dpo_trainer.io.checkpoints import COMPLETE_MARKER
 
 from tests.trainer.conftest import local_config, pod_process, tiny_job
 
@@ -93,7 +96,9 @@ class Run:
         return loaded
 
     def summary(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads((self.artifacts / "train.json").read_text())
+        """train.json, wherever the artifacts are (a path, `file://` or a real store)."""
+        with fsspec.open(f"{self.config.artifacts_dir.rstrip('/')}/train.json", "rb") as stream:
+            loaded: dict[str, Any] = json.load(stream)
         return loaded
 
     def losses(self) -> dict[int, float]:
@@ -109,16 +114,24 @@ def prepare(
     workdir: Path,
     *,
     bucket: bool = False,
+    store: str | None = None,
+    training: dict[str, Any] | None = None,
     tamper_accelerate: dict[str, Any] | None = None,
 ) -> tuple[TrainerConfig, list[tuple[list[str], dict[str, str]]]]:
     """trainer.json and each pod's command and env; `bucket` puts the artifacts in a `file://`
-    store that the pods reach only by upload and download, each working in its own /tmp;
-    `tamper_accelerate` changes the rendered accelerate.yaml (a launcher that differs)."""
+    store that the pods reach only by upload and download, each working in its own /tmp
+    (`store`: in that object store instead); `training` changes trainer.json's training
+    settings; `tamper_accelerate` changes the rendered accelerate.yaml (a launcher that
+    differs)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cpu = job.spec.resources.gpus_per_node > 0
     config = local_config(job, workdir, cpu=cpu)
-    if bucket:
-        config = config.model_copy(update={"artifacts_dir": f"file://{workdir / 'bucket'}"})
+    if bucket or store:
+        config = config.model_copy(
+            update={"artifacts_dir": store or f"file://{workdir / 'bucket'}"}
+        )
+    if training:
+        config = config.model_copy(update={"training": config.training.model_copy(update=training)})
     port = free_port()
     pods = [
         pod_process(job, rank, workdir, config, master_port=port, cpu=cpu)
@@ -137,18 +150,28 @@ def launch(
     workdir: Path,
     *,
     bucket: bool = False,
+    store: str | None = None,
+    training: dict[str, Any] | None = None,
+    pod_env: dict[int, dict[str, str]] | None = None,
     tamper_accelerate: dict[str, Any] | None = None,
     crash_after_checkpoint: int | None = None,
     timeout: float = 600,
 ) -> Run:
-    """Start every pod's process and wait for all. With `crash_after_checkpoint`, SIGKILL every
-    pod's whole process tree once that checkpoint is complete in the artifacts (a crash: nothing
-    more is saved)."""
-    config, pods = prepare(job, workdir, bucket=bucket, tamper_accelerate=tamper_accelerate)
+    """Start every pod's process and wait for all (`pod_env`: more variables for some pods, as
+    their Secrets give them). With `crash_after_checkpoint`, SIGKILL every pod's whole process
+    tree once that checkpoint is complete in the artifacts (a crash: nothing more is saved)."""
+    config, pods = prepare(
+        job,
+        workdir,
+        bucket=bucket,
+        store=store,
+        training=training,
+        tamper_accelerate=tamper_accelerate,
+    )
     processes = [
         subprocess.Popen(
             command,
-            env=env,
+            env=env | (pod_env or {}).get(rank, {}),
             stdout=(workdir / f"pod-{rank}.log").open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -159,21 +182,26 @@ def launch(
     if crash_after_checkpoint is not None:
         checkpoint = run.artifacts / "checkpoints" / f"checkpoint-{crash_after_checkpoint}"
         deadline = time.monotonic() + timeout
-        while not (checkpoint / "trainer_state.json").exists():
+        while not (checkpoint / COMPLETE_MARKER).exists():
             for rank, process in enumerate(processes):
                 assert process.poll() is None, f"pod {rank} ended early:\n{run.log(rank)[-3000:]}"
             assert time.monotonic() < deadline, f"no {checkpoint.name} in time"
             time.sleep(0.05)
-        # The whole tree of each pod, as a node loss takes it: the launcher, accelerate's
-        # launcher (its own session) and every trainer.
-        doomed = [psutil.Process(p.pid) for p in processes]
-        doomed += [child for pod in list(doomed) for child in pod.children(recursive=True)]
-        for process in doomed:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        signal_pods(processes, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     run.codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
     return run
+
+
+def signal_pods(pods: list[subprocess.Popen[bytes]], signum: int) -> None:
+    """`signum` to the whole tree of each pod, as a node loss (or a hung node) takes it: the
+    launcher, accelerate's launcher (its own session) and every trainer."""
+    for pod in pods:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a pod that already ended
+            launcher = psutil.Process(pod.pid)
+            for process in [launcher, *launcher.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signum)
 
 
 LAYOUTS = {"single": SINGLE, "fsdp": FSDP, "hsdp": HSDP}

@@ -56,7 +56,7 @@ def test_a_crashed_run_resumes_from_its_sharded_checkpoint_and_matches(
     resumed.assert_succeeded()
     checkpoint = f"checkpoint-{SAVE_STEPS}"
     for pod in range(layout.nodes):
-        assert re.search(rf"resuming from \S+/checkpoints/{checkpoint}\n", resumed.log(pod))
+        assert re.search(rf"resuming from \S+/checkpoints/{checkpoint} ", resumed.log(pod))
     baseline = runs[(layout.strategy, kind)]
     worst = largest_difference(resumed, baseline, range(SAVE_STEPS + 1, STEPS + 1))
     print(

@@ -30,7 +30,7 @@ def test_a_70b_deep_full_finetune_trains_resumes_and_exports_under_hsdp(tmp_path
     resumed = launch(job, tmp_path, bucket=True)
     resumed.assert_succeeded()
     for pod in range(HSDP.nodes):
-        assert re.search(r"resuming from \S+/checkpoints/checkpoint-1\n", resumed.log(pod))
+        assert re.search(r"resuming from \S+/checkpoints/checkpoint-1 ", resumed.log(pod))
     summary = resumed.summary()
     assert summary["step"] == 2
     assert summary["distributed"]["meshShape"] == [2, 2]

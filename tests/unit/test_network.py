@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from dpo_contract.config import TrainerConfig
@@ -102,9 +103,32 @@ def test_tcpxo_runs_its_daemon_as_a_native_sidecar_with_gke_annotations() -> Non
     assert {"/usr/local/nvidia", "/dev/aperture_devices"} <= mounts
 
 
-def test_collective_timeout_reaches_the_trainer_as_ddp_timeout() -> None:
-    job = job_with(network={"collectiveTimeoutSeconds": 600})
+def rendered_training(job: Any) -> Any:
     config = TrainerConfig.model_validate_json(
         render_config_map(resolve(job))["data"]["trainer.json"]
     )
-    assert config.training.ddp_timeout_seconds == 600
+    return config.training
+
+
+def test_the_step_and_transfer_timeouts_reach_the_trainer_apart() -> None:
+    training = rendered_training(
+        job_with(network={"collectiveTimeoutSeconds": 120, "transferTimeoutSeconds": 7200})
+    )
+    assert (training.step_timeout_seconds, training.transfer_timeout_seconds) == (120, 7200)
+
+
+def test_the_transfer_timeout_defaults_to_the_models_bytes() -> None:
+    """A 70B full fine-tune on 4 pods moves 141 GB of model and a 282 GB share of each
+    checkpoint: 30 minutes plus about 67 minutes at 100 MiB/s. The steps keep 10 minutes."""
+    seventy = rendered_training(
+        job_with(
+            model={"name": "meta-llama/Llama-3.3-70B-Instruct"},
+            peft={"enabled": False},
+            resources={"nodes": 4, "gpusPerNode": 8},
+        )
+    )
+    tiny = rendered_training(job_with())
+    print(f"70B: {seventy.transfer_timeout_seconds} s, tiny: {tiny.transfer_timeout_seconds} s")
+    assert seventy.step_timeout_seconds == tiny.step_timeout_seconds == 600
+    assert 5500 <= seventy.transfer_timeout_seconds <= 6200
+    assert 1800 <= tiny.transfer_timeout_seconds < 1900

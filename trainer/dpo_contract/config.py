@@ -73,7 +73,14 @@ class TrainingConfig(ContractModel):
     save_steps: int = Field(ge=1)
     gradient_checkpointing: bool
     mixed_precision: Literal["bf16", "no"]
-    ddp_timeout_seconds: int = Field(ge=1)
+    step_timeout_seconds: int = Field(
+        ge=1, description="The collectives of training steps: a hung rank fails the run this soon."
+    )
+    transfer_timeout_seconds: int = Field(
+        ge=1,
+        description="The collectives of startup (download, load, shard, precompute) and of the "
+        "end (export), and each rank's own wait for its checkpoint uploads.",
+    )
     extra: dict[str, object]
 
     @property

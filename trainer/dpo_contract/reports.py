@@ -104,6 +104,20 @@ class RankMemory(ContractModel):
     )
 
 
+class RankCheckpoints(ContractModel):
+    """What one rank sent to and fetched from the artifacts' store for its checkpoints."""
+
+    rank: int
+    uploaded_bytes: int = Field(default=0, description="Of the checkpoint files it wrote.")
+    downloaded_bytes: int = Field(
+        default=0, description="Of the checkpoint it resumed from: only what it reads."
+    )
+    upload_seconds: float = Field(default=0.0, description="Its uploads, beside training.")
+    wait_seconds: float = Field(
+        default=0.0, description="Its own wait, after training, for its uploads to finish."
+    )
+
+
 class TrainingReport(TrainingSummary):
     """train.json: the summary and everything behind it."""
 
@@ -120,6 +134,7 @@ class TrainingReport(TrainingSummary):
     log_history: list[dict[str, object]]
     memory: dict[str, int]
     memory_by_rank: list[RankMemory] = Field(default_factory=list)
+    checkpoints_by_rank: list[RankCheckpoints] = Field(default_factory=list)
     mixed_precision: MixedPrecision | None = Field(
         default=None, description="Set when the model was sharded (fsdp, hsdp)."
     )

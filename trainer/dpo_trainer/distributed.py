@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -206,3 +207,18 @@ def parameters_digest(model: Any, as_dtype: torch.dtype | None = None) -> str:
         digest.update(name.encode())
         digest.update(full.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """The timeout of every collective from now on, in every process group of this process
+    (the world's and those FSDP's meshes made): training steps get a short one, the phases
+    around long transfers a long one."""
+    if not torch.distributed.is_initialized():
+        return
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    # No public list of a process's groups: c10d's own registry holds each one it created.
+    for group in list(distributed_c10d._world.pg_map):
+        if not distributed_c10d._rank_not_in_group(group):
+            torch.distributed.set_timeout(timeout, group)

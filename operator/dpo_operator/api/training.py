@@ -339,9 +339,19 @@ class NetworkSpec(RuledModel):
         "8 GPU NICs, in NIC order.",
     )
     collective_timeout_seconds: StrictInt = Field(
-        default=1800,
+        default=600,
         ge=60,
         le=86400,
-        description="A collective that hangs longer aborts the run so it can be restarted "
-        "(the Trainer's ddp_timeout; NCCL itself has no timeout variable).",
+        description="A collective of a training step that hangs longer (a lost or stuck node) "
+        "aborts the run so it can be restarted; checkpoint uploads run beside the steps and "
+        "never count against it.",
+    )
+    transfer_timeout_seconds: StrictInt | None = Field(
+        default=None,
+        ge=60,
+        le=7 * 86400,
+        description="The collectives around the long transfers (startup: download, load, shard, "
+        "reference precompute; the end: export) and each rank's wait for its checkpoint uploads. "
+        "Default: from the plan, 30 minutes plus the model's and a pod's checkpoint share's "
+        "bytes at 100 MiB/s.",
     )

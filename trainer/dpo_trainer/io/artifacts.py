@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,11 +24,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 TRAIN_REPORT = "train.json"
 EVAL_REPORT = "eval.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 Report = TypeVar("Report", bound=BaseModel)
-# The Trainer writes trainer_state.json last, and it is uploaded last: a checkpoint without it
-# was cut off mid-save or mid-upload.
-CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
 
 
 class Artifacts:
@@ -71,18 +66,16 @@ class Artifacts:
         write_text_atomically(self.root / name, report.model_dump_json(by_alias=True, indent=2))
         self.upload(name)
 
-    def upload(self, relative: str, *, skip: tuple[str, ...] = ()) -> None:
-        """Copy a file or folder of the local mirror to the store (no-op for a mounted path);
-        files named in `skip` stay behind."""
+    def upload(self, relative: str) -> None:
+        """Copy a file or folder of the local mirror to the store (no-op for a mounted path)."""
         if self.is_local:
             return
         source = self.root / relative
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         for path in files:
-            if path.name not in skip:
-                remote = self._remote(str(path.relative_to(self.root)))
-                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(path), remote)
+            remote = self._remote(str(path.relative_to(self.root)))
+            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(path), remote)
 
     def fetch(self, relative: str) -> Path:
         """The local copy of a folder of the store, downloaded unless already here."""
@@ -90,59 +83,6 @@ class Artifacts:
         if not self.is_local and self.fs.exists(self._remote(relative)):
             download_folder(self.fs, self._remote(relative), local)
         return local
-
-    def latest_remote_checkpoint(self) -> str | None:
-        """Name of the newest checkpoint whose every file reached the store."""
-        remote = self._remote(CHECKPOINTS)
-        if self.is_local or not self.fs.exists(remote):
-            return None
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(remote, detail=False)]
-        complete = [
-            n
-            for n in names
-            if _CHECKPOINT.match(n) and self.fs.exists(f"{remote}/{n}/{CHECKPOINT_COMPLETE_MARKER}")
-        ]
-        return max(complete, key=_step, default=None)
-
-    def download_checkpoint(self, name: str) -> None:
-        """Bring a complete checkpoint of the store into the local mirror, unless it is here."""
-        local = self.checkpoints / name
-        if (local / CHECKPOINT_COMPLETE_MARKER).exists():
-            return
-        download_folder(self.fs, self._remote(f"{CHECKPOINTS}/{name}"), local)
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint in the local mirror (or the mounted path)."""
-        if not self.checkpoints.exists():
-            return None
-        complete = [
-            path
-            for path in self.checkpoints.iterdir()
-            if _CHECKPOINT.match(path.name) and (path / CHECKPOINT_COMPLETE_MARKER).exists()
-        ]
-        return max(complete, key=lambda path: _step(path.name), default=None)
-
-    def prune_checkpoints(self, keep: int, *, remote: bool) -> None:
-        """Delete all but the newest `keep` checkpoints here (and in the store, with `remote`)."""
-        if self.checkpoints.exists():
-            local = sorted(
-                (p for p in self.checkpoints.iterdir() if _CHECKPOINT.match(p.name)),
-                key=lambda p: _step(p.name),
-            )
-            for path in local[:-keep]:
-                shutil.rmtree(path, ignore_errors=True)
-        base = self._remote(CHECKPOINTS)
-        if remote and not self.is_local and self.fs.exists(base):
-            names = sorted(
-                (
-                    n
-                    for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, False))
-                    if _CHECKPOINT.match(n)
-                ),
-                key=_step,
-            )
-            for name in names[:-keep]:
-                self.fs.rm(f"{base}/{name}", recursive=True)
 
 
 def download_folder(fs: Any, remote: str, local: Path) -> None:
@@ -155,11 +95,6 @@ def download_folder(fs: Any, remote: str, local: Path) -> None:
 def upload_folder(fs: Any, local: Path, remote: str) -> None:
     """The files under `local` to the folder `remote` (contents, as `download_folder`)."""
     fs.put(f"{local}/", f"{remote.rstrip('/')}/", recursive=True)
-
-
-def _step(name: str) -> int:
-    match = _CHECKPOINT.match(name)
-    return int(match.group(1)) if match else -1
 
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -1,5 +1,5 @@
 """The Trainer callbacks a run installs, one per concern: what really ran, the states each rank
-holds, SIGTERM, DPO's health, checkpoint uploads and the log lines `dpo run` shows.
+holds, SIGTERM, DPO's health, sending checkpoints and the log lines `dpo run` shows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dpo_contract.config import (
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dpo_trainer.distributed import check_run, describe_run, state_bytes
-from dpo_trainer.io.artifacts import CHECKPOINT_COMPLETE_MARKER, CHECKPOINTS, Artifacts
+from dpo_trainer.io.checkpoints import CheckpointTransfer
 from dpo_trainer.train.health import HealthWatch, StepLog
 from dpo_trainer.train.metrics import PrometheusCallback
 
@@ -180,31 +180,18 @@ class WatchHealth(TrainerCallback):
                 )
 
 
-class UploadCheckpoints(TrainerCallback, NeedsAccelerator):
-    """Copy each checkpoint to the object store as soon as it is written, whole.
+class SendCheckpoints(TrainerCallback):
+    """Hands each checkpoint this rank wrote to its transfer as soon as the Trainer saved it:
+    the rank sends its own files beside training (dpo_trainer.io.checkpoints), and no rank
+    waits for another's upload."""
 
-    A sharded checkpoint is written by every rank into its own pod's disk, so one process per
-    pod uploads what its pod holds; once every pod is done, rank 0 uploads the completion marker
-    that makes the checkpoint count for resume, and drops checkpoints beyond the newest few.
-    """
-
-    def __init__(self, artifacts: Artifacts) -> None:
-        self.artifacts = artifacts
+    def __init__(self, transfer: CheckpointTransfer) -> None:
+        self.transfer = transfer
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
-        if self.artifacts.is_local:
-            return
-        name = f"{CHECKPOINTS}/checkpoint-{state.global_step}"
-        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG state last)
-        if self.accelerator.is_local_main_process:
-            self.artifacts.upload(name, skip=(CHECKPOINT_COMPLETE_MARKER,))
-        self.accelerator.wait_for_everyone()
-        if state.is_world_process_zero:
-            self.artifacts.upload(f"{name}/{CHECKPOINT_COMPLETE_MARKER}")
-        if self.accelerator.is_local_main_process:
-            self.artifacts.prune_checkpoints(SAVE_TOTAL_LIMIT, remote=state.is_world_process_zero)
+        self.transfer.saved(f"checkpoint-{state.global_step}")
 
 
 class LogLines(TrainerCallback):

@@ -20,7 +20,7 @@ from dpo_contract.config import (
     TrainerConfig,
 )
 from dpo_contract.manifest import sha256_file, write_manifest
-from dpo_contract.reports import DataReport, RankMemory, TrainingReport
+from dpo_contract.reports import DataReport, RankCheckpoints, RankMemory, TrainingReport
 
 from dpo_trainer.distributed import parameters_digest, peak_memory_bytes
 from dpo_trainer.io.artifacts import (
@@ -30,6 +30,7 @@ from dpo_trainer.io.artifacts import (
     name_served_base_model,
     replace_directory,
 )
+from dpo_trainer.io.checkpoints import CheckpointTransfer
 from dpo_trainer.io.models import torch_dtype
 from dpo_trainer.train.memory import PhaseMemoryRecorder
 from dpo_trainer.train.metrics import PrometheusCallback
@@ -60,6 +61,7 @@ class Finish:
     started: float
     memory: PhaseMemoryRecorder
     read_bytes: int
+    transfer: CheckpointTransfer
 
     def write(
         self, trainer: Any, metrics: PrometheusCallback, final_eval: dict[str, float]
@@ -81,6 +83,7 @@ class Finish:
         with self.memory.phase("export"):
             parts = self._save(trainer, staging, sharded, dtype)
         exported_as = dtype if sharded and config.lora is None else None
+        memory_by_rank, checkpoints_by_rank = self._by_rank(trainer)
         report = TrainingReport(
             job=config.job,
             step=trainer.state.global_step,
@@ -88,7 +91,8 @@ class Finish:
             distributed=ran,
             # Rank 0's model and optimizer states (its shards) and peak: the memory plan's check.
             memory={**self.states, "peakBytes": peak_memory_bytes(ran.device)},
-            memory_by_rank=self._memory_by_rank(trainer),
+            memory_by_rank=memory_by_rank,
+            checkpoints_by_rank=checkpoints_by_rank,
             mixed_precision=mixed_precision(dtype) if sharded else None,
             seconds=round(time.monotonic() - self.started, 3),
             metrics=dict(metrics.latest),
@@ -146,15 +150,22 @@ class Finish:
             trainer.model.save_pretrained(str(staging), state_dict=adapter)
         return {}
 
-    def _memory_by_rank(self, trainer: Any) -> list[RankMemory]:
-        mine = RankMemory(
+    def _by_rank(self, trainer: Any) -> tuple[list[RankMemory], list[RankCheckpoints]]:
+        """What every rank held and read, and what it sent and fetched of the checkpoints."""
+        memory = RankMemory(
             rank=trainer.accelerator.process_index,
             node=trainer.accelerator.process_index // self.config.distributed.nproc_per_node,
             phases=self.memory.phases,
             read_bytes=self.read_bytes,
         )
-        every = gather_object([mine.model_dump_json()])
-        return sorted((RankMemory.model_validate_json(m) for m in every), key=lambda m: m.rank)
+        every = gather_object([(memory.model_dump_json(), self.transfer.counted.model_dump_json())])
+        memories = sorted(
+            (RankMemory.model_validate_json(m) for m, _ in every), key=lambda m: m.rank
+        )
+        checkpoints = sorted(
+            (RankCheckpoints.model_validate_json(c) for _, c in every), key=lambda c: c.rank
+        )
+        return memories, checkpoints
 
 
 def _gathered(mine: dict[str, str]) -> dict[str, str]:

@@ -27,11 +27,18 @@ from dpo_contract.pod import BadInputError
 from dpo_contract.reports import TrainingReport
 from transformers import TrainerCallback, set_seed
 
-from dpo_trainer.distributed import check_launch, keep_fsdp_on_cpu, require_gpus
+from dpo_trainer.distributed import (
+    check_launch,
+    keep_fsdp_on_cpu,
+    require_gpus,
+    set_collective_timeout,
+)
 from dpo_trainer.io.artifacts import TRAIN_REPORT, Artifacts
+from dpo_trainer.io.checkpoints import CheckpointTransfer
 from dpo_trainer.io.data import load_preferences, load_split
 from dpo_trainer.io.models import load_model, load_tokenizer, torch_dtype
 from dpo_trainer.train.callbacks import (
+    SAVE_TOTAL_LIMIT,
     CheckDistributed,
     LogLines,
     MeasureStates,
@@ -41,7 +48,7 @@ from dpo_trainer.train.callbacks import (
 from dpo_trainer.train.finish import Finish
 from dpo_trainer.train.memory import PhaseMemoryRecorder
 from dpo_trainer.train.metrics import PrometheusCallback
-from dpo_trainer.train.sharding import Models, load_sharded, shards_the_model
+from dpo_trainer.train.sharding import Models, load_sharded, row_shard, shards_the_model
 from dpo_trainer.train.trl_trainer import build_trainer, precompute_reference
 
 log = logging.getLogger(__name__)
@@ -68,9 +75,10 @@ def train(config: TrainerConfig) -> TrainingReport:
     )
     # The first PartialState decides the process group for the whole process (a singleton); on
     # CPU only cpu=True makes it join the other ranks over gloo.
+    # Startup's collectives wait on downloads and loads: the long timeout until training starts.
     state = PartialState(
         cpu=distributed.device == "cpu",
-        timeout=timedelta(seconds=config.training.ddp_timeout_seconds),
+        timeout=timedelta(seconds=config.training.transfer_timeout_seconds),
     )
     check_world_size(distributed, state.num_processes)
     check_launch(distributed, str(state.distributed_type.value))
@@ -93,6 +101,13 @@ def train(config: TrainerConfig) -> TrainingReport:
         )
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    transfer = CheckpointTransfer(
+        artifacts,
+        rank=state.process_index,
+        world=state.num_processes,
+        shard=row_shard(distributed, state.process_index),
+        keep=SAVE_TOTAL_LIMIT,
+    )
     metrics = PrometheusCallback(
         config.job.name, config.job.namespace, config.metrics_port, serve=state.is_main_process
     )
@@ -108,7 +123,7 @@ def train(config: TrainerConfig) -> TrainingReport:
         set_seed(config.training.seed)
         models = _load_models(config, state, dtype)
         trainer = build_trainer(
-            config, artifacts, models, tokenizer, train_rows, eval_rows, dtype, callbacks
+            config, transfer, models, tokenizer, train_rows, eval_rows, dtype, callbacks
         )
         read_bytes = models.read_bytes
         # The trainer holds the models now: the reference it frees after precomputing must not
@@ -116,14 +131,17 @@ def train(config: TrainerConfig) -> TrainingReport:
         del models
     with memory.phase("reference"):
         precompute_reference(trainer)
-    resume = _checkpoint_to_resume(artifacts, state)
+    resume = _checkpoint_to_resume(transfer)
     started = time.monotonic()
     try:
+        set_collective_timeout(config.training.step_timeout_seconds)
         with memory.phase("train"):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        set_collective_timeout(config.training.transfer_timeout_seconds)
+        transfer.wait(config.training.transfer_timeout_seconds)
         if stopper.stopped:
             raise TrainingInterruptedError(f"stopped by signal at step {trainer.state.global_step}")
-        stopped_early = _keep_last_healthy_checkpoint(trainer, artifacts, config, health.stopped)
+        stopped_early = _keep_last_healthy_checkpoint(trainer, transfer, config, health.stopped)
         final_eval = _final_evaluation(trainer) if eval_rows is not None else {}
         assert checked.ran is not None, "on_train_begin ran"
         finish = Finish(
@@ -138,6 +156,7 @@ def train(config: TrainerConfig) -> TrainingReport:
             started=started,
             memory=memory,
             read_bytes=read_bytes,
+            transfer=transfer,
         )
         return finish.write(trainer, metrics, final_eval)
     finally:
@@ -159,13 +178,16 @@ def _load_models(config: TrainerConfig, state: PartialState, dtype: Any) -> Mode
 
 
 def _keep_last_healthy_checkpoint(
-    trainer: Any, artifacts: Artifacts, config: TrainerConfig, cause: HealthSignal | None
+    trainer: Any, transfer: CheckpointTransfer, config: TrainerConfig, cause: HealthSignal | None
 ) -> StoppedEarly | None:
     """After a stop on `cause`: the weights of the newest checkpoint, saved before it (none is
-    saved once a signal is raised), become the adapter's."""
+    saved once a signal is raised), become the adapter's. Every rank has sent its part of each
+    checkpoint by now; once all have, all see the same newest complete one."""
     if cause is None:
         return None
-    kept = artifacts.latest_checkpoint()
+    trainer.accelerator.wait_for_everyone()
+    name = transfer.latest_complete()
+    kept = transfer.fetch(name) if name is not None else None
     if kept is None:
         raise BadInputError(
             f"training stopped on {cause.reason} ({cause.message}) before its first checkpoint "
@@ -182,16 +204,18 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
-def _checkpoint_to_resume(artifacts: Artifacts, state: PartialState) -> Path | None:
-    """The newest complete checkpoint, brought into this pod by one process per pod."""
-    if state.is_local_main_process:
-        name = artifacts.latest_remote_checkpoint()
-        if name is not None:
-            artifacts.download_checkpoint(name)
-    state.wait_for_everyone()
-    resume = artifacts.latest_checkpoint()
-    if resume is not None:
-        log.info("resuming from %s", resume)
+def _checkpoint_to_resume(transfer: CheckpointTransfer) -> Path | None:
+    """The newest complete checkpoint, with what this rank reads of it fetched by this rank."""
+    name = transfer.latest_complete()
+    if name is None:
+        return None
+    resume = transfer.fetch(name)
+    log.info(
+        "resuming from %s (rank %d fetched %d bytes of it)",
+        resume,
+        transfer.rank,
+        transfer.counted.downloaded_bytes,
+    )
     return resume
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
+from dpo_trainer.io.checkpoints import RowShard, shard_rows
 from dpo_trainer.io.models import model_location
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -53,6 +54,16 @@ def device_mesh(distributed: DistributedConfig, device: str) -> DeviceMesh:
             device, (distributed.world_size // shard, shard), mesh_dim_names=HSDP_DIMS
         )
     return init_device_mesh(device, (distributed.world_size,))
+
+
+def row_shard(distributed: DistributedConfig, rank: int) -> RowShard | None:
+    """Which rows of each sharded tensor `rank` holds under `device_mesh`'s layout (replicas
+    outermost under hsdp); None when the model is not sharded."""
+    if not shards_the_model(distributed):
+        return None
+    shards = distributed.shard_group_size if distributed.strategy == "hsdp" else None
+    shards = shards or distributed.world_size
+    return RowShard(index=rank % shards, shards=shards)
 
 
 def offloads_parameters() -> bool:
@@ -205,10 +216,12 @@ def local_rows(parameter: torch.Tensor) -> slice | None:
     (dim, placement), *others = sharded
     if placement.dim != 0 or others:
         raise RuntimeError(f"FSDP2 sharded a parameter as {parameter.placements}, not by rows")
-    rows = parameter.shape[0]
-    chunk = -(-rows // parameter.device_mesh.size(dim))
-    index = parameter.device_mesh.get_local_rank(dim)
-    return slice(min(index * chunk, rows), min((index + 1) * chunk, rows))
+    start, stop = shard_rows(
+        parameter.shape[0],
+        parameter.device_mesh.get_local_rank(dim),
+        parameter.device_mesh.size(dim),
+    )
+    return slice(start, stop)
 
 
 def checkpoint_key(parameter_name: str) -> str:

@@ -20,9 +20,9 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer
 from trl import __version__ as trl_version
 
-from dpo_trainer.io.artifacts import Artifacts
+from dpo_trainer.io.checkpoints import CheckpointTransfer
 from dpo_trainer.io.models import lora_config
-from dpo_trainer.train.callbacks import SAVE_TOTAL_LIMIT, NeedsAccelerator, UploadCheckpoints
+from dpo_trainer.train.callbacks import SAVE_TOTAL_LIMIT, NeedsAccelerator, SendCheckpoints
 from dpo_trainer.train.reference_cache import (
     LOG_PROB_SETTINGS,
     CachedLogProbs,
@@ -42,9 +42,13 @@ log = logging.getLogger(__name__)
 
 
 def training_arguments(
-    config: TrainerConfig, output_dir: str, dtype: torch.dtype
+    config: TrainerConfig,
+    output_dir: str,
+    dtype: torch.dtype,
+    save_total_limit: int | None = SAVE_TOTAL_LIMIT,
 ) -> TrainingArguments:
-    """DPOConfig (or CPOConfig for reference-free SimPO) from the trainer config."""
+    """DPOConfig (or CPOConfig for reference-free SimPO) from the trainer config; the Trainer
+    deletes checkpoints beyond `save_total_limit` (None: it leaves them to the caller)."""
     training = config.training
     common: dict[str, Any] = {
         "output_dir": output_dir,
@@ -64,13 +68,13 @@ def training_arguments(
         "logging_nan_inf_filter": False,
         "save_strategy": "steps",
         "save_steps": training.save_steps,
-        "save_total_limit": SAVE_TOTAL_LIMIT,
+        "save_total_limit": save_total_limit,
         "eval_strategy": "no"
         if config.data.eval is None and config.data.hold_out is None
         else "steps",
         "eval_steps": training.save_steps,
         "bf16": dtype == torch.bfloat16,
-        "ddp_timeout": training.ddp_timeout_seconds,
+        "ddp_timeout": training.step_timeout_seconds,
         "report_to": "none",
         "disable_tqdm": not sys.stderr.isatty(),
         "dataloader_num_workers": 0,
@@ -128,7 +132,7 @@ def _config_with_extra(
 
 def build_trainer(
     config: TrainerConfig,
-    artifacts: Artifacts,
+    transfer: CheckpointTransfer,
     models: Models,
     tokenizer: Any,
     train_rows: list[dict[str, Any]],
@@ -138,7 +142,15 @@ def build_trainer(
 ) -> Any:
     """TRL's trainer around the run's models. Under fsdp/hsdp the policy reaches it on the meta
     device, so that LoRA goes in before it is sharded; it is sharded and filled here."""
-    args: Any = training_arguments(config, str(artifacts.checkpoints), dtype)
+    artifacts = transfer.artifacts
+    # In an object store the local copies go once sent (the transfer prunes them); the Trainer
+    # would delete folders another rank of the pod may still be sending.
+    args: Any = training_arguments(
+        config,
+        str(artifacts.checkpoints),
+        dtype,
+        save_total_limit=SAVE_TOTAL_LIMIT if artifacts.is_local else None,
+    )
     # A sharded policy is precomputed with by `precompute_reference` once it is filled: TRL
     # would compute in its constructor, and hash the whole reference on one process first.
     precompute = config.training.precompute_ref_log_probs
@@ -150,7 +162,7 @@ def build_trainer(
         "train_dataset": Dataset.from_list(train_rows),
         "eval_dataset": Dataset.from_list(eval_rows) if eval_rows is not None else None,
     }
-    callbacks = [*callbacks, UploadCheckpoints(artifacts)]
+    callbacks = [*callbacks, SendCheckpoints(transfer)]
     if config.training.reference_free:
         from trl.experimental.cpo import CPOTrainer
 

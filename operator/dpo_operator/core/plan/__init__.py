@@ -32,6 +32,7 @@ from dpo_operator.core.plan.shapes import (
     gpu_memory,
     model_shape,
 )
+from dpo_operator.core.plan.transfer import transfer_timeout_seconds
 
 __all__ = [
     "ASSUMED_GPU_MEMORY",
@@ -58,4 +59,5 @@ __all__ = [
     "model_shape",
     "plan",
     "reference_parameters",
+    "transfer_timeout_seconds",
 ]
