@@ -11,6 +11,7 @@ from typing import Any
 
 from dpo_contract.manifest import verify_manifest
 from dpo_trainer.io.artifacts import ADAPTER, CHECKPOINTS, TRAIN_REPORT
+from dpo_trainer.io.checkpoints import COMPLETE_MARKER
 from dpo_trainer.publish.pointer import CURRENT, VERSIONS
 
 from tests.chaos.conftest import Outcome
@@ -24,7 +25,7 @@ def test_a_training_pod_killed_mid_step_resumes_from_its_checkpoint(
 ) -> None:
     run = Run(pod_plane, pod_runner, "real-kill", "quickstart")
     first = run.pod("train")
-    checkpoint = run.artifacts / CHECKPOINTS / "checkpoint-20" / "trainer_state.json"
+    checkpoint = run.artifacts / CHECKPOINTS / "checkpoint-20" / COMPLETE_MARKER
     wait_for("checkpoint-20", checkpoint.exists, TRAINING_TIMEOUT)
     pod_runner.kill(run.namespace, first)  # SIGKILL to every process of the pod, mid-step
     outcome.injected += 1

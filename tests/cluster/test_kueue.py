@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dpo_trainer.io.checkpoints import COMPLETE_MARKER
+
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
 from tests.cluster.kueue import (
     CPU_QUEUE,
@@ -184,7 +186,7 @@ def test_a_run_preempted_by_kueue_resumes_from_its_checkpoint_without_spending_a
         **{"scheduling.queueName": CPU_QUEUE, "scheduling.priorityClassName": LOW_PRIORITY},
     )
     first = low.pod("train")
-    checkpoint = low.artifacts / "checkpoints" / "checkpoint-20" / "trainer_state.json"
+    checkpoint = low.artifacts / "checkpoints" / "checkpoint-20" / COMPLETE_MARKER
     wait_for("low's checkpoint-20", checkpoint.exists, TRAINING_TIMEOUT)
 
     high = Run(

@@ -11,6 +11,7 @@ import json
 import pytest
 from dpo_contract.manifest import verify_manifest
 from dpo_trainer.io.artifacts import CHECKPOINTS, EVAL_REPORT, TRAIN_REPORT, download_folder
+from dpo_trainer.io.checkpoints import COMPLETE_MARKER
 from dpo_trainer.publish.pointer import CURRENT, VERSIONS
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
@@ -55,7 +56,7 @@ def test_a_run_on_s3_resumes_from_the_store_then_gates_and_promotes_through_it(
     first = run.pod("train")
     store = object_store.fs()
     artifacts = f"{bucket}/runs/{NAMESPACE}/{run.name}/{run.uid}"
-    checkpoint = f"{artifacts}/{CHECKPOINTS}/checkpoint-20/trainer_state.json"
+    checkpoint = f"{artifacts}/{CHECKPOINTS}/checkpoint-20/{COMPLETE_MARKER}"
     wait_for("checkpoint-20 in the store", lambda: store.exists(checkpoint), TRAINING_TIMEOUT)
     pod_runner.kill(run.namespace, first)
 

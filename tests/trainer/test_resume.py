@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from dpo_contract.reports import TrainingReport
+from dpo_trainer.io.checkpoints import COMPLETE_MARKER
 from dpo_trainer.train.run import EXIT_INTERRUPTED, train
 
 from tests.trainer.conftest import local_config, pod_process, start, tiny_job
@@ -38,7 +39,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches(tmp_path: Path) ->
 
     process = start(command, env, workdir / "first.log")
     deadline = time.monotonic() + 240
-    while not (checkpoints / "checkpoint-10" / "trainer_state.json").exists():
+    while not (checkpoints / "checkpoint-10" / COMPLETE_MARKER).exists():
         assert process.poll() is None, (workdir / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint-10 in time"
         time.sleep(0.05)
