@@ -4,8 +4,12 @@ tests that play the pods' part."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 from dpo_contract.config import DistributedRun, HealthSignal, JobIdentity, StoppedEarly
 from dpo_contract.reports import (
+    ArtifactCheck,
+    ArtifactCheckName,
     DataReport,
     Failure,
     GateCriterion,
@@ -120,4 +124,8 @@ def gate_report(digest: str, verdict: GateOutcome = "Passed") -> GateReport:
         metrics={"eval/rewards/accuracies": 0.93},
         pairs=128,
         data=DataReport(source="eval", read=128, identical=0, empty=0, duplicates=0, kept=128),
+        artifact_checks=[
+            ArtifactCheck(name=name, passed=True, detail="held")
+            for name in get_args(ArtifactCheckName)
+        ],
     )

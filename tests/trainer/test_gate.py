@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from dpo_contract.config import TrainerConfig
-from dpo_contract.manifest import verify_manifest
+from dpo_contract.manifest import verify_manifest, write_manifest
 from dpo_contract.pod import (
     EXIT_BAD_INPUT,
     EXIT_CHAMPION_CHANGED,
@@ -22,6 +23,7 @@ from dpo_contract.pod import (
 from dpo_contract.reports import GateCriterion, GateReport
 from dpo_trainer.gate.evaluate import evaluate
 from dpo_trainer.publish.targets import read_current
+from safetensors.torch import load_file, save_file
 
 from tests.trainer.conftest import (
     BIN,
@@ -72,7 +74,15 @@ def test_a_very_low_beta_trained_long_trips_the_drift_criterion(
 
 def test_a_corrupted_adapter_fails_eval_and_promote_with_a_digest_error(tmp_path: Path) -> None:
     config = with_promotion(trained(tmp_path, dpo={"maxSteps": 10}), str(tmp_path / "m"))
-    assert evaluate(config).verdict == "Passed"
+    passed = evaluate(config)
+    assert passed.verdict == "Passed"
+    assert [(c.name, c.passed) for c in passed.artifact_checks] == [
+        ("shapes", True),
+        ("matchesTrained", True),
+        ("loraBTrained", True),
+        ("baseModel", True),
+        ("changesLogits", True),
+    ]
     weights = Path(config.artifacts_dir) / "adapter" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # one byte changed
@@ -85,6 +95,59 @@ def test_a_corrupted_adapter_fails_eval_and_promote_with_a_digest_error(tmp_path
         assert code == EXIT_BAD_INPUT, command
         assert "adapter_model.safetensors: digest mismatch" in message["message"]
     assert not (tmp_path / "m" / "current").exists(), "nothing was promoted"
+
+
+def rank_zero_slice(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What each rank keeping only its shard saves, from rank 0 of 2: the first half of each
+    tensor's rows."""
+    return {name: t[: -(-t.shape[0] // 2)].contiguous() for name, t in tensors.items()}
+
+
+def untrained(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter as PEFT starts it: every lora_B zero."""
+    return {name: torch.zeros_like(t) if ".lora_B." in name else t for name, t in tensors.items()}
+
+
+@pytest.mark.parametrize(
+    ("damage", "failing"),
+    [
+        (rank_zero_slice, {"shapes", "matchesTrained"}),
+        (untrained, {"matchesTrained", "loraBTrained"}),
+    ],
+    ids=["one-ranks-slice", "untrained"],
+)
+def test_an_adapter_that_is_not_the_trained_one_passes_integrity_and_is_refused(
+    tmp_path: Path, damage: Any, failing: set[str]
+) -> None:
+    """The save accelerate fixed in its PR #4206 kept only rank 0's slice of each FSDP2 LoRA
+    tensor, and our manifest signs whatever was written. Reproduced (and an untrained adapter
+    too): the saved tensors replaced, the manifest written again so integrity holds. The gate
+    rejects the adapter before scoring it, naming each failed check; nothing is promoted."""
+    config = with_promotion(trained(tmp_path, dpo={"maxSteps": 10}), str(tmp_path / "m"))
+    adapter = Path(config.artifacts_dir) / "adapter"
+    weights = adapter / "adapter_model.safetensors"
+    save_file(damage(load_file(weights)), weights)
+    write_manifest(adapter)  # integrity holds: the damaged files are signed
+
+    report = evaluate(config)
+    print(report.message)
+    assert report.verdict == "Rejected"
+    assert {c.name for c in report.artifact_checks if not c.passed} == failing
+    assert report.criteria == [], "not scored"
+    code, _ = trainer_cli("promote", config, tmp_path)
+    assert code != 0
+    assert not (tmp_path / "m" / "current").exists(), "nothing was promoted"
+
+
+def test_a_gate_on_another_base_model_refuses_the_adapter(tmp_path: Path) -> None:
+    config = trained(tmp_path, dpo={"maxSteps": 4})
+    assert evaluate(config).verdict == "Passed"
+    elsewhere = TrainerConfig.model_validate(
+        {**config.model_dump(), "model": {**config.model.model_dump(), "revision": "v2"}}
+    )
+    (check,) = [c for c in evaluate(elsewhere).artifact_checks if not c.passed]
+    assert check.name == "baseModel"
+    assert check.detail.endswith("the gate loads builtin:tiny-llama@v2")
 
 
 def test_racing_promotions_leave_a_consistent_current_and_repeats_are_no_ops(

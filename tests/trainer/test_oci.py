@@ -15,6 +15,7 @@ from dpo_contract.manifest import write_manifest
 from dpo_contract.oci import (
     ADAPTER_ARTIFACT_TYPE,
     ADAPTER_DIGEST,
+    ARTIFACT_CHECKS,
     BASE_MODEL,
     GATE_REPORT_ARTIFACT_TYPE,
     GATE_VERDICT,
@@ -90,6 +91,9 @@ def test_a_promoted_adapter_is_an_oras_artifact_with_its_gate_report_as_a_referr
     assert annotations[ADAPTER_DIGEST] == digest
     assert annotations[GATE_VERDICT] == "Passed"
     assert annotations[LORA_RANK] == "16"
+    assert annotations[ARTIFACT_CHECKS] == (
+        "shapes=pass,matchesTrained=pass,loraBTrained=pass,changesLogits=pass,baseModel=pass"
+    )
 
     # distribution 2.8 has no referrers API: the report is indexed under the fallback tag.
     index = registry.fetch_manifest("adapters/layout", fallback_tag(manifest_digest))

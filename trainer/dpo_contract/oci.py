@@ -29,6 +29,7 @@ GATE_VERDICT = "dev.dpo.gate-verdict"
 LORA_RANK = "dev.dpo.lora-rank"
 JOB = "dev.dpo.job"
 JOB_UID = "dev.dpo.job-uid"
+ARTIFACT_CHECKS = "dev.dpo.artifact-checks"
 
 CURRENT_TAG = "current"
 EVAL_REPORT_TITLE = "eval.json"

@@ -118,6 +118,18 @@ class RankCheckpoints(ContractModel):
     )
 
 
+class TrainedAdapter(ContractModel):
+    """A LoRA adapter as training ended, gathered whole from every rank: what the gate checks
+    the saved adapter against."""
+
+    tensors_digest: str = Field(
+        description="sha256 over every adapter tensor's name, shape, dtype and bytes."
+    )
+    tensors: int
+    base_model: str = Field(description="The base model trained on (model.name).")
+    revision: str | None = Field(default=None, description="The base model's revision.")
+
+
 class TrainingReport(TrainingSummary):
     """train.json: the summary and everything behind it."""
 
@@ -135,6 +147,9 @@ class TrainingReport(TrainingSummary):
     memory: dict[str, int]
     memory_by_rank: list[RankMemory] = Field(default_factory=list)
     checkpoints_by_rank: list[RankCheckpoints] = Field(default_factory=list)
+    trained_adapter: TrainedAdapter | None = Field(
+        default=None, description="LoRA runs: the adapter as trained, for the gate's checks."
+    )
     mixed_precision: MixedPrecision | None = Field(
         default=None, description="Set when the model was sharded (fsdp, hsdp)."
     )
@@ -186,6 +201,20 @@ class GateVerdict(ContractModel):
     )
 
 
+ArtifactCheckName = Literal[
+    "shapes", "matchesTrained", "loraBTrained", "changesLogits", "baseModel"
+]
+
+
+class ArtifactCheck(ContractModel):
+    """One check of the adapter itself, before it is scored: that it is the one trained,
+    complete and servable."""
+
+    name: ArtifactCheckName
+    passed: bool
+    detail: str
+
+
 class GateReport(GateVerdict):
     """eval.json: the verdict and the measurements behind it."""
 
@@ -196,6 +225,7 @@ class GateReport(GateVerdict):
     # was promoted yet). Promotion refuses when `current` has moved on since.
     champion_digest: str | None = None
     data: DataReport
+    artifact_checks: list[ArtifactCheck] = Field(default_factory=list)
 
     def short(self) -> GateVerdict:
         return GateVerdict.model_validate(self.model_dump(include=set(GateVerdict.model_fields)))

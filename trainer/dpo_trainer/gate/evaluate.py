@@ -1,5 +1,6 @@
 """The eval gate: score a trained adapter on held-out pairs; pass only if every criterion holds
-with confidence.
+with confidence. A LoRA adapter is first checked to be the one trained, complete and servable
+(dpo_trainer.gate.adapter_checks): one that is not is rejected before it is scored.
 
 Criteria (each reported with its estimate, interval, n, threshold and outcome in eval.json):
 - rewardAccuracy >= minRewardAccuracy: share of held-out pairs the implicit reward ranks right
@@ -32,12 +33,19 @@ from dpo_contract.config import GateConfig, TrainerConfig
 from dpo_contract.fields import ModelRef
 from dpo_contract.manifest import verify_manifest
 from dpo_contract.pod import BadInputError
-from dpo_contract.reports import GateCriterion, GateOutcome, GateReport
+from dpo_contract.reports import (
+    ArtifactCheck,
+    GateCriterion,
+    GateOutcome,
+    GateReport,
+    TrainingReport,
+)
 from numpy.typing import NDArray
 
 from dpo_trainer.distributed import require_gpus
+from dpo_trainer.gate.adapter_checks import changes_logits, check_saved_adapter
 from dpo_trainer.gate.confidence import Estimate, Outcome, Relation, bootstrap, judge, mean, wilson
-from dpo_trainer.io.artifacts import ADAPTER, EVAL_REPORT, Artifacts
+from dpo_trainer.io.artifacts import ADAPTER, EVAL_REPORT, TRAIN_REPORT, Artifacts
 from dpo_trainer.io.data import load_preferences, load_split
 from dpo_trainer.io.models import load_model, load_tokenizer, torch_dtype
 from dpo_trainer.publish.targets import promoted_adapter
@@ -45,6 +53,8 @@ from dpo_trainer.publish.targets import promoted_adapter
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 16
+# Held-out prompts the adapter must change the logits of.
+LOGIT_PROMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,26 @@ def evaluate(config: TrainerConfig) -> GateReport:
         anchors = anchors[: gate.max_samples] if gate.max_samples else anchors
 
     scorer = Scorer(config)
+    checks = _artifact_checks(config, artifacts, adapter_dir, scorer, pairs)
+    refused = [c for c in checks if not c.passed]
+    if refused:
+        result = GateReport(
+            status="rejected",
+            verdict="Rejected",
+            adapter_digest=digest,
+            criteria=[],
+            message="gate rejected the adapter before scoring it: "
+            + "; ".join(f"{c.name}: {c.detail}" for c in refused),
+            held_out=held_out,
+            metrics={},
+            pairs=len(pairs),
+            confidence=gate.confidence,
+            data=report,
+            artifact_checks=checks,
+        )
+        artifacts.write_report(EVAL_REPORT, result)
+        log.error("%s", result.message)
+        return result
     # One model at a time: each is released before the next is loaded.
     new, new_anchor = scorer.scored(scorer.policy(adapter_dir), pairs, anchors)
     ref, ref_anchor = scorer.scored(scorer.reference(), pairs, anchors)
@@ -191,6 +221,7 @@ def evaluate(config: TrainerConfig) -> GateReport:
         confidence=level,
         data=report,
         champion_digest=champion,
+        artifact_checks=checks,
     )
     artifacts.write_report(EVAL_REPORT, result)
     for criterion in criteria:
@@ -254,6 +285,28 @@ def _beats_promoted(
         "beatsPromotedMarginDeltaHigh": margin.high,
     }
     return current_digest, _check("beatsPromoted", accuracy, ">", gate.beat_margin), metrics
+
+
+def _artifact_checks(
+    config: TrainerConfig,
+    artifacts: Artifacts,
+    adapter_dir: Path,
+    scorer: Scorer,
+    pairs: list[dict[str, Any]],
+) -> list[ArtifactCheck]:
+    """A LoRA adapter's own checks (dpo_trainer.gate.adapter_checks); the logits are compared
+    only for an adapter that loads."""
+    if config.lora is None:
+        return []
+    trained = artifacts.read_report(TRAIN_REPORT, TrainingReport)
+    checks = check_saved_adapter(
+        adapter_dir, config, trained.trained_adapter if trained is not None else None
+    )
+    if all(c.passed for c in checks):
+        sequences = [scorer.sequence(p["prompt"], p["chosen"]) for p in pairs[:LOGIT_PROMPTS]]
+        with scorer.policy(adapter_dir) as model:
+            checks.append(changes_logits(model, sequences, scorer.device))
+    return checks
 
 
 class Scorer:
@@ -322,6 +375,10 @@ class Scorer:
         if self._base is None:
             self._base = self._load(self.config.model)
         yield self._base
+
+    def sequence(self, prompt: Any, completion: Any) -> list[int]:
+        """The token ids of a prompt and its completion, as they are scored."""
+        return self._tokenize(prompt, completion)[0]
 
     def _tokenize(self, prompt: Any, completion: Any) -> tuple[list[int], int]:
         tokenizer = self.tokenizer

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import torch
 from dpo_contract.fields import LoraSettings, ModelRef
 from dpo_contract.pod import BadInputError
+from torch import nn
 
 from dpo_trainer.io.builtin import builtin_model_path, is_builtin
 from dpo_trainer.io.fetch import cached, download, is_remote, remote_entry
@@ -113,3 +116,28 @@ def lora_config(settings: LoraSettings) -> Any:
         lora_dropout=settings.dropout,
         target_modules=targets,
     )
+
+
+def build_on_meta(ref: ModelRef, *, trust_remote_code: bool, dtype: torch.dtype) -> nn.Module:
+    """The model's modules with parameters on the meta device (nothing allocated) and its
+    buffers (rotary frequencies) computed for real, as `from_pretrained` would build them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    location = model_location(ref)
+    config = AutoConfig.from_pretrained(
+        location, revision=ref.revision, trust_remote_code=trust_remote_code
+    )
+    with init_empty_weights(include_buffers=False):
+        model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    model.config._name_or_path = location
+    # Without a generation_config.json, the one from_config derived stays.
+    with suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(
+            location, revision=ref.revision or "main"
+        )
+    model.eval()
+    built: nn.Module = model
+    return built

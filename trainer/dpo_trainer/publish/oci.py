@@ -40,6 +40,7 @@ from dpo_contract.manifest import MANIFEST, sha256_file, verify_manifest
 from dpo_contract.oci import (
     ADAPTER_ARTIFACT_TYPE,
     ADAPTER_DIGEST,
+    ARTIFACT_CHECKS,
     BASE_MODEL,
     BINARY_FILE,
     CREATED,
@@ -121,6 +122,11 @@ def push_adapter(
         JOB: f"{publication.job.namespace}/{publication.job.name}",
         JOB_UID: publication.job.uid,
     }
+    checks = publication.report.artifact_checks
+    if checks:
+        annotations[ARTIFACT_CHECKS] = ",".join(
+            f"{c.name}={'pass' if c.passed else 'fail'}" for c in checks
+        )
     rank = _lora_rank(publication.adapter)
     if rank is not None:
         annotations[LORA_RANK] = str(rank)

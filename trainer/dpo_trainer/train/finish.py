@@ -20,9 +20,16 @@ from dpo_contract.config import (
     TrainerConfig,
 )
 from dpo_contract.manifest import sha256_file, write_manifest
-from dpo_contract.reports import DataReport, RankCheckpoints, RankMemory, TrainingReport
+from dpo_contract.reports import (
+    DataReport,
+    RankCheckpoints,
+    RankMemory,
+    TrainedAdapter,
+    TrainingReport,
+)
 
 from dpo_trainer.distributed import parameters_digest, peak_memory_bytes
+from dpo_trainer.io.adapters import tensors_digest
 from dpo_trainer.io.artifacts import (
     ADAPTER,
     TRAIN_REPORT,
@@ -81,7 +88,7 @@ class Finish:
         sharded = shards_the_model(config.distributed)
         dtype = torch_dtype(config.training.mixed_precision)
         with self.memory.phase("export"):
-            parts = self._save(trainer, staging, sharded, dtype)
+            parts, trained_adapter = self._save(trainer, staging, sharded, dtype)
         exported_as = dtype if sharded and config.lora is None else None
         memory_by_rank, checkpoints_by_rank = self._by_rank(trainer)
         report = TrainingReport(
@@ -104,6 +111,7 @@ class Finish:
             parameters_digest=_agreed_digest(trainer, exported_as),
             health=self.health,
             stopped_early=self.stopped_early,
+            trained_adapter=trained_adapter,
             reference_log_probs=getattr(trainer, "reference_reports", []),
             settings=config,
         )
@@ -135,20 +143,39 @@ class Finish:
 
     def _save(
         self, trainer: Any, staging: Path, sharded: bool, dtype: torch.dtype
-    ) -> dict[str, str]:
+    ) -> tuple[dict[str, str], TrainedAdapter | None]:
         """The whole adapter (LoRA) or model in the training dtype `dtype`, into `staging`. A
         sharded full fine-tune is written by every rank, each its part: returns the sha256 of
-        each rank's part, for the manifest (the files of other pods are not on this disk)."""
-        if not sharded:
-            trainer.save_model(str(staging))
-            return {}
-        if self.config.lora is None:
+        each rank's part, for the manifest (the files of other pods are not on this disk), and
+        on rank 0 of a LoRA run the adapter as trained, gathered whole."""
+        lora = self.config.lora is not None
+        main = trainer.accelerator.is_main_process
+        if sharded and not lora:
             written = export_full_model(trainer.model, staging, dtype)
-            return _gathered({written.name: sha256_file(written)})
-        adapter = adapter_state(trainer.model)
-        if trainer.accelerator.is_main_process:
+            return _gathered({written.name: sha256_file(written)}), None
+        adapter = adapter_state(trainer.model) if sharded and lora else None
+        if sharded and main:
             trainer.model.save_pretrained(str(staging), state_dict=adapter)
-        return {}
+        elif not sharded:
+            trainer.save_model(str(staging))
+        if not (lora and main):
+            return {}, None
+        return {}, self._trained_adapter(trainer.accelerator.unwrap_model(trainer.model), adapter)
+
+    def _trained_adapter(
+        self, model: Any, gathered: dict[str, torch.Tensor] | None
+    ) -> TrainedAdapter:
+        """The adapter's tensors under the names PEFT saves them by, as this process holds
+        them (`gathered` from every rank when sharded)."""
+        from peft import get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(model, state_dict=gathered)
+        return TrainedAdapter(
+            tensors_digest=tensors_digest(tensors),
+            tensors=len(tensors),
+            base_model=self.config.model.name,
+            revision=self.config.model.revision,
+        )
 
     def _by_rank(self, trainer: Any) -> tuple[list[RankMemory], list[RankCheckpoints]]:
         """What every rank held and read, and what it sent and fetched of the checkpoints."""

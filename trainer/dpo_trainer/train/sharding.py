@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from dpo_trainer.io.checkpoints import RowShard, shard_rows
-from dpo_trainer.io.models import model_location
+from dpo_trainer.io.models import build_on_meta, model_location
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -89,31 +89,6 @@ def mixed_precision(compute_dtype: torch.dtype) -> MixedPrecision:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def build_on_meta(ref: ModelRef, *, trust_remote_code: bool, dtype: torch.dtype) -> nn.Module:
-    """The model's modules with parameters on the meta device (nothing allocated) and its
-    buffers (rotary frequencies) computed for real, as `from_pretrained` would build them."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    location = model_location(ref)
-    config = AutoConfig.from_pretrained(
-        location, revision=ref.revision, trust_remote_code=trust_remote_code
-    )
-    with init_empty_weights(include_buffers=False):
-        model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-            config, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    model.config._name_or_path = location
-    # Without a generation_config.json, the one from_config derived stays.
-    with suppress(OSError):
-        model.generation_config = GenerationConfig.from_pretrained(
-            location, revision=ref.revision or "main"
-        )
-    model.eval()
-    built: nn.Module = model
-    return built
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, *, compute_dtype: torch.dtype | None) -> None:
