@@ -197,4 +197,5 @@ def assert_promoted_intact(run: Run, status: dict[str, Any]) -> None:
     assert verify_manifest(promoted) == current["digest"]
     served = json.loads((promoted / "adapter_config.json").read_text())
     assert served["base_model_name_or_path"] == "builtin:tiny-llama"
-    assert f"--lora-modules {run.name}={current['uri']}" in status["promotion"]["vllmServe"]
+    served = f"--lora-modules {current['version']}={current['uri']}"
+    assert served in status["promotion"]["vllmServe"]

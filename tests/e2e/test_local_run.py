@@ -39,7 +39,7 @@ def test_the_quickstart_passes_the_gate_and_is_promoted(tmp_path: Path) -> None:
     assert verify_manifest(promoted) == current.digest
     assert (
         f"serve      vllm serve builtin:tiny-llama --enable-lora --max-lora-rank 8 "
-        f"--lora-modules quickstart={current.uri}"
+        f"--lora-modules {current.version}={current.uri}"
     ) in output
     summary = json.loads(next(tmp_path.rglob("train.json")).read_text())
     assert summary["metrics"]["dpo_eval_reward_accuracy"] > 0.8

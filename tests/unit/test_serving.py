@@ -43,12 +43,12 @@ def test_the_serve_line_names_the_served_base_model_and_the_promoted_version() -
         "--max-lora-rank",
         "16",
         "--lora-modules",
-        f"demo={PROMOTED.uri}",
+        f"demo-ab12={PROMOTED.uri}",
     ]
     assert status.vllm_load_request is not None
     request = shlex.split(status.vllm_load_request)
     assert request[3].endswith("/v1/load_lora_adapter")
-    assert json.loads(request[-1]) == {"lora_name": "demo", "lora_path": PROMOTED.uri}
+    assert json.loads(request[-1]) == {"lora_name": "demo-ab12", "lora_path": PROMOTED.uri}
 
 
 def test_without_a_served_name_the_base_is_the_model_trained() -> None:
@@ -72,8 +72,29 @@ def test_an_oci_adapter_is_pulled_verified_beside_vllm_before_it_is_served() -> 
     status = with_vllm_instructions(job, promoted)
     assert status.vllm_serve is not None
     pull, serve = status.vllm_serve.split(" && ")
-    assert shlex.split(pull) == ["dpo", "pull", promoted.uri, "adapters/demo", "--plain-http"]
-    assert shlex.split(serve)[-1] == "demo=adapters/demo"
+    assert shlex.split(pull) == [
+        "dpo",
+        "pull",
+        promoted.uri,
+        "adapters/demo-ab12",
+        "--plain-http",
+    ]
+    assert shlex.split(serve)[-1] == "demo-ab12=adapters/demo-ab12"
     assert status.vllm_load_request is not None
     body = json.loads(shlex.split(status.vllm_load_request)[-1])
-    assert body == {"lora_name": "demo", "lora_path": "adapters/demo"}
+    assert body == {"lora_name": "demo-ab12", "lora_path": "adapters/demo-ab12"}
+
+
+def test_each_promoted_version_is_served_under_its_own_name() -> None:
+    """A new version never reloads under the name of the one before (vLLM would reuse the old
+    adapter's prefix-cache blocks)."""
+    job = job_with(promotion={"target": "s3://models/demo"})
+    later = PROMOTED.model_copy(
+        update={"version": "demo-cd34", "uri": "s3://models/demo/versions/demo-cd34"}
+    )
+    names = set()
+    for promoted in (PROMOTED, later):
+        request = with_vllm_instructions(job, promoted).vllm_load_request
+        assert request is not None
+        names.add(json.loads(shlex.split(request)[-1])["lora_name"])
+    assert names == {"demo-ab12", "demo-cd34"}

@@ -2,11 +2,16 @@
 it, and the request that loads it into a vLLM already running. Pure: the spec and the promotion
 record in, text out (the DPOJob's status carries both, `kubectl describe` shows them).
 
+The adapter is served under its version's name (`status.promotion.version`), never under one
+name that moves: vLLM keeps an adapter's prefix-cache blocks by its name, so a new adapter
+loaded under an old name would reuse blocks computed with the old weights. vLLM has no alias
+for a LoRA module, so there is no `current` name: clients ask for the version the status names.
+
 vLLM reads the adapter's own adapter_config.json for the base model, rank and target modules;
 the trainer writes `base_model_name_or_path` as the served name, and the DPOJob's rules keep the
 rank and modules within what vLLM serves (see api.VLLM_MAX_LORA_RANK). vLLM loads adapters from
 its own disk, so an adapter promoted to an OCI registry is first fetched (and verified) by
-`dpo pull` into PULLED_ADAPTERS/<job>, which both lines then name.
+`dpo pull` into PULLED_ADAPTERS/<version>, which both lines then name.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def with_vllm_instructions(job: DPOJob, promotion: PromotionStatus) -> Promotion
     """`promotion` with the vLLM serve line and load request for its adapter."""
     if not job.spec.peft.enabled:
         return promotion  # full weights: served as a model of their own, not as a LoRA
-    base, name, path = served_model_name(job), job.name, promotion.uri
+    base, name, path = served_model_name(job), promotion.version, promotion.uri
     pull = ""
     if is_oci(promotion.uri):
         path = f"{PULLED_ADAPTERS}/{name}"
