@@ -23,7 +23,10 @@ class ThrottledProxy:
     rate: int
     port: int = field(default_factory=free_port)
     forwarded: int = 0
+    connections: int = 0
+    most_at_once: int = 0
     _listener: socket.socket | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -41,10 +44,15 @@ class ThrottledProxy:
             except OSError:  # closed
                 return
             server = socket.create_connection(("127.0.0.1", self.upstream_port))
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            with self._lock:
+                self.connections += 1
+                self.most_at_once = max(self.most_at_once, self.connections)
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, counts: bool = False) -> None:
+        """Forward one direction of a connection at the rate; the `counts` side ends it in
+        the connection count."""
         piece = max(self.rate // SLICES_PER_SECOND, 1)
         with contextlib.suppress(OSError):
             while data := source.recv(piece):
@@ -55,6 +63,9 @@ class ThrottledProxy:
         for end in (source, sink):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+        if counts:
+            with self._lock:
+                self.connections -= 1
 
 
 @contextlib.contextmanager

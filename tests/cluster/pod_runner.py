@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,7 +144,15 @@ class PodRunner:
     # -- the kubelet's loop ----------------------------------------------------------------
 
     def _register(self, node: NodeSpec) -> None:
-        capacity = {"cpu": node.cpu, "memory": node.memory, "pods": "110", **node.extended}
+        # As a kubelet does: the local disk its pods' emptyDirs and logs live on.
+        disk = shutil.disk_usage(self.workdir).total
+        capacity = {
+            "cpu": node.cpu,
+            "memory": node.memory,
+            "pods": "110",
+            "ephemeral-storage": str(disk),
+            **node.extended,
+        }
         body = {
             "apiVersion": "v1",
             "kind": "Node",

@@ -52,7 +52,7 @@ def test_four_processes_building_into_an_empty_cache_at_once_all_get_one_whole_m
     assert [b.returncode for b in builders] == [0, 0, 0, 0]
     assert paths == {str(tmp_path / ENTRY)}
     assert_complete(tmp_path / ENTRY)
-    assert not list(tmp_path.glob(f".{ENTRY}-*")), "no staging directory left behind"
+    assert not list(tmp_path.glob(f".{ENTRY}.partial")), "no staging directory left behind"
 
 
 def test_a_build_by_a_non_zero_rank_writes_the_weights(tmp_path: Path) -> None:
@@ -81,8 +81,9 @@ def test_an_entry_left_half_built_by_a_crash_is_rebuilt_not_trusted(tmp_path: Pa
     entry = tmp_path / ENTRY
     entry.mkdir()
     (entry / "tokenizer.json").write_text("{}")  # what a crashed build left: no model at all
-    leftover = tmp_path / f".{ENTRY}-k3j2"
-    leftover.mkdir()
+    staging = tmp_path / f".{ENTRY}.partial"  # the fill it was doing, cut off
+    staging.mkdir()
+    (staging / "tokenizer.json").write_text("{")
     assert builtin_model_path("builtin:tiny-llama", tmp_path) == entry
     assert_complete(entry)
-    assert not leftover.exists()
+    assert not staging.exists(), "the staging directory became the entry"

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,8 @@ from dpo_trainer.io.builtin import builtin_model_path, synthetic_preferences
 from dpo_trainer.io.models import model_location
 from dpo_trainer.train.run import train
 
+from tests.object_store import ObjectStore
+from tests.throttle import throttled
 from tests.trainer.conftest import local_config, tiny_job
 
 
@@ -71,3 +77,49 @@ def test_hub_ids_and_local_paths_go_to_from_pretrained_unchanged(tmp_path: Path)
         "meta-llama/Llama-3.1-8B-Instruct"
     )
     assert model_location(ModelRef(name=str(tmp_path))) == str(tmp_path)
+
+
+DOWNLOAD = """
+import sys
+from pathlib import Path
+from dpo_trainer.io.fetch import download
+print(download(sys.argv[1], Path(sys.argv[2]), chunk_bytes=int(sys.argv[3])))
+"""
+CHUNK = 256 * 1024
+
+
+def test_a_model_download_reads_ranges_in_parallel_and_resumes_where_it_was_cut_off(
+    object_store: ObjectStore, s3_env: ObjectStore, tmp_path: Path
+) -> None:
+    """6 MiB of weights on the S3 server, read over links of 400 KB/s per connection. The
+    first download is killed once a few ranges are in; the second reads only what is missing,
+    and the file is the one in the store. Ranges were read over several connections at once."""
+    bucket = object_store.bucket()
+    weights = os.urandom(6 * 2**20)
+    store = object_store.fs()
+    store.pipe_file(f"{bucket}/sft/model.safetensors", weights)
+    store.pipe_file(f"{bucket}/sft/config.json", b"{}")
+    destination = tmp_path / "sft"
+    ranges = destination / ".model.safetensors.ranges"
+    command = [sys.executable, "-c", DOWNLOAD, f"s3://{bucket}/sft", str(destination), str(CHUNK)]
+    with throttled(object_store.port, rate=400_000) as link:
+        env = os.environ | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}"}
+        first = subprocess.Popen(command, env=env)
+        deadline = time.monotonic() + 60
+        while not ranges.exists() or len(ranges.read_text().split()) < 4:
+            assert first.poll() is None, "the first download ended before it was cut off"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first.kill()
+        first.wait()
+        kept = len(ranges.read_text().split())
+        second = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    read_again = int(second.stdout.split()[-1])
+    print(
+        f"cut off after {kept} of {len(weights) // CHUNK} ranges; the second read {read_again} "
+        f"bytes of {len(weights) + 2}; {link.most_at_once} connections at once"
+    )
+    assert (destination / "model.safetensors").read_bytes() == weights
+    assert read_again <= len(weights) + 2 - kept * CHUNK
+    assert not ranges.exists()
+    assert link.most_at_once >= 4

@@ -10,7 +10,12 @@ import yaml
 from dpo_contract.pod import ACCELERATE_CONFIG_FILE
 from dpo_operator.api import describe_errors
 from dpo_operator.core.plan import GIB, estimate, gpu_memory, model_shape, plan
-from dpo_operator.core.render import render_config_map, render_eval_job, trainer_config
+from dpo_operator.core.render import (
+    render_config_map,
+    render_eval_job,
+    render_training_job,
+    trainer_config,
+)
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
@@ -247,3 +252,33 @@ def test_a_sharded_full_finetune_counts_the_gathered_layers_and_fp32_reduce_buff
     # Gloo stages each all-gather once more, and CPUs load fp32.
     assert on_cpu.parts["gathered layers"] == pytest.approx(4 * 4 * per_layer, rel=0.01)
     assert sharded.parts["reduce buffers"] == pytest.approx(4 * per_layer, rel=0.01)
+
+
+def training_pod(manifest: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = render_training_job(resolve(parse_dpojob(manifest)), 1)["spec"][
+        "template"
+    ]["spec"]
+    return pod
+
+
+def disk_of(pod: dict[str, Any]) -> tuple[str, str]:
+    """What the trainer asks for of local disk, and the size limit of its /tmp."""
+    asked = pod["containers"][0]["resources"]["requests"]["ephemeral-storage"]
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    return asked, tmp["emptyDir"]["sizeLimit"]
+
+
+def test_each_pod_asks_for_the_disk_its_downloads_and_staged_checkpoints_take() -> None:
+    """An 8B full fine-tune on 2 nodes with an object store: 16 GB of download, two staged
+    shares of a 96 GB checkpoint (48 GB a pod), 8 GB of export (120 GB, 112 GiB) and 2 GiB of
+    slack. On a mounted volume nothing is staged; `resources.ephemeralStorage` wins."""
+    fsdp = {"parallelism.strategy": "fsdp"}
+    on_s3 = llama_job("meta-llama/Llama-3.1-8B-Instruct", 2, lora=False, **fsdp)
+    on_s3 = set_fields(on_s3, **{"output.uri": "s3://bucket/runs"})
+    asked, limit = disk_of(training_pod(on_s3))
+    print(f"8B full fine-tune on 2 pods, s3: {asked}")
+    assert asked == limit == "115Gi"
+    on_pvc = set_fields(copy.deepcopy(on_s3), **{"output.uri": "pvc://runs/dpo"})
+    assert disk_of(training_pod(on_pvc)) == ("17Gi", "17Gi"), "the download and slack only"
+    asked_for = set_fields(copy.deepcopy(on_s3), **{"resources.ephemeralStorage": "400Gi"})
+    assert disk_of(training_pod(asked_for)) == ("400Gi", "400Gi")

@@ -254,6 +254,12 @@ class ResourcesSpec(ContractModel):
     shm_size: Quantity = Field(
         default="16Gi", description="Size of /dev/shm (RAM-backed) for NCCL and data loaders."
     )
+    ephemeral_storage: Quantity | None = Field(
+        default=None,
+        description="Local disk per pod (its /tmp): requested, and the size limit of /tmp. "
+        "Default: from the plan (the model's download, two checkpoint shares staged for the "
+        "object store, the pod's part of the export).",
+    )
     gpu_memory: Quantity | None = Field(
         default=None,
         description="Memory of one GPU, e.g. 80Gi, for the memory plan. Default: read from a GPU "
@@ -261,7 +267,7 @@ class ResourcesSpec(ContractModel):
         "cloud.google.com/gke-accelerator, node.kubernetes.io/instance-type).",
     )
 
-    @field_validator("cpu", "memory", "shm_size", "gpu_memory")
+    @field_validator("cpu", "memory", "shm_size", "ephemeral_storage", "gpu_memory")
     @classmethod
     def _quantity(cls, value: str | int | None) -> str | None:
         return None if value is None else check_quantity(value)

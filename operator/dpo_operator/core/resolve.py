@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dpo_operator.api import DPOJob, DPOJobSpec
-from dpo_operator.core.plan import Layout, Plan, plan
+from dpo_operator.core.plan import (
+    Layout,
+    Plan,
+    disk_bytes,
+    disk_quantity,
+    gate_disk_bytes,
+    plan,
+    transfer_timeout_seconds,
+)
 from dpo_operator.core.settings import DEFAULT_SETTINGS, Settings
 from dpo_operator.core.storage import claims
 
@@ -60,6 +68,25 @@ class ResolvedJob:
         """The FSDP implementation that shards the job (always FSDP2), or None when nothing
         is."""
         return FSDP_VERSION if self.layout.strategy in ("fsdp", "hsdp") else None
+
+    @property
+    def training_disk(self) -> str:
+        """Each training pod's local disk (`resources.ephemeralStorage`, or the plan's)."""
+        asked = self.spec.resources.ephemeral_storage
+        return (
+            str(asked)
+            if asked is not None
+            else disk_quantity(disk_bytes(self.spec, self.plan.shape, self.layout.strategy))
+        )
+
+    @property
+    def gate_disk(self) -> str:
+        """The eval and promotion pods' local disk."""
+        return disk_quantity(gate_disk_bytes(self.spec, self.plan.shape))
+
+    @property
+    def transfer_timeout_seconds(self) -> int:
+        return transfer_timeout_seconds(self.spec, self.plan.shape, self.layout.strategy)
 
 
 def resolve(job: DPOJob, settings: Settings = DEFAULT_SETTINGS) -> ResolvedJob:

@@ -32,7 +32,12 @@ from dpo_operator.core.plan.shapes import (
     gpu_memory,
     model_shape,
 )
-from dpo_operator.core.plan.transfer import transfer_timeout_seconds
+from dpo_operator.core.plan.transfer import (
+    disk_bytes,
+    disk_quantity,
+    gate_disk_bytes,
+    transfer_timeout_seconds,
+)
 
 __all__ = [
     "ASSUMED_GPU_MEMORY",
@@ -51,8 +56,11 @@ __all__ = [
     "Part",
     "Plan",
     "activation_bytes",
+    "disk_bytes",
+    "disk_quantity",
     "estimate",
     "format_plan",
+    "gate_disk_bytes",
     "gpu_memory",
     "layouts",
     "lora_parameters",

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dpo_operator.api import DPOJobSpec
 from dpo_operator.core.plan.memory import PARTS, Plan, world_size_of
 from dpo_operator.core.plan.shapes import GIB
+from dpo_operator.core.plan.transfer import (
+    disk_bytes,
+    transfer_timeout_seconds,
+)
 
 
 def format_plan(spec: DPOJobSpec, result: Plan) -> str:
@@ -65,6 +69,20 @@ def format_plan(spec: DPOJobSpec, result: Plan) -> str:
                 if result.choice is not None and result.choice.strategy in ("fsdp", "hsdp")
                 else " (each reads the whole bf16 weights)"
             )
+        )
+    if result.choice is not None:
+        strategy = result.choice.strategy
+        disk = (
+            spec.resources.ephemeral_storage
+            or f"{-(-disk_bytes(spec, result.shape, strategy) // GIB)}Gi"
+        )
+        lines.append(
+            f"disk       each training pod asks for {disk} of local disk (/tmp: the model's "
+            "download, checkpoints staged for the object store, its part of the export)"
+        )
+        lines.append(
+            f"timeouts   training steps {spec.network.collective_timeout_seconds} s; startup "
+            f"and the end {transfer_timeout_seconds(spec, result.shape, strategy)} s"
         )
     lines += [f"problem    {problem}" for problem in result.problems]
     return "\n".join(lines)

@@ -1,5 +1,7 @@
-"""How long a run's long transfers may take: the model's download and load at startup, a pod's
-share of each checkpoint, the export at the end. Pure, from the spec and the model's shape."""
+"""What a run moves and stages on each pod's disk: the model's download, its share of each
+checkpoint (staged on local disk while it is sent to an object store), the pod's part of the
+export; and so how long the long transfers may take and how much disk a pod needs. Pure, from
+the spec and the model's shape."""
 
 from __future__ import annotations
 
@@ -7,21 +9,67 @@ import math
 
 from dpo_operator.api import DPOJobSpec
 from dpo_operator.core.plan.memory import lora_parameters
-from dpo_operator.core.plan.shapes import ModelShape
+from dpo_operator.core.plan.shapes import GIB, ModelShape
 
 # Thirty minutes, plus the bytes a pod moves at a pessimistic 100 MiB/s.
 TRANSFER_BASE_SECONDS = 1800
 TRANSFER_BYTES_PER_SECOND = 100 * 2**20
+# Logs, tokenizer, datasets and Python's own caches.
+DISK_SLACK = 2 * GIB
+# Without a size: room for the download of a model of a few billion parameters.
+DISK_WITHOUT_SIZE = 50 * GIB
+# A checkpoint holds fp32 weights and AdamW's two fp32 moments of what is trained.
+CHECKPOINT_BYTES_PER_TRAINED = 12
 
 
-def transfer_timeout_seconds(spec: DPOJobSpec, shape: ModelShape | None) -> int:
-    """`network.transferTimeoutSeconds`, or the plan's: a pod downloads the bf16 model and
-    sends its share of a checkpoint (fp32 weights, gradients and optimizer moments: 16 bytes per
-    trained parameter)."""
+def disk_quantity(size: int) -> str:
+    """A size as the quantity a pod asks for, in whole GiB rounded up."""
+    return f"{-(-size // GIB)}Gi"
+
+
+def downloaded_bytes(spec: DPOJobSpec, shape: ModelShape) -> int:
+    """The model (and a separate reference) as each pod downloads it: bf16 safetensors, unless
+    it is on a mounted volume or builtin."""
+    models = [spec.model.name, *([spec.model.reference.name] if spec.model.reference else [])]
+    remote = [m for m in models if not m.startswith(("pvc://", "builtin:"))]
+    return 2 * shape.parameters * len(remote)
+
+
+def checkpoint_share_bytes(spec: DPOJobSpec, shape: ModelShape, strategy: str) -> int:
+    """The largest part of one checkpoint a pod writes: a sharded run's is 1/nodes of it, a
+    replicated run's first pod writes it all."""
+    trained = lora_parameters(spec, shape) if spec.peft.enabled else shape.parameters
+    whole = CHECKPOINT_BYTES_PER_TRAINED * trained
+    return whole // spec.resources.nodes if strategy in ("fsdp", "hsdp") else whole
+
+
+def disk_bytes(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int:
+    """A pod's local disk: the download, and with an object store two checkpoint shares (one
+    written while the one before is still being sent) and its part of the export."""
+    if shape is None:
+        return DISK_WITHOUT_SIZE
+    staged = 0
+    if "://" in spec.output.uri and not spec.output.uri.startswith("pvc://"):
+        staged = 2 * checkpoint_share_bytes(spec, shape, strategy)
+        if not spec.peft.enabled:
+            staged += 2 * shape.parameters // spec.resources.nodes
+    return downloaded_bytes(spec, shape) + staged + DISK_SLACK
+
+
+def gate_disk_bytes(spec: DPOJobSpec, shape: ModelShape | None) -> int:
+    """The eval and promotion pods' local disk: the model's download and the adapter."""
+    if shape is None:
+        return DISK_WITHOUT_SIZE
+    adapter = 4 * lora_parameters(spec, shape) if spec.peft.enabled else 2 * shape.parameters
+    return downloaded_bytes(spec, shape) + adapter + DISK_SLACK
+
+
+def transfer_timeout_seconds(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int:
+    """`network.transferTimeoutSeconds`, or the plan's: a pod downloads the model and sends its
+    share of a checkpoint."""
     if spec.network.transfer_timeout_seconds is not None:
         return spec.network.transfer_timeout_seconds
     if shape is None:
         return TRANSFER_BASE_SECONDS
-    trained = lora_parameters(spec, shape) if spec.peft.enabled else shape.parameters
-    moved = 2 * shape.parameters + 16 * trained // spec.resources.nodes
+    moved = downloaded_bytes(spec, shape) + checkpoint_share_bytes(spec, shape, strategy)
     return TRANSFER_BASE_SECONDS + math.ceil(moved / TRANSFER_BYTES_PER_SECOND)

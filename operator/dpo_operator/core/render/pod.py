@@ -61,9 +61,10 @@ def container_resources(
     gpu_resource: str,
     cpu: str | int | None,
     memory: str | int | None,
+    disk: str,
     extra: dict[str, str],
 ) -> Manifest:
-    requests: dict[str, str] = {}
+    requests: dict[str, str] = {"ephemeral-storage": disk}
     limits: dict[str, str] = dict(extra)
     if gpus:
         limits[gpu_resource] = str(gpus)
@@ -71,9 +72,7 @@ def container_resources(
         requests["cpu"] = str(cpu)
     if memory is not None:
         requests["memory"] = limits["memory"] = str(memory)
-    resources: Manifest = {}
-    if requests:
-        resources["requests"] = requests
+    resources: Manifest = {"requests": requests}
     if limits:
         # Extended resources (GPUs, RDMA devices) are requested through their limit.
         resources["limits"] = limits
@@ -81,12 +80,14 @@ def container_resources(
 
 
 def volumes_and_mounts(
-    resolved: ResolvedJob, pieces: NetworkPieces | None
+    resolved: ResolvedJob, pieces: NetworkPieces | None, disk: str
 ) -> tuple[list[Manifest], list[Manifest]]:
+    """The pod's volumes: its config, a /tmp of `disk` (downloads, staged checkpoints), the
+    claims its URIs name, and with `pieces` /dev/shm and the network's own."""
     job = resolved.job
     volumes: list[Manifest] = [
         {"name": "dpo-config", "configMap": {"name": config_map_name(job)}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": disk}},
     ]
     mounts: list[Manifest] = [
         {"name": "dpo-config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -192,7 +193,7 @@ def single_pod_job(
     non_retryable: list[int],
 ) -> Manifest:
     job, spec, settings = resolved.job, resolved.spec, resolved.settings
-    volumes, mounts = volumes_and_mounts(resolved, None)
+    volumes, mounts = volumes_and_mounts(resolved, None, resolved.gate_disk)
     container: Manifest = {
         "name": component,
         "image": spec.image or settings.trainer_image,
@@ -203,7 +204,9 @@ def single_pod_job(
             {"name": ENV_NAMESPACE, "value": job.namespace},
             *user_env(job),
         ],
-        "resources": container_resources(gpus, spec.resources.gpu_resource_name, cpu, memory, {}),
+        "resources": container_resources(
+            gpus, spec.resources.gpu_resource_name, cpu, memory, resolved.gate_disk, {}
+        ),
         "volumeMounts": mounts,
         "securityContext": container_security(()),
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -16,7 +16,6 @@ from dpo_contract.config import (
 from dpo_contract.fields import LoraSettings, ModelRef
 
 from dpo_operator.core.names import run_id
-from dpo_operator.core.plan import transfer_timeout_seconds
 from dpo_operator.core.render.evaluation import eval_gpus
 from dpo_operator.core.resolve import ResolvedJob
 from dpo_operator.core.serving import served_model_name
@@ -76,7 +75,7 @@ def trainer_config(resolved: ResolvedJob, claim_paths: ClaimPaths | None = None)
             gradient_checkpointing=spec.parallelism.activation_checkpointing,
             mixed_precision=resolved.mixed_precision,
             step_timeout_seconds=spec.network.collective_timeout_seconds,
-            transfer_timeout_seconds=transfer_timeout_seconds(spec, resolved.plan.shape),
+            transfer_timeout_seconds=resolved.transfer_timeout_seconds,
             extra=spec.dpo.extra,
         ),
         lora=LoraSettings.model_validate(spec.peft.model_dump(exclude={"enabled"}))

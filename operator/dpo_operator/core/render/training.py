@@ -112,7 +112,7 @@ def render_training_job(resolved: ResolvedJob, attempt: int) -> Manifest:
     # CPUs have no GPU NICs: plain TCP, whatever fabric the job's GPUs would use.
     network = spec.network.model_copy(update={"profile": "tcp"}) if settings.cpu else spec.network
     pieces = network_pieces(network, gpus, settings.tcpxo_daemon_image)
-    volumes, mounts = volumes_and_mounts(resolved, pieces)
+    volumes, mounts = volumes_and_mounts(resolved, pieces, resolved.training_disk)
     container: Manifest = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
@@ -130,6 +130,7 @@ def render_training_job(resolved: ResolvedJob, attempt: int) -> Manifest:
             spec.resources.gpu_resource_name,
             spec.resources.cpu,
             spec.resources.memory,
+            resolved.training_disk,
             pieces.resources,
         ),
         "volumeMounts": mounts,
