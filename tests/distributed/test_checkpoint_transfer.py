@@ -14,6 +14,7 @@ from typing import Any
 
 from dpo_contract.reports import RankCheckpoints, TrainingReport
 from dpo_trainer.io.checkpoints import COMPLETE_MARKER, RANK_MARKERS
+from dpo_trainer.train.run import EXIT_INTERRUPTED
 
 from tests.distributed.conftest import (
     SAVE_STEPS,
@@ -160,3 +161,53 @@ def test_a_hung_pod_fails_the_run_within_the_step_timeout(tmp_path: Path) -> Non
     assert code != 0
     assert failed_after < step_timeout + 60
     assert f"Timed out waiting {step_timeout * 1000}ms" in log.read_text(errors="replace")
+
+
+def test_sigterm_mid_training_saves_sends_and_resumes_from_that_save(
+    runs: dict[tuple[str, str], Run], tmp_path: Path
+) -> None:
+    """fsdp over 2 pods without a shared disk: SIGTERM to each pod's first process (what the
+    kubelet does on preemption) between periodic checkpoints. Every pod saves at the same step,
+    sends its part and exits 143; new pods resume from that save and the losses go on as the
+    uninterrupted run's."""
+    job = distributed_job(FSDP_ONE_EACH, lora=False)
+    _, pods = prepare(job, tmp_path, bucket=True)
+    started = [
+        subprocess.Popen(
+            command,
+            env=env,
+            stdout=(tmp_path / f"pod-{rank}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for rank, (command, env) in enumerate(pods)
+    ]
+    log = tmp_path / "pod-0.log"
+    try:
+        deadline = time.monotonic() + 300
+        while f"step {SAVE_STEPS + 1}/" not in log.read_text(errors="replace"):
+            assert all(p.poll() is None for p in started), log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "training never got there"
+            time.sleep(0.05)
+        for process in started:
+            process.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in started]
+    finally:
+        signal_pods(started, signal.SIGKILL)
+    assert codes == [EXIT_INTERRUPTED] * FSDP_ONE_EACH.nodes, codes
+    bucket = tmp_path / "bucket" / "checkpoints"
+    saved = max(
+        (p for p in bucket.iterdir() if (p / COMPLETE_MARKER).exists()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    stopped_at = int(saved.name.split("-")[1])
+    print(f"stopped by SIGTERM at step {stopped_at}; {saved.name} complete in the store")
+    assert SAVE_STEPS < stopped_at < STEPS
+    for pod in range(FSDP_ONE_EACH.nodes):
+        shutil.rmtree(tmp_path / f"pod-{pod}")
+
+    resumed = launch(job, tmp_path, bucket=True)
+    resumed.assert_succeeded()
+    assert re.search(rf"resuming from \S+/checkpoint-{stopped_at} ", resumed.log(0))
+    worst = largest_difference(resumed, runs[("fsdp", "full")], range(stopped_at + 1, STEPS + 1))
+    assert worst <= LOSS_TOLERANCE

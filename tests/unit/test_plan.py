@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import yaml
 from dpo_contract.pod import ACCELERATE_CONFIG_FILE
 from dpo_operator.api import describe_errors
+from dpo_operator.core.lifecycle import Observed, decide
 from dpo_operator.core.plan import GIB, estimate, gpu_memory, model_shape, plan
 from dpo_operator.core.render import (
     render_config_map,
@@ -23,6 +25,9 @@ from pydantic import ValidationError
 from tests.conftest import example, job_with, minimal_manifest, set_fields
 
 H100 = {"gpuMemory": "80Gi"}
+
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
 
 def llama_job(model: str, nodes: int, lora: bool, **changes: Any) -> dict[str, Any]:
@@ -282,3 +287,40 @@ def test_each_pod_asks_for_the_disk_its_downloads_and_staged_checkpoints_take() 
     assert disk_of(training_pod(on_pvc)) == ("17Gi", "17Gi"), "the download and slack only"
     asked_for = set_fields(copy.deepcopy(on_s3), **{"resources.ephemeralStorage": "400Gi"})
     assert disk_of(training_pod(asked_for)) == ("400Gi", "400Gi")
+
+
+def test_the_grace_period_is_the_time_a_save_on_sigterm_takes() -> None:
+    """8B full fine-tune on 2 nodes with an object store: each pod writes a 48 GB share at 200
+    MiB/s (230 s) and sends it at 100 MiB/s (460 s), after up to 60 s to finish its step."""
+    manifest = set_fields(
+        llama_job(
+            "meta-llama/Llama-3.1-8B-Instruct", 2, lora=False, **{"parallelism.strategy": "fsdp"}
+        ),
+        **{"output.uri": "s3://bucket/runs"},
+    )
+    resolved = resolve(parse_dpojob(manifest))
+    assert training_pod(manifest)["terminationGracePeriodSeconds"] == 750
+    assert trainer_config(resolved).training.save_on_signal
+    on_pvc = set_fields(copy.deepcopy(manifest), **{"output.uri": "pvc://runs/dpo"})
+    assert training_pod(on_pvc)["terminationGracePeriodSeconds"] == 290, "nothing to send"
+
+
+def test_a_grace_period_too_short_for_a_save_stops_without_one_and_says_so() -> None:
+    """A spot notice of 120 s: the trainer is told not to save on SIGTERM, and the first
+    attempt's creation comes with a Warning that names both figures."""
+    manifest = set_fields(
+        llama_job(
+            "meta-llama/Llama-3.1-8B-Instruct", 2, lora=False, **{"parallelism.strategy": "fsdp"}
+        ),
+        **{"output.uri": "s3://bucket/runs", "runPolicy.terminationGracePeriodSeconds": 120},
+    )
+    job = parse_dpojob(manifest)
+    assert training_pod(manifest)["terminationGracePeriodSeconds"] == 120
+    assert not trainer_config(resolve(job)).training.save_on_signal
+    (event,) = [
+        e for e in decide(job, Observed(now=NOW)).events if e.reason == "NoSaveOnPreemption"
+    ]
+    print(event.message)
+    assert event.type == "Warning"
+    assert "needs about 750 s" in event.message
+    assert "(120 s)" in event.message

@@ -76,6 +76,11 @@ class TrainingConfig(ContractModel):
     step_timeout_seconds: int = Field(
         ge=1, description="The collectives of training steps: a hung rank fails the run this soon."
     )
+    save_on_signal: bool = Field(
+        default=True,
+        description="Write a checkpoint on SIGTERM: false when one would not fit in the pods' "
+        "grace period (the run then resumes from its last periodic checkpoint).",
+    )
     transfer_timeout_seconds: int = Field(
         ge=1,
         description="The collectives of startup (download, load, shard, precompute) and of the "

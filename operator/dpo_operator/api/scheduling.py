@@ -63,6 +63,15 @@ class RunPolicySpec(ContractModel):
         description="Times the pod group is restarted from its checkpoint after a failure "
         "(pod disruptions such as preemption are not counted).",
     )
+    termination_grace_period_seconds: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="How long a training pod may take to stop after SIGTERM (preemption, "
+        "eviction). Default: from the plan, the time to write (and send) a checkpoint. When "
+        "that does not fit (e.g. a spot notice of 120), the run stops without one and resumes "
+        "from its last periodic checkpoint; an Event says so when it starts.",
+    )
     active_deadline_seconds: StrictInt | None = Field(
         default=None,
         ge=1,

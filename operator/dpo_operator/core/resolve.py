@@ -15,7 +15,9 @@ from dpo_operator.core.plan import (
     disk_bytes,
     disk_quantity,
     gate_disk_bytes,
+    grace_period_seconds,
     plan,
+    save_seconds,
     transfer_timeout_seconds,
 )
 from dpo_operator.core.settings import DEFAULT_SETTINGS, Settings
@@ -83,6 +85,18 @@ class ResolvedJob:
     def gate_disk(self) -> str:
         """The eval and promotion pods' local disk."""
         return disk_quantity(gate_disk_bytes(self.spec, self.plan.shape))
+
+    @property
+    def grace_period_seconds(self) -> int:
+        """How long a training pod may take to stop (runPolicy, or the plan's save time)."""
+        return grace_period_seconds(self.spec, self.plan.shape, self.layout.strategy)
+
+    @property
+    def saves_on_signal(self) -> bool:
+        """Whether a checkpoint written on SIGTERM fits in the grace period."""
+        return save_seconds(self.spec, self.plan.shape, self.layout.strategy) <= (
+            self.grace_period_seconds
+        )
 
     @property
     def transfer_timeout_seconds(self) -> int:

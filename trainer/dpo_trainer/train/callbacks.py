@@ -80,13 +80,15 @@ class CheckDistributed(TrainerCallback, NeedsAccelerator):
 
 
 class StopOnSignal(TrainerCallback):
-    """On SIGTERM, finish the current step, write a checkpoint, and stop.
+    """On SIGTERM, finish the current step, write a checkpoint (unless `save` is false: one
+    would not fit in the pods' grace period), and stop.
 
     Every rank must stop at the same step (the checkpoint is a collective), so the flag is
     agreed on with an all-reduce at each step end.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, save: bool = True) -> None:
+        self.save = save
         self.requested = False
         self.stopped = False
         self._previous = signal.signal(signal.SIGTERM, self._request)
@@ -104,8 +106,16 @@ class StopOnSignal(TrainerCallback):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             requested = bool(flag.item())
         if requested:
-            log.warning("termination requested: checkpointing at step %d", state.global_step)
-            control.should_save = True
+            if self.save:
+                log.warning("termination requested: checkpointing at step %d", state.global_step)
+            else:
+                log.warning(
+                    "termination requested at step %d: stopping without a checkpoint (one would "
+                    "not fit in the grace period, runPolicy.terminationGracePeriodSeconds); the "
+                    "run resumes from its last periodic checkpoint",
+                    state.global_step,
+                )
+            control.should_save = self.save
             control.should_training_stop = True
             self.stopped = True
 

@@ -111,7 +111,7 @@ def train(config: TrainerConfig) -> TrainingReport:
     metrics = PrometheusCallback(
         config.job.name, config.job.namespace, config.metrics_port, serve=state.is_main_process
     )
-    stopper = StopOnSignal()
+    stopper = StopOnSignal(save=config.training.save_on_signal)
     checked = CheckDistributed(distributed)
     measured = MeasureStates()
     health = WatchHealth(config.health, metrics)

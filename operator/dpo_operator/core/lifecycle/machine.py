@@ -57,6 +57,8 @@ from dpo_operator.core.lifecycle.observed import (
     PodState,
 )
 from dpo_operator.core.lifecycle.timing import active_seconds, requeue_after
+from dpo_operator.core.plan import save_seconds
+from dpo_operator.core.resolve import resolve
 from dpo_operator.core.serving import with_vllm_instructions
 
 
@@ -218,6 +220,8 @@ class _Machine:
                 self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
                 return
             self.act(Create("train", attempt))
+            if attempt == 1:
+                self.warn_when_preemption_loses_work()
             if self.queued_by_kueue():
                 # Created suspended: nothing changes until Kueue admits it, so say so now.
                 self.status.waiting_since = None
@@ -301,6 +305,23 @@ class _Machine:
             self.degraded(summary.health[0].reason, f"raised while training: {said}", "Degraded")
         elif self.current("Degraded") is not None:
             self.condition("Degraded", False, "Healthy", "training ended with no health signal")
+
+    def warn_when_preemption_loses_work(self) -> None:
+        """Before training starts: when a checkpoint on SIGTERM does not fit in the grace
+        period, a preemption loses the steps since the last periodic checkpoint. Say so."""
+        resolved = resolve(self.job)
+        if resolved.saves_on_signal:
+            return
+        needed = save_seconds(self.spec, resolved.plan.shape, resolved.layout.strategy)
+        self.event(
+            "NoSaveOnPreemption",
+            f"a checkpoint on SIGTERM needs about {needed} s (writing and sending each pod's "
+            f"share), more than runPolicy.terminationGracePeriodSeconds "
+            f"({resolved.grace_period_seconds} s): a preempted or evicted run resumes from its "
+            f"last periodic checkpoint (dpo.saveSteps {self.spec.dpo.save_steps}); raise the "
+            "grace period, or save more often",
+            warning=True,
+        )
 
     def not_started(self, child: ChildJob, started: int, wanted: int) -> bool:
         """Tracks a Job whose pods have not all started: says why in the Stalled condition and

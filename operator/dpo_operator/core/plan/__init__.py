@@ -36,6 +36,8 @@ from dpo_operator.core.plan.transfer import (
     disk_bytes,
     disk_quantity,
     gate_disk_bytes,
+    grace_period_seconds,
+    save_seconds,
     transfer_timeout_seconds,
 )
 
@@ -62,10 +64,12 @@ __all__ = [
     "format_plan",
     "gate_disk_bytes",
     "gpu_memory",
+    "grace_period_seconds",
     "layouts",
     "lora_parameters",
     "model_shape",
     "plan",
     "reference_parameters",
+    "save_seconds",
     "transfer_timeout_seconds",
 ]

@@ -18,6 +18,12 @@ TRANSFER_BYTES_PER_SECOND = 100 * 2**20
 DISK_SLACK = 2 * GIB
 # Without a size: room for the download of a model of a few billion parameters.
 DISK_WITHOUT_SIZE = 50 * GIB
+# Writing a checkpoint to local disk or a volume, pessimistically.
+WRITE_BYTES_PER_SECOND = 200 * 2**20
+# After SIGTERM a pod first finishes its step: room for it, and for the processes to stop.
+STOP_MARGIN_SECONDS = 60
+# Without a size: the grace period training pods had before the plan gave one.
+GRACE_WITHOUT_SIZE = 300
 # A checkpoint holds fp32 weights and AdamW's two fp32 moments of what is trained.
 CHECKPOINT_BYTES_PER_TRAINED = 12
 
@@ -49,7 +55,7 @@ def disk_bytes(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int
     if shape is None:
         return DISK_WITHOUT_SIZE
     staged = 0
-    if "://" in spec.output.uri and not spec.output.uri.startswith("pvc://"):
+    if _staged_for_an_object_store(spec):
         staged = 2 * checkpoint_share_bytes(spec, shape, strategy)
         if not spec.peft.enabled:
             staged += 2 * shape.parameters // spec.resources.nodes
@@ -62,6 +68,28 @@ def gate_disk_bytes(spec: DPOJobSpec, shape: ModelShape | None) -> int:
         return DISK_WITHOUT_SIZE
     adapter = 4 * lora_parameters(spec, shape) if spec.peft.enabled else 2 * shape.parameters
     return downloaded_bytes(spec, shape) + adapter + DISK_SLACK
+
+
+def save_seconds(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int:
+    """How long a pod takes to save a checkpoint after SIGTERM: finish its step, write its share,
+    and with an object store send it (its disk goes with the pod)."""
+    if shape is None:
+        return GRACE_WITHOUT_SIZE
+    share = checkpoint_share_bytes(spec, shape, strategy)
+    seconds = share / WRITE_BYTES_PER_SECOND
+    if _staged_for_an_object_store(spec):
+        seconds += share / TRANSFER_BYTES_PER_SECOND
+    return STOP_MARGIN_SECONDS + math.ceil(seconds)
+
+
+def grace_period_seconds(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int:
+    """`runPolicy.terminationGracePeriodSeconds`, or the time a save on SIGTERM takes."""
+    asked = spec.run_policy.termination_grace_period_seconds
+    return asked if asked is not None else save_seconds(spec, shape, strategy)
+
+
+def _staged_for_an_object_store(spec: DPOJobSpec) -> bool:
+    return "://" in spec.output.uri and not spec.output.uri.startswith("pvc://")
 
 
 def transfer_timeout_seconds(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int:

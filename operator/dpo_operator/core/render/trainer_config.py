@@ -76,6 +76,7 @@ def trainer_config(resolved: ResolvedJob, claim_paths: ClaimPaths | None = None)
             mixed_precision=resolved.mixed_precision,
             step_timeout_seconds=spec.network.collective_timeout_seconds,
             transfer_timeout_seconds=resolved.transfer_timeout_seconds,
+            save_on_signal=resolved.saves_on_signal,
             extra=spec.dpo.extra,
         ),
         lora=LoraSettings.model_validate(spec.peft.model_dump(exclude={"enabled"}))

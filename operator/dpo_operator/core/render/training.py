@@ -141,8 +141,8 @@ def render_training_job(resolved: ResolvedJob, attempt: int) -> Manifest:
         container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret}}]
     pod = pod_spec(job, container, volumes)
     pod["subdomain"] = service_name(job)
-    # Time for the trainer to finish the step and write a checkpoint after SIGTERM.
-    pod["terminationGracePeriodSeconds"] = 300
+    # Time for the trainer to finish the step and write (and send) a checkpoint after SIGTERM.
+    pod["terminationGracePeriodSeconds"] = resolved.grace_period_seconds
     if pieces.sidecars:
         pod["initContainers"] = list(pieces.sidecars)
     annotations = dict(pieces.annotations)
