@@ -47,6 +47,18 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "efa moves GPU memory over RDMA but resources.gpusPerNode is 0; set it >= 1 or use tcp",
     ),
     (
+        "global-batch-not-a-multiple",
+        manifest("rule-gbs-a", **{"dpo.globalBatchSize": 6, "dpo.perDeviceBatchSize": 4}),
+        "spec.dpo.globalBatchSize",
+        "must be a multiple of dpo.perDeviceBatchSize x the GPUs",
+    ),
+    (
+        "global-batch-and-accumulation",
+        manifest("rule-gbs-b", **{"dpo.globalBatchSize": 8, "dpo.gradientAccumulationSteps": 2}),
+        "spec.dpo.gradientAccumulationSteps",
+        "is derived from dpo.globalBatchSize: set one of them",
+    ),
+    (
         "promotion-without-gate",
         manifest("rule-f", **{"evalGate.enabled": False, "promotion": {"target": "s3://m"}}),
         "spec.promotion",
@@ -222,6 +234,18 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("ddp-on-cpu", manifest("ok-b", **{"parallelism.strategy": "ddp", "resources.gpusPerNode": 0})),
+    (
+        "global-batch-over-two-nodes",
+        manifest(
+            "ok-gbs",
+            **{
+                "dpo.globalBatchSize": 16,
+                "dpo.perDeviceBatchSize": 2,
+                "resources.nodes": 2,
+                "resources.gpusPerNode": 2,
+            },
+        ),
+    ),
     (
         "gate-off-no-held-out",
         manifest("ok-c", **{"evalGate.enabled": False}, data={"train": {"uri": "s3://b/t.jsonl"}}),

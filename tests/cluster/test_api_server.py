@@ -145,10 +145,46 @@ def test_training_settings_are_frozen_once_training_started(crd_installed: Contr
         check=False,
     )
     assert changed.returncode != 0
-    assert "cannot change once training has started; create a new DPOJob instead" in changed.stderr
+    assert "cannot change once training has started" in changed.stderr
     crd_installed.kubectl(
         "patch", "dpo", "frozen", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}'
     )
+    resized = '{"spec": {"resources": {"nodes": 2}}}'
+    refused = crd_installed.kubectl(
+        "patch", "dpo", "frozen", "--type=merge", "-p", resized, check=False
+    )
+    assert refused.returncode != 0
+    assert "nor spec.resources unless spec.dpo.globalBatchSize" in refused.stderr
+
+
+def test_a_run_with_a_global_batch_size_can_change_size_once_started(
+    crd_installed: ControlPlane,
+) -> None:
+    """dpo.globalBatchSize keeps each step's pairs at any size: resources may change after the
+    start (a run suspended on 4 nodes goes on on 2)."""
+    manifest = set_fields(
+        _manifest("elastic"),
+        **{"dpo.globalBatchSize": 16, "dpo.perDeviceBatchSize": 2, "resources.nodes": 4},
+    )
+    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+    crd_installed.kubectl(
+        "patch",
+        "dpo",
+        "elastic",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status": {"phase": "Training", "startTime": "2026-11-23T00:00:00Z"}}',
+    )
+    crd_installed.kubectl(
+        "patch", "dpo", "elastic", "--type=merge", "-p", '{"spec": {"resources": {"nodes": 2}}}'
+    )
+    odd = '{"spec": {"resources": {"nodes": 3}}}'
+    refused = crd_installed.kubectl(
+        "patch", "dpo", "elastic", "--type=merge", "-p", odd, check=False
+    )
+    assert refused.returncode != 0
+    assert "must be a multiple of dpo.perDeviceBatchSize x the GPUs" in refused.stderr
 
 
 def test_every_rendered_object_of_every_example_is_created(namespaces: ControlPlane) -> None:

@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dpo_contract.reports import RankCheckpoints, TrainingReport
 from dpo_trainer.io.checkpoints import COMPLETE_MARKER, RANK_MARKERS
 from dpo_trainer.train.run import EXIT_INTERRUPTED
 
 from tests.distributed.conftest import (
+    FSDP,
+    GLOBAL_BATCH,
     SAVE_STEPS,
     STEPS,
     PodLayout,
@@ -26,9 +29,14 @@ from tests.distributed.conftest import (
     prepare,
     signal_pods,
 )
-from tests.distributed.test_resume_and_precompute import LOSS_TOLERANCE, largest_difference
+from tests.distributed.test_resume_and_precompute import (
+    LOSS_TOLERANCE,
+    largest_difference,
+    learning_rates,
+)
 from tests.object_store import ObjectStore
 from tests.throttle import throttled
+from tests.trainer.conftest import tiny_job
 
 FSDP_TWO_PODS = PodLayout("fsdp", 2, 2)
 FSDP_ONE_EACH = PodLayout("fsdp", 2, 1)
@@ -211,3 +219,67 @@ def test_sigterm_mid_training_saves_sends_and_resumes_from_that_save(
     assert re.search(rf"resuming from \S+/checkpoint-{stopped_at} ", resumed.log(0))
     worst = largest_difference(resumed, runs[("fsdp", "full")], range(stopped_at + 1, STEPS + 1))
     assert worst <= LOSS_TOLERANCE
+
+
+def resizable_job(layout: PodLayout, *, lora: bool) -> Any:
+    """The run of `distributed_job` with its 8 pairs per step fixed by dpo.globalBatchSize: 2
+    per process, accumulated twice at world size 2 and once at 4."""
+    return tiny_job(
+        resources={"nodes": layout.nodes, "gpusPerNode": layout.gpus_per_node},
+        parallelism={"strategy": layout.strategy},
+        peft={"enabled": lora, "dropout": 0.0},
+        dpo={
+            "maxSteps": STEPS,
+            "saveSteps": SAVE_STEPS,
+            "loggingSteps": 1,
+            "perDeviceBatchSize": 2,
+            "globalBatchSize": GLOBAL_BATCH,
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "before", "after"),
+    [
+        ("full", FSDP_TWO_PODS, FSDP),
+        ("lora", FSDP_TWO_PODS, FSDP),
+        ("full", FSDP, FSDP_TWO_PODS),
+        ("lora", FSDP, FSDP_TWO_PODS),
+    ],
+    ids=["full-4-to-2", "lora-4-to-2", "full-2-to-4", "lora-2-to-4"],
+)
+def test_a_run_resumes_at_another_world_size(
+    runs: dict[tuple[str, str], Run],
+    tmp_path: Path,
+    kind: str,
+    before: PodLayout,
+    after: PodLayout,
+) -> None:
+    """Killed after checkpoint 4 at one world size, resumed in new pods at another: DCP
+    reshards the model and optimizer, each rank fetching only its new rows; the scheduler and
+    the data position go on (8 pairs a step either way), and the losses follow the
+    uninterrupted run's."""
+    lora = kind == "lora"
+    crashed = launch(
+        resizable_job(before, lora=lora), tmp_path, bucket=True, crash_after_checkpoint=SAVE_STEPS
+    )
+    assert all(code < 0 for code in crashed.codes), f"killed: {crashed.codes}"
+    for pod in range(before.nodes):
+        shutil.rmtree(tmp_path / f"pod-{pod}")
+
+    resumed = launch(resizable_job(after, lora=lora), tmp_path, bucket=True)
+    resumed.assert_succeeded()
+    log = resumed.log(0)
+    assert re.search(rf"resuming from \S+/checkpoint-{SAVE_STEPS} ", log)
+    assert f"written at world size {before.world_size}; resuming at {after.world_size}" in log
+    baseline = runs[("fsdp", kind)]
+    worst = largest_difference(resumed, baseline, range(SAVE_STEPS + 1, STEPS + 1))
+    report = TrainingReport.model_validate(resumed.summary())
+    fetched = [r.downloaded_bytes for r in per_rank(report)]
+    print(
+        f"{kind} {before.world_size} -> {after.world_size}: steps {SAVE_STEPS + 1}..{STEPS} "
+        f"differ by {worst:.2e}; fetched per rank {fetched}"
+    )
+    assert worst <= LOSS_TOLERANCE
+    assert learning_rates(resumed) == learning_rates(baseline), "the scheduler went on"
+    assert report.step == STEPS

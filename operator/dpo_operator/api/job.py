@@ -41,7 +41,6 @@ _IMMUTABLE_AFTER_START = (
     "data",
     "dpo",
     "peft",
-    "resources",
     "parallelism",
     "network",
     "output",
@@ -88,6 +87,21 @@ class DPOJobSpec(RuledModel):
             ".network.profile",
             quoting="self.network.profile + ' moves GPU memory over RDMA but "
             "resources.gpusPerNode is 0; set it >= 1 or use tcp'",
+        ),
+        Rule(
+            "!has(self.dpo.globalBatchSize) || self.dpo.globalBatchSize % "
+            "(self.dpo.perDeviceBatchSize * self.resources.nodes * "
+            "(self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1)) == 0",
+            "must be a multiple of dpo.perDeviceBatchSize x the GPUs (resources.nodes x "
+            "resources.gpusPerNode, 1 per pod on CPU): gradientAccumulationSteps is derived from "
+            "it; change one of them",
+            ".dpo.globalBatchSize",
+        ),
+        Rule(
+            "!has(self.dpo.globalBatchSize) || !has(self.dpo.gradientAccumulationSteps) || "
+            "self.dpo.gradientAccumulationSteps == 1",
+            "is derived from dpo.globalBatchSize: set one of them",
+            ".dpo.gradientAccumulationSteps",
         ),
         Rule(
             "!has(self.promotion) || self.evalGate.enabled",
@@ -242,10 +256,13 @@ class DPOJob(RuledModel):
         Rule(
             "!has(oldSelf.status) || !has(oldSelf.status.startTime) || ("
             + " && ".join(f"self.spec.{f} == oldSelf.spec.{f}" for f in _IMMUTABLE_AFTER_START)
-            + ")",
+            + " && (has(self.spec.dpo.globalBatchSize) || "
+            "self.spec.resources == oldSelf.spec.resources))",
             "spec."
             + ", spec.".join(_IMMUTABLE_AFTER_START)
-            + " cannot change once training has started; create a new DPOJob instead",
+            + " cannot change once training has started, nor spec.resources unless "
+            "spec.dpo.globalBatchSize keeps each step's pairs at any size; create a new DPOJob "
+            "instead",
             transition=True,
         ),
     )

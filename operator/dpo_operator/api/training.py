@@ -180,6 +180,15 @@ class DPOSpec(RuledModel):
     gradient_accumulation_steps: StrictInt = Field(
         default=1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step."
     )
+    global_batch_size: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 20,
+        description="Pairs per optimizer step over every GPU. Set, each step sees the same pairs "
+        "at any size: gradientAccumulationSteps is derived (globalBatchSize / (perDeviceBatchSize "
+        "x GPUs)), and resources may change after training started (suspend, edit "
+        "resources.nodes, resume: the run goes on from its checkpoint at the new size).",
+    )
     max_length: StrictInt = Field(
         default=1024, ge=8, le=1048576, description="Maximum tokens of prompt + response."
     )

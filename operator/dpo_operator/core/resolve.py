@@ -55,6 +55,15 @@ class ResolvedJob:
         return self.spec.resources.nodes * self.processes_per_node
 
     @property
+    def gradient_accumulation_steps(self) -> int:
+        """`dpo.gradientAccumulationSteps`, or what `dpo.globalBatchSize` makes of it at this
+        size."""
+        dpo = self.spec.dpo
+        if dpo.global_batch_size is None:
+            return dpo.gradient_accumulation_steps
+        return dpo.global_batch_size // (dpo.per_device_batch_size * self.world_size)
+
+    @property
     def on_cpu(self) -> bool:
         """Whether the processes run on CPUs: the job asks for no GPU, or the installation runs
         its layout on CPUs (`dpo run --cpu`, tests)."""

@@ -114,6 +114,7 @@ class CheckpointTransfer:
     world: int
     shard: RowShard | None
     keep: int
+    global_batch: int
     counted: RankCheckpoints = field(init=False)
     _queue: queue.Queue[str | None] = field(init=False, default_factory=queue.Queue)
     _thread: threading.Thread | None = field(init=False, default=None)
@@ -220,7 +221,9 @@ class CheckpointTransfer:
             listed = fs.ls(self._remote(f"{base}/{RANK_MARKERS}"), detail=False)
             marked = {p.rstrip("/").rsplit("/", 1)[-1] for p in listed}
         if marked >= {f"{r}.json" for r in range(self.world)}:
-            complete = json.dumps({"world": self.world, "step": step_of(name)})
+            complete = json.dumps(
+                {"world": self.world, "step": step_of(name), "globalBatch": self.global_batch}
+            )
             if self.artifacts.is_local:
                 write_text_atomically(self.artifacts.checkpoints / name / COMPLETE_MARKER, complete)
             else:
@@ -292,6 +295,17 @@ class CheckpointTransfer:
                 if fs.exists(self._remote(f"{CHECKPOINTS}/{n}/{COMPLETE_MARKER}"))
             ]
         return max(done, key=step_of, default=None)
+
+    def written_by(self, name: str) -> dict[str, int]:
+        """What complete checkpoint `name` records of the run that wrote it: its world size,
+        step and pairs per optimizer step."""
+        relative = f"{CHECKPOINTS}/{name}/{COMPLETE_MARKER}"
+        if self.artifacts.is_local:
+            text = (self.artifacts.root / relative).read_text()
+        else:
+            text = self.artifacts.fs.cat_file(self._remote(relative)).decode()
+        recorded: dict[str, int] = json.loads(text)
+        return recorded
 
     def fetch(self, name: str) -> Path:
         """A local folder of checkpoint `name` holding what this rank reads from it."""

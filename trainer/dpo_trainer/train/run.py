@@ -107,6 +107,7 @@ def train(config: TrainerConfig) -> TrainingReport:
         world=state.num_processes,
         shard=row_shard(distributed, state.process_index),
         keep=SAVE_TOTAL_LIMIT,
+        global_batch=global_batch(config),
     )
     metrics = PrometheusCallback(
         config.job.name, config.job.namespace, config.metrics_port, serve=state.is_main_process
@@ -204,11 +205,41 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
+def global_batch(config: TrainerConfig) -> int:
+    """Pairs per optimizer step over every rank."""
+    training = config.training
+    return (
+        training.per_device_train_batch_size
+        * config.distributed.world_size
+        * training.gradient_accumulation_steps
+    )
+
+
 def _checkpoint_to_resume(transfer: CheckpointTransfer) -> Path | None:
-    """The newest complete checkpoint, with what this rank reads of it fetched by this rank."""
+    """The newest complete checkpoint, with what this rank reads of it fetched by this rank. It
+    may have been written at another world size (DCP reshards it) but not with another number
+    of pairs per step: the step count would then no longer say which pairs were seen."""
     name = transfer.latest_complete()
     if name is None:
         return None
+    written = transfer.written_by(name)
+    theirs = written.get("globalBatch", transfer.global_batch)
+    if theirs != transfer.global_batch:
+        raise BadInputError(
+            f"{name} was written with {theirs} pairs per optimizer step (world size "
+            f"{written['world']}) and this run takes {transfer.global_batch} per step at world "
+            f"size {transfer.world}: resumed, its steps would see other pairs; set "
+            f"dpo.globalBatchSize: {theirs} (gradientAccumulationSteps is then derived at any "
+            "size)"
+        )
+    if written["world"] != transfer.world:
+        log.info(
+            "%s was written at world size %d; resuming at %d, %d pairs per step as before",
+            name,
+            written["world"],
+            transfer.world,
+            theirs,
+        )
     resume = transfer.fetch(name)
     log.info(
         "resuming from %s (rank %d fetched %d bytes of it)",
