@@ -180,12 +180,14 @@ def launch(
     ]
     run = Run(workdir, config, [])
     if crash_after_checkpoint is not None:
-        checkpoint = run.artifacts / "checkpoints" / f"checkpoint-{crash_after_checkpoint}"
+        fs, root = fsspec.core.url_to_fs(config.artifacts_dir)
+        checkpoint = f"{root}/checkpoints/checkpoint-{crash_after_checkpoint}"
         deadline = time.monotonic() + timeout
-        while not (checkpoint / COMPLETE_MARKER).exists():
+        while not fs.exists(f"{checkpoint}/{COMPLETE_MARKER}"):
+            fs.invalidate_cache()
             for rank, process in enumerate(processes):
                 assert process.poll() is None, f"pod {rank} ended early:\n{run.log(rank)[-3000:]}"
-            assert time.monotonic() < deadline, f"no {checkpoint.name} in time"
+            assert time.monotonic() < deadline, f"no {checkpoint} in time"
             time.sleep(0.05)
         signal_pods(processes, signal.SIGKILL)
     deadline = time.monotonic() + timeout

@@ -112,6 +112,12 @@ class RankCheckpoints(ContractModel):
     downloaded_bytes: int = Field(
         default=0, description="Of the checkpoint it resumed from: only what it reads."
     )
+    saves: int = Field(default=0, description="Checkpoints it wrote.")
+    longest_save_seconds: float = Field(
+        default=0.0,
+        description="The longest a save held training (DCP's save is a collective: every rank "
+        "waits there for the slowest writer; uploads are not in it).",
+    )
     upload_seconds: float = Field(default=0.0, description="Its uploads, beside training.")
     wait_seconds: float = Field(
         default=0.0, description="Its own wait, after training, for its uploads to finish."

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from types import FrameType
 from typing import Any
 
@@ -193,14 +194,32 @@ class WatchHealth(TrainerCallback):
 class SendCheckpoints(TrainerCallback):
     """Hands each checkpoint this rank wrote to its transfer as soon as the Trainer saved it:
     the rank sends its own files beside training (dpo_trainer.io.checkpoints), and no rank
-    waits for another's upload."""
+    waits for another's upload. Times how long each save held training (installed last, it
+    sees the step's final decision to save; an evaluation before the save is not counted)."""
 
     def __init__(self, transfer: CheckpointTransfer) -> None:
         self.transfer = transfer
+        self._save_began: float | None = None
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self._save_began = time.monotonic() if control.should_save else None
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if self._save_began is not None:
+            self._save_began = time.monotonic()
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
+        counted = self.transfer.counted
+        if self._save_began is not None:
+            held = round(time.monotonic() - self._save_began, 3)
+            counted.longest_save_seconds = max(counted.longest_save_seconds, held)
+        counted.saves += 1
         self.transfer.saved(f"checkpoint-{state.global_step}")
 
 
