@@ -145,6 +145,7 @@ class PodRunner:
 
     def _register(self, node: NodeSpec) -> None:
         # As a kubelet does: the local disk its pods' emptyDirs and logs live on.
+        self.workdir.mkdir(parents=True, exist_ok=True)
         disk = shutil.disk_usage(self.workdir).total
         capacity = {
             "cpu": node.cpu,

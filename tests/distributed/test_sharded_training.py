@@ -12,6 +12,7 @@ import torch
 from dpo_contract.manifest import MANIFEST, verify_manifest
 from dpo_operator.core.plan import Layout, estimate, model_shape
 from dpo_trainer.distributed import parameters_digest
+from dpo_trainer.io.checkpoints import RANK_MARKERS
 from dpo_trainer.io.models import model_location
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -144,13 +145,15 @@ def test_pods_without_a_shared_disk_put_every_shard_of_every_checkpoint_in_the_s
         assert sorted(p.name for p in (store / checkpoint).glob("rng_state_*.pth")) == [
             f"rng_state_{rank}.pth" for rank in range(4)
         ]
-    # Each pod wrote only its own ranks' shards to its own disk: the store joined them.
-    for pod, ranks in ((0, (0, 1)), (1, (2, 3))):
+    # Each rank sent only the shards it wrote (its marker lists them): the store joined them.
+    for rank in range(4):
+        marker = json.loads((store / "checkpoint-8" / RANK_MARKERS / f"{rank}.json").read_text())
+        shards = sorted(Path(f).name for f in marker["files"] if f.endswith(".distcp"))
+        assert shards == [f"__{rank}_0.distcp"] * 2, (rank, shards)
+    # Once sent, a pod's disk keeps none of it.
+    for pod in range(2):
         mirror = next((run.workdir / f"pod-{pod}" / "tmp" / "dpo-artifacts").iterdir())
-        local = mirror / "checkpoints" / "checkpoint-8" / "pytorch_model_fsdp_0"
-        assert sorted(p.name for p in local.glob("*.distcp")) == [
-            f"__{rank}_0.distcp" for rank in ranks
-        ]
+        assert not [p for p in (mirror / "checkpoints").glob("checkpoint-*/**/*") if p.is_file()]
 
 
 def test_a_launcher_that_drops_fsdp_stops_the_run_instead_of_training_ddp(tmp_path: Path) -> None:

@@ -249,18 +249,13 @@ class CheckpointTransfer:
                 fs.rm(self._remote(f"{CHECKPOINTS}/{name}"), recursive=True)
 
     def _prune_own_local(self, sent: str) -> None:
-        """This rank's files of the local copies older than the newest `keep` it has sent
-        (another rank of the pod may still be sending its own files of them)."""
-        local = self.artifacts.checkpoints
-        older = sorted(
-            (
-                p
-                for p in local.iterdir()
-                if step_of(p.name) >= 0 and step_of(p.name) < step_of(sent)
-            ),
-            key=lambda p: step_of(p.name),
-        )
-        for folder in older[: max(len(older) - (self.keep - 1), 0)]:
+        """This rank's files of the local copies of `sent` and older checkpoints: once sent,
+        the store has them (a resume fetches what it needs), and the pod's disk holds only the
+        checkpoint being written and the one being sent. Another rank of the pod may still be
+        sending its own files of them: only this rank's go."""
+        for folder in self.artifacts.checkpoints.iterdir():
+            if not 0 <= step_of(folder.name) <= step_of(sent):
+                continue
             for path in sorted(folder.rglob("*"), reverse=True):
                 if path.is_file() and owner(path.name) == self.rank:
                     path.unlink(missing_ok=True)
