@@ -324,3 +324,18 @@ def test_a_grace_period_too_short_for_a_save_stops_without_one_and_says_so() -> 
     assert event.type == "Warning"
     assert "needs about 750 s" in event.message
     assert "(120 s)" in event.message
+
+
+def test_a_job_queued_in_kueue_asks_for_disk_only_when_told_to() -> None:
+    """Kueue admits nothing that requests a resource its ClusterQueue does not cover, and most
+    cover no disk: a queued job requests ephemeral-storage only with resources.ephemeralStorage
+    (then its ClusterQueue must cover it); /tmp keeps the plan's limit either way."""
+    queued = llama_job(
+        "meta-llama/Llama-3.1-8B-Instruct", 1, lora=True, **{"scheduling.queueName": "gpus"}
+    )
+    pod = training_pod(queued)
+    assert "ephemeral-storage" not in pod["containers"][0]["resources"].get("requests", {})
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"]["sizeLimit"].endswith("Gi")
+    told = set_fields(copy.deepcopy(queued), **{"resources.ephemeralStorage": "200Gi"})
+    assert disk_of(training_pod(told)) == ("200Gi", "200Gi")

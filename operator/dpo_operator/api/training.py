@@ -267,7 +267,8 @@ class ResourcesSpec(ContractModel):
         default=None,
         description="Local disk per pod (its /tmp): requested, and the size limit of /tmp. "
         "Default: from the plan (the model's download, two checkpoint shares staged for the "
-        "object store, the pod's part of the export).",
+        "object store, the pod's part of the export). A job in a Kueue queue requests it only "
+        "when set here (its ClusterQueue must then cover ephemeral-storage).",
     )
     gpu_memory: Quantity | None = Field(
         default=None,

@@ -90,6 +90,14 @@ class ResolvedJob:
             else disk_quantity(disk_bytes(self.spec, self.plan.shape, self.layout.strategy))
         )
 
+    def disk_request(self, disk: str) -> str | None:
+        """The `ephemeral-storage` a pod requests for `disk`. A Job queued in Kueue requests it
+        only when `resources.ephemeralStorage` says so: Kueue admits nothing that asks for a
+        resource its ClusterQueue does not cover, and most cover no disk (its /tmp is limited
+        all the same)."""
+        queued = self.spec.scheduling.queue_name is not None
+        return None if queued and self.spec.resources.ephemeral_storage is None else disk
+
     @property
     def gate_disk(self) -> str:
         """The eval and promotion pods' local disk."""

@@ -61,10 +61,10 @@ def container_resources(
     gpu_resource: str,
     cpu: str | int | None,
     memory: str | int | None,
-    disk: str,
+    disk: str | None,
     extra: dict[str, str],
 ) -> Manifest:
-    requests: dict[str, str] = {"ephemeral-storage": disk}
+    requests: dict[str, str] = {"ephemeral-storage": disk} if disk else {}
     limits: dict[str, str] = dict(extra)
     if gpus:
         limits[gpu_resource] = str(gpus)
@@ -72,7 +72,9 @@ def container_resources(
         requests["cpu"] = str(cpu)
     if memory is not None:
         requests["memory"] = limits["memory"] = str(memory)
-    resources: Manifest = {"requests": requests}
+    resources: Manifest = {}
+    if requests:
+        resources["requests"] = requests
     if limits:
         # Extended resources (GPUs, RDMA devices) are requested through their limit.
         resources["limits"] = limits
@@ -205,7 +207,12 @@ def single_pod_job(
             *user_env(job),
         ],
         "resources": container_resources(
-            gpus, spec.resources.gpu_resource_name, cpu, memory, resolved.gate_disk, {}
+            gpus,
+            spec.resources.gpu_resource_name,
+            cpu,
+            memory,
+            resolved.disk_request(resolved.gate_disk),
+            {},
         ),
         "volumeMounts": mounts,
         "securityContext": container_security(()),

@@ -130,7 +130,7 @@ def render_training_job(resolved: ResolvedJob, attempt: int) -> Manifest:
             spec.resources.gpu_resource_name,
             spec.resources.cpu,
             spec.resources.memory,
-            resolved.training_disk,
+            resolved.disk_request(resolved.training_disk),
             pieces.resources,
         ),
         "volumeMounts": mounts,
