@@ -103,7 +103,9 @@ def test_an_adapter_promoted_to_an_oci_registry_is_pulled_back_verified_for_vllm
         "builtin:tiny-llama"
     )
     assert (adapter / "adapter_model.safetensors").stat().st_size > 0
-    assert shlex.split(vllm)[-1] == f"quickstart={command[3]}"
+    version = Path(command[3]).name
+    assert version.startswith("quickstart-"), "served under its version's name"
+    assert shlex.split(vllm)[-1] == f"{version}={command[3]}"
 
 
 def test_a_two_node_job_runs_as_two_local_processes(tmp_path: Path) -> None:
