@@ -12,12 +12,12 @@ from dpo_operator.api import DPOJob, DPOJobSpec
 from dpo_operator.core.plan import (
     Layout,
     Plan,
-    disk_bytes,
     disk_quantity,
     gate_disk_bytes,
     grace_period_seconds,
     plan,
     save_seconds,
+    training_disk,
     transfer_timeout_seconds,
 )
 from dpo_operator.core.settings import DEFAULT_SETTINGS, Settings
@@ -83,12 +83,7 @@ class ResolvedJob:
     @property
     def training_disk(self) -> str:
         """Each training pod's local disk (`resources.ephemeralStorage`, or the plan's)."""
-        asked = self.spec.resources.ephemeral_storage
-        return (
-            str(asked)
-            if asked is not None
-            else disk_quantity(disk_bytes(self.spec, self.plan.shape, self.layout.strategy))
-        )
+        return training_disk(self.spec, self.plan.shape, self.layout.strategy)
 
     def disk_request(self, disk: str) -> str | None:
         """The `ephemeral-storage` a pod requests for `disk`. A Job queued in Kueue requests it
@@ -109,11 +104,14 @@ class ResolvedJob:
         return grace_period_seconds(self.spec, self.plan.shape, self.layout.strategy)
 
     @property
+    def save_seconds(self) -> int:
+        """How long a training pod takes to save a checkpoint after SIGTERM."""
+        return save_seconds(self.spec, self.plan.shape, self.layout.strategy)
+
+    @property
     def saves_on_signal(self) -> bool:
         """Whether a checkpoint written on SIGTERM fits in the grace period."""
-        return save_seconds(self.spec, self.plan.shape, self.layout.strategy) <= (
-            self.grace_period_seconds
-        )
+        return self.save_seconds <= self.grace_period_seconds
 
     @property
     def transfer_timeout_seconds(self) -> int:

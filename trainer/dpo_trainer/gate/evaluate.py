@@ -158,21 +158,25 @@ def evaluate(config: TrainerConfig) -> GateReport:
 
     scorer = Scorer(config)
     checks = _artifact_checks(config, artifacts, adapter_dir, scorer, pairs)
+    # What every verdict reports, whether the adapter was scored or refused before.
+    judged: dict[str, Any] = {
+        "adapter_digest": digest,
+        "held_out": held_out,
+        "pairs": len(pairs),
+        "confidence": gate.confidence,
+        "data": report,
+        "artifact_checks": checks,
+    }
     refused = [c for c in checks if not c.passed]
     if refused:
         result = GateReport(
             status="rejected",
             verdict="Rejected",
-            adapter_digest=digest,
             criteria=[],
             message="gate rejected the adapter before scoring it: "
             + "; ".join(f"{c.name}: {c.detail}" for c in refused),
-            held_out=held_out,
             metrics={},
-            pairs=len(pairs),
-            confidence=gate.confidence,
-            data=report,
-            artifact_checks=checks,
+            **judged,
         )
         artifacts.write_report(EVAL_REPORT, result)
         log.error("%s", result.message)
@@ -203,10 +207,8 @@ def evaluate(config: TrainerConfig) -> GateReport:
     result = GateReport(
         status=verdict.lower(),
         verdict=verdict,
-        adapter_digest=digest,
         criteria=[c.reported() for c in criteria],
         message=message,
-        held_out=held_out,
         metrics={
             "rewardAccuracy": accuracy.value,
             "rewardMargin": margin.value,
@@ -217,11 +219,8 @@ def evaluate(config: TrainerConfig) -> GateReport:
             "anchorNllIncrease": drift.value,
             **metrics,
         },
-        pairs=len(pairs),
-        confidence=level,
-        data=report,
         champion_digest=champion,
-        artifact_checks=checks,
+        **judged,
     )
     artifacts.write_report(EVAL_REPORT, result)
     for criterion in criteria:

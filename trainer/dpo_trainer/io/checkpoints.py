@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import queue
 import re
 import threading
@@ -34,6 +33,7 @@ from dpo_contract.manifest import write_text_atomically
 from dpo_contract.reports import RankCheckpoints
 
 from dpo_trainer.io.artifacts import CHECKPOINTS, Artifacts
+from dpo_trainer.io.fetch import write_at
 
 log = logging.getLogger(__name__)
 
@@ -201,46 +201,46 @@ class CheckpointTransfer:
             if path.is_file()
             and RANK_MARKERS not in path.relative_to(folder).parts
             and path.name != COMPLETE_MARKER
-            and not path.name.startswith(".tmp")
+            and not path.name.endswith(".tmp")  # write_text_atomically's staging
             and owner(path.name) == self.rank
         }
 
     def _mark(self, name: str, files: dict[str, int]) -> None:
         """This rank's marker; then, if every rank's is there, the checkpoint's own."""
-        marker = json.dumps({"rank": self.rank, "world": self.world, "files": files})
         base = f"{CHECKPOINTS}/{name}"
-        if self.artifacts.is_local:
-            folder = self.artifacts.checkpoints / name
-            write_text_atomically(folder / RANK_MARKERS / f"{self.rank}.json", marker)
-            marked = {p.name for p in (folder / RANK_MARKERS).iterdir()}
-        else:
-            fs = self.artifacts.fs
-            fs.makedirs(self._remote(f"{base}/{RANK_MARKERS}"), exist_ok=True)
-            fs.pipe_file(self._remote(f"{base}/{RANK_MARKERS}/{self.rank}.json"), marker.encode())
-            fs.invalidate_cache()
-            listed = fs.ls(self._remote(f"{base}/{RANK_MARKERS}"), detail=False)
-            marked = {p.rstrip("/").rsplit("/", 1)[-1] for p in listed}
-        if marked >= {f"{r}.json" for r in range(self.world)}:
-            complete = json.dumps(
-                {"world": self.world, "step": step_of(name), "globalBatch": self.global_batch}
-            )
-            if self.artifacts.is_local:
-                write_text_atomically(self.artifacts.checkpoints / name / COMPLETE_MARKER, complete)
-            else:
-                self.artifacts.fs.pipe_file(
-                    self._remote(f"{base}/{COMPLETE_MARKER}"), complete.encode()
-                )
+        marker = json.dumps({"rank": self.rank, "world": self.world, "files": files})
+        self._put(f"{base}/{RANK_MARKERS}/{self.rank}.json", marker)
+        fs = self.artifacts.fs
+        fs.invalidate_cache()
+        listed = fs.ls(self._remote(f"{base}/{RANK_MARKERS}"), detail=False)
+        if {p.rstrip("/").rsplit("/", 1)[-1] for p in listed} >= {
+            f"{r}.json" for r in range(self.world)
+        }:
+            complete = {
+                "world": self.world,
+                "step": step_of(name),
+                "globalBatch": self.global_batch,
+            }
+            self._put(f"{base}/{COMPLETE_MARKER}", json.dumps(complete))
+            if not self.artifacts.is_local:
                 self._prune_remote()
             log.info("%s is complete (every rank's part is in %s)", name, self.artifacts.uri)
+
+    def _put(self, relative: str, text: str) -> None:
+        """A small file of the run's artifacts, never seen half written on a shared volume."""
+        if self.artifacts.is_local:
+            write_text_atomically(self.artifacts.root / relative, text)
+            return
+        remote = self._remote(relative)
+        self.artifacts.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        self.artifacts.fs.pipe_file(remote, text.encode())
 
     def _prune_remote(self) -> None:
         """Keep the newest `keep` complete checkpoints in the store. Every rank sends its
         checkpoints in order, so nothing older than a complete one is still being sent."""
         fs = self.artifacts.fs
-        names = sorted(self._remote_names(), key=step_of)
-        complete = [
-            n for n in names if fs.exists(self._remote(f"{CHECKPOINTS}/{n}/{COMPLETE_MARKER}"))
-        ]
+        names = self._stored_names()
+        complete = self._complete(names)
         if len(complete) <= self.keep:
             return
         oldest_kept = step_of(complete[-self.keep])
@@ -267,38 +267,29 @@ class CheckpointTransfer:
 
     # Resuming
 
-    def _remote_names(self) -> list[str]:
+    def _stored_names(self) -> list[str]:
+        """The run's checkpoint folders, complete or not, oldest first (the artifacts' file
+        system serves a mounted path and a store alike)."""
         fs = self.artifacts.fs
         base = self._remote(CHECKPOINTS)
         fs.invalidate_cache()
         if not fs.exists(base):
             return []
-        listed = fs.ls(base, detail=False)
-        return [n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in listed) if step_of(n) >= 0]
+        listed = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+        return sorted((n for n in listed if step_of(n) >= 0), key=step_of)
+
+    def _complete(self, names: list[str]) -> list[str]:
+        fs = self.artifacts.fs
+        return [n for n in names if fs.exists(self._remote(f"{CHECKPOINTS}/{n}/{COMPLETE_MARKER}"))]
 
     def latest_complete(self) -> str | None:
         """The newest complete checkpoint of the run, wherever the artifacts are."""
-        if self.artifacts.is_local:
-            folder = self.artifacts.checkpoints
-            names = [p.name for p in folder.iterdir()] if folder.exists() else []
-            done = [n for n in names if step_of(n) >= 0 and (folder / n / COMPLETE_MARKER).exists()]
-        else:
-            fs = self.artifacts.fs
-            done = [
-                n
-                for n in self._remote_names()
-                if fs.exists(self._remote(f"{CHECKPOINTS}/{n}/{COMPLETE_MARKER}"))
-            ]
-        return max(done, key=step_of, default=None)
+        return max(self._complete(self._stored_names()), key=step_of, default=None)
 
     def written_by(self, name: str) -> dict[str, int]:
         """What complete checkpoint `name` records of the run that wrote it: its world size,
         step and pairs per optimizer step."""
-        relative = f"{CHECKPOINTS}/{name}/{COMPLETE_MARKER}"
-        if self.artifacts.is_local:
-            text = (self.artifacts.root / relative).read_text()
-        else:
-            text = self.artifacts.fs.cat_file(self._remote(relative)).decode()
+        text = self.artifacts.fs.cat_file(self._remote(f"{CHECKPOINTS}/{name}/{COMPLETE_MARKER}"))
         recorded: dict[str, int] = json.loads(text)
         return recorded
 
@@ -343,13 +334,7 @@ class CheckpointTransfer:
             remote, start=wanted.offset, end=wanted.offset + wanted.length
         )
         local.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(local, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            written = 0
-            while written < len(data):
-                written += os.pwrite(descriptor, data[written:], wanted.offset + written)
-        finally:
-            os.close(descriptor)
+        write_at(local, data, wanted.offset)
         self.counted.downloaded_bytes += len(data)
 
 

@@ -129,6 +129,18 @@ def download(
     return read
 
 
+def write_at(path: Path, data: bytes, offset: int) -> None:
+    """`data` written at `offset` of `path` (created if missing), the rest of it untouched:
+    several threads or processes may each fill their own ranges of one file."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(descriptor, data[written:], offset + written)
+    finally:
+        os.close(descriptor)
+
+
 class _PartialFile:
     """One file being downloaded in ranges: written in place, each range recorded in a
     `.<name>.ranges` file once written."""
@@ -164,13 +176,7 @@ class _PartialFile:
     def fetch(self, fs: Any, start: int) -> int:
         end = min(start + self.chunk_bytes, self.size)
         data = fs.cat_file(self.remote, start=start, end=end) if end > start else b""
-        descriptor = os.open(self.local, os.O_WRONLY)
-        try:
-            written = 0
-            while written < len(data):
-                written += os.pwrite(descriptor, data[written:], start + written)
-        finally:
-            os.close(descriptor)
+        write_at(self.local, data, start)
         with self._lock, self.ranges.open("a") as record:
             record.write(f"{start}\n")
         return len(data)

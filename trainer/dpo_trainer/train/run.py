@@ -34,7 +34,7 @@ from dpo_trainer.distributed import (
     set_collective_timeout,
 )
 from dpo_trainer.io.artifacts import TRAIN_REPORT, Artifacts
-from dpo_trainer.io.checkpoints import CheckpointTransfer
+from dpo_trainer.io.checkpoints import CheckpointTransfer, step_of
 from dpo_trainer.io.data import load_preferences, load_split
 from dpo_trainer.io.models import load_model, load_tokenizer, torch_dtype
 from dpo_trainer.train.callbacks import (
@@ -198,11 +198,7 @@ def _keep_last_healthy_checkpoint(
     # The loader resume uses: it knows PEFT adapters and FSDP's sharded checkpoints.
     trainer._load_from_checkpoint(str(kept))
     log.warning("the adapter is %s's weights, the last saved before %s", kept.name, cause.reason)
-    return StoppedEarly(reason=cause.reason, step=cause.step, kept_step=_checkpoint_step(kept))
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1])
+    return StoppedEarly(reason=cause.reason, step=cause.step, kept_step=step_of(kept.name))
 
 
 def global_batch(config: TrainerConfig) -> int:
@@ -223,7 +219,7 @@ def _checkpoint_to_resume(transfer: CheckpointTransfer) -> Path | None:
     if name is None:
         return None
     written = transfer.written_by(name)
-    theirs = written.get("globalBatch", transfer.global_batch)
+    theirs = written["globalBatch"]
     if theirs != transfer.global_batch:
         raise BadInputError(
             f"{name} was written with {theirs} pairs per optimizer step (world size "

@@ -57,7 +57,6 @@ from dpo_operator.core.lifecycle.observed import (
     PodState,
 )
 from dpo_operator.core.lifecycle.timing import active_seconds, requeue_after
-from dpo_operator.core.plan import save_seconds
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.serving import with_vllm_instructions
 
@@ -312,7 +311,7 @@ class _Machine:
         resolved = resolve(self.job)
         if resolved.saves_on_signal:
             return
-        needed = save_seconds(self.spec, resolved.plan.shape, resolved.layout.strategy)
+        needed = resolved.save_seconds
         self.event(
             "NoSaveOnPreemption",
             f"a checkpoint on SIGTERM needs about {needed} s (writing and sending each pod's "

@@ -33,11 +33,11 @@ from dpo_operator.core.plan.shapes import (
     model_shape,
 )
 from dpo_operator.core.plan.transfer import (
-    disk_bytes,
     disk_quantity,
     gate_disk_bytes,
     grace_period_seconds,
     save_seconds,
+    training_disk,
     transfer_timeout_seconds,
 )
 
@@ -58,7 +58,6 @@ __all__ = [
     "Part",
     "Plan",
     "activation_bytes",
-    "disk_bytes",
     "disk_quantity",
     "estimate",
     "format_plan",
@@ -71,5 +70,6 @@ __all__ = [
     "plan",
     "reference_parameters",
     "save_seconds",
+    "training_disk",
     "transfer_timeout_seconds",
 ]

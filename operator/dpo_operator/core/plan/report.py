@@ -5,10 +5,7 @@ from __future__ import annotations
 from dpo_operator.api import DPOJobSpec
 from dpo_operator.core.plan.memory import PARTS, Plan, world_size_of
 from dpo_operator.core.plan.shapes import GIB
-from dpo_operator.core.plan.transfer import (
-    disk_bytes,
-    transfer_timeout_seconds,
-)
+from dpo_operator.core.plan.transfer import training_disk, transfer_timeout_seconds
 
 
 def format_plan(spec: DPOJobSpec, result: Plan) -> str:
@@ -72,10 +69,7 @@ def format_plan(spec: DPOJobSpec, result: Plan) -> str:
         )
     if result.choice is not None:
         strategy = result.choice.strategy
-        disk = (
-            spec.resources.ephemeral_storage
-            or f"{-(-disk_bytes(spec, result.shape, strategy) // GIB)}Gi"
-        )
+        disk = training_disk(spec, result.shape, strategy)
         lines.append(
             f"disk       each training pod asks for {disk} of local disk (/tmp: the model's "
             "download, checkpoints staged for the object store, its part of the export)"

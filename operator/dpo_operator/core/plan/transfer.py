@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 
+from dpo_contract.presets import BUILTIN_PREFIX
+
 from dpo_operator.api import DPOJobSpec
 from dpo_operator.core.plan.memory import lora_parameters
 from dpo_operator.core.plan.shapes import GIB, ModelShape
+from dpo_operator.core.storage import pvc_claim
 
 # Thirty minutes, plus the bytes a pod moves at a pessimistic 100 MiB/s.
 TRANSFER_BASE_SECONDS = 1800
@@ -37,7 +40,7 @@ def downloaded_bytes(spec: DPOJobSpec, shape: ModelShape) -> int:
     """The model (and a separate reference) as each pod downloads it: bf16 safetensors, unless
     it is on a mounted volume or builtin."""
     models = [spec.model.name, *([spec.model.reference.name] if spec.model.reference else [])]
-    remote = [m for m in models if not m.startswith(("pvc://", "builtin:"))]
+    remote = [m for m in models if pvc_claim(m) is None and not m.startswith(BUILTIN_PREFIX)]
     return 2 * shape.parameters * len(remote)
 
 
@@ -60,6 +63,12 @@ def disk_bytes(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int
         if not spec.peft.enabled:
             staged += 2 * shape.parameters // spec.resources.nodes
     return downloaded_bytes(spec, shape) + staged + DISK_SLACK
+
+
+def training_disk(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> str:
+    """`resources.ephemeralStorage`, or the plan's disk for each training pod."""
+    asked = spec.resources.ephemeral_storage
+    return str(asked) if asked is not None else disk_quantity(disk_bytes(spec, shape, strategy))
 
 
 def gate_disk_bytes(spec: DPOJobSpec, shape: ModelShape | None) -> int:
@@ -89,7 +98,7 @@ def grace_period_seconds(spec: DPOJobSpec, shape: ModelShape | None, strategy: s
 
 
 def _staged_for_an_object_store(spec: DPOJobSpec) -> bool:
-    return "://" in spec.output.uri and not spec.output.uri.startswith("pvc://")
+    return pvc_claim(spec.output.uri) is None
 
 
 def transfer_timeout_seconds(spec: DPOJobSpec, shape: ModelShape | None, strategy: str) -> int:
