@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from dpo_contract.reports import TrainingReport  # noqa: E402
 from dpo_trainer.io.checkpoints import COMPLETE_MARKER, RANK_MARKERS  # noqa: E402
 
 from tests.conftest import job_with  # noqa: E402
-from tests.distributed.conftest import PodLayout, Run, launch  # noqa: E402
+from tests.distributed.conftest import PodLayout, Run, crash, launch  # noqa: E402
 from tests.object_store import ObjectStore  # noqa: E402
 from tests.trainer.conftest import TINY_SPEC  # noqa: E402
 
@@ -109,15 +108,14 @@ def main() -> None:
             through_bucket, resumed_bucket = object_store.bucket(), object_store.bucket()
             through = run("uninterrupted, world 4", BEFORE, through_bucket)
             through.assert_succeeded()
-            crashed = run(
-                f"killed after checkpoint {saved_at}, world 4",
-                BEFORE,
-                resumed_bucket,
-                crash_after_checkpoint=saved_at,
+            print(f"running killed after checkpoint {saved_at}, world 4 ...", flush=True)
+            crash(
+                bench_job(BEFORE, args.model, args.steps),
+                root / resumed_bucket,
+                saved_at,
+                store=f"s3://{resumed_bucket}/runs",
+                pod_env=env,
             )
-            assert all(code < 0 for code in crashed.codes), crashed.codes
-            for pod in range(BEFORE.nodes):
-                shutil.rmtree(root / resumed_bucket / f"pod-{pod}", ignore_errors=True)
             resumed = run("resumed, world 2", AFTER, resumed_bucket)
             resumed.assert_succeeded()
 

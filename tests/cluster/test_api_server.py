@@ -124,17 +124,22 @@ def test_kubectl_apply_of_a_manifest_the_schema_refuses_says_what_is_wrong(
     assert message in result.stderr, result.stderr
 
 
-def test_training_settings_are_frozen_once_training_started(crd_installed: ControlPlane) -> None:
-    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_manifest("frozen")))
-    crd_installed.kubectl(
+def _mark_started(plane: ControlPlane, name: str) -> None:
+    """What the operator writes when training starts: the status the freeze rule reads."""
+    plane.kubectl(
         "patch",
         "dpo",
-        "frozen",
+        name,
         "--subresource=status",
         "--type=merge",
         "-p",
         '{"status": {"phase": "Training", "startTime": "2026-11-23T00:00:00Z"}}',
     )
+
+
+def test_training_settings_are_frozen_once_training_started(crd_installed: ControlPlane) -> None:
+    crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(_manifest("frozen")))
+    _mark_started(crd_installed, "frozen")
     changed = crd_installed.kubectl(
         "patch",
         "dpo",
@@ -167,15 +172,7 @@ def test_a_run_with_a_global_batch_size_can_change_size_once_started(
         **{"dpo.globalBatchSize": 16, "dpo.perDeviceBatchSize": 2, "resources.nodes": 4},
     )
     crd_installed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
-    crd_installed.kubectl(
-        "patch",
-        "dpo",
-        "elastic",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        '{"status": {"phase": "Training", "startTime": "2026-11-23T00:00:00Z"}}',
-    )
+    _mark_started(crd_installed, "elastic")
     crd_installed.kubectl(
         "patch", "dpo", "elastic", "--type=merge", "-p", '{"spec": {"resources": {"nodes": 2}}}'
     )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,17 @@ FSDP = PodLayout("fsdp", 1, 2)
 HSDP = PodLayout("hsdp", 2, 2)
 
 
-def distributed_job(layout: PodLayout, *, lora: bool, precompute: bool = False) -> DPOJob:
+def distributed_job(
+    layout: PodLayout, *, lora: bool, precompute: bool = False, resizable: bool = False
+) -> DPOJob:
+    """Every layout sees the same GLOBAL_BATCH pairs per step. `resizable`: fixed by
+    dpo.globalBatchSize, 2 pairs per process (accumulated twice at world size 2, once at 4), so
+    the run may resume at another size; otherwise split evenly over the processes."""
+    batch = (
+        {"perDeviceBatchSize": 2, "globalBatchSize": GLOBAL_BATCH}
+        if resizable
+        else {"perDeviceBatchSize": GLOBAL_BATCH // layout.world_size}
+    )
     return tiny_job(
         resources={"nodes": layout.nodes, "gpusPerNode": layout.gpus_per_node},
         parallelism={"strategy": "auto" if layout.strategy == "single" else layout.strategy},
@@ -69,8 +81,8 @@ def distributed_job(layout: PodLayout, *, lora: bool, precompute: bool = False) 
             "maxSteps": STEPS,
             "saveSteps": SAVE_STEPS,
             "loggingSteps": 1,
-            "perDeviceBatchSize": GLOBAL_BATCH // layout.world_size,
             "precomputeRefLogProbs": precompute,
+            **batch,
         },
     )
 
@@ -168,7 +180,31 @@ def launch(
         training=training,
         tamper_accelerate=tamper_accelerate,
     )
-    processes = [
+    processes = start_pods(pods, workdir, pod_env)
+    run = Run(workdir, config, [])
+    if crash_after_checkpoint is not None:
+        fs, root = fsspec.core.url_to_fs(config.artifacts_dir)
+        marker = f"{root}/checkpoints/checkpoint-{crash_after_checkpoint}/{COMPLETE_MARKER}"
+
+        def complete() -> bool:
+            fs.invalidate_cache()
+            return bool(fs.exists(marker))
+
+        wait_while_running(processes, workdir, complete, marker, timeout)
+        signal_pods(processes, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    run.codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
+    return run
+
+
+def start_pods(
+    pods: list[tuple[list[str], dict[str, str]]],
+    workdir: Path,
+    pod_env: dict[int, dict[str, str]] | None = None,
+) -> list[subprocess.Popen[bytes]]:
+    """Each pod's process as `prepare` gave it (`pod_env`: more variables for some pods), its
+    output in workdir/pod-<rank>.log."""
+    return [
         subprocess.Popen(
             command,
             env=env | (pod_env or {}).get(rank, {}),
@@ -178,21 +214,44 @@ def launch(
         )
         for rank, (command, env) in enumerate(pods)
     ]
-    run = Run(workdir, config, [])
-    if crash_after_checkpoint is not None:
-        fs, root = fsspec.core.url_to_fs(config.artifacts_dir)
-        checkpoint = f"{root}/checkpoints/checkpoint-{crash_after_checkpoint}"
-        deadline = time.monotonic() + timeout
-        while not fs.exists(f"{checkpoint}/{COMPLETE_MARKER}"):
-            fs.invalidate_cache()
-            for rank, process in enumerate(processes):
-                assert process.poll() is None, f"pod {rank} ended early:\n{run.log(rank)[-3000:]}"
-            assert time.monotonic() < deadline, f"no {checkpoint} in time"
-            time.sleep(0.05)
-        signal_pods(processes, signal.SIGKILL)
+
+
+def wait_while_running(
+    pods: list[subprocess.Popen[bytes]],
+    workdir: Path,
+    done: Callable[[], bool],
+    what: str,
+    timeout: float = 300,
+) -> None:
+    """Until `done()`, failing if a pod ends first (its log's end shown) or `what` does not
+    come within `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    run.codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
-    return run
+    while not done():
+        for rank, pod in enumerate(pods):
+            log = (workdir / f"pod-{rank}.log").read_text(errors="replace")
+            assert pod.poll() is None, f"pod {rank} ended early:\n{log[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} in time"
+        time.sleep(0.05)
+
+
+def logged(workdir: Path, text: str, pod: int = 0) -> Callable[[], bool]:
+    """Whether pod `pod` has logged `text` yet."""
+    return lambda: text in (workdir / f"pod-{pod}.log").read_text(errors="replace")
+
+
+def crash(job: DPOJob, workdir: Path, after_checkpoint: int, **options: Any) -> Run:
+    """Every pod killed (SIGKILL) once checkpoint `after_checkpoint` is complete, and their
+    disks gone: the next launch gets new pods, as a restarted Job does."""
+    crashed = launch(job, workdir, crash_after_checkpoint=after_checkpoint, **options)
+    assert all(code < 0 for code in crashed.codes), f"killed: {crashed.codes}"
+    new_pods(workdir, job.spec.resources.nodes)
+    return crashed
+
+
+def new_pods(workdir: Path, nodes: int) -> None:
+    """The pods' own disks (their /tmp) gone, as they are for the pods of a new Job."""
+    for pod in range(nodes):
+        shutil.rmtree(workdir / f"pod-{pod}")
 
 
 def signal_pods(pods: list[subprocess.Popen[bytes]], signum: int) -> None:

@@ -5,9 +5,7 @@ training steps have a timeout of their own, short, so a hung pod fails the run i
 from __future__ import annotations
 
 import re
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +17,19 @@ from dpo_trainer.train.run import EXIT_INTERRUPTED
 
 from tests.distributed.conftest import (
     FSDP,
-    GLOBAL_BATCH,
     SAVE_STEPS,
     STEPS,
     PodLayout,
     Run,
+    crash,
     distributed_job,
     launch,
+    logged,
+    new_pods,
     prepare,
     signal_pods,
+    start_pods,
+    wait_while_running,
 )
 from tests.distributed.test_resume_and_precompute import (
     LOSS_TOLERANCE,
@@ -36,7 +38,6 @@ from tests.distributed.test_resume_and_precompute import (
 )
 from tests.object_store import ObjectStore
 from tests.throttle import throttled
-from tests.trainer.conftest import tiny_job
 
 FSDP_TWO_PODS = PodLayout("fsdp", 2, 2)
 FSDP_ONE_EACH = PodLayout("fsdp", 2, 1)
@@ -65,11 +66,7 @@ def test_each_rank_sends_and_fetches_only_its_share(
     resumed in new pods. Every rank fetched about a quarter of checkpoint 4 and sent about a
     quarter of checkpoint 8, and the losses go on as the uninterrupted run's."""
     job = distributed_job(FSDP_TWO_PODS, lora=False)
-    crashed = launch(job, tmp_path, bucket=True, crash_after_checkpoint=SAVE_STEPS)
-    assert all(code < 0 for code in crashed.codes), f"killed: {crashed.codes}"
-    for pod in range(FSDP_TWO_PODS.nodes):
-        shutil.rmtree(tmp_path / f"pod-{pod}")
-
+    crash(job, tmp_path, SAVE_STEPS, bucket=True)
     resumed = launch(job, tmp_path, bucket=True)
     resumed.assert_succeeded()
     for pod in range(FSDP_TWO_PODS.nodes):
@@ -142,23 +139,10 @@ def test_a_hung_pod_fails_the_run_within_the_step_timeout(tmp_path: Path) -> Non
     _, pods = prepare(
         job, tmp_path, training={"step_timeout_seconds": step_timeout, "max_steps": 10_000}
     )
-    started = [
-        subprocess.Popen(
-            command,
-            env=env,
-            stdout=(tmp_path / f"pod-{rank}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for rank, (command, env) in enumerate(pods)
-    ]
+    started = start_pods(pods, tmp_path)
     log = tmp_path / "pod-0.log"
     try:
-        deadline = time.monotonic() + 300
-        while "step 3/" not in log.read_text(errors="replace"):
-            assert started[0].poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
+        wait_while_running(started, tmp_path, logged(tmp_path, "step 3/"), "step 3")
         signal_pods(started[1:], signal.SIGSTOP)
         hung = time.monotonic()
         code = started[0].wait(timeout=step_timeout + 120)
@@ -180,23 +164,10 @@ def test_sigterm_mid_training_saves_sends_and_resumes_from_that_save(
     uninterrupted run's."""
     job = distributed_job(FSDP_ONE_EACH, lora=False)
     _, pods = prepare(job, tmp_path, bucket=True)
-    started = [
-        subprocess.Popen(
-            command,
-            env=env,
-            stdout=(tmp_path / f"pod-{rank}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for rank, (command, env) in enumerate(pods)
-    ]
-    log = tmp_path / "pod-0.log"
+    started = start_pods(pods, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while f"step {SAVE_STEPS + 1}/" not in log.read_text(errors="replace"):
-            assert all(p.poll() is None for p in started), log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "training never got there"
-            time.sleep(0.05)
+        step = f"step {SAVE_STEPS + 1}/"
+        wait_while_running(started, tmp_path, logged(tmp_path, step), step)
         for process in started:
             process.send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=120) for p in started]
@@ -211,31 +182,13 @@ def test_sigterm_mid_training_saves_sends_and_resumes_from_that_save(
     stopped_at = int(saved.name.split("-")[1])
     print(f"stopped by SIGTERM at step {stopped_at}; {saved.name} complete in the store")
     assert SAVE_STEPS < stopped_at < STEPS
-    for pod in range(FSDP_ONE_EACH.nodes):
-        shutil.rmtree(tmp_path / f"pod-{pod}")
+    new_pods(tmp_path, FSDP_ONE_EACH.nodes)
 
     resumed = launch(job, tmp_path, bucket=True)
     resumed.assert_succeeded()
     assert re.search(rf"resuming from \S+/checkpoint-{stopped_at} ", resumed.log(0))
     worst = largest_difference(resumed, runs[("fsdp", "full")], range(stopped_at + 1, STEPS + 1))
     assert worst <= LOSS_TOLERANCE
-
-
-def resizable_job(layout: PodLayout, *, lora: bool) -> Any:
-    """The run of `distributed_job` with its 8 pairs per step fixed by dpo.globalBatchSize: 2
-    per process, accumulated twice at world size 2 and once at 4."""
-    return tiny_job(
-        resources={"nodes": layout.nodes, "gpusPerNode": layout.gpus_per_node},
-        parallelism={"strategy": layout.strategy},
-        peft={"enabled": lora, "dropout": 0.0},
-        dpo={
-            "maxSteps": STEPS,
-            "saveSteps": SAVE_STEPS,
-            "loggingSteps": 1,
-            "perDeviceBatchSize": 2,
-            "globalBatchSize": GLOBAL_BATCH,
-        },
-    )
 
 
 @pytest.mark.parametrize(
@@ -260,14 +213,8 @@ def test_a_run_resumes_at_another_world_size(
     the data position go on (8 pairs a step either way), and the losses follow the
     uninterrupted run's."""
     lora = kind == "lora"
-    crashed = launch(
-        resizable_job(before, lora=lora), tmp_path, bucket=True, crash_after_checkpoint=SAVE_STEPS
-    )
-    assert all(code < 0 for code in crashed.codes), f"killed: {crashed.codes}"
-    for pod in range(before.nodes):
-        shutil.rmtree(tmp_path / f"pod-{pod}")
-
-    resumed = launch(resizable_job(after, lora=lora), tmp_path, bucket=True)
+    crash(distributed_job(before, lora=lora, resizable=True), tmp_path, SAVE_STEPS, bucket=True)
+    resumed = launch(distributed_job(after, lora=lora, resizable=True), tmp_path, bucket=True)
     resumed.assert_succeeded()
     log = resumed.log(0)
     assert re.search(rf"resuming from \S+/checkpoint-{SAVE_STEPS} ", log)

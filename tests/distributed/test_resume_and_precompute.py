@@ -4,7 +4,6 @@ work with several processes and pods, and train like a live reference."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from tests.distributed.conftest import (
     STEPS,
     PodLayout,
     Run,
+    crash,
     distributed_job,
     launch,
 )
@@ -45,12 +45,8 @@ def test_a_crashed_run_resumes_from_its_sharded_checkpoint_and_matches(
     runs: dict[tuple[str, str], Run], tmp_path: Path, layout: PodLayout, kind: str, bucket: bool
 ) -> None:
     job = distributed_job(layout, lora=kind == "lora")
-    crashed = launch(job, tmp_path, bucket=bucket, crash_after_checkpoint=SAVE_STEPS)
-    assert all(code < 0 for code in crashed.codes), f"killed: {crashed.codes}"
+    crashed = crash(job, tmp_path, SAVE_STEPS, bucket=bucket)
     assert not (crashed.artifacts / "train.json").exists()
-    # A restarted Job gets new pods: nothing of the old pods' disks survives.
-    for pod in range(layout.nodes):
-        shutil.rmtree(tmp_path / f"pod-{pod}")
 
     resumed = launch(job, tmp_path, bucket=bucket)
     resumed.assert_succeeded()

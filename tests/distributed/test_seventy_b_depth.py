@@ -7,14 +7,13 @@ transformers loads."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from dpo_trainer.distributed import parameters_digest
 from transformers import AutoModelForCausalLM
 
-from tests.distributed.conftest import HSDP, launch
+from tests.distributed.conftest import HSDP, crash, launch
 from tests.distributed.memory import memory_job
 
 DEPTH = "llama-70b-depth"
@@ -22,10 +21,7 @@ DEPTH = "llama-70b-depth"
 
 def test_a_70b_deep_full_finetune_trains_resumes_and_exports_under_hsdp(tmp_path: Path) -> None:
     job = memory_job(HSDP, lora=False, accumulation=8, model=DEPTH, steps=2, save_steps=1)
-    crashed = launch(job, tmp_path, bucket=True, crash_after_checkpoint=1)
-    assert all(code < 0 for code in crashed.codes), f"killed: {crashed.codes}"
-    for pod in range(HSDP.nodes):
-        shutil.rmtree(tmp_path / f"pod-{pod}")
+    crash(job, tmp_path, 1, bucket=True)
 
     resumed = launch(job, tmp_path, bucket=True)
     resumed.assert_succeeded()
