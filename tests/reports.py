@@ -11,6 +11,7 @@ from dpo_contract.reports import (
     ArtifactCheck,
     ArtifactCheckName,
     DataReport,
+    FabricSummary,
     Failure,
     GateCriterion,
     GateOutcome,
@@ -129,3 +130,36 @@ def gate_report(digest: str, verdict: GateOutcome = "Passed") -> GateReport:
             for name in get_args(ArtifactCheckName)
         ],
     )
+
+
+STRAGGLER = HealthSignal(
+    reason="Straggler",
+    step=12,
+    message="rank 5 (pod run-train-1-2-x7 on node gpu-b-1) computes 3.1x slower than the median "
+    "of the other ranks",
+)
+TRAINED_WITH_A_STRAGGLER = termination_message_json(
+    TrainingSummary(
+        step=40,
+        world_size=8,
+        distributed=_RAN,
+        parameters_digest="sha256:cd",
+        health=[STRAGGLER],
+        fabric=FabricSummary(
+            transport="IB",
+            gpu_direct_rdma=True,
+            nics=["mlx5_0:1"],
+            bus_bandwidth_gbps=180.5,
+            slowest_pair="run-train-1-0 <-> run-train-1-1 (gpu-a-0 <-> gpu-a-1): 44.1 GB/s",
+        ),
+    )
+)
+FABRIC_SLOW = termination_message_json(
+    Failure(
+        status="wrong-environment",
+        reason="FabricSlow",
+        message="the preflight all-reduce reached 3.1 GB/s of bus bandwidth, below "
+        "network.preflight.minBusBandwidthGBps (150); the slowest pair of nodes is gpu-a-0 and "
+        "gpu-a-1",
+    )
+)

@@ -272,7 +272,15 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ),
     (
         "roce-with-networks",
-        manifest("ok-g", **{"network.profile": "roce", "network.secondaryNetworks": ["net-a"]}),
+        manifest(
+            "ok-g",
+            **{
+                "network.profile": "roce",
+                "network.secondaryNetworks": ["net-a"],
+                "network.rdmaDevices": 1,
+                "network.hcas": ["mlx5_0"],
+            },
+        ),
     ),
     ("user-env", manifest("ok-h", env=[{"name": "HF_HUB_OFFLINE", "value": "1"}])),
     ("name-49", manifest("r" * 49)),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU machine: `dpo run` (no --cpu) of an fsdp job over every visible GPU, for a LoRA run with
-# precomputed reference log-probs and for a full fine-tune, then the gate and promotion. Prints
+# On a GPU machine: the fabric preflight over every visible GPU, then `dpo run` (no --cpu) of an
+# fsdp job over every visible GPU, for a LoRA run with precomputed reference log-probs and for a
+# full fine-tune, then the gate and promotion. Prints
 # what really ran (distributed type, mesh, world size, device) and the gate's verdict for each.
 # Then the memory each rank held, phase by phase, with torch.cuda.max_memory_allocated, printed
 # under `dpo plan`'s per-GPU estimate for the same job.
@@ -10,6 +11,13 @@ cd "$(dirname "$0")/.."
 workdir="${1:-$(mktemp -d)}"
 gpus=$(nvidia-smi -L | grep -c '^GPU ')
 echo "GPUs visible: $gpus"
+
+# The fabric first: the preflight every run starts with, alone, over every GPU (NVLink within
+# this node): bus bandwidth per size as nccl-tests computes it, NCCL's transport as its own log
+# says, next to the H200's NVLink figure. One GPU: nothing crosses a link (0 by definition).
+echo "== fabric preflight over $gpus GPU(s)"
+torchrun --nproc-per-node "$gpus" -m dpo_trainer.cli preflight --max-mib 1024 2>&1 |
+  grep -vE "^(W|I)[0-9]{4} |^\*+$|OMP_NUM_THREADS"
 for kind in lora full; do
   manifest="$workdir/fsdp-$kind.yaml"
   python3 - "$manifest" "$gpus" "$kind" <<'EOF'

@@ -39,8 +39,35 @@ def gpu_node(name: str, block: str, product: str = "H100") -> NodeSpec:
     )
 
 
+# Pairs of CPU nodes for the fabric tests, one healthy and one degraded for real: a job selects
+# a pool and asks for 3 of its 4 CPUs, so that each of its two pods gets a node of the pair.
+POOL_LABEL = "dpo.dev/pool"
+DEGRADED_TAINT = {"key": "dpo.dev/degraded-pool", "value": "true", "effect": "NoSchedule"}
+SLOW_LINK_RATE = "20mbit"
+SLOW_NODE_CPUS = 0.3
+
+
+def pool_node(name: str, pool: str, **degraded: Any) -> NodeSpec:
+    return NodeSpec(name, cpu="4", labels={POOL_LABEL: pool}, taints=(DEGRADED_TAINT,), **degraded)
+
+
+def in_pool(pool: str) -> dict[str, Any]:
+    """The spec fields that put a job's two pods on the two nodes of `pool`."""
+    return {
+        "resources.cpu": "3",
+        "scheduling.nodeSelector": {POOL_LABEL: pool},
+        "scheduling.tolerations": [
+            {"key": DEGRADED_TAINT["key"], "operator": "Exists", "effect": "NoSchedule"}
+        ],
+    }
+
+
 NODES = [
     NodeSpec("cpu-0"),
+    pool_node("link-ok", "slow-link"),
+    pool_node("link-slow", "slow-link", link_rate=SLOW_LINK_RATE),
+    pool_node("cpu-ok", "slow-cpu"),
+    pool_node("cpu-slow", "slow-cpu", cpu_quota=SLOW_NODE_CPUS),
     gpu_node("gpu-a-0", "a"),
     gpu_node("gpu-a-1", "a"),
     gpu_node("gpu-b-0", "b"),

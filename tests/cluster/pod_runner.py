@@ -72,6 +72,10 @@ class NodeSpec:
     extended: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     taints: tuple[dict[str, str], ...] = ()
+    # A degraded node, for real: its pods' processes get this many CPUs (a CFS quota), and
+    # their network link this rate each way (an htb class, e.g. "20mbit").
+    cpu_quota: float | None = None
+    link_rate: str | None = None
 
 
 @dataclass
@@ -81,6 +85,7 @@ class RunningPod:
     container: str
     process: subprocess.Popen[bytes]
     netns: str
+    cgroup: Path | None
     log: Path
     termination: Path
     started_at: str
@@ -269,7 +274,9 @@ class PodRunner:
         ip = self.ips.setdefault(
             pod.metadata.uid, str(POD_NETWORK.network_address + len(self.ips) + 2)
         )
-        netns = _pod_network(pod.metadata.uid, ip)
+        node = self.nodes[spec.node_name]
+        netns = _pod_network(pod.metadata.uid, ip, node.link_rate)
+        cgroup = _cpu_cgroup(pod.metadata.uid, node.cpu_quota)
 
         hostname = spec.hostname or pod.metadata.name
         termination = home / "termination-log"
@@ -310,8 +317,13 @@ class PodRunner:
             )
         )
         log = home / "log"
+        # Into the node's CPU cgroup first, so that every process of the pod is in it.
+        enter = (
+            ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh"] if cgroup else []
+        )
         process = subprocess.Popen(
             [
+                *enter,
                 "ip",
                 "netns",
                 "exec",
@@ -339,6 +351,7 @@ class PodRunner:
             container.name,
             process,
             netns,
+            cgroup,
             log,
             termination,
             started,
@@ -536,6 +549,9 @@ class PodRunner:
 
     def _release(self, pod: RunningPod) -> None:
         _ip("netns", "del", pod.netns, check=False)
+        if pod.cgroup is not None:
+            with suppress(OSError):  # a process of the pod still leaving
+                pod.cgroup.rmdir()
 
     def _patch_status(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
         self.core.patch_namespaced_pod_status(
@@ -543,8 +559,48 @@ class PodRunner:
         )
 
 
-def _pod_network(uid: str, ip: str) -> str:
-    """A network namespace for the pod, on the bridge at `ip`; returns its name."""
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu/dpo-pods")
+CFS_PERIOD_US = 100_000
+
+
+def _cpu_cgroup(uid: str, cpus: float | None) -> Path | None:
+    """A cgroup (v1 cpu controller) holding the pod to `cpus` CPUs, or None."""
+    if cpus is None:
+        return None
+    cgroup = CPU_CGROUPS / uid[:8]
+    cgroup.mkdir(parents=True, exist_ok=True)
+    (cgroup / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+    (cgroup / "cpu.cfs_quota_us").write_text(str(int(cpus * CFS_PERIOD_US)))
+    return cgroup
+
+
+def _shape(device: str, rate: str, netns: str | None = None) -> None:
+    """What leaves `device` goes at most `rate` (htb: netem and tbf are not in this kernel)."""
+    inside = ["-n", netns] if netns else []
+    tc = ["tc", *inside]
+    for command in (
+        [*tc, "qdisc", "add", "dev", device, "root", "handle", "1:", "htb", "default", "10"],
+        [
+            *tc,
+            "class",
+            "add",
+            "dev",
+            device,
+            "parent",
+            "1:",
+            "classid",
+            "1:10",
+            "htb",
+            "rate",
+            rate,
+        ],
+    ):
+        subprocess.run(command, check=True, capture_output=True, env=_HOST_ENV)
+
+
+def _pod_network(uid: str, ip: str, link_rate: str | None = None) -> str:
+    """A network namespace for the pod, on the bridge at `ip` (its link at `link_rate` each
+    way, if given); returns its name."""
     netns, veth = f"dpo-{uid[:8]}", f"v{uid[:8]}"
     _ip("netns", "del", netns, check=False)  # left by an earlier try that failed midway
     _ip("netns", "add", netns)
@@ -554,6 +610,9 @@ def _pod_network(uid: str, ip: str) -> str:
     _ip("-n", netns, "link", "set", "eth0", "up")
     _ip("-n", netns, "link", "set", "lo", "up")
     _ip("-n", netns, "route", "add", "default", "via", str(GATEWAY))
+    if link_rate is not None:
+        _shape(veth, link_rate)  # into the pod
+        _shape("eth0", link_rate, netns)  # out of it
     return netns
 
 

@@ -32,4 +32,12 @@ def test_two_training_pods_rendezvous_across_their_own_networks(
     )
     addresses = {p.metadata.name: p.status.pod_ip for p in pods.items}
     assert len(set(addresses.values())) == 2, addresses
+    # What the collectives really ran over, measured before training: gloo's sockets out of
+    # each pod's own interface, and the preflight's bandwidth between the two pods.
+    fabric = report["fabricReport"]
+    assert [(p["backend"], p["transport"], p["nics"]) for p in fabric["pods"]] == [
+        ("gloo", "Socket", ["eth0"])
+    ] * 2
+    assert sorted(fabric["preflight"]["pairs"][0]["pods"]) == sorted(addresses)
+    assert status["fabric"]["busBandwidthGbps"] > 0
     assert_promoted_intact(run, status)

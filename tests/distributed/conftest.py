@@ -128,13 +128,14 @@ def prepare(
     bucket: bool = False,
     store: str | None = None,
     training: dict[str, Any] | None = None,
+    fabric: dict[str, Any] | None = None,
     tamper_accelerate: dict[str, Any] | None = None,
 ) -> tuple[TrainerConfig, list[tuple[list[str], dict[str, str]]]]:
     """trainer.json and each pod's command and env; `bucket` puts the artifacts in a `file://`
     store that the pods reach only by upload and download, each working in its own /tmp
     (`store`: in that object store instead); `training` changes trainer.json's training
-    settings; `tamper_accelerate` changes the rendered accelerate.yaml (a launcher that
-    differs)."""
+    settings, `fabric` what it expects of the fabric; `tamper_accelerate` changes the rendered
+    accelerate.yaml (a launcher that differs)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cpu = job.spec.resources.gpus_per_node > 0
     config = local_config(job, workdir, cpu=cpu)
@@ -144,6 +145,8 @@ def prepare(
         )
     if training:
         config = config.model_copy(update={"training": config.training.model_copy(update=training)})
+    if fabric:
+        config = config.model_copy(update={"fabric": config.fabric.model_copy(update=fabric)})
     port = free_port()
     pods = [
         pod_process(job, rank, workdir, config, master_port=port, cpu=cpu)
@@ -164,6 +167,7 @@ def launch(
     bucket: bool = False,
     store: str | None = None,
     training: dict[str, Any] | None = None,
+    fabric: dict[str, Any] | None = None,
     pod_env: dict[int, dict[str, str]] | None = None,
     tamper_accelerate: dict[str, Any] | None = None,
     crash_after_checkpoint: int | None = None,
@@ -178,6 +182,7 @@ def launch(
         bucket=bucket,
         store=store,
         training=training,
+        fabric=fabric,
         tamper_accelerate=tamper_accelerate,
     )
     processes = start_pods(pods, workdir, pod_env)

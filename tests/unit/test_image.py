@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 
 import pytest
 from dpo_contract.pod import ENV_LIBRARY_PATH
@@ -13,11 +14,12 @@ from tests.conftest import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 CONSTRAINTS = (REPO / "constraints.txt").read_text()
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROFILES = {
     "tcp": {},
-    "infiniband": {},
-    "roce": {"secondaryNetworks": ["roce-a"]},
-    "efa": {},
+    "infiniband": {"rdmaDevices": 8, "hcas": ["mlx5_0"]},
+    "roce": {"secondaryNetworks": ["roce-a"], "rdmaDevices": 1, "hcas": ["mlx5_0"]},
+    "efa": {"rdmaDevices": 32},
     "tcpxo": {"secondaryNetworks": [f"vpc{i}" for i in range(1, 9)]},
 }
 
@@ -54,7 +56,7 @@ def test_every_profile_pins_its_transport_and_the_image_carries_it(profile: str)
         "Socket": [],
         "IB": ["rdma-core", "ibverbs-providers", "libibverbs1"],
         "AWS Libfabric": ["/opt/amazon/efa", "/opt/aws-ofi-nccl"],
-        # GKE mounts the plugin from the node; the launcher appends the directory.
+        # GKE mounts the plugin from the node; the launcher puts the directory first.
         "FasTrak": [],
     }[transport]
     assert all(piece in image for piece in carried), (profile, transport)
@@ -69,3 +71,20 @@ def test_the_image_appends_its_fabric_libraries_to_ld_library_path() -> None:
     parts = path.group(1).split(":")
     assert parts[0] == "${LD_LIBRARY_PATH}", "appended to the base image's own path"
     assert {"/opt/amazon/efa/lib", "/opt/aws-ofi-nccl/lib"} <= set(parts)
+
+
+def test_the_trainer_image_reads_every_object_store_an_example_names() -> None:
+    """The trainer image installs the `trainer` extra: each scheme the examples use (s3:// on
+    EKS, gs:// on GKE) needs its fsspec driver there, or the run fails at its first read."""
+    schemes = set(
+        re.findall(
+            r"\b(s3|gs)://", "".join(p.read_text() for p in (REPO / "examples").glob("*.yaml"))
+        )
+    )
+    trainer_extra = PYPROJECT["project"]["optional-dependencies"]["trainer"]
+    drivers = {"s3": "s3fs", "gs": "gcsfs"}
+    assert schemes == {"s3", "gs"}
+    for scheme in schemes:
+        assert any(d.startswith(drivers[scheme]) for d in trainer_extra), scheme
+        assert re.search(rf"^{drivers[scheme]}==", CONSTRAINTS, re.MULTILINE), "pinned"
+    assert '"$(ls /wheels/dpo_operator-*.whl)[trainer]"' in trainer_stage()

@@ -17,7 +17,9 @@ print(resource.getrlimit(resource.RLIMIT_MEMLOCK)[0])
 """
 
 
-def test_the_node_plugin_directory_is_appended_never_replacing_the_image_path() -> None:
+def test_the_node_plugin_directory_comes_first_never_replacing_the_image_path() -> None:
+    """GKE's TCPXO manifests put the node's NCCL directory first: the FasTrak plugin must run
+    with the node's libnccl, not the image's pip one."""
     env = child_environment(
         {
             "LD_LIBRARY_PATH": "/usr/local/nvidia/lib64:/opt/amazon/efa/lib",
@@ -25,7 +27,7 @@ def test_the_node_plugin_directory_is_appended_never_replacing_the_image_path() 
         },
         Path("/tmp/launch"),
     )
-    assert env["LD_LIBRARY_PATH"] == "/usr/local/nvidia/lib64:/opt/amazon/efa/lib:/x"
+    assert env["LD_LIBRARY_PATH"] == "/x:/usr/local/nvidia/lib64:/opt/amazon/efa/lib"
     assert child_environment({}, Path("/t")).get("LD_LIBRARY_PATH") is None
 
 

@@ -23,7 +23,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import job_with
-from tests.reports import BAD_INPUT, PROMOTED, STOPPED_EARLY, TRAINED, TRAINED_DEGRADED
+from tests.reports import (
+    BAD_INPUT,
+    FABRIC_SLOW,
+    PROMOTED,
+    STOPPED_EARLY,
+    TRAINED,
+    TRAINED_DEGRADED,
+    TRAINED_WITH_A_STRAGGLER,
+)
 from tests.reports import GATE_INCONCLUSIVE as INCONCLUSIVE
 from tests.reports import GATE_PASSED as PASSED
 from tests.reports import GATE_REJECTED as REJECTED
@@ -506,3 +514,37 @@ def test_a_signal_the_scrapes_missed_is_reported_when_training_ends() -> None:
     assert "raised while training" in degraded(decision).message
     clean = observed(child("train", 1, "Complete", pod("Succeeded", 0, TRAINED)))
     assert degraded(decide(job(status={"attempt": 1, "phase": "Training"}), clean)) is None
+
+
+def test_a_fabric_too_slow_fails_at_once_under_its_own_reason() -> None:
+    failed = child(
+        "train", 1, "Failed", pod("Failed", 4, FABRIC_SLOW), pod("Failed", 4, FABRIC_SLOW)
+    )
+    decision = decide(job(), observed(failed))
+    assert decision.status.phase == "Failed"
+    assert decision.status.restarts == 0
+    failed_condition = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failed_condition.reason == "FabricSlow"
+    assert "the slowest pair of nodes is gpu-a-0 and gpu-a-1" in failed_condition.message
+
+
+def test_a_straggler_is_named_live_and_in_the_end_with_the_fabric() -> None:
+    """While training, from rank 0's metrics (the rank, pod and node it names); at the end,
+    from the summary, which also gives status.fabric."""
+    running = observed(child("train", 1, "Running", pod("Running")))
+    live = replace(
+        running,
+        metrics=TrainingMetrics(
+            step=30, degraded=["Straggler"], straggler="rank 5 (pod p-2 on node gpu-b-1) 3.1x"
+        ),
+    )
+    condition = degraded(decide(job(), live))
+    assert (condition.status, condition.reason) == ("True", "Straggler")
+    assert condition.message.startswith("Straggler: rank 5 (pod p-2 on node gpu-b-1) 3.1x; drain")
+    trained = observed(child("train", 1, "Complete", pod("Succeeded", 0, TRAINED_WITH_A_STRAGGLER)))
+    decision = decide(job(status={"attempt": 1, "phase": "Training"}), trained)
+    assert degraded(decision).reason == "Straggler"
+    assert "on node gpu-b-1" in degraded(decision).message
+    fabric = decision.status.fabric
+    assert fabric is not None
+    assert (fabric.transport, fabric.bus_bandwidth_gbps) == ("IB", 180.5)

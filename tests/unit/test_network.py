@@ -8,53 +8,112 @@ from typing import Any
 import pytest
 from dpo_contract.config import TrainerConfig
 from dpo_operator.api import NetworkSpec
-from dpo_operator.core.network import network_pieces
+from dpo_operator.core.network import fabric_problems, network_pieces
 from dpo_operator.core.render import render_config_map, render_training_job
 from dpo_operator.core.resolve import resolve
+from pydantic import ValidationError
 
 from tests.conftest import example, job_with
 
+IB_HCAS = [f"mlx5_{i}" for i in range(8)]
+
 
 @pytest.mark.parametrize(
-    ("network", "expected_env"),
+    ("network", "node_selector", "expected_env"),
     [
-        ({"profile": "tcp"}, {"NCCL_IB_DISABLE": "1", "NCCL_SOCKET_IFNAME": "^lo,docker"}),
         (
-            {"profile": "infiniband"},
-            {"NCCL_IB_HCA": "mlx5", "NCCL_NET_GDR_LEVEL": "SYS", "NCCL_IB_DISABLE": "0"},
+            {"profile": "tcp"},
+            {},
+            {"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1", "NCCL_SOCKET_IFNAME": "^lo,docker"},
         ),
         (
-            {"profile": "roce", "secondaryNetworks": ["roce-a"]},
-            {"NCCL_IB_GID_INDEX": "3", "NCCL_SOCKET_IFNAME": "net1", "NCCL_NET_GDR_LEVEL": "SYS"},
-        ),
-        (
-            {"profile": "efa"},
-            {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"},
-        ),
-        (
-            {"profile": "tcpxo", "secondaryNetworks": [f"vpc{i}" for i in range(1, 9)]},
+            # NVIDIA's NCCL docs: `=` makes the HCA list exact, each HCA with its port.
+            {"profile": "infiniband", "rdmaDevices": 8, "hcas": IB_HCAS},
+            {},
             {
+                "NCCL_NET": "IB",
+                "NCCL_IB_HCA": "=" + ",".join(f"{hca}:1" for hca in IB_HCAS),
+                "NCCL_NET_GDR_LEVEL": "SYS",
+                "NCCL_IB_DISABLE": "0",
+            },
+        ),
+        (
+            # Azure's ND H100 v5: eight NDR ports named mlx5_ib0..7 by its HPC images.
+            {"profile": "infiniband"},
+            {"node.kubernetes.io/instance-type": "Standard_ND96isr_H100_v5"},
+            {"NCCL_IB_HCA": "=" + ",".join(f"mlx5_ib{i}:1" for i in range(8))},
+        ),
+        (
+            {
+                "profile": "roce",
+                "secondaryNetworks": ["roce-a"],
+                "rdmaDevices": 2,
+                "hcas": ["mlx5_2", "mlx5_3:2"],
+            },
+            {},
+            {
+                "NCCL_IB_HCA": "=mlx5_2:1,mlx5_3:2",
+                "NCCL_SOCKET_IFNAME": "net1",
+                "NCCL_NET_GDR_LEVEL": "SYS",
+            },
+        ),
+        (
+            # The AWS EFA user guide's variables for NCCL over the aws-ofi-nccl plugin.
+            {"profile": "efa"},
+            {"node.kubernetes.io/instance-type": "p5.48xlarge"},
+            {
+                "NCCL_NET": "AWS Libfabric",
+                "FI_PROVIDER": "efa",
+                "FI_EFA_USE_DEVICE_RDMA": "1",
+                "FI_EFA_FORK_SAFE": "1",
+            },
+        ),
+        (
+            # GKE's GPUDirect-TCPXO guide (A3 Mega): the FasTrak plugin from the node's driver
+            # directory, put first on the library path by the launcher.
+            {"profile": "tcpxo", "secondaryNetworks": [f"vpc{i}" for i in range(1, 9)]},
+            {"node.kubernetes.io/instance-type": "a3-megagpu-8g"},
+            {
+                "NCCL_NET": "FasTrak",
+                "DPO_LIBRARY_PATH": "/usr/local/nvidia/lib64",
                 "NCCL_FASTRAK_CTRL_DEV": "eth0",
                 "NCCL_FASTRAK_IFNAME": "eth1,eth2,eth3,eth4,eth5,eth6,eth7,eth8",
                 "NCCL_FASTRAK_USE_LLCM": "1",
+                "NCCL_FASTRAK_NUM_FLOWS": "2",
                 "NCCL_CROSS_NIC": "0",
+                "NCCL_PROTO": "Simple,LL128",
+                "NCCL_TUNER_CONFIG_PATH": "/usr/local/nvidia/lib64/a3plus_tuner_config.textproto",
             },
         ),
     ],
-    ids=lambda value: value.get("profile", "") if isinstance(value, dict) else "",
+    ids=["tcp", "infiniband", "infiniband-nd-h100-v5", "roce", "efa-p5", "tcpxo-a3-mega"],
 )
-def test_each_profile_sets_its_fabric_variables(
-    network: dict[str, object], expected_env: dict[str, str]
+def test_each_profile_renders_its_providers_documented_values(
+    network: dict[str, object], node_selector: dict[str, str], expected_env: dict[str, str]
 ) -> None:
-    env = network_pieces(NetworkSpec.model_validate(network), 8).env
+    env = network_pieces(NetworkSpec.model_validate(network), 8, node_selector).env
     assert expected_env.items() <= env.items()
-    # Every profile aborts a failed or hung collective so the group can be restarted.
+    # Every profile aborts a failed or hung collective so the group can be restarted; NCCL
+    # stays at WARN (the trainer raises one process per pod to INFO to read the transport).
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert env["NCCL_DEBUG"] == "WARN"
+
+
+def test_roce_leaves_the_gid_to_nccl_unless_set() -> None:
+    roce = {"profile": "roce", "secondaryNetworks": ["a"], "rdmaDevices": 1, "hcas": ["mlx5_0"]}
+    assert "NCCL_IB_GID_INDEX" not in network_pieces(NetworkSpec.model_validate(roce), 8).env
+    pinned = NetworkSpec.model_validate({**roce, "gidIndex": 5})
+    assert network_pieces(pinned, 8).env["NCCL_IB_GID_INDEX"] == "5"
 
 
 def test_user_overrides_win_over_the_profile() -> None:
     spec = NetworkSpec.model_validate(
-        {"profile": "infiniband", "env": {"NCCL_IB_HCA": "=mlx5_0,mlx5_1", "NCCL_DEBUG": "INFO"}}
+        {
+            "profile": "infiniband",
+            "rdmaDevices": 2,
+            "hcas": ["mlx5_0"],
+            "env": {"NCCL_IB_HCA": "=mlx5_0,mlx5_1", "NCCL_DEBUG": "INFO"},
+        }
     )
     env = network_pieces(spec, 8).env
     assert env["NCCL_IB_HCA"] == "=mlx5_0,mlx5_1"
@@ -62,23 +121,71 @@ def test_user_overrides_win_over_the_profile() -> None:
 
 
 @pytest.mark.parametrize(
-    ("profile", "resource"),
-    [("infiniband", "rdma/ib"), ("roce", "rdma/roce"), ("efa", "vpc.amazonaws.com/efa")],
+    ("profile", "instance", "resource", "devices"),
+    [
+        ("efa", "p5.48xlarge", "vpc.amazonaws.com/efa", "32"),
+        ("efa", "p5en.48xlarge", "vpc.amazonaws.com/efa", "16"),
+        ("efa", "p4d.24xlarge", "vpc.amazonaws.com/efa", "4"),
+        ("infiniband", "Standard_ND96isr_H100_v5", "rdma/ib", "8"),
+    ],
 )
-def test_rdma_profiles_request_their_device_and_lock_memory(profile: str, resource: str) -> None:
-    spec = NetworkSpec.model_validate(
-        {"profile": profile, "rdmaDevices": 4, "secondaryNetworks": ["net-a"]}
+def test_rdma_devices_come_from_the_instance_type(
+    profile: str, instance: str, resource: str, devices: str
+) -> None:
+    """A p5.48xlarge pod gets all 32 EFA interfaces, not one."""
+    pieces = network_pieces(
+        NetworkSpec.model_validate({"profile": profile}),
+        8,
+        {"node.kubernetes.io/instance-type": instance},
     )
-    pieces = network_pieces(spec, 8)
-    assert pieces.resources == {resource: "4"}
+    assert pieces.resources == {resource: devices}
     assert pieces.capabilities == ("IPC_LOCK",)
 
 
 def test_rdma_resource_name_can_be_changed_for_other_device_plugins() -> None:
     spec = NetworkSpec.model_validate(
-        {"profile": "roce", "rdmaResource": "rdma/rdma_shared_device_a", "secondaryNetworks": ["a"]}
+        {
+            "profile": "roce",
+            "rdmaResource": "rdma/rdma_shared_device_a",
+            "secondaryNetworks": ["a"],
+            "rdmaDevices": 1,
+            "hcas": ["mlx5_0"],
+        }
     )
     assert network_pieces(spec, 8).resources == {"rdma/rdma_shared_device_a": "1"}
+
+
+@pytest.mark.parametrize(
+    ("network", "node_selector", "fields"),
+    [
+        ({"profile": "infiniband"}, {}, ["network.rdmaDevices", "network.hcas"]),
+        (
+            {"profile": "efa"},
+            {"node.kubernetes.io/instance-type": "g5.48xlarge"},
+            ["network.rdmaDevices"],
+        ),
+        ({"profile": "efa"}, {"node.kubernetes.io/instance-type": "p5.48xlarge"}, []),
+        ({"profile": "infiniband", "rdmaDevices": 8}, {}, ["network.hcas"]),
+        (
+            {"profile": "tcpxo", "secondaryNetworks": ["a", "b", "c", "d"]},
+            {"node.kubernetes.io/instance-type": "a3-megagpu-8g"},
+            ["network.secondaryNetworks"],
+        ),
+        ({"profile": "tcp"}, {}, []),
+    ],
+)
+def test_what_a_profile_needs_and_no_table_gives_is_refused_by_field(
+    network: dict[str, object], node_selector: dict[str, str], fields: list[str]
+) -> None:
+    problems = fabric_problems(NetworkSpec.model_validate(network), node_selector)
+    assert [problem.split(":")[0] for problem in problems] == fields
+    job = {"network": network, "scheduling": {"nodeSelector": node_selector}}
+    if fields:
+        with pytest.raises(ValidationError) as refused:
+            job_with(**job)
+        assert all(field in str(refused.value) for field in fields)
+    else:
+        job_with(**job)
 
 
 def test_roce_attaches_the_secondary_network_through_multus() -> None:

@@ -156,7 +156,7 @@ def test_gpus_and_rdma_devices_are_requested_as_limits() -> None:
         "resources"
     ]["limits"]
     assert limits["nvidia.com/gpu"] == "8"
-    assert limits["rdma/ib"] == "1"
+    assert limits["rdma/ib"] == "8"
     assert limits["memory"] == "800Gi"
 
 

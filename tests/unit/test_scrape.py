@@ -59,7 +59,7 @@ def serve() -> Iterator[Callable[[Page], int]]:
 
 
 def scrape_rank_zero(port: int) -> object:
-    return scrape(job_with(monitoring={"port": port}), "127.0.0.1")
+    return scrape(job_with(monitoring={"port": port}), "127.0.0.1")[0]
 
 
 def test_metrics_are_read_from_rank_zero(serve: Callable[[Page], int]) -> None:
@@ -125,3 +125,37 @@ def test_the_health_signals_that_hold_are_read_by_reason(serve: Callable[[Page],
     )
     metrics = scrape_rank_zero(port)
     assert getattr(metrics, "degraded", None) == ["AccuracyStuck", "MarginsCollapsed"]
+
+
+def test_the_fabric_and_a_straggler_are_read_from_rank_zero(serve: Callable[[Page], int]) -> None:
+    """What the preflight measured becomes status.fabric (the largest all-reduce, the slowest
+    pair), even before the first step; a straggler is named with its pod and node."""
+    labels = 'dpojob="demo",namespace="ml"'
+    fabric_page = (
+        f'dpo_fabric_info{{{labels},transport="IB",gpu_direct_rdma="true"}} 1\n'
+        f'dpo_fabric_bus_bandwidth_gbps{{{labels},collective="all_reduce",bytes="4194304"}} 80\n'
+        f'dpo_fabric_bus_bandwidth_gbps{{{labels},collective="all_reduce",bytes="268435456"}} 190\n'
+        f'dpo_fabric_bus_bandwidth_gbps{{{labels},collective="all_gather",bytes="268435456"}} 170\n'
+        f'dpo_fabric_pair_bandwidth_gbps{{{labels},pods="p-0,p-1",nodes="n-0,n-1"}} 45\n'
+        f'dpo_fabric_pair_bandwidth_gbps{{{labels},pods="p-1,p-2",nodes="n-1,n-2"}} 3.5\n'
+    )
+    before = serve(page(fabric_page))
+    metrics, fabric = scrape(job_with(monitoring={"port": before}), "127.0.0.1")
+    assert metrics is None  # no step yet
+    assert fabric is not None
+    assert (fabric.transport, fabric.gpu_direct_rdma) == ("IB", True)
+    assert fabric.bus_bandwidth_gbps == 190
+    assert fabric.slowest_pair == "p-1 <-> p-2 (n-1 <-> n-2): 3.5 GB/s"
+    during = serve(
+        page(
+            fabric_page + f"dpo_train_step{{{labels}}} 30\n"
+            f'dpo_train_degraded{{{labels},reason="Straggler"}} 1\n'
+            f'dpo_rank_compute_seconds{{{labels},rank="3",pod="p-1",node="n-1"}} 0.3\n'
+            f'dpo_straggler_ratio{{{labels},rank="3",pod="p-1",node="n-1"}} 3.04\n'
+        )
+    )
+    metrics, _ = scrape(job_with(monitoring={"port": during}), "127.0.0.1")
+    assert metrics is not None
+    assert metrics.degraded == ["Straggler"]
+    assert metrics.straggler is not None
+    assert "rank 3 (pod p-1 on node n-1) computes 3.0x slower" in metrics.straggler

@@ -102,11 +102,17 @@ HealthReason = Literal[
     "LikelihoodDisplacement",
 ]
 HEALTH_REASONS: tuple[HealthReason, ...] = get_args(HealthReason)
+# What the trainer sees of the machines under a run (dpo_trainer.train.fabric): NCCL on another
+# transport than the profile's (with network.onMismatch: warn), or one rank consistently slower
+# than the others. Reported like a health signal, never a reason to stop training.
+FabricReason = Literal["FabricMismatch", "Straggler"]
+DegradedReason = Literal[HealthReason, FabricReason]
+DEGRADED_REASONS: tuple[DegradedReason, ...] = (*HEALTH_REASONS, *get_args(FabricReason))
 HealthAction = Literal["warn", "stop"]
 # 1 while the signal `reason` holds: rank 0's /metrics, read by the operator and Prometheus.
 DEGRADED_METRIC = "dpo_train_degraded"
 # What each signal usually means, and what to try: shown with the signal everywhere.
-HEALTH_ADVICE: dict[HealthReason, str] = {
+HEALTH_ADVICE: dict[DegradedReason, str] = {
     "NonFiniteLoss": "lower learningRate, or train in bf16 rather than fp16",
     "GradientExplosion": "lower learningRate, or add a warm-up (dpo.extra warmup_steps)",
     "AccuracyStuck": "check the pairs (noisy or flipped chosen/rejected), or lower dpo.beta or "
@@ -114,6 +120,10 @@ HEALTH_ADVICE: dict[HealthReason, str] = {
     "MarginsCollapsed": "lower learningRate, or stop at the earlier checkpoint",
     "LikelihoodDisplacement": "raise dpo.beta, add an SFT term (dpo.lossType [sigmoid, sft]), or "
     "stop earlier",
+    "FabricMismatch": "NCCL is not on the network profile's transport: check the pods' RDMA "
+    "devices (network.rdmaDevices), the HCAs (network.hcas) and the image's NCCL plugin",
+    "Straggler": "drain or replace the named node (a throttled GPU or CPU, a noisy neighbour), "
+    "then resume from the last checkpoint",
 }
 
 
@@ -122,6 +132,12 @@ class HealthConfig(ContractModel):
     training and keep the last checkpoint saved before the signal as the adapter)."""
 
     action: HealthAction = "warn"
+    straggler_factor: float = Field(
+        default=1.5,
+        gt=1,
+        description="A rank whose compute time per step is this many times the median of the "
+        "other ranks' at STRAGGLER_WINDOW logs in a row is named a Straggler.",
+    )
     warmup_steps: int | None = Field(
         default=None,
         ge=0,
@@ -133,7 +149,7 @@ class HealthConfig(ContractModel):
 class HealthSignal(ContractModel):
     """A health signal as first raised: the step, and what was seen."""
 
-    reason: HealthReason
+    reason: DegradedReason
     step: int
     message: str = Field(max_length=300)
 
@@ -240,6 +256,28 @@ class PromotionConfig(ContractModel):
     )
 
 
+# NCCL's name of each transport (`NCCL_NET`, and "Using network X" in its log).
+Transport = Literal["Socket", "IB", "AWS Libfabric", "FasTrak"]
+
+
+class FabricConfig(ContractModel):
+    """The fabric the network profile renders, and what the trainer checks of it."""
+
+    profile: str
+    transport: Transport = Field(description="The transport NCCL must use between nodes.")
+    gpu_direct_rdma: bool = Field(
+        description="The NICs must read and write GPU memory directly (GDRDMA in NCCL's log)."
+    )
+    on_mismatch: Literal["fail", "warn"] = "fail"
+    preflight: bool = True
+    preflight_max_bytes: int = Field(
+        default=64 << 20, ge=1 << 10, description="The largest message of the preflight sweep."
+    )
+    min_bus_bandwidth_gbps: float | None = Field(
+        default=None, gt=0, description="Below this all-reduce bus bandwidth the run fails."
+    )
+
+
 class TrainerConfig(ContractModel):
     """The content of /etc/dpo/trainer.json."""
 
@@ -258,6 +296,11 @@ class TrainerConfig(ContractModel):
         description="<output>/<namespace>/<name>/<uid>: checkpoints/, adapter/, train.json, ..."
     )
     health: HealthConfig = Field(default_factory=HealthConfig)
+    fabric: FabricConfig = Field(
+        default_factory=lambda: FabricConfig(
+            profile="tcp", transport="Socket", gpu_direct_rdma=False
+        )
+    )
     reference_cache: UriStr | None = Field(
         default=None,
         description="Where precomputed reference log-probs are kept by content and reused "

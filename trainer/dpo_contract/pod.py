@@ -23,7 +23,10 @@ ENV_NODE_RANK = "NODE_RANK"
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 ENV_METRICS_PORT = "DPO_METRICS_PORT"
-# Directories the launcher appends to the image's LD_LIBRARY_PATH (a node's NCCL plugin).
+# The pod's own name and its node's (downward API): the fabric checks name them.
+ENV_POD_NAME = "DPO_POD_NAME"
+ENV_NODE_NAME = "DPO_NODE_NAME"
+# Directories the launcher puts before the image's LD_LIBRARY_PATH (a node's NCCL and plugin).
 ENV_LIBRARY_PATH = "DPO_LIBRARY_PATH"
 
 DEFAULT_MASTER_PORT = 29500
@@ -58,3 +61,13 @@ class WrongEnvironmentError(Exception):
 
     The message says what was expected, what was found, and what to change.
     """
+
+
+class FabricError(WrongEnvironmentError):
+    """The network under the pods is not what the profile promised: NCCL on another transport
+    (`FabricMismatch`), or a preflight below `network.preflight.minBusBandwidthGBps`
+    (`FabricSlow`). The reason becomes the DPOJob's condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

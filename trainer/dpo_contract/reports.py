@@ -39,6 +39,104 @@ class Failure(ContractModel):
 
     status: FailureStatus
     message: str
+    reason: str | None = Field(
+        default=None, description="A finer reason than the status, e.g. FabricSlow."
+    )
+
+
+class PodFabric(ContractModel):
+    """What one pod's collectives really ran over, read from NCCL's own log (or gloo's)."""
+
+    pod: str
+    node: str
+    backend: str = Field(description="nccl or gloo.")
+    transport: str = Field(description="NCCL's network: IB, Socket, AWS Libfabric, FasTrak.")
+    gpu_direct_rdma: bool = Field(description="A channel between nodes ran over GDRDMA.")
+    nics: list[str] = Field(default_factory=list, description="The NICs (or HCA ports) used.")
+    evidence: list[str] = Field(
+        default_factory=list, max_length=8, description="The log lines this was read from."
+    )
+
+
+class CollectiveBandwidth(ContractModel):
+    """One size of the preflight sweep, computed as nccl-tests does: algorithm bandwidth is
+    bytes over time (the slowest rank's), bus bandwidth scales it by what each link carries."""
+
+    collective: Literal["all_reduce", "all_gather"]
+    bytes: int
+    seconds: float
+    algorithm_gbps: float
+    bus_gbps: float
+
+
+class PairBandwidth(ContractModel):
+    """A message sent both ways between the first processes of two pods."""
+
+    pods: list[str]
+    nodes: list[str]
+    bytes: int
+    gbps: float
+
+
+class Preflight(ContractModel):
+    world_size: int
+    seconds: float
+    collectives: list[CollectiveBandwidth]
+    pairs: list[PairBandwidth] = Field(default_factory=list)
+
+    @property
+    def bus_bandwidth_gbps(self) -> float | None:
+        """The all-reduce's bus bandwidth at the largest size measured."""
+        sweep = [c for c in self.collectives if c.collective == "all_reduce"]
+        return max(sweep, key=lambda c: c.bytes).bus_gbps if sweep else None
+
+    @property
+    def slowest_pair(self) -> PairBandwidth | None:
+        return min(self.pairs, key=lambda p: p.gbps) if self.pairs else None
+
+
+class RankProbe(ContractModel):
+    """A rank's compute probe over the run (dpo_trainer.train.fabric): the same fixed work on
+    every rank, so a slow node shows apart from the waits every rank shares."""
+
+    rank: int
+    pod: str
+    node: str
+    probes: int
+    median_seconds: float
+
+
+class FabricSummary(ContractModel):
+    """The fabric in short: the termination message's and `status.fabric`."""
+
+    transport: str
+    gpu_direct_rdma: bool
+    nics: list[str] = Field(default_factory=list, max_length=64)
+    bus_bandwidth_gbps: float | None = None
+    slowest_pair: str | None = Field(default=None, max_length=512)
+
+
+class FabricReport(ContractModel):
+    """train.json's `fabric`: every pod's transport and the preflight."""
+
+    pods: list[PodFabric]
+    preflight: Preflight | None = None
+
+    def summary(self) -> FabricSummary:
+        transports = sorted({p.transport for p in self.pods})
+        slowest = self.preflight.slowest_pair if self.preflight else None
+        return FabricSummary(
+            transport="/".join(transports),
+            gpu_direct_rdma=bool(self.pods) and all(p.gpu_direct_rdma for p in self.pods),
+            nics=sorted({n for p in self.pods for n in p.nics})[:64],
+            bus_bandwidth_gbps=self.preflight.bus_bandwidth_gbps if self.preflight else None,
+            slowest_pair=(
+                f"{' <-> '.join(slowest.pods)} ({' <-> '.join(slowest.nodes)}): "
+                f"{slowest.gbps:.3g} GB/s"
+                if slowest
+                else None
+            ),
+        )
 
 
 class TrainingSummary(ContractModel):
@@ -59,6 +157,7 @@ class TrainingSummary(ContractModel):
         default_factory=list, description="Each health signal raised, as first raised."
     )
     stopped_early: StoppedEarly | None = None
+    fabric: FabricSummary | None = None
 
 
 # Under <output>/<namespace>/: precomputed reference log-probs, kept by content for any run there.
@@ -159,6 +258,12 @@ class TrainingReport(TrainingSummary):
     mixed_precision: MixedPrecision | None = Field(
         default=None, description="Set when the model was sharded (fsdp, hsdp)."
     )
+    fabric_report: FabricReport | None = Field(
+        default=None, description="Every pod's transport and the bandwidth preflight."
+    )
+    compute_by_rank: list[RankProbe] = Field(
+        default_factory=list, description="Each rank's compute probe over the run."
+    )
 
     def summary(self, summary_metrics: tuple[str, ...]) -> TrainingSummary:
         return TrainingSummary(
@@ -170,6 +275,7 @@ class TrainingReport(TrainingSummary):
             metrics={k: v for k, v in self.metrics.items() if k in summary_metrics},
             health=self.health,
             stopped_early=self.stopped_early,
+            fabric=self.fabric_report.summary() if self.fabric_report else None,
         )
 
 

@@ -5,6 +5,8 @@ Usage:
     dpo-trainer eval --config /etc/dpo/trainer.json      (the gate)
     dpo-trainer promote --config /etc/dpo/trainer.json   (after the gate passed)
     dpo-trainer launch -- accelerate launch ...          (PID 1: forwards SIGTERM)
+    torchrun --nproc-per-node N -m dpo_trainer.cli preflight [--max-mib 256]
+                                                         (the fabric's bandwidth sweep alone)
 
 Exit codes (the pod contract): 0 done, 2 bad config or data (never retried), 3 gate rejected,
 4 the pod's devices or distributed setup are not what was rendered (never retried), 5 the
@@ -125,6 +127,12 @@ def _promote(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _preflight(args: argparse.Namespace) -> int:
+    from dpo_trainer.train.fabric import standalone_preflight
+
+    return standalone_preflight(args.max_mib)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-trainer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", default=TRAINER_CONFIG_PATH, help="path of trainer.json")
         command.set_defaults(run=run)
+    preflight = commands.add_parser(
+        "preflight", help="the fabric's bandwidth sweep alone, under torchrun (no config)"
+    )
+    preflight.add_argument("--max-mib", type=int, default=256, help="the largest message (MiB)")
+    preflight.set_defaults(run=_preflight)
     return parser
 
 
@@ -158,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except tuple(_STOPPED_SHORT) as error:
         status, code, level = next(v for k, v in _STOPPED_SHORT.items() if isinstance(error, k))
         log.log(level, "%s", error)
-        write_termination_message(Failure(status=status, message=str(error)))
+        write_termination_message(
+            Failure(status=status, message=str(error), reason=getattr(error, "reason", None))
+        )
     finally:
         record_exit(os.getpid(), code)
     if args.command == "train":

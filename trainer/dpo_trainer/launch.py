@@ -1,6 +1,6 @@
 """`dpo-trainer launch -- CMD...`: PID 1 of a training pod, around `accelerate launch`.
 
-It also prepares the environment the fabric needs: the node's NCCL plugin directory appended to
+It also prepares the environment the fabric needs: the node's NCCL plugin directory put before
 the image's LD_LIBRARY_PATH, and the locked-memory limit RDMA registration needs raised as far as
 the pod allows (it says so at start when that is not enough).
 
@@ -65,8 +65,9 @@ MMAP_THRESHOLD_BYTES = 1 << 17
 
 
 def child_environment(parent: dict[str, str], launch_dir: Path) -> dict[str, str]:
-    """The trainers' env: the parent's, with DPO_LIBRARY_PATH appended to LD_LIBRARY_PATH and
-    glibc's mmap threshold fixed (unless the pod sets it)."""
+    """The trainers' env: the parent's, with DPO_LIBRARY_PATH before LD_LIBRARY_PATH (the
+    node's NCCL and its plugin win over the image's, as the plugin needs) and glibc's mmap
+    threshold fixed (unless the pod sets it)."""
     env = {
         MALLOC_MMAP_THRESHOLD: str(MMAP_THRESHOLD_BYTES),
         **parent,
@@ -74,7 +75,7 @@ def child_environment(parent: dict[str, str], launch_dir: Path) -> dict[str, str
     }
     extra = parent.get(ENV_LIBRARY_PATH)
     if extra:
-        env["LD_LIBRARY_PATH"] = ":".join(p for p in (parent.get("LD_LIBRARY_PATH"), extra) if p)
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (extra, parent.get("LD_LIBRARY_PATH")) if p)
     return env
 
 

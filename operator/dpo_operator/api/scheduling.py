@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from dpo_contract.config import HealthAction
 from dpo_contract.fields import ContractModel
 from dpo_contract.pod import DEFAULT_MASTER_PORT, DEFAULT_METRICS_PORT
-from pydantic import Field, StrictInt
+from pydantic import Field, StrictFloat, StrictInt
 
 from dpo_operator.api.cel import Rule, RuledModel
 from dpo_operator.api.grammar import MAX_RESTARTS, EnvName, K8sName, LabelMap, QualifiedName
@@ -135,6 +135,13 @@ class HealthSpec(ContractModel):
         ge=0,
         le=10_000_000,
         description="Steps before accuracy and margins are judged (default: a tenth of the run).",
+    )
+    straggler_factor: StrictFloat = Field(
+        default=1.5,
+        ge=1.1,
+        le=100,
+        description="Name a rank a Straggler (Degraded) when its compute probe is this many "
+        "times the median of the other ranks' at 3 logging steps in a row.",
     )
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, get_args
 
-from dpo_contract.config import HealthReason
+from dpo_contract.config import DegradedReason
 from dpo_contract.fields import ContractModel
-from dpo_contract.reports import GateCriterion
+from dpo_contract.reports import FabricSummary, GateCriterion
 from pydantic import Field, StrictFloat, StrictInt
 
 Phase = Literal[
@@ -46,10 +46,13 @@ class TrainingMetrics(ContractModel):
     loss: StrictFloat | None = None
     reward_accuracy: StrictFloat | None = None
     reward_margin: StrictFloat | None = None
-    degraded: list[HealthReason] = Field(
+    degraded: list[DegradedReason] = Field(
         default_factory=list,
         max_length=8,
         description="The health signals that hold at the latest log (dpo_train_degraded).",
+    )
+    straggler: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="The rank named a Straggler, its pod and node, and how slow."
     )
     updated_at: datetime | None = None
 
@@ -112,5 +115,10 @@ class DPOJobStatus(ContractModel):
         description="ttlSecondsAfterFinished removed the child Jobs; they are never re-created.",
     )
     metrics: TrainingMetrics | None = None
+    fabric: FabricSummary | None = Field(
+        default=None,
+        description="What the collectives really ran over (NCCL's transport, GPUDirect RDMA, "
+        "NICs) and the preflight's all-reduce bus bandwidth and slowest pair of nodes.",
+    )
     evaluation: EvaluationStatus | None = None
     promotion: PromotionStatus | None = None

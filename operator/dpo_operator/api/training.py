@@ -305,6 +305,32 @@ class ParallelismSpec(ContractModel):
 
 
 NetworkProfile = Literal["tcp", "infiniband", "roce", "efa", "tcpxo"]
+# An HCA as NCCL names it, with an optional port: mlx5_0, mlx5_ib3:1.
+HCA_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*(:[0-9]{1,2})?$"
+
+
+class PreflightSpec(ContractModel):
+    """All ranks, after rendezvous and before loading anything: all-reduce and all-gather over
+    four sizes up to maxMessageMiB (bus bandwidth as nccl-tests computes it), then a message
+    both ways between neighbouring pods to name the slowest pair of nodes."""
+
+    enabled: bool = Field(default=True, description="false skips it.")
+    max_message_mib: StrictInt | None = Field(
+        default=None,
+        alias="maxMessageMiB",
+        ge=1,
+        le=4096,
+        description="The largest message. Default: 256 on GPUs, 4 on CPUs.",
+    )
+    min_bus_bandwidth_gbps: StrictFloat | None = Field(
+        default=None,
+        alias="minBusBandwidthGBps",
+        gt=0,
+        le=10_000,
+        description="Fail the run (FabricSlow, naming the slowest pair of nodes) when the "
+        "largest all-reduce's bus bandwidth is lower, e.g. 300 for 8 x H100 over 400G "
+        "InfiniBand. Default: record it, never fail.",
+    )
 
 
 class NetworkSpec(RuledModel):
@@ -342,11 +368,36 @@ class NetworkSpec(RuledModel):
         description="RDMA device resource. Default: rdma/ib (infiniband), rdma/roce (roce), "
         "vpc.amazonaws.com/efa (efa).",
     )
-    rdma_devices: StrictInt = Field(
-        default=1,
+    rdma_devices: StrictInt | None = Field(
+        default=None,
         ge=1,
         le=64,
-        description="RDMA devices per pod (efa: the instance's EFA count, e.g. 32 on p5).",
+        description="RDMA devices per pod (infiniband, roce, efa). Default: the instance type's "
+        "(node.kubernetes.io/instance-type in scheduling.nodeSelector: 32 on p5.48xlarge, 4 on "
+        "p4d.24xlarge, 8 on ND H100 v5, ...); required when the type is not known.",
+    )
+    hcas: list[Annotated[str, Field(pattern=HCA_PATTERN, max_length=64)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="infiniband, roce: the GPU NICs' HCAs, e.g. [mlx5_0, mlx5_1] (port 1 unless "
+        "written mlx5_0:2), rendered as NCCL's exact list (NCCL_IB_HCA==mlx5_0:1,...) so no "
+        "front-end or storage NIC is picked. Default: the instance type's; required otherwise.",
+    )
+    gid_index: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=255,
+        description="roce: NCCL_IB_GID_INDEX. Default: unset, NCCL picks the RoCE v2 GID itself.",
+    )
+    on_mismatch: Literal["fail", "warn"] = Field(
+        default="fail",
+        description="When NCCL's real transport is not the profile's (sockets on infiniband, no "
+        "GPUDirect RDMA between nodes where the profile uses it): fail the run (FabricMismatch), "
+        "or warn: Degraded with reason FabricMismatch, training goes on.",
+    )
+    preflight: PreflightSpec = Field(
+        default_factory=lambda: PreflightSpec(),
+        description="The bandwidth check all ranks run before training.",
     )
     secondary_networks: list[K8sName] = Field(
         default_factory=list,

@@ -239,8 +239,9 @@ async def _observe(
         None,
     )
     current = job.status.metrics if job.status else None
+    fabric = None
     if rank_zero and scrape_due(job, now):
-        metrics = await asyncio.to_thread(scrape, job, rank_zero)
+        metrics, fabric = await asyncio.to_thread(scrape, job, rank_zero)
     config_digest = next((o.spec_digest for o in owned if o.seen == config_map_name(job)), None)
     observed = Observed(
         now=now,
@@ -252,6 +253,7 @@ async def _observe(
         or job.namespace in executor.fenced
         or not executor.settings.network_policy,
         metrics=metrics or current,
+        fabric=fabric,
     )
     return observed, uids
 

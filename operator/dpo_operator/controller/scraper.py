@@ -8,7 +8,8 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 
-from dpo_contract.config import DEGRADED_METRIC, HEALTH_REASONS, HealthReason
+from dpo_contract.config import DEGRADED_METRIC, DEGRADED_REASONS, DegradedReason
+from dpo_contract.reports import FabricSummary
 from prometheus_client.parser import text_string_to_metric_families
 
 from dpo_operator.api import DPOJob, TrainingMetrics
@@ -19,8 +20,16 @@ SCRAPE_TIMEOUT = 3.0  # for the whole page, not per read
 SCRAPE_MAX_BYTES = 1 << 20  # rank 0's page is a few KiB
 
 
-def scrape(job: DPOJob, pod_ip: str) -> TrainingMetrics | None:
-    """Rank 0's latest step, loss, reward accuracy and margin; None when it cannot say.
+# Rank 0's fabric and straggler series (dpo_trainer.train.metrics).
+FABRIC_INFO = "dpo_fabric_info"
+BUS_BANDWIDTH = "dpo_fabric_bus_bandwidth_gbps"
+PAIR_BANDWIDTH = "dpo_fabric_pair_bandwidth_gbps"
+STRAGGLER_RATIO = "dpo_straggler_ratio"
+
+
+def scrape(job: DPOJob, pod_ip: str) -> tuple[TrainingMetrics | None, FabricSummary | None]:
+    """Rank 0's latest step, loss, reward accuracy and margin, and the fabric it measured; None
+    for what it cannot say yet.
 
     Rank 0 is the user's code: a page that never ends, or never stops coming, or says NaN,
     must not hang a worker, fill the operator's memory or poison the status patch."""
@@ -41,35 +50,74 @@ def scrape(job: DPOJob, pod_ip: str) -> TrainingMetrics | None:
                         SCRAPE_MAX_BYTES,
                         SCRAPE_TIMEOUT,
                     )
-                    return None
+                    return None, None
                 chunks.append(chunk)
         text = b"".join(chunks).decode(errors="replace")
         families = list(text_string_to_metric_families(text))
     except (OSError, ValueError) as error:  # unreachable, or not the exposition format
         log.debug("[%s/%s] no metrics at %s: %s", job.namespace, job.name, url, error)
-        return None
+        return None, None
     values: dict[str, float] = {}
-    degraded: list[HealthReason] = []
+    degraded: list[DegradedReason] = []
+    series: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in families:
         for sample in family.samples:
             if sample.labels.get("dpojob") != job.name or not math.isfinite(sample.value):
                 continue
             if sample.name == DEGRADED_METRIC:
                 reason = sample.labels.get("reason")
-                if sample.value == 1 and reason in HEALTH_REASONS:
+                if sample.value == 1 and reason in DEGRADED_REASONS:
                     degraded.append(reason)
             else:
                 values[sample.name] = sample.value
+                series.setdefault(sample.name, []).append((sample.labels, sample.value))
+    fabric = _fabric(series)
     if "dpo_train_step" not in values:
-        return None
+        return None, fabric
     return TrainingMetrics(
         step=int(values["dpo_train_step"]),
         loss=values.get("dpo_train_loss"),
         reward_accuracy=values.get("dpo_train_reward_accuracy"),
         reward_margin=values.get("dpo_train_reward_margin"),
-        degraded=sorted(degraded, key=HEALTH_REASONS.index),
+        degraded=sorted(degraded, key=DEGRADED_REASONS.index),
+        straggler=_straggler(series.get(STRAGGLER_RATIO, [])),
         updated_at=datetime.now(UTC),
+    ), fabric
+
+
+def _fabric(series: dict[str, list[tuple[dict[str, str], float]]]) -> FabricSummary | None:
+    info = series.get(FABRIC_INFO)
+    if not info:
+        return None
+    labels, _ = info[0]
+    sweep = [
+        (int(s["bytes"]), v)
+        for s, v in series.get(BUS_BANDWIDTH, [])
+        if s.get("collective") == "all_reduce" and s.get("bytes", "").isdigit()
+    ]
+    pairs = series.get(PAIR_BANDWIDTH, [])
+    slowest = min(pairs, key=lambda pair: pair[1]) if pairs else None
+    return FabricSummary(
+        transport=labels.get("transport", "")[:64],
+        gpu_direct_rdma=labels.get("gpu_direct_rdma") == "true",
+        bus_bandwidth_gbps=max(sweep)[1] if sweep else None,
+        slowest_pair=(
+            f"{slowest[0].get('pods', '').replace(',', ' <-> ')} "
+            f"({slowest[0].get('nodes', '').replace(',', ' <-> ')}): {slowest[1]:.3g} GB/s"[:512]
+            if slowest
+            else None
+        ),
     )
+
+
+def _straggler(samples: list[tuple[dict[str, str], float]]) -> str | None:
+    if not samples:
+        return None
+    labels, ratio = max(samples, key=lambda sample: sample[1])
+    return (
+        f"rank {labels.get('rank')} (pod {labels.get('pod')} on node {labels.get('node')}) "
+        f"computes {ratio:.1f}x slower than the median of the other ranks"
+    )[:1024]
 
 
 def scrape_due(job: DPOJob, now: datetime) -> bool:

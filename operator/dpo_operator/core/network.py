@@ -13,13 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_contract.config import Transport
 from dpo_contract.pod import ENV_LIBRARY_PATH
 
 from dpo_operator.api import NetworkSpec
 
 # Every profile: abort a rank whose collective failed or hung instead of hanging the whole job
 # (torch then tears the process down so the pod fails and the group is restarted). The hang
-# timeout itself is the Trainer's `ddp_timeout`: NCCL has no timeout variable of its own.
+# timeout itself is the trainer's step timeout: NCCL has no timeout variable of its own. NCCL
+# stays quiet; the trainer raises the first process of each pod to INFO for the INIT and NET
+# subsystems and reads from that log which transport NCCL really used.
 COMMON_ENV = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
     "NCCL_DEBUG": "WARN",
@@ -53,10 +56,47 @@ class NetworkPieces:
 
 
 @dataclass(frozen=True)
+class KnownInstance:
+    """The GPU NICs of an instance type, from its provider's documentation: RDMA devices a pod
+    gets (EFA interfaces, IB ports), the HCAs NCCL must use, and GPU NICs of a TCPXO machine."""
+
+    rdma_devices: int | None = None
+    hcas: tuple[str, ...] = ()
+    gpu_nics: int | None = None
+
+
+def _azure_hcas() -> tuple[str, ...]:
+    # Azure's HPC images name the eight InfiniBand ports of ND v4/v5 mlx5_ib0..mlx5_ib7.
+    return tuple(f"mlx5_ib{i}" for i in range(8))
+
+
+# Keyed on node.kubernetes.io/instance-type (lowercase), the label every provider sets.
+KNOWN_INSTANCES: dict[str, KnownInstance] = {
+    "p5.48xlarge": KnownInstance(rdma_devices=32),
+    "p5e.48xlarge": KnownInstance(rdma_devices=32),
+    "p5en.48xlarge": KnownInstance(rdma_devices=16),
+    "p4d.24xlarge": KnownInstance(rdma_devices=4),
+    "p4de.24xlarge": KnownInstance(rdma_devices=4),
+    "standard_nd96isr_h100_v5": KnownInstance(rdma_devices=8, hcas=_azure_hcas()),
+    "standard_nd96isr_h200_v5": KnownInstance(rdma_devices=8, hcas=_azure_hcas()),
+    "standard_nd96asr_v4": KnownInstance(rdma_devices=8, hcas=_azure_hcas()),
+    "standard_nd96amsr_a100_v4": KnownInstance(rdma_devices=8, hcas=_azure_hcas()),
+    "a3-megagpu-8g": KnownInstance(gpu_nics=8),
+}
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+
+
+def known_instance(node_selector: dict[str, str]) -> KnownInstance | None:
+    instance = node_selector.get(INSTANCE_TYPE_LABEL)
+    return KNOWN_INSTANCES.get(instance.lower()) if instance else None
+
+
+@dataclass(frozen=True)
 class Node:
     """What a profile needs to know of the pod's node besides the DPOJob's network spec."""
 
     gpus: int
+    known: KnownInstance | None = None
     tcpxo_daemon_image: str = DEFAULT_TCPXO_DAEMON_IMAGE
 
 
@@ -67,15 +107,21 @@ class NetworkProfile:
     reach into the node, why (the admin then allows it per namespace)."""
 
     pieces: Callable[[NetworkSpec, Node], NetworkPieces]
+    transport: Transport
+    gpu_direct_rdma: bool = False
     rdma_resource: str | None = None
+    needs_hcas: bool = False
     host_access: str | None = None
 
 
 def network_pieces(
-    network: NetworkSpec, gpus_per_node: int, tcpxo_daemon_image: str = DEFAULT_TCPXO_DAEMON_IMAGE
+    network: NetworkSpec,
+    gpus_per_node: int,
+    node_selector: dict[str, str] | None = None,
+    tcpxo_daemon_image: str = DEFAULT_TCPXO_DAEMON_IMAGE,
 ) -> NetworkPieces:
     """The env, resources and pod pieces of `network.profile`, with the user's env on top."""
-    node = Node(gpus_per_node, tcpxo_daemon_image)
+    node = Node(gpus_per_node, known_instance(node_selector or {}), tcpxo_daemon_image)
     pieces = PROFILES[network.profile].pieces(network, node)
     env = {**COMMON_ENV, **pieces.env, **network.env}
     return NetworkPieces(
@@ -89,10 +135,51 @@ def network_pieces(
     )
 
 
-def _rdma_resource(network: NetworkSpec) -> dict[str, str]:
+def fabric_problems(network: NetworkSpec, node_selector: dict[str, str]) -> list[str]:
+    """What the profile needs that neither the spec nor a known instance type gives."""
+    profile = PROFILES[network.profile]
+    known = known_instance(node_selector)
+    instance = f"scheduling.nodeSelector's {INSTANCE_TYPE_LABEL}"
+    types = ", ".join(name for name, k in KNOWN_INSTANCES.items() if k.rdma_devices)
+    problems = []
+    if (
+        profile.rdma_resource
+        and network.rdma_devices is None
+        and not (known and known.rdma_devices)
+    ):
+        problems.append(
+            f"network.rdmaDevices: required for the {network.profile} profile (the RDMA "
+            "devices each pod gets: all of the node's GPU NICs, or NCCL runs on fewer): set it, "
+            f"or name one of these instance types in {instance}: {types}"
+        )
+    if profile.needs_hcas and not network.hcas and not (known and known.hcas):
+        problems.append(
+            f"network.hcas: required for the {network.profile} profile: list the GPU NICs' "
+            "HCAs (ibv_devinfo on a node shows them, e.g. [mlx5_0, mlx5_1, ...]); a prefix would "
+            "also match the node's front-end and storage NICs"
+        )
+    nics = known.gpu_nics if known else None
+    if network.profile == "tcpxo" and nics and len(network.secondary_networks) != nics:
+        problems.append(
+            f"network.secondaryNetworks: {node_selector[INSTANCE_TYPE_LABEL]} has {nics} "
+            f"GPU NICs, one GKE network each; {len(network.secondary_networks)} are listed"
+        )
+    return problems
+
+
+def _rdma_resource(network: NetworkSpec, node: Node) -> dict[str, str]:
     name = network.rdma_resource or PROFILES[network.profile].rdma_resource
     assert name is not None, f"the {network.profile} profile requests no RDMA devices"
-    return {name: str(network.rdma_devices)}
+    devices = network.rdma_devices or (node.known.rdma_devices if node.known else None)
+    assert devices is not None, "validation requires spec.network.rdmaDevices"
+    return {name: str(devices)}
+
+
+def _exact_hcas(network: NetworkSpec, node: Node) -> str:
+    """NCCL's exact-match HCA list: `=mlx5_0:1,mlx5_1:1` (port 1 unless given)."""
+    hcas = network.hcas or list(node.known.hcas if node.known else ())
+    assert hcas, "validation requires spec.network.hcas"
+    return "=" + ",".join(hca if ":" in hca else f"{hca}:1" for hca in hcas)
 
 
 def _tcp(network: NetworkSpec, node: Node) -> NetworkPieces:
@@ -106,31 +193,33 @@ def _infiniband(network: NetworkSpec, node: Node) -> NetworkPieces:
         env={
             "NCCL_NET": "IB",
             "NCCL_IB_DISABLE": "0",
-            "NCCL_IB_HCA": "mlx5",
+            "NCCL_IB_HCA": _exact_hcas(network, node),
             # GPUDirect RDMA across the PCIe root complex: NIC reads GPU memory directly.
             "NCCL_NET_GDR_LEVEL": "SYS",
             "NCCL_IB_PCI_RELAXED_ORDERING": "1",
             "NCCL_SOCKET_IFNAME": "eth0",
         },
-        resources=_rdma_resource(network),
+        resources=_rdma_resource(network, node),
         # Registering GPU and host memory with the HCA pins pages.
         capabilities=("IPC_LOCK",),
     )
 
 
 def _roce(network: NetworkSpec, node: Node) -> NetworkPieces:
+    # NCCL picks the RoCE v2 GID of each port itself (2.21+); a fixed index is only right on
+    # the nodes whose GID table it was read from.
+    gid = {} if network.gid_index is None else {"NCCL_IB_GID_INDEX": str(network.gid_index)}
     return NetworkPieces(
         env={
             "NCCL_NET": "IB",
             "NCCL_IB_DISABLE": "0",
-            "NCCL_IB_HCA": "mlx5",
-            # RoCEv2 over IPv4 is GID index 3 on ConnectX NICs.
-            "NCCL_IB_GID_INDEX": "3",
+            "NCCL_IB_HCA": _exact_hcas(network, node),
+            **gid,
             "NCCL_NET_GDR_LEVEL": "SYS",
             # Multus names the first secondary interface net1: bootstrap over the RDMA network.
             "NCCL_SOCKET_IFNAME": "net1",
         },
-        resources=_rdma_resource(network),
+        resources=_rdma_resource(network, node),
         capabilities=("IPC_LOCK",),
         annotations={"k8s.v1.cni.cncf.io/networks": ",".join(network.secondary_networks)},
     )
@@ -147,7 +236,7 @@ def _efa(network: NetworkSpec, node: Node) -> NetworkPieces:
             "NCCL_SOCKET_IFNAME": _NOT_LOOPBACK,
             "NCCL_IB_DISABLE": "1",
         },
-        resources=_rdma_resource(network),
+        resources=_rdma_resource(network, node),
         capabilities=("IPC_LOCK",),
     )
 
@@ -186,8 +275,9 @@ def _tcpxo(network: NetworkSpec, node: Node) -> NetworkPieces:
     lib64 = f"{_TCPXO_LIBRARIES}/lib64"
     return NetworkPieces(
         env={
-            # The FasTrak plugin comes from the node's driver directory; the launcher appends it
-            # to the image's LD_LIBRARY_PATH (a pod env value would replace it).
+            # The FasTrak plugin and the NCCL it was built with come from the node's driver
+            # directory: the launcher puts it before the image's LD_LIBRARY_PATH (as GKE's
+            # manifests do), so the node's libnccl is loaded rather than the image's.
             ENV_LIBRARY_PATH: lib64,
             "NCCL_NET": "FasTrak",
             "NCCL_SOCKET_IFNAME": "eth0",
@@ -239,12 +329,23 @@ def _tcpxo(network: NetworkSpec, node: Node) -> NetworkPieces:
 # Every network profile. A new fabric is one more builder and one more entry (and its name in
 # NetworkSpec.profile).
 PROFILES: dict[str, NetworkProfile] = {
-    "tcp": NetworkProfile(_tcp),
-    "infiniband": NetworkProfile(_infiniband, rdma_resource="rdma/ib"),
-    "roce": NetworkProfile(_roce, rdma_resource="rdma/roce"),
-    "efa": NetworkProfile(_efa, rdma_resource="vpc.amazonaws.com/efa"),
+    "tcp": NetworkProfile(_tcp, transport="Socket"),
+    "infiniband": NetworkProfile(
+        _infiniband,
+        transport="IB",
+        gpu_direct_rdma=True,
+        rdma_resource="rdma/ib",
+        needs_hcas=True,
+    ),
+    "roce": NetworkProfile(
+        _roce, transport="IB", gpu_direct_rdma=True, rdma_resource="rdma/roce", needs_hcas=True
+    ),
+    "efa": NetworkProfile(
+        _efa, transport="AWS Libfabric", gpu_direct_rdma=True, rdma_resource="vpc.amazonaws.com/efa"
+    ),
     "tcpxo": NetworkProfile(
         _tcpxo,
+        transport="FasTrak",
         host_access="its receive-datapath daemon runs with NET_ADMIN and the node's /sys and "
         "/proc/sys",
     ),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from dpo_operator.api import DPOJob, DPOJobSpec
+from dpo_operator.api import DPOJob, DPOJobSpec, NetworkSpec
 from dpo_operator.core.plan import (
     Layout,
     Plan,
@@ -68,6 +68,12 @@ class ResolvedJob:
         """Whether the processes run on CPUs: the job asks for no GPU, or the installation runs
         its layout on CPUs (`dpo run --cpu`, tests)."""
         return self.settings.cpu or self.spec.resources.gpus_per_node == 0
+
+    @property
+    def network(self) -> NetworkSpec:
+        """The fabric the pods use: the spec's, or plain TCP on CPUs (no GPU NICs there)."""
+        network = self.spec.network
+        return network.model_copy(update={"profile": "tcp"}) if self.on_cpu else network
 
     @property
     def mixed_precision(self) -> Literal["bf16", "no"]:

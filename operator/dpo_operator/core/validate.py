@@ -1,5 +1,6 @@
-"""Validation of a DPOJob: the API's rules (pydantic and CEL, on the models) and the memory
-plan, arithmetic CEL cannot do. What the installation allows is `policy.refusals`.
+"""Validation of a DPOJob: the API's rules (pydantic and CEL, on the models), the memory
+plan (arithmetic CEL cannot do) and the network profile's needs (a table CEL cannot read).
+What the installation allows is `policy.refusals`.
 
 The plan reads the API's models, so the API cannot import it: it is handed to the spec's
 validator through the validation context, and every problem is still reported at once, each
@@ -10,11 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from dpo_operator.api import MEMORY_CHECK, WITHOUT_RULES, DPOJob, DPOJobSpec
+from dpo_operator.core.network import fabric_problems
 from dpo_operator.core.plan import plan
 
 
 def memory_problems(spec: DPOJobSpec) -> list[str]:
-    return plan(spec).problems
+    """What CEL cannot check: the memory plan, and what the network profile needs that the
+    spec or its instance type must give."""
+    return plan(spec).problems + fabric_problems(spec.network, spec.scheduling.node_selector)
 
 
 def parse_dpojob(

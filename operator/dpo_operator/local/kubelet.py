@@ -50,15 +50,18 @@ def kubelet_process(
 ) -> tuple[list[str], dict[str, str]]:
     """What a kubelet would start for `container` of pod `rank`, as a local command and env.
 
-    The completion index becomes `rank`, rank 0's DNS name 127.0.0.1 at `master_port`, the
+    The completion index becomes `rank`, the pod's name its directory's (`tmp`'s parent), its
+    node this machine, rank 0's DNS name 127.0.0.1 at `master_port`, the
     pod's /etc/dpo files the local `files`, its own /tmp volume the directory `tmp` (pods share
     no disk but their volumes); secrets come from this environment if set.
     """
     values: dict[str, str] = {}
     for entry in container["env"]:
         source = entry.get("valueFrom", {})
-        if "fieldRef" in source:  # the only fieldRef rendered: the completion index
-            values[entry["name"]] = str(rank)
+        if "fieldRef" in source:  # the completion index, the pod's name, its node's
+            field = source["fieldRef"]["fieldPath"]
+            named = {"metadata.name": tmp.parent.name, "spec.nodeName": socket.gethostname()}
+            values[entry["name"]] = named.get(field, str(rank))
         elif "secretKeyRef" in source:
             if entry["name"] in os.environ:
                 values[entry["name"]] = os.environ[entry["name"]]

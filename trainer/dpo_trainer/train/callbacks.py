@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import statistics
 import time
 from types import FrameType
 from typing import Any
@@ -13,16 +14,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from dpo_contract.config import (
+    DegradedReason,
     DistributedConfig,
     DistributedRun,
     HealthConfig,
-    HealthReason,
     HealthSignal,
 )
+from dpo_contract.reports import RankProbe
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dpo_trainer.distributed import check_run, describe_run, state_bytes
 from dpo_trainer.io.checkpoints import CheckpointTransfer
+from dpo_trainer.train.fabric import (
+    Identity,
+    RankTime,
+    StragglerWatch,
+    gather_probe,
+    straggler_message,
+)
 from dpo_trainer.train.health import HealthWatch, StepLog
 from dpo_trainer.train.metrics import PrometheusCallback
 
@@ -141,7 +150,7 @@ class WatchHealth(TrainerCallback):
         self.stopped: HealthSignal | None = None
 
     @property
-    def raised(self) -> dict[HealthReason, HealthSignal]:
+    def raised(self) -> dict[DegradedReason, HealthSignal]:
         return self.watch.raised
 
     def on_train_begin(
@@ -255,3 +264,56 @@ class LogLines(TrainerCallback):
         text = " ".join(f"{key}={value:.4g}" for key, value in shown.items())
         total = state.max_steps or "?"
         print(f"step {state.global_step}/{total} epoch {state.epoch or 0:.2f} {text}", flush=True)
+
+
+class WatchStragglers(TrainerCallback):
+    """At each logging step every rank times the same fixed work (dpo_trainer.train.fabric)
+    and names a rank that keeps computing `health.stragglerFactor` times slower than the others
+    (Degraded, reason Straggler); rank 0 shows each rank's time on /metrics."""
+
+    def __init__(
+        self, me: Identity, device: torch.device, factor: float, metrics: PrometheusCallback
+    ) -> None:
+        self.me = me
+        self.device = device
+        self.factor = factor
+        self.metrics = metrics
+        self.watch = StragglerWatch(factor)
+        self.raised: list[HealthSignal] = []
+        self.seen: dict[int, list[RankTime]] = {}
+
+    @property
+    def by_rank(self) -> list[RankProbe]:
+        """Each rank's probes over the run."""
+        return [
+            RankProbe(
+                rank=rank,
+                pod=times[0].pod,
+                node=times[0].node,
+                probes=len(times),
+                median_seconds=statistics.median(t.seconds for t in times),
+            )
+            for rank, times in sorted(self.seen.items())
+        ]
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if not dist.is_initialized() or state.global_step % args.logging_steps:
+            return
+        # Every rank sees every rank's time and judges alike: each pod's summary tells it.
+        times = gather_probe(self.me, self.device)
+        flagged = self.watch.observe(times)
+        for entry in times:
+            self.seen.setdefault(entry.rank, []).append(entry)
+        named = {signal.message for signal in self.raised}
+        for entry, ratio in flagged:
+            message = straggler_message(entry, ratio, self.factor)
+            if not any(f"rank {entry.rank} " in said for said in named):
+                if self.me.rank == 0:
+                    log.warning("health: Straggler: %s", message)
+                self.raised.append(
+                    HealthSignal(reason="Straggler", step=state.global_step, message=message[:300])
+                )
+        if self.me.rank == 0:
+            self.metrics.set_rank_times(times, flagged)

@@ -22,8 +22,10 @@ from dpo_contract.config import (
 from dpo_contract.manifest import sha256_file, write_manifest
 from dpo_contract.reports import (
     DataReport,
+    FabricReport,
     RankCheckpoints,
     RankMemory,
+    RankProbe,
     TrainedAdapter,
     TrainingReport,
 )
@@ -64,6 +66,8 @@ class Finish:
     ran: DistributedRun
     states: dict[str, int]
     health: list[HealthSignal]
+    fabric: FabricReport | None
+    compute_by_rank: list[RankProbe]
     stopped_early: StoppedEarly | None
     started: float
     memory: PhaseMemoryRecorder
@@ -111,6 +115,8 @@ class Finish:
             parameters_digest=_agreed_digest(trainer, exported_as),
             health=self.health,
             stopped_early=self.stopped_early,
+            fabric_report=self.fabric,
+            compute_by_rank=self.compute_by_rank,
             trained_adapter=trained_adapter,
             reference_log_probs=getattr(trainer, "reference_reports", []),
             settings=config,

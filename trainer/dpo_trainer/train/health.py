@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dpo_contract.config import HEALTH_ADVICE, HealthReason, HealthSignal
+from dpo_contract.config import HEALTH_ADVICE, DegradedReason, HealthReason, HealthSignal
 
 WINDOW = 4
 GRAD_NORM_FACTOR = 10.0
@@ -56,7 +56,7 @@ class HealthWatch:
         self.norms: deque[float] = deque(maxlen=50)
         self.best_margin: float | None = None
         # Each signal as first raised.
-        self.raised: dict[HealthReason, HealthSignal] = {}
+        self.raised: dict[DegradedReason, HealthSignal] = {}
 
     def observe(self, log: StepLog) -> list[HealthSignal]:
         """The signals that hold at `log`, each with what was seen."""

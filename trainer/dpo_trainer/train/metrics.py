@@ -12,7 +12,8 @@ import time
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from dpo_contract.config import DEGRADED_METRIC, HEALTH_REASONS
+from dpo_contract.config import DEGRADED_METRIC, DEGRADED_REASONS
+from dpo_contract.reports import FabricReport
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -40,6 +41,12 @@ TRAIN_METRICS = [f"dpo_train_{suffix}" for suffix in _HELP]
 _TRAIN_ONLY = {"learning_rate", "tokens_total", "tokens_per_second"}
 EVAL_METRICS = [f"dpo_eval_{suffix}" for suffix in _HELP if suffix not in _TRAIN_ONLY]
 LABELS = ("dpojob", "namespace")
+RANK_LABELS = ("rank", "pod", "node")
+RANK_COMPUTE_METRIC = "dpo_rank_compute_seconds"
+STRAGGLER_METRIC = "dpo_straggler_ratio"
+FABRIC_INFO_METRIC = "dpo_fabric_info"
+BUS_BANDWIDTH_METRIC = "dpo_fabric_bus_bandwidth_gbps"
+PAIR_BANDWIDTH_METRIC = "dpo_fabric_pair_bandwidth_gbps"
 EVAL_PREFIX = "eval_"
 
 
@@ -61,7 +68,40 @@ class PrometheusCallback(TrainerCallback):
             (*LABELS, "reason"),
             registry=self.registry,
         )
+        self._holding: dict[str, AbstractSet[str]] = {}
         self.set_degraded(set())
+        # Each rank's probe time and the stragglers named (dpo_trainer.train.fabric); the
+        # fabric the preflight measured.
+        self.rank_compute = Gauge(
+            RANK_COMPUTE_METRIC,
+            "Seconds of the fixed compute probe on each rank at the latest logging step",
+            (*LABELS, *RANK_LABELS),
+            registry=self.registry,
+        )
+        self.straggler = Gauge(
+            STRAGGLER_METRIC,
+            "A straggling rank's probe time over the median of the others'",
+            (*LABELS, *RANK_LABELS),
+            registry=self.registry,
+        )
+        self.fabric_info = Gauge(
+            FABRIC_INFO_METRIC,
+            "1 for the transport the pods' collectives really ran over",
+            (*LABELS, "transport", "gpu_direct_rdma"),
+            registry=self.registry,
+        )
+        self.bus_bandwidth = Gauge(
+            BUS_BANDWIDTH_METRIC,
+            "Preflight bus bandwidth (GB/s, as nccl-tests computes it) by collective and size",
+            (*LABELS, "collective", "bytes"),
+            registry=self.registry,
+        )
+        self.pair_bandwidth = Gauge(
+            PAIR_BANDWIDTH_METRIC,
+            "Preflight bandwidth (GB/s) between the first processes of two pods",
+            (*LABELS, "pods", "nodes"),
+            registry=self.registry,
+        )
         self.latest: dict[str, float] = {}
         self._last_tokens: tuple[float, float] | None = None
         self._server = start_http_server(port, registry=self.registry)[0] if serve else None
@@ -70,9 +110,42 @@ class PrometheusCallback(TrainerCallback):
         self.gauges[name].labels(**self.labels).set(value)
         self.latest[name] = value
 
-    def set_degraded(self, reasons: AbstractSet[str]) -> None:
-        for reason in HEALTH_REASONS:
-            self.degraded.labels(**self.labels, reason=reason).set(1 if reason in reasons else 0)
+    def set_degraded(self, reasons: AbstractSet[str], source: str = "health") -> None:
+        """The signals of `source` (DPO's health, or the fabric) that hold now."""
+        self._holding[source] = reasons
+        holding = set().union(*self._holding.values())
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(**self.labels, reason=reason).set(1 if reason in holding else 0)
+
+    def set_rank_times(self, times: list[Any], stragglers: list[tuple[Any, float]]) -> None:
+        """Each rank's probe (fabric.RankTime) and the ratio of each straggler named."""
+        self.rank_compute.clear()
+        self.straggler.clear()
+        for entry in times:
+            labels = {"rank": str(entry.rank), "pod": entry.pod, "node": entry.node}
+            self.rank_compute.labels(**self.labels, **labels).set(entry.seconds)
+        for entry, ratio in stragglers:
+            labels = {"rank": str(entry.rank), "pod": entry.pod, "node": entry.node}
+            self.straggler.labels(**self.labels, **labels).set(ratio)
+        self.set_degraded({"Straggler"} if stragglers else set(), source="stragglers")
+
+    def set_fabric(self, report: FabricReport) -> None:
+        summary = report.summary()
+        self.fabric_info.labels(
+            **self.labels,
+            transport=summary.transport,
+            gpu_direct_rdma=str(summary.gpu_direct_rdma).lower(),
+        ).set(1)
+        if report.preflight is None:
+            return
+        for measured in report.preflight.collectives:
+            self.bus_bandwidth.labels(
+                **self.labels, collective=measured.collective, bytes=str(measured.bytes)
+            ).set(measured.bus_gbps)
+        for pair in report.preflight.pairs:
+            self.pair_bandwidth.labels(
+                **self.labels, pods=",".join(pair.pods), nodes=",".join(pair.nodes)
+            ).set(pair.gbps)
 
     def on_log(
         self,

@@ -9,6 +9,7 @@ its recorded result instead of training twice.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from datetime import timedelta
@@ -44,6 +45,13 @@ from dpo_trainer.train.callbacks import (
     MeasureStates,
     StopOnSignal,
     WatchHealth,
+    WatchStragglers,
+)
+from dpo_trainer.train.fabric import (
+    identity,
+    log_nccl_transport,
+    measure_fabric,
+    nccl_log_directory,
 )
 from dpo_trainer.train.finish import Finish
 from dpo_trainer.train.memory import PhaseMemoryRecorder
@@ -73,6 +81,13 @@ def train(config: TrainerConfig) -> TrainingReport:
         distributed.nproc_per_node if distributed.device == "cuda" else 0,
         "trainer.json (distributed.device: cuda)",
     )
+    # Before NCCL starts: the first process of each pod logs which transport it picks.
+    first_in_pod = os.environ.get("LOCAL_RANK", "0") == "0"
+    nccl_log = (
+        log_nccl_transport(first_in_pod, nccl_log_directory())
+        if distributed.device == "cuda"
+        else None
+    )
     # The first PartialState decides the process group for the whole process (a singleton); on
     # CPU only cpu=True makes it join the other ranks over gloo.
     # Startup's collectives wait on downloads and loads: the long timeout until training starts.
@@ -84,6 +99,12 @@ def train(config: TrainerConfig) -> TrainingReport:
     check_launch(distributed, str(state.distributed_type.value))
     if distributed.device == "cpu" and distributed.strategy in ("fsdp", "hsdp"):
         keep_fsdp_on_cpu()
+    me = identity(state.process_index, state.local_process_index)
+    fabric, fabric_signal = (
+        measure_fabric(config.fabric, state.device, me, distributed.nnodes, nccl_log)
+        if state.num_processes > 1
+        else (None, None)
+    )
     dtype = torch_dtype(config.training.mixed_precision)
 
     eval_rows, eval_report, held_out = None, None, None
@@ -115,8 +136,20 @@ def train(config: TrainerConfig) -> TrainingReport:
     stopper = StopOnSignal(save=config.training.save_on_signal)
     checked = CheckDistributed(distributed)
     measured = MeasureStates()
+    if fabric is not None and state.is_main_process:
+        metrics.set_fabric(fabric)
+        metrics.set_degraded({fabric_signal.reason} if fabric_signal else set(), source="fabric")
     health = WatchHealth(config.health, metrics)
-    callbacks: list[TrainerCallback] = [checked, measured, metrics, health, stopper, LogLines()]
+    stragglers = WatchStragglers(me, state.device, config.health.straggler_factor, metrics)
+    callbacks: list[TrainerCallback] = [
+        checked,
+        measured,
+        metrics,
+        health,
+        stragglers,
+        stopper,
+        LogLines(),
+    ]
     memory = PhaseMemoryRecorder(distributed.device)
     with memory.phase("load"):
         # Seeded before the policy is built, so a LoRA adapter starts the same on every rank and
@@ -152,7 +185,13 @@ def train(config: TrainerConfig) -> TrainingReport:
             held_out=held_out,
             ran=checked.ran,
             states=measured.states,
-            health=list(health.raised.values()),
+            health=[
+                *([fabric_signal] if fabric_signal else []),
+                *health.raised.values(),
+                *stragglers.raised,
+            ],
+            fabric=fabric,
+            compute_by_rank=stragglers.by_rank,
             stopped_early=stopped_early,
             started=started,
             memory=memory,

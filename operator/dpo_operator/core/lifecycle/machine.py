@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from dpo_contract.config import HEALTH_ADVICE, HealthReason
+from dpo_contract.config import HEALTH_ADVICE
 from dpo_contract.pod import (
     EXIT_BAD_INPUT,
     EXIT_CHAMPION_CHANGED,
@@ -36,6 +36,7 @@ from dpo_operator.api import (
     HeldOutStatus,
     Phase,
     PromotionStatus,
+    TrainingMetrics,
     spec_digest,
 )
 from dpo_operator.core.lifecycle.decision import (
@@ -265,9 +266,11 @@ class _Machine:
             return
         self.phase("Training", f"attempt {attempt}: {started}/{nodes} pods started")
         self.condition("Training", True, "Running", f"attempt {attempt}")
+        if self.observed.fabric is not None:
+            self.status.fabric = self.observed.fabric
         if self.observed.metrics is not None:
             self.status.metrics = self.observed.metrics
-            self.health(self.observed.metrics.degraded)
+            self.health(self.observed.metrics)
 
     def degraded(self, reason: str, message: str, event: str) -> None:
         """Degraded=True; an Event when it turns True or says something new."""
@@ -276,10 +279,17 @@ class _Machine:
             self.event(event, message, warning=True)
         self.condition("Degraded", True, reason, message)
 
-    def health(self, reasons: list[HealthReason]) -> None:
+    def health(self, metrics: TrainingMetrics) -> None:
         """The Degraded condition from the health signals that hold at rank 0's latest log."""
+        reasons = metrics.degraded
         if reasons:
-            message = "; ".join(f"{reason}: {HEALTH_ADVICE[reason]}" for reason in reasons)
+            said = {"Straggler": metrics.straggler}
+            message = "; ".join(
+                f"{reason}: "
+                + (f"{said[reason]}; " if said.get(reason) else "")
+                + HEALTH_ADVICE[reason]
+                for reason in reasons
+            )
             self.degraded(reasons[0], message, "Degraded")
         elif self.holds("Degraded"):
             self.condition("Degraded", False, "Healthy", "no health signal holds at the latest log")
@@ -291,6 +301,8 @@ class _Machine:
         summary = pod.reported if pod else None
         if not isinstance(summary, TrainingSummary):
             return
+        if summary.fabric is not None:
+            self.status.fabric = summary.fabric
         said = "; ".join(f"{signal.reason}: {signal.message}" for signal in summary.health)
         stopped = summary.stopped_early
         if stopped is not None:
@@ -395,6 +407,10 @@ class _Machine:
             return
         wrong = next((p for p in failed if p.exit_code == EXIT_WRONG_ENVIRONMENT), None)
         if wrong is not None:
+            said = wrong.reported if isinstance(wrong.reported, Failure) else None
+            if said is not None and said.reason is not None:  # the fabric: FabricSlow, ...
+                self.finish("Failed", f"{said.reason}: {_reason(wrong)}", said.reason)
+                return
             self.finish(
                 "Failed",
                 f"the pods are not what was rendered: {_reason(wrong)}",

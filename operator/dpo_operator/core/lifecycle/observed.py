@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from dpo_contract.reports import FabricSummary
 from dpo_contract.termination import TerminationMessage, parse_termination_message
 
 from dpo_operator.api import TrainingMetrics
@@ -61,6 +62,7 @@ class Observed:
     # The namespace's NetworkPolicy fencing the trainers (or none is wanted, or none applies).
     has_network_policy: bool = True
     metrics: TrainingMetrics | None = None
+    fabric: FabricSummary | None = None  # what rank 0's preflight measured, once it has
     # The API server refused to create a child as rendered, in its words (or its name is taken
     # by someone else's object): the run cannot go on.
     refused: str | None = None

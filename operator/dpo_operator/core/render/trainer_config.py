@@ -5,6 +5,7 @@ from __future__ import annotations
 from dpo_contract.config import (
     DataConfig,
     DistributedConfig,
+    FabricConfig,
     GateConfig,
     HealthConfig,
     HoldOut,
@@ -16,6 +17,7 @@ from dpo_contract.config import (
 from dpo_contract.fields import LoraSettings, ModelRef
 
 from dpo_operator.core.names import run_id
+from dpo_operator.core.network import PROFILES
 from dpo_operator.core.render.evaluation import eval_gpus
 from dpo_operator.core.resolve import ResolvedJob
 from dpo_operator.core.serving import served_model_name
@@ -117,6 +119,32 @@ def trainer_config(resolved: ResolvedJob, claim_paths: ClaimPaths | None = None)
         reference_cache=reference_cache_dir(job, claim_paths)
         if spec.dpo.precompute_ref_log_probs
         else None,
-        health=HealthConfig(action=spec.health.action, warmup_steps=spec.health.warmup_steps),
+        health=HealthConfig(
+            action=spec.health.action,
+            warmup_steps=spec.health.warmup_steps,
+            straggler_factor=spec.health.straggler_factor,
+        ),
+        fabric=fabric_config(resolved),
         metrics_port=spec.monitoring.port,
+    )
+
+
+# The preflight's largest message when the spec does not say: big enough to reach an NVLink or
+# InfiniBand fabric's plateau on GPUs; a few MiB over sockets between CPU pods.
+PREFLIGHT_MAX_MIB = {"cuda": 256, "cpu": 4}
+
+
+def fabric_config(resolved: ResolvedJob) -> FabricConfig:
+    network = resolved.network
+    profile = PROFILES[network.profile]
+    preflight = network.preflight
+    device = "cpu" if resolved.on_cpu else "cuda"
+    return FabricConfig(
+        profile=network.profile,
+        transport=profile.transport,
+        gpu_direct_rdma=profile.gpu_direct_rdma,
+        on_mismatch=network.on_mismatch,
+        preflight=preflight.enabled,
+        preflight_max_bytes=(preflight.max_message_mib or PREFLIGHT_MAX_MIB[device]) << 20,
+        min_bus_bandwidth_gbps=preflight.min_bus_bandwidth_gbps,
     )

@@ -13,8 +13,10 @@ from dpo_contract.pod import (
     ENV_METRICS_PORT,
     ENV_NAMESPACE,
     ENV_NNODES,
+    ENV_NODE_NAME,
     ENV_NODE_RANK,
     ENV_NPROC_PER_NODE,
+    ENV_POD_NAME,
     TRAINER_CONFIG_PATH,
 )
 
@@ -93,6 +95,8 @@ def contract_env(resolved: ResolvedJob, attempt: int) -> list[Manifest]:
         {"name": ENV_MASTER_ADDR, "value": master_address(job, attempt)},
         {"name": ENV_MASTER_PORT, "value": str(DEFAULT_MASTER_PORT)},
         {"name": ENV_METRICS_PORT, "value": str(spec.monitoring.port)},
+        {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
     ]
     if spec.resources.gpus_per_node == 0:
         # On CPU accelerate starts one process per pod itself and, unlike torchrun, does not set
@@ -109,9 +113,9 @@ def render_training_job(resolved: ResolvedJob, attempt: int) -> Manifest:
     """An Indexed Job of `nodes` pods; pod i is machine rank i (its completion index)."""
     job, spec, settings = resolved.job, resolved.spec, resolved.settings
     gpus = 0 if settings.cpu else spec.resources.gpus_per_node
-    # CPUs have no GPU NICs: plain TCP, whatever fabric the job's GPUs would use.
-    network = spec.network.model_copy(update={"profile": "tcp"}) if settings.cpu else spec.network
-    pieces = network_pieces(network, gpus, settings.tcpxo_daemon_image)
+    pieces = network_pieces(
+        resolved.network, gpus, spec.scheduling.node_selector, settings.tcpxo_daemon_image
+    )
     volumes, mounts = volumes_and_mounts(resolved, pieces, resolved.training_disk)
     container: Manifest = {
         "name": TRAINER_CONTAINER,
