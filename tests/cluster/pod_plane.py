@@ -33,7 +33,7 @@ def gpu_node(name: str, block: str, product: str = "H100") -> NodeSpec:
         name,
         cpu="96",
         memory="1Ti",
-        extended={"nvidia.com/gpu": "8", "rdma/ib": "1"},
+        extended={"nvidia.com/gpu": "8", "rdma/ib": "8"},  # a port per GPU
         labels={BLOCK_LABEL: block, GPU_PRODUCT_LABEL: product},
         taints=(GPU_TAINT,),
     )
