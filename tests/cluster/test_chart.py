@@ -124,6 +124,30 @@ def test_the_trainer_image_value_reaches_the_operator_as_dpo_render_takes_it() -
     assert "--trainer-image=registry.example.com/dpo-trainer:1" in pinned
 
 
+def test_the_default_output_value_reaches_the_operator_as_dpo_render_takes_it() -> None:
+    deployment = next(
+        o
+        for o in rendered(
+            [
+                "--set",
+                "defaultOutput.uri=s3://acme-runs/dpo",
+                "--set",
+                "defaultOutput.credentialsSecret=s3-writer",
+            ]
+        )
+        if o["kind"] == "Deployment"
+    )
+    flags = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    settings = settings_from_args(build_parser().parse_args(["operator", *flags]))
+    assert settings.default_output is not None
+    assert settings.default_output.uri == "s3://acme-runs/dpo"
+    assert settings.default_output.credentials_secret == "s3-writer"
+    none = next(o for o in rendered([]) if o["kind"] == "Deployment")
+    assert not any(
+        "--default-output" in a for a in none["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+
+
 def test_the_privileged_pieces_reach_the_operator_only_from_the_chart() -> None:
     def args(values: list[str]) -> list[str]:
         deployment = next(o for o in rendered(values) if o["kind"] == "Deployment")

@@ -186,7 +186,12 @@ BAD_MANIFESTS: list[tuple[str, Callable[[Manifest], None], str, str]] = [
     ),
     ("missing-data", _delete("spec.data"), "spec.data", "required field is missing"),
     ("missing-model", _delete("spec.model"), "spec.model", "required field is missing"),
-    ("missing-output", _delete("spec.output"), "spec.output", "required field is missing"),
+    (
+        "missing-output",
+        _delete("spec.output"),
+        "spec.output",
+        "missing, and this installation sets no default output",
+    ),
     (
         "data-name-and-uri",
         _set("spec.data.train", {"name": "org/prefs", "uri": "s3://b/k"}),

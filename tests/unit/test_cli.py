@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 from dpo_operator.cli.main import main
+from dpo_operator.core.plan.configs import known_configs
 
 from tests.conftest import EXAMPLES, REPO
 
@@ -114,3 +116,74 @@ def test_plan_shows_why_a_job_fits_nowhere_and_exits_1(
     assert "problem    resources: this 70.6B-parameter full fine-tune fits on no strategy" in out
     assert main(["validate", str(one_node)]) == 1
     assert "spec.resources: this 70.6B-parameter" in capsys.readouterr().err
+
+
+def test_the_seed_recipes_are_planned_by_memory_from_their_exact_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Qwen3-8B LoRA on one node fits as ddp; Qwen3-32B full fine-tune on 2 x 8 does not fit
+    as hsdp 2x8 (each node a whole copy) and is sharded over all 16 GPUs instead."""
+    assert main(["plan", str(REPO / "examples" / "qwen3-8b-lora.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "8.19B parameters (known model qwen3-8b); LoRA r=16" in out
+    assert "choice     ddp: the first that fits" in out
+    assert main(["plan", str(REPO / "examples" / "qwen3-32b-full.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "32.76B parameters (known model qwen3-32b); full fine-tune" in out
+    assert "choice     fsdp 16: the first that fits 72.0 GiB per GPU" in out
+    assert "hsdp 2x8 needs 72.3 GiB" in out
+    manifest = yaml.safe_load((REPO / "examples" / "qwen3-32b-full.yaml").read_text())
+    manifest["spec"]["parallelism"]["strategy"] = "hsdp"
+    hsdp = tmp_path / "hsdp.yaml"
+    hsdp.write_text(yaml.safe_dump(manifest))
+    assert main(["plan", str(hsdp)]) == 1
+    assert "the smallest, hsdp 2x8, needs 72.3 GiB per GPU" in capsys.readouterr().out
+
+
+def test_a_model_under_any_name_is_planned_from_its_config_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fine-tune under its own name: its config.json, given or in its directory, makes the
+    size exact; an architecture the planner cannot count says so."""
+    qwen3 = known_configs()["qwen3-8b"]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(qwen3))
+    manifest = yaml.safe_load((REPO / "examples" / "qwen3-8b-lora.yaml").read_text())
+    manifest["spec"]["model"]["name"] = "acme/code-assistant-v2"
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(yaml.safe_dump(manifest))
+    assert main(["plan", str(renamed), "--model-config", str(config)]) == 0
+    assert "8.19B parameters (the model's config.json)" in capsys.readouterr().out
+    manifest["spec"]["model"]["name"] = str(tmp_path)  # a local directory holding config.json
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump(manifest))
+    assert main(["plan", str(local)]) == 0
+    assert "8.19B parameters (the model's config.json)" in capsys.readouterr().out
+    config.write_text(json.dumps({"model_type": "mamba", "hidden_size": 768}))
+    assert main(["plan", str(local)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/config.json: cannot count the model's parameters: model_type mamba" in err
+
+
+def test_a_dpojob_without_output_takes_the_installations_default_or_says_where_to_set_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = yaml.safe_load((REPO / "examples" / "qwen3-8b-lora.yaml").read_text())
+    del manifest["spec"]["output"]
+    bare = tmp_path / "no-output.yaml"
+    bare.write_text(yaml.safe_dump(manifest))
+    assert main(["validate", str(bare)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.output: missing, and this installation sets no default output" in err
+    assert "--default-output" in err
+    assert main(["validate", str(bare), "--default-output", "s3://acme-runs/dpo"]) == 0
+    capsys.readouterr()
+    flags = ["--default-output", "s3://acme-runs/dpo", "--default-output-secret", "s3-writer"]
+    assert main(["render", str(bare), *flags]) == 0
+    rendered = list(yaml.safe_load_all(capsys.readouterr().out))
+    config = next(o for o in rendered if o["kind"] == "ConfigMap")
+    trainer = json.loads(config["data"]["trainer.json"])
+    assert trainer["artifactsDir"].startswith("s3://acme-runs/dpo/ml-training/qwen3-8b-lora/")
+    train = next(o for o in rendered if o["kind"] == "Job")
+    container = train["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-writer"}}]

@@ -77,7 +77,17 @@ def test_crd_names_group_version_and_short_name() -> None:
 def test_printer_columns_show_progress_and_gate() -> None:
     (version,) = crd_manifest()["spec"]["versions"]
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Nodes", "Step", "Accuracy", "Margin", "Gate", "Age"]
+    assert list(columns) == [
+        "Phase",
+        "Nodes",
+        "Step",
+        "Progress",
+        "Accuracy",
+        "Margin",
+        "Gate",
+        "Age",
+    ]
+    assert columns["Progress"] == ".status.progress.summary"
     assert columns["Accuracy"] == ".status.metrics.rewardAccuracy"
     assert columns["Gate"] == ".status.evaluation.verdict"
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from dpo_operator.api import DPOJob, DPOJobStatus, TrainingMetrics
+from dpo_operator.api import DPOJob, DPOJobStatus, OutputSpec, TrainingMetrics
 from dpo_operator.core.lifecycle import (
     ChildJob,
     Create,
@@ -19,10 +19,11 @@ from dpo_operator.core.lifecycle import (
     Suspend,
     decide,
 )
+from dpo_operator.core.validate import parse_dpojob
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import job_with
+from tests.conftest import example, example_manifest, job_with
 from tests.reports import (
     BAD_INPUT,
     FABRIC_SLOW,
@@ -548,3 +549,50 @@ def test_a_straggler_is_named_live_and_in_the_end_with_the_fabric() -> None:
     fabric = decision.status.fabric
     assert fabric is not None
     assert (fabric.transport, fabric.bus_bandwidth_gbps) == ("IB", 180.5)
+
+
+def test_progress_and_eta_follow_rank_zeros_measured_pace_and_end_with_gpu_hours() -> None:
+    running = observed(child("train", 1, "Running", pod("Running")))
+    paced = replace(
+        running,
+        metrics=TrainingMetrics(step=400, max_steps=1000, seconds_per_step=6.5),
+    )
+    progress = decide(job(), paced).status.progress
+    assert progress is not None
+    assert (progress.percent, progress.eta_seconds) == (40.0, 3900)
+    assert progress.summary == "40% ETA 1h05m"
+    unpaced = replace(running, metrics=TrainingMetrics(step=4))
+    assert decide(job(), unpaced).status.progress is None, "no total yet: nothing to say"
+    summary = TRAINED.replace('"step":40', '"step":40,"gpuHours":12.5')
+    trained = observed(child("train", 1, "Complete", pod("Succeeded", 0, summary)))
+    done = decide(job(status={"attempt": 1, "phase": "Training"}), trained).status.progress
+    assert done is not None
+    assert (done.percent, done.summary, done.gpu_hours) == (100.0, "100% 12.5 GPU-h", 12.5)
+
+
+def test_the_plan_the_training_job_was_created_from_is_recorded() -> None:
+    """status.plan: the layout and what it asks of each GPU and pod, as `dpo plan` prints."""
+    qwen = example("qwen3-32b-full")
+    decision = decide(qwen, Observed(now=NOW))
+    assert Create("train", 1) in decision.actions
+    recorded = decision.status.plan
+    assert recorded is not None
+    assert (recorded.layout, recorded.parameters) == ("fsdp 16", 32_762_123_264)
+    assert recorded.model_source == "known model qwen3-32b"
+    assert (recorded.gpu_memory, recorded.gpu_budget) == ("41.8Gi", "72.0Gi")
+    assert recorded.disk == "460Gi"
+    assert recorded.seconds_per_step is not None
+
+
+def test_a_run_keeps_the_output_it_started_with_when_the_default_changes() -> None:
+    """The installation's default output is recorded at the start: a later default does not
+    move a run's checkpoints."""
+    manifest = example_manifest("qwen3-8b-lora")
+    del manifest["spec"]["output"]
+    first = OutputSpec(uri="pvc://team-runs")
+    job_then = parse_dpojob(manifest, default_output=first)
+    started = decide(job_then, Observed(now=NOW))
+    assert started.status.output == first
+    manifest["status"] = started.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    later = parse_dpojob(manifest, default_output=OutputSpec(uri="s3://elsewhere/runs"))
+    assert later.spec.output == first

@@ -68,11 +68,17 @@ def test_metrics_are_read_from_rank_zero(serve: Callable[[Page], int]) -> None:
             'dpo_train_step{dpojob="demo",namespace="ml"} 40\n'
             'dpo_train_loss{dpojob="demo",namespace="ml"} 0.5\n'
             'dpo_train_reward_accuracy{dpojob="demo",namespace="ml"} 0.75\n'
+            'dpo_train_max_steps{dpojob="demo",namespace="ml"} 400\n'
+            'dpo_train_seconds_per_step{dpojob="demo",namespace="ml"} 2.5\n'
         )
     )
     metrics = scrape_rank_zero(port)
     assert getattr(metrics, "step", None) == 40
     assert getattr(metrics, "reward_accuracy", None) == 0.75
+    assert (getattr(metrics, "max_steps", None), getattr(metrics, "seconds_per_step", None)) == (
+        400,
+        2.5,
+    )
 
 
 def test_a_nan_value_is_left_out_and_the_status_stays_writable(

@@ -158,6 +158,9 @@ class TrainingSummary(ContractModel):
     )
     stopped_early: StoppedEarly | None = None
     fabric: FabricSummary | None = None
+    gpu_hours: float | None = Field(
+        default=None, description="Training's wall time times its GPUs (None on CPUs)."
+    )
 
 
 # Under <output>/<namespace>/: precomputed reference log-probs, kept by content for any run there.
@@ -276,6 +279,7 @@ class TrainingReport(TrainingSummary):
             health=self.health,
             stopped_early=self.stopped_early,
             fabric=self.fabric_report.summary() if self.fabric_report else None,
+            gpu_hours=self.gpu_hours,
         )
 
 

@@ -3,6 +3,7 @@ and the CRD generator (`dpo_operator.api.crd`). Pure: no I/O, no Kubernetes clie
 """
 
 from dpo_operator.api.cel import (
+    DEFAULT_OUTPUT,
     MEMORY_CHECK,
     WITHOUT_RULES,
     Rule,
@@ -82,6 +83,8 @@ from dpo_operator.api.status import (
     EvaluationStatus,
     HeldOutStatus,
     Phase,
+    PlanStatus,
+    ProgressStatus,
     PromotionStatus,
     TrainingMetrics,
 )
@@ -101,6 +104,7 @@ from dpo_operator.api.training import (
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_OUTPUT",
     "ENV_NAME_PATTERN",
     "EXTRA_TRAINING_FIELDS",
     "GROUP",
@@ -155,7 +159,9 @@ __all__ = [
     "ParameterCount",
     "PeftSpec",
     "Phase",
+    "PlanStatus",
     "PodResources",
+    "ProgressStatus",
     "PromotionSpec",
     "PromotionStatus",
     "PromotionTarget",

@@ -21,6 +21,8 @@ from pydantic_core import CoreSchema
 # (spec -> problems) that `dpo_operator.core.validate` hands in, as the planner reads these models.
 WITHOUT_RULES = "withoutRules"
 MEMORY_CHECK = "memoryCheck"
+# The installation's output for a DPOJob that names none (`dpo operator --default-output`).
+DEFAULT_OUTPUT = "defaultOutput"
 
 
 @dataclass(frozen=True)

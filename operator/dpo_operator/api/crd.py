@@ -21,6 +21,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.metrics.step"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {
         "name": "Accuracy",
         "type": "number",

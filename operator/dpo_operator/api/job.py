@@ -10,9 +10,9 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from dpo_operator.api.cel import MEMORY_CHECK, WITHOUT_RULES, Rule, RuledModel
+from dpo_operator.api.cel import DEFAULT_OUTPUT, MEMORY_CHECK, WITHOUT_RULES, Rule, RuledModel
 from dpo_operator.api.delivery import EvalGateSpec, OutputSpec, PromotionSpec
 from dpo_operator.api.grammar import MAX_NAME_LENGTH, NAME_PATTERN, RESERVED_ENV
 from dpo_operator.api.limits import VLLM_MAX_LORA_RANK, VLLM_UNSERVED_MODULES
@@ -160,7 +160,12 @@ class DPOJobSpec(RuledModel):
 
     model: ModelSpec
     data: DataSpec
-    output: OutputSpec
+    output: OutputSpec = Field(
+        default=None,
+        validate_default=True,
+        description="Where checkpoints and the adapter go. Default: the installation's "
+        "(chart value defaultOutput; `dpo run`: its work directory).",
+    )
     dpo: DPOSpec = Field(default_factory=DPOSpec)
     peft: PeftSpec = Field(default_factory=PeftSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -188,6 +193,21 @@ class DPOJobSpec(RuledModel):
         max_length=32,
         description="Env vars from Secret keys, e.g. HF_TOKEN (secretKeyRef only).",
     )
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _installation_output(cls, value: Any, info: ValidationInfo) -> Any:
+        """No output named: the installation's default, if it has one."""
+        if value is not None:
+            return value
+        default = (info.context or {}).get(DEFAULT_OUTPUT)
+        if default is None:
+            raise ValueError(
+                "missing, and this installation sets no default output (chart value "
+                "defaultOutput.uri, `dpo operator --default-output`): set spec.output.uri to "
+                "pvc://<claim>/<path> or an object store URI"
+            )
+        return default
 
     @model_validator(mode="before")
     @classmethod

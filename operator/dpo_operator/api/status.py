@@ -12,6 +12,8 @@ from dpo_contract.fields import ContractModel
 from dpo_contract.reports import FabricSummary, GateCriterion
 from pydantic import Field, StrictFloat, StrictInt
 
+from dpo_operator.api.delivery import OutputSpec
+
 Phase = Literal[
     "Pending",
     "Queued",
@@ -51,10 +53,52 @@ class TrainingMetrics(ContractModel):
         max_length=8,
         description="The health signals that hold at the latest log (dpo_train_degraded).",
     )
+    max_steps: StrictInt | None = Field(default=None, description="Steps the run takes in all.")
+    seconds_per_step: StrictFloat | None = Field(
+        default=None, description="Measured seconds per step between rank 0's latest logs."
+    )
     straggler: Annotated[str, Field(max_length=1024)] | None = Field(
         default=None, description="The rank named a Straggler, its pod and node, and how slow."
     )
     updated_at: datetime | None = None
+
+
+class ProgressStatus(ContractModel):
+    """How far training is, and when it will be done at the measured pace."""
+
+    percent: StrictFloat
+    eta_seconds: StrictInt | None = Field(
+        default=None, description="Steps left times the measured seconds per step."
+    )
+    summary: Annotated[str, Field(max_length=64)] = Field(
+        description="e.g. 42% ETA 1h20m (the Progress column)."
+    )
+    gpu_hours: StrictFloat | None = Field(
+        default=None, description="Once trained: the training's wall time times its GPUs."
+    )
+
+
+class PlanStatus(ContractModel):
+    """What the plan decided when the training Job was created (`dpo plan` shows the table)."""
+
+    layout: Annotated[str, Field(max_length=64)] = Field(description="e.g. fsdp 16, hsdp 2x8.")
+    parameters: StrictInt | None = None
+    model_source: Annotated[str, Field(max_length=256)] | None = Field(
+        default=None, description="Where the size came from: a config.json, a known model, ..."
+    )
+    gpu_memory: Annotated[str, Field(max_length=32)] | None = Field(
+        default=None, description="Planned bytes per GPU of the chosen layout."
+    )
+    gpu_budget: Annotated[str, Field(max_length=32)] | None = Field(
+        default=None, description="The usable part of one GPU's memory it must fit."
+    )
+    host_memory: Annotated[str, Field(max_length=32)] | None = Field(
+        default=None, description="Host memory each pod holds while it loads the model."
+    )
+    disk: Annotated[str, Field(max_length=32)] = Field(description="Local disk each pod asks for.")
+    seconds_per_step: StrictFloat | None = Field(
+        default=None, description="The compute estimate, at the utilisation `dpo plan` states."
+    )
 
 
 class HeldOutStatus(ContractModel):
@@ -114,7 +158,14 @@ class DPOJobStatus(ContractModel):
         default=False,
         description="ttlSecondsAfterFinished removed the child Jobs; they are never re-created.",
     )
+    output: OutputSpec | None = Field(
+        default=None,
+        description="Where the run's artifacts go, recorded at its start (the installation's "
+        "default, for a DPOJob that names none, cannot move them later).",
+    )
+    plan: PlanStatus | None = None
     metrics: TrainingMetrics | None = None
+    progress: ProgressStatus | None = None
     fabric: FabricSummary | None = Field(
         default=None,
         description="What the collectives really ran over (NCCL's transport, GPUDirect RDMA, "

@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dpo_operator.api import KIND, DPOJob, describe_errors
+from dpo_operator.api import KIND, DPOJob, OutputSpec, describe_errors
 from dpo_operator.api.crd import crd_manifest
 from dpo_operator.cli.report import summarize
 from dpo_operator.core.network import DEFAULT_ALLOWED_PROFILES, DEFAULT_TCPXO_DAEMON_IMAGE
@@ -45,8 +46,11 @@ class ManifestError(Exception):
         self.problems = problems
 
 
-def load_dpojobs(path: Path, *, check_memory: bool = True) -> list[DPOJob]:
-    """Every DPOJob document in a YAML file; raises ManifestError naming each problem."""
+def load_dpojobs(
+    path: Path, *, check_memory: bool = True, default_output: OutputSpec | None = None
+) -> list[DPOJob]:
+    """Every DPOJob document in a YAML file; raises ManifestError naming each problem.
+    `default_output` goes to the DPOJobs that name no spec.output."""
     try:
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except FileNotFoundError:
@@ -65,7 +69,9 @@ def load_dpojobs(path: Path, *, check_memory: bool = True) -> list[DPOJob]:
             problems.append(f"{label}: kind: expected {KIND}, got {kind!r}")
             continue
         try:
-            jobs.append(parse_dpojob(document, check_memory=check_memory))
+            jobs.append(
+                parse_dpojob(document, check_memory=check_memory, default_output=default_output)
+            )
         except ValidationError as error:
             problems += [f"{label}: {line}" for line in describe_errors(error)]
     if problems:
@@ -79,7 +85,7 @@ def _validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            jobs = load_dpojobs(path)
+            jobs = load_dpojobs(path, default_output=default_output(args))
         except ManifestError as error:
             print("\n".join(error.problems), file=sys.stderr)
             failed = True
@@ -91,7 +97,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     try:
-        jobs = load_dpojobs(args.file)
+        jobs = load_dpojobs(args.file, default_output=default_output(args))
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1
@@ -109,13 +115,19 @@ def _render(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     try:
-        jobs = load_dpojobs(args.file, check_memory=False)
+        jobs = load_dpojobs(args.file, check_memory=False, default_output=default_output(args))
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1
     fits = True
     for job in jobs:
-        result = plan(job.spec)
+        try:
+            config = model_config(job.spec.model.name, args.model_config)
+            result = plan(job.spec, config)
+        except (OSError, ValueError, KeyError) as error:
+            where = args.model_config or f"{job.spec.model.name}/config.json"
+            print(f"{where}: cannot count the model's parameters: {error}", file=sys.stderr)
+            return 1
         print(f"DPOJob {job.namespace}/{job.name}")
         print(format_plan(job.spec, result))
         print()
@@ -123,9 +135,23 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if fits else 1
 
 
+def model_config(model: str, given: Path | None) -> dict[str, Any] | None:
+    """The model's config.json: the one given, or the one in the model's own directory when
+    spec.model.name is a local path; None otherwise (a known model, or the spec's count)."""
+    path = given or Path(model) / "config.json"
+    if given is None and not path.is_file():
+        return None
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded
+
+
+# `dpo run`'s output for a DPOJob that names none: a claim its work directory holds.
+LOCAL_OUTPUT = OutputSpec(uri="pvc://dpo-runs")
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        jobs = load_dpojobs(args.file)
+        jobs = load_dpojobs(args.file, default_output=LOCAL_OUTPUT)
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1
@@ -202,6 +228,32 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         network_policy=not args.no_network_policy,
         operator_namespace=args.operator_namespace,
         metrics_scrapers=tuple(args.metrics_scraper),
+        default_output=default_output(args),
+    )
+
+
+def default_output(args: argparse.Namespace) -> OutputSpec | None:
+    """--default-output (and its Secret), for the DPOJobs that name no spec.output."""
+    if not args.default_output:
+        return None
+    try:
+        return OutputSpec(uri=args.default_output, credentials_secret=args.default_output_secret)
+    except ValidationError as error:
+        problems = "; ".join(describe_errors(error))
+        raise SystemExit(f"dpo: --default-output {args.default_output!r}: {problems}") from None
+
+
+def _add_default_output(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--default-output",
+        metavar="URI",
+        help="where the artifacts of DPOJobs that name no spec.output go (pvc://<claim>/<path> "
+        "or an object store URI); none given: each DPOJob must name one",
+    )
+    command.add_argument(
+        "--default-output-secret",
+        metavar="SECRET",
+        help="the Secret (in each DPOJob's namespace) with the default output's credentials",
     )
 
 
@@ -216,6 +268,7 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
 
 
 def _add_settings(command: argparse.ArgumentParser) -> None:
+    _add_default_output(command)
     command.add_argument(
         "--trainer-image",
         default=DEFAULT_TRAINER_IMAGE,
@@ -312,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check DPOJob manifests")
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    _add_default_output(validate)
     validate.set_defaults(run=_validate)
 
     render = commands.add_parser("render", help="print the objects a DPOJob creates")
@@ -326,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="print the per-GPU memory plan and the chosen strategy"
     )
     plan_command.add_argument("file", type=Path, metavar="FILE")
+    plan_command.add_argument(
+        "--model-config",
+        type=Path,
+        metavar="CONFIG_JSON",
+        help="the model's config.json, for its exact size (default: the model's directory's, "
+        "when spec.model.name is a local path)",
+    )
+    _add_default_output(plan_command)
     plan_command.set_defaults(run=_plan)
 
     run = commands.add_parser("run", help="train, gate and promote a DPOJob on this machine")

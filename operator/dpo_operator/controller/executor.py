@@ -67,7 +67,11 @@ class KubernetesExecutor:
         """The DPOJob; its rules and memory plan are checked once per generation."""
         metadata = body["metadata"]
         generation = (metadata["uid"], int(metadata.get("generation") or 0))
-        job = parse_dpojob(body, check_rules=generation not in self.validated)
+        job = parse_dpojob(
+            body,
+            check_rules=generation not in self.validated,
+            default_output=self.settings.default_output,
+        )
         self.validated.add(generation)
         return job
 

@@ -80,6 +80,8 @@ def scrape(job: DPOJob, pod_ip: str) -> tuple[TrainingMetrics | None, FabricSumm
         reward_accuracy=values.get("dpo_train_reward_accuracy"),
         reward_margin=values.get("dpo_train_reward_margin"),
         degraded=sorted(degraded, key=DEGRADED_REASONS.index),
+        max_steps=int(values["dpo_train_max_steps"]) if "dpo_train_max_steps" in values else None,
+        seconds_per_step=values.get("dpo_train_seconds_per_step"),
         straggler=_straggler(series.get(STRAGGLER_RATIO, [])),
         updated_at=datetime.now(UTC),
     ), fabric

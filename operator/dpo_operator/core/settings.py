@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
+from dpo_operator.api import OutputSpec
 from dpo_operator.core.network import DEFAULT_ALLOWED_PROFILES, DEFAULT_TCPXO_DAEMON_IMAGE
 
 
@@ -45,6 +46,8 @@ class Settings:
     operator_namespace: str = "dpo-system"
     metrics_scrapers: tuple[str, ...] = ()
     cpu: bool = False  # the job's process layout on CPUs (`dpo run --cpu`, tests)
+    # Where the artifacts of a DPOJob that names no spec.output go (None: it must name one).
+    default_output: OutputSpec | None = None
 
 
 DEFAULT_SETTINGS = Settings()

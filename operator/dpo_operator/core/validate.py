@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo_operator.api import MEMORY_CHECK, WITHOUT_RULES, DPOJob, DPOJobSpec
+from dpo_operator.api import (
+    DEFAULT_OUTPUT,
+    MEMORY_CHECK,
+    WITHOUT_RULES,
+    DPOJob,
+    DPOJobSpec,
+    OutputSpec,
+)
 from dpo_operator.core.network import fabric_problems
 from dpo_operator.core.plan import plan
 
@@ -22,15 +29,33 @@ def memory_problems(spec: DPOJobSpec) -> list[str]:
 
 
 def parse_dpojob(
-    manifest: object, *, check_memory: bool = True, check_rules: bool = True
+    manifest: object,
+    *,
+    check_memory: bool = True,
+    check_rules: bool = True,
+    default_output: OutputSpec | None = None,
 ) -> DPOJob:
     """Validate a manifest (a dict from YAML/JSON or the API server) into a DPOJob.
 
     `check_memory=False` skips the memory plan (`dpo plan` shows a job that fits nowhere);
     `check_rules=False` skips the rules and the plan, for a spec already found valid (the
-    operator checks each generation once).
+    operator checks each generation once). `default_output` is the installation's output for a
+    DPOJob that names none; the output a run started with (`status.output`) comes before it.
     """
     context: dict[str, Any] = {WITHOUT_RULES: not check_rules}
+    started_with = _recorded_output(manifest)
+    output = started_with or default_output
+    if output is not None:
+        context[DEFAULT_OUTPUT] = output
     if check_memory:
         context[MEMORY_CHECK] = memory_problems
     return DPOJob.model_validate(manifest, context=context)
+
+
+def _recorded_output(manifest: object) -> OutputSpec | None:
+    """The output the run recorded when it started: a changed installation default must not
+    move a run's checkpoints."""
+    if not isinstance(manifest, dict):
+        return None
+    recorded = (manifest.get("status") or {}).get("output")
+    return OutputSpec.model_validate(recorded) if isinstance(recorded, dict) else None

@@ -95,6 +95,7 @@ class Finish:
             parts, trained_adapter = self._save(trainer, staging, sharded, dtype)
         exported_as = dtype if sharded and config.lora is None else None
         memory_by_rank, checkpoints_by_rank = self._by_rank(trainer)
+        seconds = time.monotonic() - self.started
         report = TrainingReport(
             job=config.job,
             step=trainer.state.global_step,
@@ -105,7 +106,8 @@ class Finish:
             memory_by_rank=memory_by_rank,
             checkpoints_by_rank=checkpoints_by_rank,
             mixed_precision=mixed_precision(dtype) if sharded else None,
-            seconds=round(time.monotonic() - self.started, 3),
+            seconds=round(seconds, 3),
+            gpu_hours=round(seconds * ran.world_size / 3600, 4) if ran.device == "cuda" else None,
             metrics=dict(metrics.latest),
             eval={k: v for k, v in final_eval.items() if isinstance(v, int | float)},
             data=self.data,

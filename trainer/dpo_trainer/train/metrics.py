@@ -34,11 +34,19 @@ DERIVED: dict[str, str] = {
     "epoch": "Epochs done (fractional)",
     "tokens_total": "Tokens processed (prompt + responses, all ranks)",
     "tokens_per_second": "Tokens processed per second since the previous log",
+    "max_steps": "Optimizer steps the run takes in all",
+    "seconds_per_step": "Seconds per optimizer step since the previous log",
 }
 _HELP = dict(LOGGED.values()) | DERIVED
 TRAIN_METRICS = [f"dpo_train_{suffix}" for suffix in _HELP]
 # Evaluation logs carry no learning rate and repeat the training token count.
-_TRAIN_ONLY = {"learning_rate", "tokens_total", "tokens_per_second"}
+_TRAIN_ONLY = {
+    "learning_rate",
+    "tokens_total",
+    "tokens_per_second",
+    "max_steps",
+    "seconds_per_step",
+}
 EVAL_METRICS = [f"dpo_eval_{suffix}" for suffix in _HELP if suffix not in _TRAIN_ONLY]
 LABELS = ("dpojob", "namespace")
 RANK_LABELS = ("rank", "pod", "node")
@@ -104,6 +112,7 @@ class PrometheusCallback(TrainerCallback):
         )
         self.latest: dict[str, float] = {}
         self._last_tokens: tuple[float, float] | None = None
+        self._last_step: tuple[int, float] | None = None
         self._server = start_http_server(port, registry=self.registry)[0] if serve else None
 
     def set(self, name: str, value: float) -> None:
@@ -171,6 +180,23 @@ class PrometheusCallback(TrainerCallback):
         tokens = logs.get("num_tokens")
         if phase == "train" and isinstance(tokens, int | float):
             self._count_tokens(float(tokens))
+        if phase == "train":
+            self._time_steps(state.global_step)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self.set("dpo_train_max_steps", float(state.max_steps))
+
+    def _time_steps(self, step: int) -> None:
+        """Seconds per step between logs (a resumed run starts timing at its first log)."""
+        now = time.monotonic()
+        if self._last_step is not None:
+            last_step, last_time = self._last_step
+            if step > last_step:
+                self.set("dpo_train_seconds_per_step", (now - last_time) / (step - last_step))
+        self._last_step = (step, now)
 
     def _count_tokens(self, tokens: float) -> None:
         now = time.monotonic()

@@ -35,6 +35,7 @@ from dpo_operator.api import (
     EvaluationStatus,
     HeldOutStatus,
     Phase,
+    ProgressStatus,
     PromotionStatus,
     TrainingMetrics,
     spec_digest,
@@ -57,7 +58,8 @@ from dpo_operator.core.lifecycle.observed import (
     Observed,
     PodState,
 )
-from dpo_operator.core.lifecycle.timing import active_seconds, requeue_after
+from dpo_operator.core.lifecycle.timing import active_seconds, progress, requeue_after
+from dpo_operator.core.plan import plan_status
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.serving import with_vllm_instructions
 
@@ -220,6 +222,9 @@ class _Machine:
                 self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
                 return
             self.act(Create("train", attempt))
+            resolved = resolve(self.job)
+            self.status.plan = plan_status(self.spec, resolved.plan, resolved.training_disk)
+            self.status.output = self.status.output or self.spec.output
             if attempt == 1:
                 self.warn_when_preemption_loses_work()
             if self.queued_by_kueue():
@@ -270,6 +275,7 @@ class _Machine:
             self.status.fabric = self.observed.fabric
         if self.observed.metrics is not None:
             self.status.metrics = self.observed.metrics
+            self.status.progress = progress(self.observed.metrics) or self.status.progress
             self.health(self.observed.metrics)
 
     def degraded(self, reason: str, message: str, event: str) -> None:
@@ -303,6 +309,13 @@ class _Machine:
             return
         if summary.fabric is not None:
             self.status.fabric = summary.fabric
+        hours = summary.gpu_hours
+        self.status.progress = ProgressStatus(
+            percent=100.0,
+            eta_seconds=0,
+            summary="100%" + (f" {hours:.1f} GPU-h" if hours is not None else ""),
+            gpu_hours=hours,
+        )
         said = "; ".join(f"{signal.reason}: {signal.message}" for signal in summary.health)
         stopped = summary.stopped_early
         if stopped is not None:

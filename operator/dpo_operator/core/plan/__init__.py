@@ -18,6 +18,7 @@ from dpo_operator.core.plan.memory import (
 )
 from dpo_operator.core.plan.report import (
     format_plan,
+    plan_status,
 )
 from dpo_operator.core.plan.shapes import (
     ASSUMED_GPU_MEMORY,
@@ -68,6 +69,7 @@ __all__ = [
     "lora_parameters",
     "model_shape",
     "plan",
+    "plan_status",
     "reference_parameters",
     "save_seconds",
     "training_disk",

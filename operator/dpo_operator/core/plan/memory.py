@@ -32,8 +32,9 @@ separate reference) into host memory first. It is checked against `resources.mem
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from dpo_contract.config import Strategy
 from dpo_contract.fields import SIMPO
@@ -207,9 +208,10 @@ def activation_bytes(spec: DPOJobSpec, shape: ModelShape, dtype_bytes: int = 2) 
     return tokens * shape.layers * per_layer
 
 
-def plan(spec: DPOJobSpec) -> Plan:
-    """Estimate every allowed layout and choose the first that fits."""
-    shape = model_shape(spec)
+def plan(spec: DPOJobSpec, model_config: Mapping[str, Any] | None = None) -> Plan:
+    """Estimate every allowed layout and choose the first that fits; `model_config` (the
+    model's config.json) makes the model's size exact."""
+    shape = model_shape(spec, model_config)
     gpu = gpu_memory(spec)
     if gpu is None:
         return Plan(shape, None, choice=layouts(spec)[0], reason="CPU pods: ddp over gloo")

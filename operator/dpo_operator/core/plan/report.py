@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dpo_operator.api import DPOJobSpec
+from dpo_operator.api import DPOJobSpec, PlanStatus
+from dpo_operator.core.plan.compute import describe_compute, estimate_compute
 from dpo_operator.core.plan.memory import PARTS, Plan, world_size_of
 from dpo_operator.core.plan.shapes import GIB
 from dpo_operator.core.plan.transfer import training_disk, transfer_timeout_seconds
@@ -78,5 +79,30 @@ def format_plan(spec: DPOJobSpec, result: Plan) -> str:
             f"timeouts   training steps {spec.network.collective_timeout_seconds} s; startup "
             f"and the end {transfer_timeout_seconds(spec, result.shape, strategy)} s"
         )
+    if result.shape is not None:
+        lines += describe_compute(estimate_compute(spec, result.shape))
     lines += [f"problem    {problem}" for problem in result.problems]
     return "\n".join(lines)
+
+
+def plan_status(spec: DPOJobSpec, result: Plan, disk: str) -> PlanStatus:
+    """The plan in short, for `status.plan`: the chosen layout and what it asks of each GPU,
+    each pod's host memory and disk."""
+    world = world_size_of(spec)
+    chosen = next((e for e in result.estimates if e.layout == result.choice), None)
+    shape = result.shape
+    compute = estimate_compute(spec, shape) if shape is not None else None
+    return PlanStatus(
+        layout=result.choice.describe(world, spec.resources.gpus_per_node)
+        if result.choice
+        else "single",
+        parameters=shape.parameters if shape else None,
+        model_source=shape.source[:256] if shape else None,
+        gpu_memory=f"{chosen.total / GIB:.1f}Gi" if chosen else None,
+        gpu_budget=f"{chosen.budget / GIB:.1f}Gi" if chosen else None,
+        host_memory=f"{result.host_memory / GIB:.0f}Gi" if result.host_memory else None,
+        disk=disk,
+        seconds_per_step=round(compute.seconds_per_step, 3)
+        if compute is not None and compute.seconds_per_step is not None
+        else None,
+    )

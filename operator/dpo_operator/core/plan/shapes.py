@@ -1,16 +1,20 @@
 """What the planner knows of the hardware and the model: GPU memory (from the spec or a node label)
-and the model's shape (from spec.model.parameters, the builtin presets, or well-known models
-matched in the model name, also inside a storage URI such as s3://bucket/llama-3.3-70b-sft).
+and the model's shape (from its config.json, exactly; the builtin presets; well-known models'
+shipped configs matched in the model name, also inside a storage URI such as
+s3://bucket/llama-3.3-70b-sft; or spec.model.parameters).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from dpo_contract.presets import BUILTIN_PREFIX, MODEL_PRESETS, VOCABULARY
 
 from dpo_operator.api import DPOJobSpec, parse_parameter_count, parse_quantity
+from dpo_operator.core.plan.configs import count_config, known_configs
 
 GIB = 1 << 30
 RUNTIME_BYTES = 3 * GIB
@@ -26,76 +30,50 @@ class ModelShape:
     parameters: int
     hidden: int
     layers: int
-    intermediate: int
+    intermediate: int  # the MLP width a token goes through (its experts' together, for MoE)
     vocab: int
     kv_ratio: float = 1.0  # key/value width over hidden width (grouped-query attention)
     source: str = ""
+    largest_weight: int | None = None
+    active_parameters: int | None = None  # per token, for mixtures of experts
 
     @property
     def largest_tensor(self) -> int:
-        """Elements of the largest weight: the embeddings or an MLP projection."""
+        """Elements of the largest weight: the embeddings, an MLP projection, or a layer's
+        experts kept in one tensor."""
+        if self.largest_weight is not None:
+            return self.largest_weight
         return max(self.vocab * self.hidden, self.hidden * self.intermediate)
 
 
-def _llama_like(
-    hidden: int,
-    layers: int,
-    intermediate: int,
-    vocab: int,
-    kv_heads_ratio: float,
-    *,
-    tied: bool = False,
-) -> int:
-    """Parameter count of a Llama-style decoder: attention (with grouped KV heads), SwiGLU MLP,
-    norms, embeddings and (unless tied) the LM head."""
-    attention = hidden * hidden * (2 + 2 * kv_heads_ratio)
+def shape_of(config: Mapping[str, Any], source: str) -> ModelShape:
+    """The shape a config.json describes (`configs.count_config`: exact, MoE experts included)."""
+    count = count_config(config)
+    return ModelShape(
+        parameters=count.parameters,
+        hidden=count.hidden,
+        layers=count.layers,
+        intermediate=count.intermediate,
+        vocab=count.vocab,
+        kv_ratio=count.kv_ratio,
+        source=source,
+        largest_weight=count.largest_tensor,
+        active_parameters=count.active_parameters,
+    )
+
+
+def _llama_like(hidden: int, layers: int, intermediate: int, vocab: int, kv_ratio: float) -> int:
+    """Parameter count of a Llama-style decoder with untied embeddings (the builtin presets)."""
+    attention = hidden * hidden * (2 + 2 * kv_ratio)
     mlp = 3 * hidden * intermediate
-    embeddings = vocab * hidden * (1 if tied else 2)
-    return int(layers * (attention + mlp + 2 * hidden) + embeddings + hidden)
+    return int(layers * (attention + mlp + 2 * hidden) + 2 * vocab * hidden + hidden)
 
 
-def _known(
-    name: str,
-    hidden: int,
-    layers: int,
-    intermediate: int,
-    vocab: int,
-    kv_heads_ratio: float,
-    *,
-    tied: bool = False,
-) -> tuple[str, ModelShape]:
-    parameters = _llama_like(hidden, layers, intermediate, vocab, kv_heads_ratio, tied=tied)
-    return name, ModelShape(
-        parameters, hidden, layers, intermediate, vocab, kv_heads_ratio, f"known model {name}"
-    )
-
-
-# Well-known open models, matched anywhere in the model name (lower case). Longer keys first, so
-# "llama-3.1-70b" is not taken for "llama-3.1-7".
-KNOWN_MODELS: dict[str, ModelShape] = dict(
-    sorted(
-        [
-            _known("llama-3.2-1b", 2048, 16, 8192, 128256, 0.25, tied=True),
-            _known("llama-3.2-3b", 3072, 28, 8192, 128256, 1 / 3, tied=True),
-            _known("llama-3.1-8b", 4096, 32, 14336, 128256, 0.25),
-            _known("llama-3-8b", 4096, 32, 14336, 128256, 0.25),
-            _known("llama-3.1-70b", 8192, 80, 28672, 128256, 0.125),
-            _known("llama-3.3-70b", 8192, 80, 28672, 128256, 0.125),
-            _known("llama-3-70b", 8192, 80, 28672, 128256, 0.125),
-            _known("llama-3.1-405b", 16384, 126, 53248, 128256, 0.0625),
-            _known("qwen2.5-0.5b", 896, 24, 4864, 151936, 1 / 7, tied=True),
-            _known("qwen2.5-1.5b", 1536, 28, 8960, 151936, 1 / 6, tied=True),
-            _known("qwen2.5-7b", 3584, 28, 18944, 152064, 1 / 7),
-            _known("qwen2.5-14b", 5120, 48, 13824, 152064, 0.2),
-            _known("qwen2.5-32b", 5120, 64, 27648, 152064, 0.2),
-            _known("qwen2.5-72b", 8192, 80, 29568, 152064, 0.125),
-            _known("mistral-7b", 4096, 32, 14336, 32768, 0.25),
-            _known("gemma-2-9b", 3584, 42, 14336, 256000, 0.5, tied=True),
-            _known("gemma-2-27b", 4608, 46, 36864, 256000, 0.5, tied=True),
-        ],
-        key=lambda item: -len(item[0]),
-    )
-)
+# Well-known open models, from the configs shipped with the operator, matched anywhere in the
+# model name (lower case), longest name first.
+KNOWN_MODELS: dict[str, ModelShape] = {
+    name: shape_of(config, f"known model {name}") for name, config in known_configs().items()
+}
 
 # GPU memory by the product a node label names. GPU feature discovery's nvidia.com/gpu.product
 # and GKE's accelerator label carry the size ("...-80GB..."); cloud instance types do not.
@@ -127,8 +105,11 @@ class GpuMemory:
     assumed: bool = False
 
 
-def model_shape(spec: DPOJobSpec) -> ModelShape | None:
-    """The model's size: the spec's parameter count, a builtin preset, or a known model."""
+def model_shape(spec: DPOJobSpec, config: Mapping[str, Any] | None = None) -> ModelShape | None:
+    """The model's size: from its config.json when given (exact), a builtin preset, a known
+    model, or the spec's parameter count."""
+    if config is not None:
+        return shape_of(config, "the model's config.json")
     name = spec.model.name
     if name.startswith(BUILTIN_PREFIX):
         preset = MODEL_PRESETS.get(name.removeprefix(BUILTIN_PREFIX))
