@@ -22,7 +22,7 @@ from dpo_operator.core.resolve import resolve
 from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
 
-from tests.conftest import example, job_with, minimal_manifest, set_fields
+from tests.conftest import example, example_manifest, job_with, minimal_manifest, set_fields
 
 H100 = {"gpuMemory": "80Gi"}
 
@@ -339,3 +339,27 @@ def test_a_job_queued_in_kueue_asks_for_disk_only_when_told_to() -> None:
     assert tmp["emptyDir"]["sizeLimit"].endswith("Gi")
     told = set_fields(copy.deepcopy(queued), **{"resources.ephemeralStorage": "200Gi"})
     assert disk_of(training_pod(told)) == ("200Gi", "200Gi")
+
+
+def test_gpu_pods_ask_for_the_host_memory_the_plan_says_they_hold() -> None:
+    """Without resources.memory, a GPU training pod requests (and is limited to) what the plan
+    says it holds while loading, so the scheduler and Kueue place what will really run; with
+    it, the spec's; CPU pods take what they get unless told."""
+    manifest = example_manifest("qwen3-8b-lora")
+    del manifest["spec"]["resources"]["memory"]
+    job = parse_dpojob(manifest)
+    resolved = resolve(job)
+    planned = resolved.plan.host_memory
+    assert planned is not None
+    container = render_training_job(resolved, 1)["spec"]["template"]["spec"]["containers"][0]
+    expected = f"{-(-planned // GIB)}Gi"
+    assert container["resources"]["requests"]["memory"] == expected
+    assert container["resources"]["limits"]["memory"] == expected
+    given = render_training_job(resolve(example("qwen3-8b-lora")), 1)
+    assert (
+        given["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        == "512Gi"
+    )
+    on_cpu = job_with(resources={"gpusPerNode": 0})
+    cpu = render_training_job(resolve(on_cpu), 1)["spec"]["template"]["spec"]["containers"][0]
+    assert "memory" not in cpu["resources"].get("requests", {})

@@ -10,6 +10,7 @@ from typing import Literal
 
 from dpo_operator.api import DPOJob, DPOJobSpec, NetworkSpec
 from dpo_operator.core.plan import (
+    GIB,
     Layout,
     Plan,
     disk_quantity,
@@ -90,6 +91,17 @@ class ResolvedJob:
     def training_disk(self) -> str:
         """Each training pod's local disk (`resources.ephemeralStorage`, or the plan's)."""
         return training_disk(self.spec, self.plan.shape, self.layout.strategy)
+
+    @property
+    def memory_request(self) -> str | None:
+        """A training pod's memory (request and limit): `resources.memory`, or on GPUs what the
+        plan says each pod holds while it loads the model, so that the scheduler (and Kueue)
+        place what will really run. CPU pods take what they get unless told."""
+        if self.spec.resources.memory is not None:
+            return str(self.spec.resources.memory)
+        if self.on_cpu or self.plan.host_memory is None:
+            return None
+        return f"{-(-self.plan.host_memory // GIB)}Gi"
 
     def disk_request(self, disk: str) -> str | None:
         """The `ephemeral-storage` a pod requests for `disk`. A Job queued in Kueue requests it

@@ -133,7 +133,7 @@ def render_training_job(resolved: ResolvedJob, attempt: int) -> Manifest:
             gpus,
             spec.resources.gpu_resource_name,
             spec.resources.cpu,
-            spec.resources.memory,
+            resolved.memory_request,
             resolved.disk_request(resolved.training_disk),
             pieces.resources,
         ),
