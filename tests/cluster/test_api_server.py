@@ -38,6 +38,7 @@ def test_every_example_applies_and_kubectl_shows_the_printer_columns(
         "PHASE",
         "NODES",
         "STEP",
+        "PROGRESS",
         "ACCURACY",
         "MARGIN",
         "GATE",
