@@ -44,7 +44,7 @@ def gpu_node(name: str, block: str, product: str = "H100") -> NodeSpec:
 POOL_LABEL = "dpo.dev/pool"
 DEGRADED_TAINT = {"key": "dpo.dev/degraded-pool", "value": "true", "effect": "NoSchedule"}
 SLOW_LINK_RATE = "20mbit"
-SLOW_NODE_CPUS = 0.3
+SLOW_NODE_CPUS = 0.5
 
 
 def pool_node(name: str, pool: str, **degraded: Any) -> NodeSpec:

@@ -49,7 +49,7 @@ def test_a_slow_link_fails_the_preflight_naming_the_slow_node(
 def test_a_capped_node_is_named_a_straggler_while_the_run_trains_on(
     pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator
 ) -> None:
-    """cpu-slow's pod gets 0.3 of a CPU: every rank waits for it at every collective, and its
+    """cpu-slow's pod gets half a CPU: every rank waits for it at every collective, and its
     probe is several times the other's, so it is the one named."""
     run = Run(
         pod_plane,
