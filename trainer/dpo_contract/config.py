@@ -111,6 +111,12 @@ DEGRADED_REASONS: tuple[DegradedReason, ...] = (*HEALTH_REASONS, *get_args(Fabri
 HealthAction = Literal["warn", "stop"]
 # 1 while the signal `reason` holds: rank 0's /metrics, read by the operator and Prometheus.
 DEGRADED_METRIC = "dpo_train_degraded"
+# The fabric on rank 0's /metrics (dpo_trainer.train.fabric), read by the operator too.
+FABRIC_INFO_METRIC = "dpo_fabric_info"
+BUS_BANDWIDTH_METRIC = "dpo_fabric_bus_bandwidth_gbps"
+PAIR_BANDWIDTH_METRIC = "dpo_fabric_pair_bandwidth_gbps"
+RANK_COMPUTE_METRIC = "dpo_rank_compute_seconds"
+STRAGGLER_METRIC = "dpo_straggler_ratio"
 # What each signal usually means, and what to try: shown with the signal everywhere.
 HEALTH_ADVICE: dict[DegradedReason, str] = {
     "NonFiniteLoss": "lower learningRate, or train in bf16 rather than fp16",

@@ -106,6 +106,19 @@ class RankProbe(ContractModel):
     median_seconds: float
 
 
+def pair_text(pods: list[str], nodes: list[str], gbps: float) -> str:
+    """A pair of pods the preflight measured, as the status says it."""
+    return f"{' <-> '.join(pods)} ({' <-> '.join(nodes)}): {gbps:.3g} GB/s"
+
+
+def straggler_text(rank: object, pod: str, node: str, ratio: float) -> str:
+    """A rank named a straggler, as the status says it."""
+    return (
+        f"rank {rank} (pod {pod} on node {node}) computes {ratio:.1f}x slower than the median "
+        "of the other ranks"
+    )
+
+
 class FabricSummary(ContractModel):
     """The fabric in short: the termination message's and `status.fabric`."""
 
@@ -130,12 +143,7 @@ class FabricReport(ContractModel):
             gpu_direct_rdma=bool(self.pods) and all(p.gpu_direct_rdma for p in self.pods),
             nics=sorted({n for p in self.pods for n in p.nics})[:64],
             bus_bandwidth_gbps=self.preflight.bus_bandwidth_gbps if self.preflight else None,
-            slowest_pair=(
-                f"{' <-> '.join(slowest.pods)} ({' <-> '.join(slowest.nodes)}): "
-                f"{slowest.gbps:.3g} GB/s"
-                if slowest
-                else None
-            ),
+            slowest_pair=pair_text(slowest.pods, slowest.nodes, slowest.gbps) if slowest else None,
         )
 
 

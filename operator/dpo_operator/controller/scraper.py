@@ -8,8 +8,16 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 
-from dpo_contract.config import DEGRADED_METRIC, DEGRADED_REASONS, DegradedReason
-from dpo_contract.reports import FabricSummary
+from dpo_contract.config import (
+    BUS_BANDWIDTH_METRIC,
+    DEGRADED_METRIC,
+    DEGRADED_REASONS,
+    FABRIC_INFO_METRIC,
+    PAIR_BANDWIDTH_METRIC,
+    STRAGGLER_METRIC,
+    DegradedReason,
+)
+from dpo_contract.reports import FabricSummary, pair_text, straggler_text
 from prometheus_client.parser import text_string_to_metric_families
 
 from dpo_operator.api import DPOJob, TrainingMetrics
@@ -18,13 +26,6 @@ log = logging.getLogger("dpo_operator")
 
 SCRAPE_TIMEOUT = 3.0  # for the whole page, not per read
 SCRAPE_MAX_BYTES = 1 << 20  # rank 0's page is a few KiB
-
-
-# Rank 0's fabric and straggler series (dpo_trainer.train.metrics).
-FABRIC_INFO = "dpo_fabric_info"
-BUS_BANDWIDTH = "dpo_fabric_bus_bandwidth_gbps"
-PAIR_BANDWIDTH = "dpo_fabric_pair_bandwidth_gbps"
-STRAGGLER_RATIO = "dpo_straggler_ratio"
 
 
 def scrape(job: DPOJob, pod_ip: str) -> tuple[TrainingMetrics | None, FabricSummary | None]:
@@ -82,30 +83,33 @@ def scrape(job: DPOJob, pod_ip: str) -> tuple[TrainingMetrics | None, FabricSumm
         degraded=sorted(degraded, key=DEGRADED_REASONS.index),
         max_steps=int(values["dpo_train_max_steps"]) if "dpo_train_max_steps" in values else None,
         seconds_per_step=values.get("dpo_train_seconds_per_step"),
-        straggler=_straggler(series.get(STRAGGLER_RATIO, [])),
+        straggler=_straggler(series.get(STRAGGLER_METRIC, [])),
         updated_at=datetime.now(UTC),
     ), fabric
 
 
 def _fabric(series: dict[str, list[tuple[dict[str, str], float]]]) -> FabricSummary | None:
-    info = series.get(FABRIC_INFO)
+    info = series.get(FABRIC_INFO_METRIC)
     if not info:
         return None
     labels, _ = info[0]
     sweep = [
         (int(s["bytes"]), v)
-        for s, v in series.get(BUS_BANDWIDTH, [])
+        for s, v in series.get(BUS_BANDWIDTH_METRIC, [])
         if s.get("collective") == "all_reduce" and s.get("bytes", "").isdigit()
     ]
-    pairs = series.get(PAIR_BANDWIDTH, [])
+    pairs = series.get(PAIR_BANDWIDTH_METRIC, [])
     slowest = min(pairs, key=lambda pair: pair[1]) if pairs else None
     return FabricSummary(
         transport=labels.get("transport", "")[:64],
         gpu_direct_rdma=labels.get("gpu_direct_rdma") == "true",
         bus_bandwidth_gbps=max(sweep)[1] if sweep else None,
         slowest_pair=(
-            f"{slowest[0].get('pods', '').replace(',', ' <-> ')} "
-            f"({slowest[0].get('nodes', '').replace(',', ' <-> ')}): {slowest[1]:.3g} GB/s"[:512]
+            pair_text(
+                slowest[0].get("pods", "").split(","),
+                slowest[0].get("nodes", "").split(","),
+                slowest[1],
+            )[:512]
             if slowest
             else None
         ),
@@ -116,10 +120,8 @@ def _straggler(samples: list[tuple[dict[str, str], float]]) -> str | None:
     if not samples:
         return None
     labels, ratio = max(samples, key=lambda sample: sample[1])
-    return (
-        f"rank {labels.get('rank')} (pod {labels.get('pod')} on node {labels.get('node')}) "
-        f"computes {ratio:.1f}x slower than the median of the other ranks"
-    )[:1024]
+    text = straggler_text(labels.get("rank"), labels.get("pod", ""), labels.get("node", ""), ratio)
+    return text[:1024]
 
 
 def scrape_due(job: DPOJob, now: datetime) -> bool:

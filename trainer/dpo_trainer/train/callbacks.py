@@ -280,6 +280,7 @@ class WatchStragglers(TrainerCallback):
         self.metrics = metrics
         self.watch = StragglerWatch(factor)
         self.raised: list[HealthSignal] = []
+        self.named: set[int] = set()  # ranks already raised, each once
         self.seen: dict[int, list[RankTime]] = {}
 
     @property
@@ -306,14 +307,15 @@ class WatchStragglers(TrainerCallback):
         flagged = self.watch.observe(times)
         for entry in times:
             self.seen.setdefault(entry.rank, []).append(entry)
-        named = {signal.message for signal in self.raised}
         for entry, ratio in flagged:
+            if entry.rank in self.named:
+                continue
+            self.named.add(entry.rank)
             message = straggler_message(entry, ratio, self.factor)
-            if not any(f"rank {entry.rank} " in said for said in named):
-                if self.me.rank == 0:
-                    log.warning("health: Straggler: %s", message)
-                self.raised.append(
-                    HealthSignal(reason="Straggler", step=state.global_step, message=message[:300])
-                )
+            if self.me.rank == 0:
+                log.warning("health: Straggler: %s", message)
+            self.raised.append(
+                HealthSignal(reason="Straggler", step=state.global_step, message=message[:300])
+            )
         if self.me.rank == 0:
             self.metrics.set_rank_times(times, flagged)

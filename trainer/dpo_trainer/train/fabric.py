@@ -45,6 +45,7 @@ from dpo_contract.reports import (
     PairBandwidth,
     PodFabric,
     Preflight,
+    straggler_text,
 )
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,12 @@ def identity(rank: int, local_rank: int) -> Identity:
 # -- NCCL's log -----------------------------------------------------------------------------
 
 
-def log_nccl_transport(first_in_pod: bool, directory: Path) -> Path | None:
+def log_nccl_transport(first_in_pod: bool) -> Path | None:
     """Before NCCL starts: the first process of a pod logs the INIT and NET subsystems at INFO
-    into a file under `directory` (%p: one per process); the file's path, or None."""
+    into a file of its own (%p: its pid); the file's path, or None."""
     if not first_in_pod:
         return None
+    directory = Path(tempfile.mkdtemp(prefix="dpo-nccl-"))
     os.environ["NCCL_DEBUG"] = "INFO"
     os.environ["NCCL_DEBUG_SUBSYS"] = "INIT,NET"
     os.environ["NCCL_DEBUG_FILE"] = str(directory / f"{NCCL_LOG_PREFIX}%p.log")
@@ -160,6 +162,16 @@ def _network_name(name: str) -> str:
     if "Libfabric" in name or name == "OFI":
         return "AWS Libfabric"
     return name.strip()
+
+
+def pod_transport(me: Identity, nccl_log: Path | None) -> PodFabric | None:
+    """What this pod's collectives ran over: gloo's sockets, or what NCCL's log says (None
+    when this process kept no log)."""
+    if dist.get_backend() == "gloo":
+        return gloo_fabric(me, os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    if nccl_log is None or not nccl_log.exists():
+        return None
+    return parse_nccl_log(nccl_log.read_text(errors="replace").splitlines(), me.pod, me.node)
 
 
 def gloo_fabric(me: Identity, master_addr: str) -> PodFabric:
@@ -387,14 +399,9 @@ def measure_fabric(
     preflight = run_preflight(config, device, me) if config.preflight else None
     if not config.preflight:
         dist.barrier()  # NCCL connects at its first collective
-    if dist.get_backend() == "gloo":
-        mine: PodFabric | None = gloo_fabric(me, os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    elif nccl_log is not None and nccl_log.exists():
-        mine = parse_nccl_log(nccl_log.read_text(errors="replace").splitlines(), me.pod, me.node)
-    else:
-        mine = None
+    mine = pod_transport(me, nccl_log) if me.first_in_pod else None
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine if me.first_in_pod else None)
+    dist.all_gather_object(gathered, mine)
     pods = [p for p in gathered if p is not None]
     report = FabricReport(pods=pods, preflight=preflight)
     problems = check_fabric(config, pods, nnodes)
@@ -451,6 +458,10 @@ class RankTime:
     node: str
     seconds: float
 
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"rank": str(self.rank), "pod": self.pod, "node": self.node}
+
 
 @dataclass
 class StragglerWatch:
@@ -476,9 +487,8 @@ class StragglerWatch:
 
 def straggler_message(entry: RankTime, ratio: float, factor: float) -> str:
     return (
-        f"rank {entry.rank} (pod {entry.pod} on node {entry.node}) computes {ratio:.1f}x slower "
-        f"than the median of the other ranks ({STRAGGLER_WINDOW} logs in a row, "
-        f"health.stragglerFactor {factor:g}); every rank waits for it"
+        f"{straggler_text(entry.rank, entry.pod, entry.node, ratio)} ({STRAGGLER_WINDOW} logs "
+        f"in a row, health.stragglerFactor {factor:g}); every rank waits for it"
     )
 
 
@@ -488,10 +498,6 @@ def gather_probe(me: Identity, device: torch.device) -> list[RankTime]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return list(gathered)
-
-
-def nccl_log_directory() -> Path:
-    return Path(tempfile.mkdtemp(prefix="dpo-nccl-"))
 
 
 # What the GPU check prints the measured figures next to: NVLink 4 gives an H100 or H200 900
@@ -508,7 +514,7 @@ def standalone_preflight(max_mib: int) -> int:
     every process torchrun started (NCCL on GPUs, gloo otherwise), printed by rank 0."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    nccl_log = log_nccl_transport(local == 0, nccl_log_directory()) if cuda else None
+    nccl_log = log_nccl_transport(local == 0) if cuda else None
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -521,11 +527,7 @@ def standalone_preflight(max_mib: int) -> int:
         preflight_max_bytes=max_mib << 20,
     )
     preflight = run_preflight(config, device, me)
-    transport = (
-        parse_nccl_log(nccl_log.read_text(errors="replace").splitlines(), me.pod, me.node)
-        if nccl_log is not None and nccl_log.exists()
-        else gloo_fabric(me, os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    )
+    transport = pod_transport(me, nccl_log)
     if me.rank == 0:
         print(
             f"preflight over {preflight.world_size} {device.type} process(es) in "

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dpo_contract.config import DEGRADED_METRIC, DEGRADED_REASONS
+from dpo_contract.config import (
+    BUS_BANDWIDTH_METRIC,
+    DEGRADED_METRIC,
+    DEGRADED_REASONS,
+    FABRIC_INFO_METRIC,
+    PAIR_BANDWIDTH_METRIC,
+    RANK_COMPUTE_METRIC,
+    STRAGGLER_METRIC,
+)
 from dpo_contract.reports import FabricReport
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+if TYPE_CHECKING:
+    from dpo_trainer.train.fabric import RankTime
 
 # TRL log key -> metric name suffix, with the help text Prometheus shows.
 LOGGED: dict[str, tuple[str, str]] = {
@@ -50,11 +61,6 @@ _TRAIN_ONLY = {
 EVAL_METRICS = [f"dpo_eval_{suffix}" for suffix in _HELP if suffix not in _TRAIN_ONLY]
 LABELS = ("dpojob", "namespace")
 RANK_LABELS = ("rank", "pod", "node")
-RANK_COMPUTE_METRIC = "dpo_rank_compute_seconds"
-STRAGGLER_METRIC = "dpo_straggler_ratio"
-FABRIC_INFO_METRIC = "dpo_fabric_info"
-BUS_BANDWIDTH_METRIC = "dpo_fabric_bus_bandwidth_gbps"
-PAIR_BANDWIDTH_METRIC = "dpo_fabric_pair_bandwidth_gbps"
 EVAL_PREFIX = "eval_"
 
 
@@ -126,16 +132,16 @@ class PrometheusCallback(TrainerCallback):
         for reason in DEGRADED_REASONS:
             self.degraded.labels(**self.labels, reason=reason).set(1 if reason in holding else 0)
 
-    def set_rank_times(self, times: list[Any], stragglers: list[tuple[Any, float]]) -> None:
-        """Each rank's probe (fabric.RankTime) and the ratio of each straggler named."""
+    def set_rank_times(
+        self, times: list[RankTime], stragglers: list[tuple[RankTime, float]]
+    ) -> None:
+        """Each rank's probe and the ratio of each straggler named."""
         self.rank_compute.clear()
         self.straggler.clear()
         for entry in times:
-            labels = {"rank": str(entry.rank), "pod": entry.pod, "node": entry.node}
-            self.rank_compute.labels(**self.labels, **labels).set(entry.seconds)
+            self.rank_compute.labels(**self.labels, **entry.labels).set(entry.seconds)
         for entry, ratio in stragglers:
-            labels = {"rank": str(entry.rank), "pod": entry.pod, "node": entry.node}
-            self.straggler.labels(**self.labels, **labels).set(ratio)
+            self.straggler.labels(**self.labels, **entry.labels).set(ratio)
         self.set_degraded({"Straggler"} if stragglers else set(), source="stragglers")
 
     def set_fabric(self, report: FabricReport) -> None:

@@ -51,7 +51,6 @@ from dpo_trainer.train.fabric import (
     identity,
     log_nccl_transport,
     measure_fabric,
-    nccl_log_directory,
 )
 from dpo_trainer.train.finish import Finish
 from dpo_trainer.train.memory import PhaseMemoryRecorder
@@ -83,11 +82,7 @@ def train(config: TrainerConfig) -> TrainingReport:
     )
     # Before NCCL starts: the first process of each pod logs which transport it picks.
     first_in_pod = os.environ.get("LOCAL_RANK", "0") == "0"
-    nccl_log = (
-        log_nccl_transport(first_in_pod, nccl_log_directory())
-        if distributed.device == "cuda"
-        else None
-    )
+    nccl_log = log_nccl_transport(first_in_pod) if distributed.device == "cuda" else None
     # The first PartialState decides the process group for the whole process (a singleton); on
     # CPU only cpu=True makes it join the other ranks over gloo.
     # Startup's collectives wait on downloads and loads: the long timeout until training starts.

@@ -60,7 +60,7 @@ from dpo_operator.core.lifecycle.observed import (
 )
 from dpo_operator.core.lifecycle.timing import active_seconds, progress, requeue_after
 from dpo_operator.core.plan import plan_status
-from dpo_operator.core.resolve import resolve
+from dpo_operator.core.resolve import ResolvedJob, resolve
 from dpo_operator.core.serving import with_vllm_instructions
 
 
@@ -226,7 +226,7 @@ class _Machine:
             self.status.plan = plan_status(self.spec, resolved.plan, resolved.training_disk)
             self.status.output = self.status.output or self.spec.output
             if attempt == 1:
-                self.warn_when_preemption_loses_work()
+                self.warn_when_preemption_loses_work(resolved)
             if self.queued_by_kueue():
                 # Created suspended: nothing changes until Kueue admits it, so say so now.
                 self.status.waiting_since = None
@@ -330,10 +330,9 @@ class _Machine:
         elif self.current("Degraded") is not None:
             self.condition("Degraded", False, "Healthy", "training ended with no health signal")
 
-    def warn_when_preemption_loses_work(self) -> None:
+    def warn_when_preemption_loses_work(self, resolved: ResolvedJob) -> None:
         """Before training starts: when a checkpoint on SIGTERM does not fit in the grace
         period, a preemption loses the steps since the last periodic checkpoint. Say so."""
-        resolved = resolve(self.job)
         if resolved.saves_on_signal:
             return
         needed = resolved.save_seconds

@@ -74,36 +74,31 @@ def count_config(config: Mapping[str, Any]) -> ConfigCount:
     dense_mlp = 3 * hidden * dense_width
     if config.get("mlp_bias"):
         dense_mlp += 2 * dense_width + hidden
-    experts, top_k = 1, 1
-    total_layers = active_layers = 0
+    # Every layer with experts has the same ones: count them once.
+    sparse = sum(kind in MIXTURES and _sparse(config, layer) for layer in range(layers))
+    experts, top_k, width = 1, 1, dense_width
+    sparse_mlp = sparse_active = 0
     largest = max(vocab * hidden, hidden * dense_width)
-    for layer in range(layers):
-        mlp = active = dense_mlp
-        if kind in MIXTURES and _sparse(config, layer):
-            experts = int(config.get("num_local_experts") or config["num_experts"])
-            top_k = int(config["num_experts_per_tok"])
-            width = int(config.get("moe_intermediate_size") or dense_width)
-            expert = 3 * hidden * width
-            shared = 0
-            shared_width = int(config.get("shared_expert_intermediate_size") or 0)
-            if shared_width:
-                shared = 3 * hidden * shared_width + hidden  # the shared expert and its gate
-            router = hidden * experts
-            mlp = experts * expert + shared + router
-            active = top_k * expert + shared + router
-            # Recent transformers keep a layer's experts in one tensor.
-            largest = max(largest, experts * 2 * hidden * width)
-        total_layers += attention + mlp + norms
-        active_layers += attention + active + norms
+    if sparse:
+        experts = int(config.get("num_local_experts") or config["num_experts"])
+        top_k = int(config["num_experts_per_tok"])
+        routed = int(config.get("moe_intermediate_size") or dense_width)
+        expert = 3 * hidden * routed
+        shared = 0
+        shared_width = int(config.get("shared_expert_intermediate_size") or 0)
+        if shared_width:
+            shared = 3 * hidden * shared_width + hidden  # the shared expert and its gate
+        router = hidden * experts
+        sparse_mlp = experts * expert + shared + router
+        sparse_active = top_k * expert + shared + router
+        # Recent transformers keep a layer's experts in one tensor.
+        largest = max(largest, experts * 2 * hidden * routed)
+        width = routed * top_k
+    common = layers * (attention + norms) + (layers - sparse) * dense_mlp
     embeddings = vocab * hidden * (1 if tied else 2)
-    width = (
-        int(config.get("moe_intermediate_size") or dense_width) * top_k
-        if experts > 1
-        else dense_width
-    )
     return ConfigCount(
-        parameters=total_layers + embeddings + hidden,
-        active_parameters=active_layers + embeddings + hidden,
+        parameters=common + sparse * sparse_mlp + embeddings + hidden,
+        active_parameters=common + sparse * sparse_active + embeddings + hidden,
         hidden=hidden,
         layers=layers,
         intermediate=width,
