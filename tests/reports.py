@@ -17,10 +17,12 @@ from dpo_contract.reports import (
     GateOutcome,
     GateReport,
     GateVerdict,
+    ModelReport,
     PromotionResult,
     TrainingSummary,
 )
 from dpo_contract.termination import termination_message_json
+from dpo_operator.core.plan.configs import known_configs
 
 ACCURACY = GateCriterion(name="rewardAccuracy", value=0.93, threshold=0.6, passed=True)
 GATE_PASSED = termination_message_json(
@@ -161,5 +163,32 @@ FABRIC_SLOW = termination_message_json(
         message="the preflight all-reduce reached 3.1 GB/s of bus bandwidth, below "
         "network.preflight.minBusBandwidthGBps (150); the slowest pair of nodes is gpu-a-0 and "
         "gpu-a-1",
+    )
+)
+
+
+def model_report(config_name: str, parameters: int, largest: int, **changes: object) -> str:
+    """The initializer's report of a model whose config.json ships with the planner (as the
+    trainer counts it on the meta device)."""
+    config = known_configs()[config_name]
+    report = ModelReport(
+        name=f"Qwen/{config_name}",
+        revision="0123456789abcdef0123456789abcdef01234567",
+        parameters=parameters,
+        largest_tensor=largest,
+        dtype="bfloat16",
+        bytes_on_disk=2 * parameters,
+        files=17,
+        config={k: v for k, v in config.items() if isinstance(v, int | float | bool)}
+        | {"model_type": config["model_type"]},
+    )
+    return termination_message_json(report.model_copy(update=changes))
+
+
+MODEL_BAD_INPUT = termination_message_json(
+    Failure(
+        status="bad-input",
+        message="model Qwen/Qwen3-33B: not found on the hub (RepositoryNotFoundError); check the "
+        "id, and for a private model the HF_TOKEN secret",
     )
 )

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -249,6 +250,35 @@ def test_a_spec_the_operator_refuses_gets_a_condition_not_a_crash(
     run.pod("train-1")
     assert operator.process is not None
     assert operator.process.poll() is None, "the operator kept running"
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        ({"dpo.lossType": "sigmod"}, "'sigmod' is not a loss type; use one of sigmoid, hinge"),
+        (
+            {"dpo.lossType": "simpo", "model.reference": {"name": "builtin:tiny-llama"}},
+            "simpo is reference-free; remove model.reference",
+        ),
+    ],
+    ids=["unknown-name", "simpo-with-a-reference"],
+)
+def test_a_loss_named_as_trl_names_it_is_checked_by_the_operator(
+    operator: Operator,
+    crd_installed: ControlPlane,
+    kubelet: Kubelet,
+    loss: dict[str, Any],
+    message: str,
+) -> None:
+    """`lossType: NAME` (one name, as TRL takes it) passes the API server, which has no type for
+    a string-or-list field and runs no CEL on an untyped one; the operator refuses what `dpo
+    validate` refuses, with the same words, before any child exists."""
+    run = Scenario(crd_installed, kubelet, f"op-loss-{len(message)}", **loss)
+    status = wait_for("SpecValid condition", lambda: (s := run.status()).get("conditions") and s)
+    (condition,) = [c for c in status["conditions"] if c["type"] == "SpecValid"]
+    assert (condition["status"], condition["reason"]) == ("False", "InvalidSpec")
+    assert message in condition["message"]
+    assert run.jobs() == []
 
 
 def test_a_profile_the_admin_did_not_allow_is_refused_before_any_pod(

@@ -1,8 +1,9 @@
-"""A whole DPOJob on a real S3 server (SeaweedFS), in pods that really run: checkpoints go to the
-store, a training pod killed mid-step resumes from the store's checkpoint in a fresh pod (its
-own empty /tmp), the gate and the promotion fetch the adapter from the store, and what was
-promoted reads back with every digest as recorded. The credentials and the endpoint come only
-from the Secret the spec names; the store refuses anyone without them."""
+"""A whole DPOJob on a real S3 server (SeaweedFS), in pods that really run: the model initializer
+pod counts the model in the store before any training pod exists, checkpoints go to the store, a
+training pod killed mid-step resumes from the store's checkpoint in a fresh pod (its own empty
+/tmp), the gate and the promotion fetch the adapter from the store, and what was promoted reads
+back with every digest as recorded. The credentials and the endpoint come only from the Secret
+the spec names; the store refuses anyone without them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import json
 import pytest
 from dpo_contract.manifest import verify_manifest
 from dpo_trainer.io.artifacts import CHECKPOINTS, EVAL_REPORT, TRAIN_REPORT, download_folder
+from dpo_trainer.io.builtin import builtin_model_path
 from dpo_trainer.io.checkpoints import COMPLETE_MARKER
+from dpo_trainer.io.models import cache_dir
 from dpo_trainer.publish.pointer import CURRENT, VERSIONS
+from transformers import AutoModelForCausalLM
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
 from tests.cluster.pod_plane import TRAINING_TIMEOUT, Run
@@ -42,6 +46,12 @@ def test_a_run_on_s3_resumes_from_the_store_then_gates_and_promotes_through_it(
         *(f"--from-literal={k}={v}" for k, v in object_store.env(host=str(GATEWAY)).items()),
     )
     target = f"s3://{bucket}/promoted/quickstart"
+    store = object_store.fs()
+    tiny = builtin_model_path("builtin:tiny-llama", cache_dir() / "models")
+    for file in sorted(tiny.iterdir()):
+        if not file.name.startswith("."):
+            store.put_file(str(file), f"{bucket}/models/tiny-llama/{file.name}")
+    model = f"s3://{bucket}/models/tiny-llama"
     run = Run(
         pod_plane,
         pod_runner,
@@ -51,10 +61,23 @@ def test_a_run_on_s3_resumes_from_the_store_then_gates_and_promotes_through_it(
             "output.uri": f"s3://{bucket}/runs",
             "output.credentialsSecret": SECRET,
             "promotion.target": target,
+            "model.name": model,
         },
     )
     first = run.pod("train")
-    store = object_store.fs()
+    counted = run.status()["model"]
+    (initializer,) = (
+        pod_plane.core()
+        .list_namespaced_pod(
+            NAMESPACE, label_selector=f"batch.kubernetes.io/job-name={run.name}-init"
+        )
+        .items
+    )
+    assert initializer.status.phase == "Succeeded"
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny).parameters())
+    assert counted["parameters"] == parameters
+    assert counted["name"] == model
+    assert "staged" not in counted, "a model in the store the run writes to is read where it is"
     artifacts = f"{bucket}/runs/{NAMESPACE}/{run.name}/{run.uid}"
     checkpoint = f"{artifacts}/{CHECKPOINTS}/checkpoint-20/{COMPLETE_MARKER}"
     wait_for("checkpoint-20 in the store", lambda: store.exists(checkpoint), TRAINING_TIMEOUT)
@@ -87,7 +110,7 @@ def test_a_run_on_s3_resumes_from_the_store_then_gates_and_promotes_through_it(
     )
     assert verify_manifest(promoted) == current["digest"], "every promoted file as recorded"
     served = json.loads((promoted / "adapter_config.json").read_text())
-    assert served["base_model_name_or_path"] == "builtin:tiny-llama"
+    assert served["base_model_name_or_path"] == model
 
     with pytest.raises(PermissionError):
         object_store.fs(anonymous=True).ls(bucket)

@@ -13,6 +13,8 @@ from tests.cluster.pod_runner import PodRunner
 BLOCK = {n.name: n.labels.get(BLOCK_LABEL) for n in NODES}
 PRODUCT = {n.name: n.labels.get(GPU_PRODUCT_LABEL) for n in NODES}
 SPEC: dict[str, Any] = {
+    # What is tested is placement; the hub the initializer would resolve is out of reach here.
+    "model.initialize": False,
     "scheduling.tolerations": [
         {"key": GPU_TAINT["key"], "operator": "Exists", "effect": GPU_TAINT["effect"]}
     ],
@@ -56,3 +58,28 @@ def test_the_scheduler_packs_each_gang_into_one_block_of_the_selected_gpu_nodes(
         condition = wait_for("untolerated stalled", lambda: stalled(untolerated))
         assert "untolerated taint" in condition["message"], condition
     pod_plane.kubectl("delete", "namespace", "placement", "--wait=false")
+
+
+def test_a_gang_no_block_can_ever_hold_is_refused_before_its_training_job_exists(
+    pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator
+) -> None:
+    """Three 8-GPU pods, Required in one block of H100 nodes: each block has two. The operator
+    reads the Nodes (their labels and allocatable GPUs) and fails the run at once, instead of a
+    gang that would wait in the scheduler (or Kueue) for ever."""
+    run = Run(
+        pod_plane,
+        pod_runner,
+        "placement-too-big",
+        "three",
+        "llama-8b-lora-infiniband",
+        **{**SPEC, "resources.nodes": 3, "scheduling.topologyPolicy": "Required"},
+    )
+    status = run.wait_phase("Failed", timeout=60)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TopologyUnsatisfiable"
+    assert (
+        f"no {BLOCK_LABEL} domain can ever hold the 3 training pods of 8 nvidia.com/gpu: the "
+        "largest, b, has 16 in all, room for 2" in failed["message"]
+    ), failed
+    assert pod_plane.batch().list_namespaced_job("placement-too-big").items == []
+    pod_plane.kubectl("delete", "namespace", "placement-too-big", "--wait=false")

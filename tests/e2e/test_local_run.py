@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from dpo_contract.config import HoldOut
 from dpo_contract.fields import ColumnMapping, DataSource
 from dpo_contract.manifest import verify_manifest
 from dpo_contract.pod import EXIT_GATE_REJECTED
+from dpo_trainer.io.builtin import builtin_model_path
 from dpo_trainer.io.data import load_preferences, split_held_out
+from dpo_trainer.io.models import cache_dir
 from dpo_trainer.publish.targets import read_current
 
 from tests.conftest import dpo_run, promotion_target, quickstart
@@ -108,10 +111,31 @@ def test_an_adapter_promoted_to_an_oci_registry_is_pulled_back_verified_for_vllm
     assert shlex.split(vllm)[-1] == f"{version}={command[3]}"
 
 
-def test_a_two_node_job_runs_as_two_local_processes(tmp_path: Path) -> None:
-    manifest = quickstart(**{"resources.nodes": 2, "dpo.maxSteps": 20})
-    code, output = dpo_run(manifest, tmp_path)
+def test_a_two_node_job_on_a_bucket_model_is_initialized_once_then_runs_as_two_processes(
+    tmp_path: Path,
+) -> None:
+    """The initializer stage runs as a process: it counts the model, copies it from the bucket
+    onto the run's volume once, and both training processes read that copy."""
+    bucket = tmp_path / "bucket"
+    shutil.copytree(
+        builtin_model_path("builtin:tiny-llama", cache_dir() / "models"), bucket / "sft"
+    )
+    (bucket / "sft" / ".complete").unlink()
+    model = f"file://{bucket}/sft"
+    manifest = quickstart(**{"resources.nodes": 2, "dpo.maxSteps": 20, "model.name": model})
+    code, output = dpo_run(manifest, tmp_path / "run")
     assert code == 0, output
+    tmp_path = tmp_path / "run"
+    assert "[Initializing] resolving " in output
+    resolved = next(line for line in output.splitlines() if "ModelResolved" in line)
+    assert f"{model}: 0." in resolved
+    assert "B parameters" in resolved
+    assert "; copied to " in resolved
+    (staged,) = (tmp_path / "volumes" / "dpo-runs").glob("default/quickstart/*/base-model")
+    assert (staged / ".complete").exists()
+    for rank in (0, 1):
+        log = (tmp_path / "logs" / f"quickstart-train-1-{rank}.log").read_text()
+        assert f"reading the initializer's copy at {staged}" in log, log[-2000:]
     assert "  ddp on 2 pod(s) x 1 cpu process(es)" in output
     assert (tmp_path / "logs" / "quickstart-train-1-1.log").exists(), "one log per pod"
     ranks = [
@@ -182,3 +206,27 @@ def test_coin_flip_pairs_are_reported_degraded_and_rejected(tmp_path: Path) -> N
     assert code == EXIT_GATE_REJECTED, "the gate still judges it"
     assert "Warning  Degraded: raised while training: AccuracyStuck" in output
     assert "health     AccuracyStuck" in output
+
+
+def test_two_runs_on_one_machine_at_once_take_ports_of_their_own(tmp_path: Path) -> None:
+    """Each `dpo run` serves rank 0's /metrics on a free port it prints (not the spec's 9400,
+    which the second run would find taken) and rendezvouses on another: both succeed."""
+    runs = []
+    for name in ("first", "second"):
+        manifest = quickstart(**{"dpo.maxSteps": 5, "evalGate.enabled": False})
+        manifest["metadata"]["name"] = name
+        del manifest["spec"]["promotion"]
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(manifest))
+        command = [str(BIN / "dpo"), "run", str(path), "--workdir", str(tmp_path / name)]
+        runs.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    ports = {
+        line.rsplit(":", 1)[1].split("/")[0]
+        for output in outputs
+        for line in output.splitlines()
+        if "live metrics at http://127.0.0.1:" in line
+    }
+    assert len(ports) == 2, outputs
+    assert "9400" not in ports

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from dpo_operator.core.render import render_config_map, render_training_job, tra
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.settings import Settings
 from dpo_operator.local.kubelet import free_port, kubelet_process
+from dpo_trainer.io.builtin import builtin_model_path, synthetic_preferences
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import job_with
@@ -222,3 +224,18 @@ def challengers(workdir: Path, target: str) -> list[TrainerConfig]:
         assert report.verdict == "Passed"
         assert report.champion_digest == "", "both beat 'nothing promoted'"
     return runs
+
+
+@pytest.fixture
+def bucket(tmp_path: Path) -> Path:
+    """A model and preference files laid out as in a bucket."""
+    root = tmp_path / "bucket"
+    shutil.copytree(builtin_model_path("builtin:tiny-llama", tmp_path / "build"), root / "sft")
+    (root / "sft" / ".complete").unlink()
+    pairs = synthetic_preferences("synthetic-preferences/train?n=96")
+    (root / "prefs").mkdir()
+    for part in range(2):
+        rows = pairs[part::2]
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        (root / "prefs" / f"train-{part}.jsonl").write_text(text)
+    return root

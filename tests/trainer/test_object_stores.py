@@ -6,10 +6,8 @@ reaches s3:// or gs://.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,28 +15,12 @@ from pathlib import Path
 
 import pytest
 from dpo_contract.fields import ModelRef
-from dpo_trainer.io.builtin import builtin_model_path, synthetic_preferences
 from dpo_trainer.io.models import model_location
 from dpo_trainer.train.run import train
 
 from tests.object_store import ObjectStore
 from tests.throttle import throttled
 from tests.trainer.conftest import local_config, tiny_job
-
-
-@pytest.fixture
-def bucket(tmp_path: Path) -> Path:
-    """A model and preference files laid out as in a bucket."""
-    root = tmp_path / "bucket"
-    shutil.copytree(builtin_model_path("builtin:tiny-llama", tmp_path / "build"), root / "sft")
-    (root / "sft" / ".complete").unlink()
-    pairs = synthetic_preferences("synthetic-preferences/train?n=96")
-    (root / "prefs").mkdir()
-    for part in range(2):
-        rows = pairs[part::2]
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-        (root / "prefs" / f"train-{part}.jsonl").write_text(text)
-    return root
 
 
 def test_a_model_and_data_from_a_bucket_are_downloaded_then_trained_on(

@@ -124,7 +124,13 @@ BAD_MANIFESTS: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "<= 16",
     ),
     ("unknown-loss", _set("spec.dpo.lossType", ["dpo"]), "spec.dpo.lossType.0", "'sigmoid'"),
-    ("loss-not-a-list", _set("spec.dpo.lossType", "sigmoid"), "spec.dpo.lossType", "list"),
+    (
+        "unknown-loss-by-name",
+        _set("spec.dpo.lossType", "sigmod"),
+        "spec.dpo.lossType",
+        "'sigmod' is not a loss type; use one of sigmoid, hinge",
+    ),
+    ("loss-not-a-name-or-list", _set("spec.dpo.lossType", {"ipo": 1}), "spec.dpo.lossType", "list"),
     ("zero-beta", _set("spec.dpo.beta", 0), "spec.dpo.beta", "> 0"),
     ("learning-rate-above-one", _set("spec.dpo.learningRate", 2), "spec.dpo.learningRate", "< 1"),
     (
@@ -299,8 +305,8 @@ def test_unknown_fields_are_errors_not_dropped() -> None:
     manifest = minimal_manifest()
     manifest["spec"]["model"]["revison"] = "main"
     assert errors_of(manifest) == [
-        "spec.model.revison: unknown field; did you mean revision? allowed here: name, parameters, "
-        "reference, revision, trustRemoteCode"
+        "spec.model.revison: unknown field; did you mean revision? allowed here: initialize, name, "
+        "parameters, reference, revision, trustRemoteCode"
     ]
 
 

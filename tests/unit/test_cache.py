@@ -15,6 +15,7 @@ from dpo_operator.core.resolve import resolve
 
 from tests.conftest import job_with
 from tests.unit.test_lifecycle import NOW
+from tests.unit.test_lifecycle import job as initialized_job
 
 KEY = ("ml", "demo")
 
@@ -24,7 +25,7 @@ def body(revision: int, status: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_a_job_created_but_not_yet_in_the_cache_is_not_created_again() -> None:
-    job = job_with()
+    job = initialized_job()
     expected = Expectations()
     for kind in ("config", "service", "train"):
         expected.created_child(KEY, render_child(resolve(job), kind, 1))

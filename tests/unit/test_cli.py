@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,7 +95,7 @@ def test_crd_prints_the_custom_resource_definition(capsys: pytest.CaptureFixture
 
 
 def test_plan_prints_each_part_the_choice_and_the_gate(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", str(REPO / "examples" / "full-finetune-hsdp-efa.yaml")]) == 0
+    assert main(["plan", str(REPO / "examples" / "full-finetune-hsdp-efa.yaml"), "--offline"]) == 0
     out = capsys.readouterr().out
     print(out)
     assert "70.55B parameters (known model llama-3.3-70b); full fine-tune" in out
@@ -110,7 +113,7 @@ def test_plan_shows_why_a_job_fits_nowhere_and_exits_1(
     manifest["spec"]["resources"]["nodes"] = 1
     one_node = tmp_path / "one-node.yaml"
     one_node.write_text(yaml.safe_dump(manifest))
-    assert main(["plan", str(one_node)]) == 1
+    assert main(["plan", str(one_node), "--offline"]) == 1
     out = capsys.readouterr().out
     assert "fsdp 8" in out
     assert "problem    resources: this 70.6B-parameter full fine-tune fits on no strategy" in out
@@ -123,11 +126,11 @@ def test_the_seed_recipes_are_planned_by_memory_from_their_exact_size(
 ) -> None:
     """Qwen3-8B LoRA on one node fits as ddp; Qwen3-32B full fine-tune on 2 x 8 does not fit
     as hsdp 2x8 (each node a whole copy) and is sharded over all 16 GPUs instead."""
-    assert main(["plan", str(REPO / "examples" / "qwen3-8b-lora.yaml")]) == 0
+    assert main(["plan", str(REPO / "examples" / "qwen3-8b-lora.yaml"), "--offline"]) == 0
     out = capsys.readouterr().out
     assert "8.19B parameters (known model qwen3-8b); LoRA r=16" in out
     assert "choice     ddp: the first that fits" in out
-    assert main(["plan", str(REPO / "examples" / "qwen3-32b-full.yaml")]) == 0
+    assert main(["plan", str(REPO / "examples" / "qwen3-32b-full.yaml"), "--offline"]) == 0
     out = capsys.readouterr().out
     assert "32.76B parameters (known model qwen3-32b); full fine-tune" in out
     assert "choice     fsdp 16: the first that fits 72.0 GiB per GPU" in out
@@ -136,7 +139,7 @@ def test_the_seed_recipes_are_planned_by_memory_from_their_exact_size(
     manifest["spec"]["parallelism"]["strategy"] = "hsdp"
     hsdp = tmp_path / "hsdp.yaml"
     hsdp.write_text(yaml.safe_dump(manifest))
-    assert main(["plan", str(hsdp)]) == 1
+    assert main(["plan", str(hsdp), "--offline"]) == 1
     assert "the smallest, hsdp 2x8, needs 72.3 GiB per GPU" in capsys.readouterr().out
 
 
@@ -187,3 +190,50 @@ def test_a_dpojob_without_output_takes_the_installations_default_or_says_where_t
     train = next(o for o in rendered if o["kind"] == "Job")
     container = train["spec"]["template"]["spec"]["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "s3-writer"}}]
+
+
+class HubMirror:
+    """A local HTTP server laid out as the hub serves raw files (HF_ENDPOINT points at it)."""
+
+    def __init__(self, root: Path) -> None:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_hub_model_is_planned_from_the_hubs_config_json_as_the_initializer_will_count_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub model under a name no table knows: `dpo plan` reads its config.json where the hub
+    serves it (HF_ENDPOINT: a mirror here), at the spec's revision; a model the hub does not
+    have is an error naming the field; an unreachable hub is a warning, and the plan goes on."""
+    served = tmp_path / "hub" / "acme" / "code-assistant-v2" / "resolve" / "v1.2"
+    served.mkdir(parents=True)
+    (served / "config.json").write_text(json.dumps(known_configs()["qwen3-8b"]))
+    mirror = HubMirror(tmp_path / "hub")
+    monkeypatch.setenv("HF_ENDPOINT", mirror.url)
+    manifest = yaml.safe_load((REPO / "examples" / "qwen3-8b-lora.yaml").read_text())
+    manifest["spec"]["model"] = {"name": "acme/code-assistant-v2", "revision": "v1.2"}
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(yaml.safe_dump(manifest))
+    assert main(["plan", str(renamed)]) == 0
+    out = capsys.readouterr().out
+    assert "8.19B parameters (config.json of acme/code-assistant-v2@v1.2 from the hub)" in out
+    assert "choice     ddp: the first that fits" in out
+
+    manifest["spec"]["model"]["revision"] = "v9"
+    renamed.write_text(yaml.safe_dump(manifest))
+    assert main(["plan", str(renamed)]) == 1
+    assert "spec.model.name: acme/code-assistant-v2@v9: no config.json on the hub (404)" in (
+        capsys.readouterr().err
+    )
+
+    mirror.server.shutdown()
+    mirror.server.server_close()
+    assert main(["plan", str(renamed)]) == 0
+    captured = capsys.readouterr()
+    assert f"acme/code-assistant-v2: cannot reach {mirror.url}" in captured.err
+    assert "size unknown" in captured.out
+    assert main(["plan", str(renamed), "--offline"]) == 0
+    assert capsys.readouterr().err == ""

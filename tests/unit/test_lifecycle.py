@@ -17,6 +17,7 @@ from dpo_operator.core.lifecycle import (
     Observed,
     PodState,
     Suspend,
+    Update,
     decide,
 )
 from dpo_operator.core.validate import parse_dpojob
@@ -27,24 +28,48 @@ from tests.conftest import example, example_manifest, job_with
 from tests.reports import (
     BAD_INPUT,
     FABRIC_SLOW,
+    MODEL_BAD_INPUT,
     PROMOTED,
     STOPPED_EARLY,
     TRAINED,
     TRAINED_DEGRADED,
     TRAINED_WITH_A_STRAGGLER,
+    model_report,
 )
 from tests.reports import GATE_INCONCLUSIVE as INCONCLUSIVE
 from tests.reports import GATE_PASSED as PASSED
 from tests.reports import GATE_REJECTED as REJECTED
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+KINDS_OF_CONFIG = ("config", "service", "network-policy")
+QWEN3_32B = model_report("qwen3-32b", 32_762_123_264, 151_936 * 5120)
+
+
+# What the model initializer recorded of org/model-7b (a Llama-shaped 7B): the jobs below start
+# where it left them, unless a test is about the initializer.
+COUNTED: dict[str, Any] = {
+    "name": "org/model-7b",
+    "parameters": 6_738_415_616,
+    "hidden": 4096,
+    "layers": 32,
+    "intermediate": 11008,
+    "vocab": 32000,
+    "kvRatio": 1.0,
+    "largestTensor": 131_072_000,
+    "bytesOnDisk": 13_476_839_424,
+}
 
 
 def job(
-    status: dict[str, Any] | None = None, annotations: dict[str, str] | None = None, **spec: Any
+    status: dict[str, Any] | None = None,
+    annotations: dict[str, str] | None = None,
+    initialized: bool = True,
+    **spec: Any,
 ) -> DPOJob:
     base = job_with(**{"promotion": {"target": "s3://m"}, **spec})
     update: dict[str, Any] = {}
+    if initialized:
+        status = {"model": COUNTED, **(status or {})}
     if status is not None:
         update["status"] = DPOJobStatus.model_validate(status)
     if annotations:
@@ -291,7 +316,7 @@ def test_no_promotion_target_means_success_after_the_gate() -> None:
         child("train", 1, "Complete"),
         child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
     )
-    decision = decide(job_with(), observed(*jobs))
+    decision = decide(job(promotion=None), observed(*jobs))
     assert decision.status.phase == "Succeeded"
 
 
@@ -337,7 +362,7 @@ PODS = st.lists(
         name=st.just("p"),
         phase=st.sampled_from(["Pending", "Running", "Succeeded", "Failed"]),
         exit_code=st.sampled_from([None, 0, 1, 2, 3, 137]),
-        message=st.sampled_from(["", PASSED, REJECTED, PROMOTED, "oops"]),
+        message=st.sampled_from(["", PASSED, REJECTED, PROMOTED, "oops", QWEN3_32B]),
         disrupted=st.booleans(),
     ),
     max_size=3,
@@ -346,7 +371,7 @@ CHILDREN = st.lists(
     st.builds(
         ChildJob,
         name=st.sampled_from(["a", "b", "c"]),
-        component=st.sampled_from(["train", "eval", "promote"]),
+        component=st.sampled_from(["init", "train", "eval", "promote"]),
         attempt=st.integers(1, 5),
         suspended=st.booleans(),
         state=OUTCOMES,
@@ -373,6 +398,7 @@ STATUSES = st.fixed_dictionaries(
     manual=st.booleans(),
     approved=st.booleans(),
     max_restarts=st.integers(0, 3),
+    counted=st.booleans(),
 )
 def test_invariants_hold_for_any_observed_children(
     children: list[ChildJob],
@@ -380,10 +406,12 @@ def test_invariants_hold_for_any_observed_children(
     manual: bool,
     approved: bool,
     max_restarts: int,
+    counted: bool,
 ) -> None:
     status["restarts"] = min(status["restarts"], max_restarts)
     subject = job(
         status=status,
+        initialized=counted,
         annotations={"dpo.dev/approve": "true"} if approved else None,
         promotion={"target": "s3://m", "mode": "manual" if manual else "auto"},
         runPolicy={"maxRestarts": max_restarts},
@@ -409,6 +437,7 @@ def test_invariants_hold_for_any_observed_children(
     if creates_training:
         assert len(creates_training) == 1
         assert not any(c.component == "train" for c in children), "never two training Jobs"
+        assert decision.status.model is not None, "never before the initializer counted"
 
 
 def test_a_spec_edited_while_queued_re_creates_the_waiting_job_and_the_config() -> None:
@@ -570,18 +599,91 @@ def test_progress_and_eta_follow_rank_zeros_measured_pace_and_end_with_gpu_hours
     assert (done.percent, done.summary, done.gpu_hours) == (100.0, "100% 12.5 GPU-h", 12.5)
 
 
-def test_the_plan_the_training_job_was_created_from_is_recorded() -> None:
-    """status.plan: the layout and what it asks of each GPU and pod, as `dpo plan` prints."""
+def initializer(outcome: str, *pods: PodState) -> ChildJob:
+    return ChildJob("qwen3-32b-full-init", "init", 1, False, outcome, False, pods)  # type: ignore[arg-type]
+
+
+def jobs_created(decision: Any) -> list[Create]:
+    return [a for a in decision.actions if isinstance(a, Create) and a.kind not in KINDS_OF_CONFIG]
+
+
+def test_no_gpu_is_asked_for_before_the_initializer_counted_the_model() -> None:
     qwen = example("qwen3-32b-full")
-    decision = decide(qwen, Observed(now=NOW))
-    assert Create("train", 1) in decision.actions
+    first = decide(qwen, Observed(now=NOW))
+    assert jobs_created(first) == [Create("init", 1)]
+    assert first.status.phase == "Initializing"
+    assert first.status.plan is None
+    assert first.status.model is None
+    running = decide(
+        qwen.model_copy(update={"status": first.status}),
+        Observed(now=NOW, jobs=(initializer("Running", pod("Running")),), has_config_map=True),
+    )
+    assert running.status.phase == "Initializing"
+    assert jobs_created(running) == []
+
+
+def test_the_initializers_count_is_recorded_and_the_training_job_planned_from_it() -> None:
+    """status.model from the report; status.plan (layout, per GPU, per pod) from the count;
+    trainer.json re-rendered from it; only then the training Job."""
+    qwen = example("qwen3-32b-full")
+    done = Observed(
+        now=NOW,
+        jobs=(initializer("Complete", pod("Succeeded", 0, QWEN3_32B)),),
+        has_config_map=True,
+        has_service=True,
+    )
+    decision = decide(qwen, done)
+    model = decision.status.model
+    assert model is not None
+    assert (model.parameters, model.layers, model.hidden) == (32_762_123_264, 64, 5120)
+    assert model.revision == "0123456789abcdef0123456789abcdef01234567"
+    assert decision.actions[-2:] == [Update(), Create("train", 1)]
     recorded = decision.status.plan
     assert recorded is not None
     assert (recorded.layout, recorded.parameters) == ("fsdp 16", 32_762_123_264)
-    assert recorded.model_source == "known model qwen3-32b"
+    assert recorded.model_source == (
+        "counted by the initializer: Qwen/qwen3-32b@0123456789abcdef0123456789abcdef01234567"
+    )
     assert (recorded.gpu_memory, recorded.gpu_budget) == ("41.8Gi", "72.0Gi")
     assert recorded.disk == "460Gi"
     assert recorded.seconds_per_step is not None
+    (resolved,) = [e for e in decision.events if e.reason == "ModelResolved"]
+    assert "32.76B parameters, 65.5 GB of weights" in resolved.message
+
+
+def test_a_model_that_cannot_be_resolved_fails_in_the_initializer_naming_it() -> None:
+    qwen = example("qwen3-32b-full")
+    failed = Observed(
+        now=NOW,
+        jobs=(initializer("Failed", pod("Failed", 2, MODEL_BAD_INPUT)),),
+        has_config_map=True,
+    )
+    decision = decide(qwen, failed)
+    assert decision.status.phase == "Failed"
+    assert decision.status.conditions[-1].reason == "ModelUnresolved"
+    assert "model Qwen/Qwen3-32B cannot be used: model Qwen/Qwen3-33B: not found on the hub" in (
+        decision.status.message or ""
+    )
+    assert jobs_created(decision) == []
+
+
+def test_a_model_counted_too_big_for_the_gpus_asked_is_refused_before_any_gpu() -> None:
+    """A LoRA recipe on one 80 GiB GPU for a model no table knows: validation cannot size it;
+    the initializer counts 405B."""
+    recipe = example_manifest("qwen3-8b-lora")
+    recipe["spec"]["model"] = {"name": "acme/mystery-chat"}
+    recipe["spec"]["resources"].update({"gpusPerNode": 1, "gpuMemory": "80Gi"})
+    big = model_report("llama-3.1-405b", 405_853_388_800, 128_256 * 16384)
+    decision = decide(
+        parse_dpojob(recipe),
+        Observed(
+            now=NOW, jobs=(initializer("Complete", pod("Succeeded", 0, big)),), has_config_map=True
+        ),
+    )
+    assert decision.status.phase == "Failed"
+    assert decision.status.conditions[-1].reason == "DoesNotFit"
+    assert "(405.85B parameters, counted) does not fit as asked" in (decision.status.message or "")
+    assert jobs_created(decision) == []
 
 
 def test_a_run_keeps_the_output_it_started_with_when_the_default_changes() -> None:

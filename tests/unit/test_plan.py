@@ -312,7 +312,11 @@ def test_a_grace_period_too_short_for_a_save_stops_without_one_and_says_so() -> 
         llama_job(
             "meta-llama/Llama-3.1-8B-Instruct", 2, lora=False, **{"parallelism.strategy": "fsdp"}
         ),
-        **{"output.uri": "s3://bucket/runs", "runPolicy.terminationGracePeriodSeconds": 120},
+        **{
+            "output.uri": "s3://bucket/runs",
+            "runPolicy.terminationGracePeriodSeconds": 120,
+            "model.initialize": False,
+        },
     )
     job = parse_dpojob(manifest)
     assert training_pod(manifest)["terminationGracePeriodSeconds"] == 120

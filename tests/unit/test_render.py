@@ -22,6 +22,7 @@ from dpo_operator.api import DPOJob
 from dpo_operator.core.render import (
     KUEUE_TOPOLOGY_ANNOTATIONS,
     render_all,
+    render_child,
     render_config_map,
     render_eval_job,
     render_network_policy,
@@ -29,6 +30,7 @@ from dpo_operator.core.render import (
     render_service,
     render_training_job,
     to_yaml,
+    trainer_config,
 )
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.settings import Settings
@@ -309,7 +311,14 @@ def test_eval_and_promote_never_retry_bad_input_a_wrong_environment_or_a_rejecti
 
 def test_promote_job_exists_only_with_a_promotion_target() -> None:
     kinds = [obj["metadata"]["name"] for obj in render_all(resolve(job_with()))]
-    assert kinds == ["demo-config", "demo-nodes", "dpo-trainers", "demo-train-1", "demo-eval-1"]
+    assert kinds == [
+        "demo-config",
+        "demo-nodes",
+        "dpo-trainers",
+        "demo-init",
+        "demo-train-1",
+        "demo-eval-1",
+    ]
     promoted = job_with(promotion={"target": "s3://models/demo"})
     assert render_all(resolve(promoted))[-1]["metadata"]["name"] == "demo-promote-1"
 
@@ -387,3 +396,43 @@ def test_the_namespace_policy_lets_trainers_talk_and_only_the_operator_scrape() 
         o["kind"] != "NetworkPolicy"
         for o in render_all(resolve(job_with(), Settings(network_policy=False)))
     )
+
+
+def test_the_model_initializer_is_a_cpu_pod_outside_kueue_that_fails_once_on_bad_input() -> None:
+    queued = job_with(scheduling={"queueName": "gpus"}, resources={"gpusPerNode": 8})
+    init = render_child(resolve(queued), "init", 1)
+    assert init["metadata"]["name"] == "demo-init"
+    assert "kueue.x-k8s.io/queue-name" not in init["metadata"]["labels"]
+    assert init["spec"]["suspend"] is False, "a CPU step: nothing for Kueue to admit"
+    container = trainer(init)
+    assert container["command"] == ["dpo-trainer", "init", "--config", "/etc/dpo/trainer.json"]
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    assert container["resources"]["limits"]["memory"] == "4Gi"
+    assert init["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [EXIT_BAD_INPUT]
+    builtin = job_with(model={"name": "builtin:tiny-llama"})
+    assert "demo-init" not in [m["metadata"]["name"] for m in render_all(resolve(builtin))]
+    skipped = job_with(model={"name": "org/model-7b", "initialize": False})
+    assert "demo-init" not in [m["metadata"]["name"] for m in render_all(resolve(skipped))]
+
+
+@pytest.mark.parametrize(
+    ("model", "output", "staged"),
+    [
+        ("Qwen/Qwen3-8B", "pvc://runs", "/mnt/pvc/runs/ml/demo/{uid}/base-model"),
+        ("Qwen/Qwen3-8B", "s3://bucket/runs", "s3://bucket/runs/ml/demo/{uid}/base-model"),
+        ("s3://models/qwen3-8b", "pvc://runs", "/mnt/pvc/runs/ml/demo/{uid}/base-model"),
+        ("s3://models/qwen3-8b", "s3://bucket/runs", None),
+        ("pvc://models/qwen3-8b", "pvc://runs", None),
+        ("builtin:tiny-llama", "pvc://runs", None),
+    ],
+)
+def test_the_model_is_staged_where_the_training_pods_read_it_fastest(
+    model: str, output: str, staged: str | None
+) -> None:
+    """A hub model is copied once into the run's storage (one download, not one per pod); an
+    object-store model onto the run's volume; a model already on a volume or in the same kind
+    of store is read where it is."""
+    job = job_with(model={"name": model}, output={"uri": output})
+    config = trainer_config(resolve(job))
+    uid = config.job.uid
+    assert config.model.staged == (staged.format(uid=uid) if staged else None)

@@ -15,6 +15,7 @@ from dpo_contract.fields import (
     LoraSettings,
     LossType,
     ModelRef,
+    PolicyRef,
     ShortStr,
     UriStr,
 )
@@ -288,7 +289,7 @@ class TrainerConfig(ContractModel):
     """The content of /etc/dpo/trainer.json."""
 
     job: JobIdentity
-    model: ModelRef
+    model: PolicyRef
     reference: ModelRef | None = Field(
         description="A separate frozen reference; None means the policy itself (adapter disabled "
         "with LoRA, or a frozen copy of the starting weights without it).",

@@ -60,6 +60,17 @@ class ModelRef(ContractModel):
     )
 
 
+class PolicyRef(ModelRef):
+    """The model to train as trainer.json names it: where it lives, and the copy the model
+    initializer made of it in the run's storage, which the pods read instead."""
+
+    staged: UriStr | None = Field(
+        default=None,
+        description="<run>/base-model (a path or URI) once the initializer wrote it; None: the "
+        "pods read `name`.",
+    )
+
+
 class DataSource(ContractModel):
     """Preference pairs: a hub dataset (`name` + `split`) or jsonl/parquet files (`uri`); the
     DPOJob API requires exactly one (`dpo_operator.api.DataSourceSpec`)."""

@@ -355,6 +355,31 @@ class GateReport(GateVerdict):
         return GateVerdict.model_validate(self.model_dump(include=set(GateVerdict.model_fields)))
 
 
+ConfigScalar = int | float | bool | Annotated[str, Field(max_length=64)]
+
+
+class ModelReport(ContractModel):
+    """What the model initializer found: the model resolved, counted on the meta device and
+    (where it stages) copied once into the run's storage."""
+
+    status: Literal["initialized"] = "initialized"
+    name: str
+    revision: str | None = Field(
+        default=None, description="The hub commit the revision resolved to; None off the hub."
+    )
+    parameters: int = Field(description="Counted on the meta device, tied weights once.")
+    largest_tensor: int = Field(description="Elements of the model's largest weight.")
+    dtype: str | None = Field(default=None, description="The checkpoint's dtype (config.json).")
+    bytes_on_disk: int = Field(description="Bytes of the weight files.")
+    files: int = Field(description="Weight files (safetensors shards, ...).")
+    staged: str | None = Field(
+        default=None, description="The copy in the run's storage training reads; None: none."
+    )
+    config: dict[str, ConfigScalar] = Field(
+        description="config.json's scalar entries (sizes, heads, experts): what planning reads."
+    )
+
+
 class PromotionResult(ContractModel):
     """A promoted adapter: also the content of `<target>/current`."""
 

@@ -8,10 +8,17 @@ from typing import Annotated
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from dpo_contract.reports import Failure, GateVerdict, PromotionResult, TrainingSummary
+from dpo_contract.reports import (
+    Failure,
+    GateVerdict,
+    ModelReport,
+    PromotionResult,
+    TrainingSummary,
+)
 
 TerminationMessage = Annotated[
-    TrainingSummary | GateVerdict | PromotionResult | Failure, Field(discriminator="status")
+    TrainingSummary | GateVerdict | PromotionResult | ModelReport | Failure,
+    Field(discriminator="status"),
 ]
 _TERMINATION_MESSAGE: TypeAdapter[TerminationMessage] = TypeAdapter(TerminationMessage)
 

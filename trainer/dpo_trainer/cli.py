@@ -1,6 +1,7 @@
 """`dpo-trainer`: the commands training, eval and promote pods run.
 
 Usage:
+    dpo-trainer init --config /etc/dpo/trainer.json      (the model initializer, on a CPU)
     dpo-trainer train --config /etc/dpo/trainer.json     (under `accelerate launch`)
     dpo-trainer eval --config /etc/dpo/trainer.json      (the gate)
     dpo-trainer promote --config /etc/dpo/trainer.json   (after the gate passed)
@@ -94,6 +95,13 @@ def write_termination_message(message: TerminationMessage) -> None:
         log.debug("no termination log at %s: %s", path, error)
 
 
+def _init(args: argparse.Namespace) -> int:
+    from dpo_trainer.io.initialize import initialize
+
+    write_termination_message(initialize(load_trainer_config(args.config)))
+    return EXIT_OK
+
+
 def _train(args: argparse.Namespace) -> int:
     from dpo_trainer.train.run import EXIT_INTERRUPTED, TrainingInterruptedError, train
 
@@ -137,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-trainer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, run, text in (
+        ("init", _init, "resolve, count and stage the model of trainer.json (before training)"),
         ("train", _train, "train on the preference pairs of trainer.json"),
         ("eval", _eval, "run the held-out gate on the trained adapter (exit 3 if rejected)"),
         ("promote", _promote, "publish the gated adapter to the promotion target"),
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return launch(argv[2:] if argv[1:2] == ["--"] else argv[1:])
     args = build_parser().parse_args(argv)
     register_trainer(os.getpid())
-    if args.command in ("eval", "promote"):  # training stops at a checkpoint instead
+    if args.command in ("init", "eval", "promote"):  # training stops at a checkpoint instead
         signal.signal(signal.SIGTERM, _stop)
     code = EXIT_INFRASTRUCTURE
     try:

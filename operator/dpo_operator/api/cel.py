@@ -29,9 +29,10 @@ DEFAULT_OUTPUT = "defaultOutput"
 class Rule:
     """A cross-field rule, written once, in CEL.
 
-    The CRD carries it (`x-kubernetes-validations`), so the API server refuses a manifest that
-    breaks it; the model it belongs to evaluates the same expression with cel-python, so `dpo
-    validate`, `dpo run` and the operator refuse the same manifests with the same message.
+    The CRD carries it (`x-kubernetes-validations`; see `api_server` for the exception), so the
+    API server refuses a manifest that breaks it; the model it belongs to evaluates the same
+    expression with cel-python, so `dpo validate`, `dpo run` and the operator refuse the same
+    manifests with the same message.
     `quoting` is an optional CEL string expression (the API server's messageExpression) that
     says `message` with the values at fault; the API server estimates its cost, so it only quotes
     fields of bounded size. A transition rule compares with the stored object (`oldSelf`): only
@@ -43,6 +44,9 @@ class Rule:
     field_path: str = ""
     quoting: str | None = None
     transition: bool = False
+    # False: a rule over a field the CRD cannot type (a structural schema has no string-or-list),
+    # which CEL cannot read; the operator, `dpo validate` and `dpo run` check it.
+    api_server: bool = True
 
     def validation(self) -> dict[str, str]:
         """The rule as the CRD writes it."""
@@ -98,7 +102,9 @@ class RuledModel(ContractModel):
         schema = handler(core_schema)
         if cls.rules:
             target = handler.resolve_ref_schema(schema)
-            target["x-kubernetes-validations"] = [rule.validation() for rule in cls.rules]
+            served = [rule.validation() for rule in cls.rules if rule.api_server]
+            if served:
+                target["x-kubernetes-validations"] = served
         return schema
 
     @model_validator(mode="after")

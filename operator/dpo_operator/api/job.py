@@ -141,6 +141,7 @@ class DPOJobSpec(RuledModel):
             "!('simpo' in self.dpo.lossType) || !has(self.model.reference)",
             "simpo is reference-free; remove model.reference",
             ".model.reference",
+            api_server=False,
         ),
         Rule(
             f"!has(self.env) || self.env.all(e, !(e.name in {_RESERVED_ENV_LIST}))",

@@ -16,6 +16,7 @@ from dpo_operator.api.delivery import OutputSpec
 
 Phase = Literal[
     "Pending",
+    "Initializing",
     "Queued",
     "Training",
     "Evaluating",
@@ -61,6 +62,30 @@ class TrainingMetrics(ContractModel):
         default=None, description="The rank named a Straggler, its pod and node, and how slow."
     )
     updated_at: datetime | None = None
+
+
+class ModelStatus(ContractModel):
+    """The model as the initializer found it: what the plan was made from."""
+
+    name: Annotated[str, Field(max_length=1024)]
+    revision: Annotated[str, Field(max_length=253)] | None = Field(
+        default=None, description="The hub commit the revision resolved to."
+    )
+    parameters: StrictInt = Field(description="Counted on the meta device, tied weights once.")
+    active_parameters: StrictInt | None = Field(
+        default=None, description="Per token, for a mixture of experts."
+    )
+    hidden: StrictInt
+    layers: StrictInt
+    intermediate: StrictInt = Field(description="The MLP width a token goes through.")
+    vocab: StrictInt
+    kv_ratio: StrictFloat = Field(description="Key/value width over hidden width.")
+    largest_tensor: StrictInt = Field(description="Elements of the largest weight.")
+    dtype: Annotated[str, Field(max_length=32)] | None = None
+    bytes_on_disk: StrictInt
+    staged: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="The copy in the run's storage the training pods read."
+    )
 
 
 class ProgressStatus(ContractModel):
@@ -162,6 +187,9 @@ class DPOJobStatus(ContractModel):
         default=None,
         description="Where the run's artifacts go, recorded at its start (the installation's "
         "default, for a DPOJob that names none, cannot move them later).",
+    )
+    model: ModelStatus | None = Field(
+        default=None, description="The model initializer's report: exact size and where it is."
     )
     plan: PlanStatus | None = None
     metrics: TrainingMetrics | None = None

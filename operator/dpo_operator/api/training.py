@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from dpo_contract.config import DistributedStrategy
 from dpo_contract.fields import (
+    LOSS_TYPES,
     ColumnMapping,
     ContractModel,
     DataFormat,
@@ -19,7 +20,7 @@ from dpo_contract.fields import (
     ShortStr,
     UriStr,
 )
-from pydantic import Field, StrictFloat, StrictInt, field_validator
+from pydantic import BeforeValidator, Field, StrictFloat, StrictInt, WithJsonSchema, field_validator
 
 from dpo_operator.api.cel import Rule, RuledModel
 from dpo_operator.api.grammar import (
@@ -58,6 +59,12 @@ class ModelSpec(ContractModel):
     )
     trust_remote_code: bool = Field(
         default=False, description="Run model code shipped in the checkpoint (security risk)."
+    )
+    initialize: bool = Field(
+        default=True,
+        description="Before any GPU is asked for, a CPU pod resolves the model, counts it on the "
+        "meta device for the plan and copies a hub model once into the run's storage. Builtin "
+        "models skip it; false skips it for any model.",
     )
 
     @field_validator("parameters")
@@ -115,29 +122,50 @@ class DataSpec(ContractModel):
     )
 
 
+# `dpo.lossType` is one name or a list, as TRL's DPOConfig takes it. A structural schema has no
+# string-or-list type and the API server runs no CEL on an untyped field, so the CRD leaves it
+# untyped and the operator checks it (and the rules that read it: Rule.api_server), as `dpo
+# validate` does. The models hold a list.
+LossTypes = Annotated[
+    list[LossType],
+    BeforeValidator(lambda value: _one_loss_as_list(value)),
+    WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+def _one_loss_as_list(value: Any) -> Any:
+    """One loss name, as TRL takes it, is a list of one; an unknown one is named as given."""
+    if not isinstance(value, str):
+        return value
+    if value not in LOSS_TYPES:
+        raise ValueError(f"{value!r} is not a loss type; use one of {', '.join(LOSS_TYPES)}")
+    return [value]
+
+
 class DPOSpec(RuledModel):
     """DPO hyper-parameters (TRL DPOConfig; CPOConfig for simpo)."""
 
     rules = (
         Rule(
-            "!has(self.lossType) || !('simpo' in self.lossType) || size(self.lossType) == 1",
+            "!('simpo' in self.lossType) || size(self.lossType) == 1",
             "simpo is reference-free and runs through TRL's CPO trainer: it cannot be combined "
             "with other loss types",
             ".lossType",
             quoting="'simpo is reference-free and runs through TRL\\'s CPO trainer: it cannot be "
             "combined with other loss types, got ' + self.lossType.join(', ')",
+            api_server=False,
         ),
         Rule(
-            "!has(self.lossWeights) || !has(self.lossType) || "
-            "size(self.lossWeights) == size(self.lossType)",
+            "!has(self.lossWeights) || size(self.lossWeights) == size(self.lossType)",
             "needs as many entries as lossType: give one weight per loss type",
             ".lossWeights",
+            api_server=False,
         ),
         Rule(
-            "!has(self.lossType) || !('simpo' in self.lossType) || "
-            "!has(self.precomputeRefLogProbs) || !self.precomputeRefLogProbs",
+            "!('simpo' in self.lossType) || !self.precomputeRefLogProbs",
             "simpo uses no reference model, so there are no reference log-probs to precompute",
             ".precomputeRefLogProbs",
+            api_server=False,
         ),
     )
 
@@ -148,13 +176,13 @@ class DPOSpec(RuledModel):
         description="Strength of the pull towards the reference: too low drifts and reward-hacks, "
         "too high learns nothing. 0.1 for sigmoid; 2.0 is typical for sigmoid_norm and simpo.",
     )
-    loss_type: list[LossType] = Field(
+    loss_type: LossTypes = Field(
         default=["sigmoid"],
         min_length=1,
         max_length=8,
-        description="One loss, e.g. [sigmoid], or several summed with lossWeights, e.g. "
-        "[sigmoid, sft] for RPO. sigmoid_norm is length-normalised DPO; simpo is reference-free "
-        "SimPO (TRL's CPO trainer) and must stand alone.",
+        description="One loss, e.g. sigmoid_norm (as TRL takes it), or several summed with "
+        "lossWeights, e.g. [sigmoid, sft] for RPO. sigmoid_norm is length-normalised DPO; simpo "
+        "is reference-free SimPO (TRL's CPO trainer) and must stand alone.",
     )
     loss_weights: list[StrictFloat] | None = Field(
         default=None, max_length=8, description="One weight per lossType entry (default all 1.0)."

@@ -3,7 +3,8 @@
 Usage:
     dpo validate FILE...          exit 0, or 1 with one line per problem
     dpo render FILE [--attempt N] the child objects as YAML, like `helm template`
-    dpo plan FILE                 per-GPU memory by part, the strategy chosen and why
+    dpo plan FILE                 per-GPU memory by part, the strategy chosen and why (a hub
+                                  model's config.json from the hub unless --offline)
     dpo run FILE                  train, gate and promote on this machine
     dpo compare RUN...            runs side by side, and one PNG of their curves
     dpo pull oci://REF DIR        fetch a promoted adapter, verified, with its gate's verdict
@@ -26,13 +27,15 @@ from pydantic import ValidationError
 
 from dpo_operator.api import KIND, DPOJob, OutputSpec, describe_errors
 from dpo_operator.api.crd import crd_manifest
+from dpo_operator.cli.hub import HubRefusedError, HubUnreachableError, hub_config
 from dpo_operator.cli.report import summarize
 from dpo_operator.core.network import DEFAULT_ALLOWED_PROFILES, DEFAULT_TCPXO_DAEMON_IMAGE
-from dpo_operator.core.plan import format_plan, plan
+from dpo_operator.core.plan import ModelShape, format_plan, plan, shape_of
 from dpo_operator.core.policy import refusals
 from dpo_operator.core.render import render_all, to_yaml
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.settings import DEFAULT_TRAINER_IMAGE, Settings
+from dpo_operator.core.storage import model_is_on_hub
 from dpo_operator.core.validate import parse_dpojob
 from dpo_operator.local.executor import LocalOptions
 from dpo_operator.local.executor import run as run_locally
@@ -121,11 +124,18 @@ def _plan(args: argparse.Namespace) -> int:
         return 1
     fits = True
     for job in jobs:
+        model = job.spec.model
         try:
-            config = model_config(job.spec.model.name, args.model_config)
-            result = plan(job.spec, config)
+            config = model_config(model.name, args.model_config)
+            shape = None
+            if config is None and model_is_on_hub(model.name) and not args.offline:
+                shape = _hub_shape(model.name, model.revision)
+            result = plan(job.spec, config, shape)
+        except HubRefusedError as error:
+            print(f"spec.model.name: {error}", file=sys.stderr)
+            return 1
         except (OSError, ValueError, KeyError) as error:
-            where = args.model_config or f"{job.spec.model.name}/config.json"
+            where = args.model_config or f"{model.name}/config.json"
             print(f"{where}: cannot count the model's parameters: {error}", file=sys.stderr)
             return 1
         print(f"DPOJob {job.namespace}/{job.name}")
@@ -133,6 +143,20 @@ def _plan(args: argparse.Namespace) -> int:
         print()
         fits = fits and not result.problems
     return 0 if fits else 1
+
+
+def _hub_shape(repo: str, revision: str | None) -> ModelShape | None:
+    """The shape of a hub model's config.json, as the model initializer will count it; None,
+    with a warning, when the hub cannot be reached (the plan falls back on what it knows)."""
+    try:
+        config = hub_config(repo, revision)
+    except HubUnreachableError as error:
+        print(
+            f"{repo}: {error}; planned without its config.json (--offline: never ask the hub)",
+            file=sys.stderr,
+        )
+        return None
+    return shape_of(config, f"config.json of {repo}@{revision or 'main'} from the hub")
 
 
 def model_config(model: str, given: Path | None) -> dict[str, Any] | None:
@@ -387,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's config.json, for its exact size (default: the model's directory's, "
         "when spec.model.name is a local path)",
     )
+    plan_command.add_argument(
+        "--offline",
+        action="store_true",
+        help="never fetch a hub model's config.json (HF_ENDPOINT and HF_TOKEN are honoured); "
+        "plan from the known models or spec.model.parameters",
+    )
     _add_default_output(plan_command)
     plan_command.set_defaults(run=_plan)
 
@@ -400,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLAIM=PATH",
         help="use a local directory for a PersistentVolumeClaim (default: <workdir>/volumes/CLAIM)",
     )
-    run.add_argument("--metrics-port", type=int, help="serve /metrics here (default: the spec's)")
+    run.add_argument(
+        "--metrics-port", type=int, help="serve /metrics here (default: a free port, printed)"
+    )
     run.add_argument("--approve", action="store_true", help="approve a manual promotion")
     run.add_argument(
         "--cpu", action="store_true", help="train on the CPU even if the job asks for GPUs"

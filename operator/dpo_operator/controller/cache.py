@@ -18,6 +18,7 @@ import kopf
 from dpo_operator.api import GROUP, KIND, PLURAL, SPEC_DIGEST_ANNOTATION, VERSION
 from dpo_operator.core.lifecycle import ChildJob, JobState, PodState
 from dpo_operator.core.names import LABEL_ATTEMPT, LABEL_COMPONENT, LABEL_JOB
+from dpo_operator.core.topology import NodeCapacity
 
 Key = tuple[str, str]  # (namespace, DPOJob name)
 # kopf hands a handler every index by its function's name.
@@ -192,6 +193,7 @@ INDEXES = (
     "dpojob_config_maps",
     "dpojob_services",
     "dpojob_network_policies",
+    "cluster_nodes",
 )
 
 
@@ -207,3 +209,21 @@ def what_decide_reads(plural: str, name: str, labels: Mapping[str, str], body: k
     if plural == "pods":
         return seen_pod(name, labels, body)
     return name  # config maps and services: only whether they exist
+
+
+ALL_NODES = "nodes"
+
+
+@kopf.index("", "v1", "nodes")
+async def cluster_nodes(
+    name: str, labels: Mapping[str, str], status: kopf.Status, **_: Any
+) -> dict[str, NodeCapacity]:
+    """Each Node's labels and extended resources (GPUs, RDMA): what a Required topology is
+    judged by."""
+    allocatable = status.get("allocatable") or {}
+    extended = {
+        resource: int(amount)
+        for resource, amount in allocatable.items()
+        if "/" in resource and str(amount).isdigit()
+    }
+    return {ALL_NODES: NodeCapacity(name, dict(labels), extended)}

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from dpo_operator.api import GROUP, PLURAL, VERSION, DPOJob, DPOJobStatus, describe_errors
 from dpo_operator.controller.cache import (
+    ALL_NODES,
     INDEXES,
     Indexes,
     Key,
@@ -63,6 +64,7 @@ from dpo_operator.core.names import (
     training_job_name,
 )
 from dpo_operator.core.policy import refusals
+from dpo_operator.core.topology import NodeCapacity
 
 log = logging.getLogger("dpo_operator")
 
@@ -161,7 +163,8 @@ async def reconcile(key: Key, runtime: Runtime, indexes: Indexes) -> None:
         return
     observed, uids = await _observe(job, key, indexes, executor)
     decision = decide(job, observed)
-    context = executor.resolve(job, uids)
+    # Children are rendered from the status just decided: it holds the initializer's count.
+    context = executor.resolve(job.model_copy(update={"status": decision.status}), uids)
     try:
         await _carry_out(executor, context, decision)
     except ChildRefusedError as refused_child:
@@ -243,6 +246,12 @@ async def _observe(
     if rank_zero and scrape_due(job, now):
         metrics, fabric = await asyncio.to_thread(scrape, job, rank_zero)
     config_digest = next((o.spec_digest for o in owned if o.seen == config_map_name(job)), None)
+    scheduling = job.spec.scheduling
+    # Read only where a first training Job would be created in one topology domain.
+    nodes = None
+    if scheduling.topology_policy == "Required" and not any(j.component == "train" for j in jobs):
+        node_index: kopf.Index[str, NodeCapacity] = cast(Any, indexes["cluster_nodes"])
+        nodes = tuple(node_index.get(ALL_NODES, ()))
     observed = Observed(
         now=now,
         jobs=jobs,
@@ -254,6 +263,7 @@ async def _observe(
         or not executor.settings.network_policy,
         metrics=metrics or current,
         fabric=fabric,
+        nodes=nodes,
     )
     return observed, uids
 

@@ -22,6 +22,11 @@ def service_name(job: DPOJob) -> str:
     return f"{job.name}-nodes"
 
 
+def init_job_name(job: DPOJob) -> str:
+    """The model initializer's Job: one per run, before the first training attempt."""
+    return f"{job.name}-init"
+
+
 def training_job_name(job: DPOJob, attempt: int) -> str:
     return f"{job.name}-train-{attempt}"
 

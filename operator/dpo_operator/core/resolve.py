@@ -18,6 +18,7 @@ from dpo_operator.core.plan import (
     grace_period_seconds,
     plan,
     save_seconds,
+    status_shape,
     training_disk,
     transfer_timeout_seconds,
 )
@@ -137,4 +138,7 @@ class ResolvedJob:
 
 
 def resolve(job: DPOJob, settings: Settings = DEFAULT_SETTINGS) -> ResolvedJob:
-    return ResolvedJob(job, settings, plan(job.spec), tuple(claims(job)))
+    """The job planned with the model initializer's count once `status.model` has it."""
+    counted = job.status.model if job.status else None
+    shape = status_shape(counted) if counted else None
+    return ResolvedJob(job, settings, plan(job.spec, shape=shape), tuple(claims(job)))

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from dpo_contract.fields import DataSource, ModelRef
+from dpo_contract.presets import BUILTIN_PREFIX
 from dpo_contract.reports import REFERENCE_CACHE_DIR
 
-from dpo_operator.api import DPOJob
+from dpo_operator.api import DPOJob, DPOJobSpec
 from dpo_operator.core.names import run_id
 
 PVC_MOUNT_ROOT = "/mnt/pvc"
@@ -46,6 +47,36 @@ def optional_in_pod(source: DataSource | None, claim_paths: ClaimPaths | None) -
 
 def model_in_pod(ref: ModelRef, claim_paths: ClaimPaths | None) -> ModelRef:
     return ref.model_copy(update={"name": pod_path(ref.name, claim_paths)})
+
+
+STAGED_MODEL_DIR = "base-model"
+
+
+def model_is_on_hub(name: str) -> bool:
+    """A hub id (org/model): neither builtin, nor a URI, nor a path."""
+    return not (name.startswith((BUILTIN_PREFIX, "/", ".")) or "://" in name)
+
+
+def initializes_model(spec: DPOJobSpec) -> bool:
+    """Whether a model initializer runs before training: for any model but a builtin one (built
+    from a preset the operator knows exactly), unless spec.model.initialize is false."""
+    return spec.model.initialize and not spec.model.name.startswith(BUILTIN_PREFIX)
+
+
+def staged_model(job: DPOJob, claim_paths: ClaimPaths | None = None) -> str | None:
+    """Where the initializer copies the model for the training pods, as they see it: a hub model
+    always (one download instead of one per pod, from a hub that limits rates), an object-store
+    model when the run's storage is a volume (the pods read the volume instead of each
+    downloading). None: the pods read the model where it is."""
+    spec = job.spec
+    if not initializes_model(spec):
+        return None
+    name = spec.model.name
+    on_volume = pvc_claim(spec.output.uri) is not None
+    from_store = "://" in name and pvc_claim(name) is None
+    if model_is_on_hub(name) or (from_store and on_volume):
+        return f"{artifacts_dir(job, claim_paths)}/{STAGED_MODEL_DIR}"
+    return None
 
 
 def claims(job: DPOJob) -> list[str]:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from dpo_contract.config import TrainerConfig
 from dpo_contract.pod import (
     ACCELERATE_CONFIG_FILE,
     ACCELERATE_CONFIG_PATH,
@@ -162,16 +163,14 @@ class LocalExecutor:
         self.start_pod = start_pod
         self.workdir = options.workdir
         self.settings = Settings(cpu=options.cpu)
-        # The spec does not change during a run (only the status and the approval do).
         self.resolved = resolve(job, self.settings)
         self.claim_paths = {
             claim: str(options.volumes.get(claim, self.workdir / "volumes" / claim).resolve())
             for claim in self.resolved.claims
         }
-        config = trainer_config(self.resolved, self.claim_paths)
-        if options.metrics_port is not None:
-            config = config.model_copy(update={"metrics_port": options.metrics_port})
-        self.config = config
+        # Any two runs on one machine at once: each rank 0 serves /metrics on a port of its own.
+        self.metrics_port = options.metrics_port or free_port()
+        self.config = self._trainer_config()
         self.files = {
             TRAINER_CONFIG_PATH: self.workdir / "trainer.json",
             ACCELERATE_CONFIG_PATH: self.workdir / "accelerate.yaml",
@@ -180,6 +179,10 @@ class LocalExecutor:
         self.master_ports: dict[str, int] = {}
         self.has_files = False
         self._readers: list[threading.Thread] = []
+
+    def _trainer_config(self) -> TrainerConfig:
+        config = trainer_config(self.resolved, self.claim_paths)
+        return config.model_copy(update={"metrics_port": self.metrics_port})
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -273,6 +276,10 @@ class LocalExecutor:
         )
 
     def update(self, job: DPOJob, action: Update) -> None:
+        # The spec does not change during a run; the plan does once the initializer counted.
+        self.resolved = resolve(job, self.settings)
+        self.config = self._trainer_config()
+        self.has_files = False
         self._write_files()
 
     def delete(self, job: DPOJob, action: Delete) -> None:
@@ -386,9 +393,9 @@ def run(
             if phase != shown_phase:  # what `kubectl get dpo -w` shows
                 executor.say(f"[{phase}] {decision.status.message or ''}".rstrip())
                 shown_phase = phase
+            job = job.model_copy(update={"status": decision.status})
             for action in decision.actions:
                 action.carry_out(executor, job)
-            job = job.model_copy(update={"status": decision.status})
             if phase in TERMINAL_PHASES or (phase == "Suspended" and not executor.running()):
                 break
             if phase == "AwaitingApproval":

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dpo_contract.fields import LoraSettings, ModelRef
+from dpo_contract.fields import LoraSettings, ModelRef, PolicyRef
 from dpo_contract.pod import BadInputError
 from torch import nn
 
 from dpo_trainer.io.builtin import builtin_model_path, is_builtin
-from dpo_trainer.io.fetch import cached, download, is_remote, remote_entry
+from dpo_trainer.io.fetch import COMPLETE_MARKER, cached, download, is_remote, remote_entry
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,19 @@ def cache_dir() -> Path:
 
 
 def model_location(ref: ModelRef) -> str:
-    """A path or hub id that `from_pretrained` can load."""
+    """A path or hub id that `from_pretrained` can load: the model initializer's copy where
+    trainer.json names one, else the model where it lives."""
+    staged = ref.staged if isinstance(ref, PolicyRef) else None
+    if staged and is_remote(staged):
+        if _store_has(f"{staged.rstrip('/')}/{COMPLETE_MARKER}"):
+            log.info("model %s: reading the initializer's copy at %s", ref.name, staged)
+            entry = remote_entry(staged)
+            return str(cached(cache_dir() / "models", entry, lambda into: download(staged, into)))
+    elif staged and (Path(staged) / COMPLETE_MARKER).exists():
+        log.info("model %s: reading the initializer's copy at %s", ref.name, staged)
+        return staged
+    if staged:
+        log.warning("no complete copy of the model at %s; reading %s itself", staged, ref.name)
     if is_builtin(ref.name):
         try:
             return str(builtin_model_path(ref.name, cache_dir() / "models"))
@@ -45,6 +57,13 @@ def model_location(ref: ModelRef) -> str:
             cached(cache_dir() / "models", entry, lambda staging: download(ref.name, staging))
         )
     return ref.name
+
+
+def _store_has(uri: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return bool(fs.exists(path))
 
 
 def torch_dtype(mixed_precision: str) -> Any:

@@ -34,10 +34,10 @@ class Executor(Protocol[Context, Result]):
 
 @dataclass(frozen=True)
 class Create:
-    """Create a child: the config map, the service, the namespace's NetworkPolicy, or a Job of
-    `attempt`."""
+    """Create a child: the config map, the service, the namespace's NetworkPolicy, the model
+    initializer, or a Job of `attempt`."""
 
-    kind: Literal["config", "service", "network-policy", "train", "eval", "promote"]
+    kind: Literal["config", "service", "network-policy", "init", "train", "eval", "promote"]
     attempt: int = 0
 
     def carry_out(self, executor: Executor[C, R], context: C) -> R:

@@ -5,13 +5,16 @@ It is level-triggered: it reads only the DPOJob (spec and status) and the observ
 never memory of past events, so a restarted operator carries on from cluster state alone and the
 same observations always give the same decision.
 
-    Pending -> (Queued) -> Training -> Evaluating -> (AwaitingApproval) -> Promoting -> Succeeded
-                 Suspended <-'  |  `-> restart (attempt + 1)   `-> Rejected
-                                `-> Failed (bad input, restarts exhausted, deadline)
+    Pending -> (Initializing) -> (Queued) -> Training -> Evaluating -> (AwaitingApproval)
+        -> Promoting -> Succeeded
+    Initializing -> Failed (the model cannot be resolved, or does not fit once counted)
+    Training -> Suspended | restart (attempt + 1) | Failed (bad input, restarts, deadline)
+    Evaluating -> Rejected
 
 Invariants (property-tested): a promote Job is only created after the eval Job of the same
 training attempt succeeded with verdict Passed; restarts never exceed runPolicy.maxRestarts;
-there is never more than one training Job.
+there is never more than one training Job; no training Job is created before the model
+initializer (where the job has one) reported the model's size.
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ from dpo_contract.pod import (
     EXIT_GATE_REJECTED,
     EXIT_WRONG_ENVIRONMENT,
 )
-from dpo_contract.reports import Failure, GateVerdict, PromotionResult, TrainingSummary
+from dpo_contract.reports import (
+    Failure,
+    GateVerdict,
+    ModelReport,
+    PromotionResult,
+    TrainingSummary,
+)
 
 from dpo_operator.api import (
     TERMINAL_PHASES,
-    Condition,
     DPOJob,
     DPOJobStatus,
     EvaluationStatus,
@@ -41,27 +49,28 @@ from dpo_operator.api import (
     spec_digest,
 )
 from dpo_operator.core.lifecycle.decision import (
-    Action,
     Create,
     Decision,
     Delete,
     DeleteChildren,
-    Event,
     Suspend,
     Update,
 )
 from dpo_operator.core.lifecycle.observed import (
     APPROVE_ANNOTATION,
-    EVENTFUL_PHASES,
     ChildJob,
     Component,
     Observed,
-    PodState,
+    reason_of,
+    telling_pod,
 )
+from dpo_operator.core.lifecycle.recording import Recorder
 from dpo_operator.core.lifecycle.timing import active_seconds, progress, requeue_after
-from dpo_operator.core.plan import plan_status
+from dpo_operator.core.plan import model_status, plan_status
 from dpo_operator.core.resolve import ResolvedJob, resolve
 from dpo_operator.core.serving import with_vllm_instructions
+from dpo_operator.core.storage import initializes_model
+from dpo_operator.core.topology import unsatisfiable_topology
 
 
 def decide(job: DPOJob, observed: Observed) -> Decision:
@@ -75,68 +84,20 @@ def decide(job: DPOJob, observed: Observed) -> Decision:
     return decision
 
 
-class _Machine:
+class _Machine(Recorder):
+    """One decision: `run` walks the stages in order and stops at the first still under way."""
+
     def __init__(self, job: DPOJob, observed: Observed, decision: Decision) -> None:
-        self.job = job
+        super().__init__(job, decision, observed.now)
         self.spec = job.spec
         self.observed = observed
-        self.decision = decision
-        self.status = decision.status
-        self.now = observed.now
         self.digest = spec_digest(job.spec)
-
-    # -- helpers -----------------------------------------------------------------------------
 
     def child(self, component: Component, attempt: int) -> ChildJob | None:
         return next(
             (j for j in self.observed.jobs if j.component == component and j.attempt == attempt),
             None,
         )
-
-    def act(self, action: Action) -> None:
-        self.decision.actions.append(action)
-
-    def event(self, reason: str, message: str, warning: bool = False) -> None:
-        self.decision.events.append(Event("Warning" if warning else "Normal", reason, message))
-
-    def phase(self, phase: Phase, message: str, reason: str | None = None) -> None:
-        # Routine progress is in status; an Event marks what a person may need to act on, or
-        # the end. (Each Event is one more write to the API server.)
-        if self.status.phase != phase and phase in EVENTFUL_PHASES:
-            self.event(reason or phase, message, warning=phase in ("Failed", "Rejected"))
-        self.status.phase = phase
-        self.status.message = message
-
-    def current(self, kind: str) -> Condition | None:
-        """The status's condition of type `kind`, if it has one."""
-        return next((c for c in self.status.conditions if c.type == kind), None)
-
-    def holds(self, kind: str) -> bool:
-        """Whether the status's condition `kind` is True."""
-        condition = self.current(kind)
-        return condition is not None and condition.status == "True"
-
-    def condition(self, kind: str, value: bool, reason: str, message: str) -> None:
-        wanted = "True" if value else "False"
-        existing = self.current(kind)
-        since = self.now
-        if existing is not None and existing.status == wanted:
-            since = existing.last_transition_time or self.now
-        updated = Condition(
-            type=kind,
-            status=wanted,
-            reason=reason,
-            message=message,
-            last_transition_time=since,
-            observed_generation=self.job.metadata.generation,
-        )
-        # In place: the order of conditions is part of the status, and a needless change is a
-        # needless write.
-        kinds = [c.type for c in self.status.conditions]
-        if kind in kinds:
-            self.status.conditions[kinds.index(kind)] = updated
-        else:
-            self.status.conditions.append(updated)
 
     def finish(self, phase: Phase, message: str, reason: str) -> None:
         self.phase(phase, message, reason)
@@ -166,7 +127,7 @@ class _Machine:
             self.act(Create("service"))
         if not self.observed.has_network_policy:
             self.act(Create("network-policy"))
-        if self.deadline_exceeded():
+        if self.deadline_exceeded() or not self.initialized():
             return
         attempt = self.status.attempt or 1
         train = self.child("train", attempt)
@@ -184,6 +145,63 @@ class _Machine:
             self.finish("Succeeded", "the gate passed; no promotion target", "GatePassed")
             return
         self.promoting(attempt)
+
+    def resolved(self) -> ResolvedJob:
+        """The job resolved with the status decided so far (the initializer's count in it)."""
+        return resolve(self.job.model_copy(update={"status": self.status}))
+
+    def initialized(self) -> bool:
+        """The model initializer: before the first training Job asks for a GPU, resolve the
+        model and count it. True once `status.model` records it, or the job has none."""
+        if not initializes_model(self.spec) or self.status.model is not None:
+            return True
+        name = self.spec.model.name
+        init = self.child("init", 1)
+        if init is None:
+            if self.spec.run_policy.suspend:
+                self.clock_stopped(True)
+                self.phase("Suspended", "runPolicy.suspend is true; no pods run")
+                self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+                return False
+            self.clock_stopped(False)
+            self.act(Create("init", 1))
+            self.status.output = self.status.output or self.spec.output  # it stages there
+            self.status.waiting_since = self.now
+            self.status.start_time = self.status.start_time or self.now
+            self.phase("Initializing", f"resolving {name} and counting its parameters")
+            return False
+        if init.state in ("Pending", "Running"):
+            started = sum(pod.phase != "Pending" for pod in init.pods)
+            if not self.not_started(init, started, 1):
+                self.phase("Initializing", f"resolving {name} and counting its parameters")
+            return False
+        pod = telling_pod(init)
+        report = pod.reported if pod else None
+        if init.state != "Complete" or not isinstance(report, ModelReport):
+            self.finish(
+                "Failed", f"model {name} cannot be used: {reason_of(pod)}", "ModelUnresolved"
+            )
+            return False
+        model = self.status.model = model_status(report)
+        self.status.waiting_since = None
+        size = f"{model.parameters / 1e9:.2f}B parameters"
+        at = f" at {model.revision}" if model.revision else ""
+        staged = f"; copied to {model.staged}" if model.staged else ""
+        self.event(
+            "ModelResolved",
+            f"{name}{at}: {size}, {model.bytes_on_disk / 1e9:.1f} GB of weights{staged}",
+        )
+        problems = self.resolved().plan.problems
+        if problems:
+            self.finish(
+                "Failed",
+                f"{name} ({size}, counted) does not fit as asked: " + "; ".join(problems),
+                "DoesNotFit",
+            )
+            return False
+        if self.observed.has_config_map and Update() not in self.decision.actions:
+            self.act(Update())  # trainer.json and the FSDP settings from the counted plan
+        return True
 
     def deadline_exceeded(self) -> bool:
         limit = self.spec.run_policy.active_deadline_seconds
@@ -221,8 +239,12 @@ class _Machine:
                 self.phase("Suspended", "runPolicy.suspend is true; no pods run")
                 self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
                 return
+            blocked = unsatisfiable_topology(self.spec, self.observed.nodes or ())
+            if blocked is not None:
+                self.finish("Failed", blocked, "TopologyUnsatisfiable")
+                return
             self.act(Create("train", attempt))
-            resolved = resolve(self.job)
+            resolved = self.resolved()
             self.status.plan = plan_status(self.spec, resolved.plan, resolved.training_disk)
             self.status.output = self.status.output or self.spec.output
             if attempt == 1:
@@ -303,7 +325,7 @@ class _Machine:
     def trained(self, train: ChildJob) -> None:
         """What the finished run says of its health: every signal it raised (the scrapes may
         have missed one), and whether it stopped early on one."""
-        pod = _telling_pod(train)
+        pod = telling_pod(train)
         summary = pod.reported if pod else None
         if not isinstance(summary, TrainingSummary):
             return
@@ -415,17 +437,17 @@ class _Machine:
         failed = [pod for pod in train.pods if pod.phase == "Failed"]
         bad_input = next((p for p in failed if p.exit_code == EXIT_BAD_INPUT), None)
         if bad_input is not None:
-            self.finish("Failed", f"bad config or data: {_reason(bad_input)}", "BadInput")
+            self.finish("Failed", f"bad config or data: {reason_of(bad_input)}", "BadInput")
             return
         wrong = next((p for p in failed if p.exit_code == EXIT_WRONG_ENVIRONMENT), None)
         if wrong is not None:
             said = wrong.reported if isinstance(wrong.reported, Failure) else None
             if said is not None and said.reason is not None:  # the fabric: FabricSlow, ...
-                self.finish("Failed", f"{said.reason}: {_reason(wrong)}", said.reason)
+                self.finish("Failed", f"{said.reason}: {reason_of(wrong)}", said.reason)
                 return
             self.finish(
                 "Failed",
-                f"the pods are not what was rendered: {_reason(wrong)}",
+                f"the pods are not what was rendered: {reason_of(wrong)}",
                 "WrongEnvironment",
             )
             return
@@ -472,7 +494,7 @@ class _Machine:
             if not self.not_started(evaluation, started, 1):
                 self.phase("Evaluating", "running the held-out gate")
             return False
-        pod = _telling_pod(evaluation)
+        pod = telling_pod(evaluation)
         verdict = pod.reported if pod else None
         passed = isinstance(verdict, GateVerdict) and verdict.verdict == "Passed"
         if evaluation.state == "Complete" and isinstance(verdict, GateVerdict) and passed:
@@ -483,17 +505,17 @@ class _Machine:
             self.finish(
                 "Rejected",
                 verdict.message or "the gate rejected the adapter",
-                _gate_reason(verdict),
+                _gatereason_of(verdict),
             )
             return False
-        self.finish("Failed", f"the gate could not run: {_reason(pod)}", "GateFailed")
+        self.finish("Failed", f"the gate could not run: {reason_of(pod)}", "GateFailed")
         return False
 
     def record_verdict(self, verdict: GateVerdict) -> None:
         passed = verdict.verdict == "Passed"
         message = verdict.message or ("every criterion holds" if passed else "gate rejected")
         if self.status.evaluation is None:
-            self.event(_gate_reason(verdict), message, warning=not passed)
+            self.event(_gatereason_of(verdict), message, warning=not passed)
         self.status.evaluation = EvaluationStatus(
             verdict=verdict.verdict,
             criteria=list(verdict.criteria),
@@ -530,7 +552,7 @@ class _Machine:
             if not self.not_started(promote, started, 1):
                 self.phase("Promoting", f"publishing to {promotion.target}")
             return
-        pod = _telling_pod(promote)
+        pod = telling_pod(promote)
         result = pod.reported if pod else None
         if promote.state == "Complete" and isinstance(result, PromotionResult):
             self.status.promotion = with_vllm_instructions(
@@ -546,9 +568,9 @@ class _Machine:
             self.finish("Succeeded", f"promoted {result.version} to {result.uri}", "Promoted")
             return
         if pod is not None and pod.exit_code == EXIT_CHAMPION_CHANGED:
-            self.finish("Failed", f"not promoted: {_reason(pod)}", "ChampionChanged")
+            self.finish("Failed", f"not promoted: {reason_of(pod)}", "ChampionChanged")
             return
-        self.finish("Failed", f"promotion failed: {_reason(pod)}", "PromotionFailed")
+        self.finish("Failed", f"promotion failed: {reason_of(pod)}", "PromotionFailed")
 
     def expire_children(self) -> None:
         ttl = self.spec.run_policy.ttl_seconds_after_finished
@@ -563,25 +585,6 @@ class _Machine:
             )
 
 
-def _gate_reason(verdict: GateVerdict) -> str:
+def _gatereason_of(verdict: GateVerdict) -> str:
     """GatePassed, GateRejected, or GateInconclusive (too few pairs to be sure either way)."""
     return f"Gate{verdict.verdict}"
-
-
-def _telling_pod(child: ChildJob) -> PodState | None:
-    """The pod whose termination tells the Job's story: of a completed Job the pod that
-    succeeded (earlier tries may have failed), of a failed one the last pod that failed."""
-    wanted = "Succeeded" if child.state == "Complete" else "Failed"
-    candidates = [p for p in child.pods if p.phase == wanted and not p.disrupted]
-    candidates = candidates or [p for p in child.pods if p.phase in ("Succeeded", "Failed")]
-    return candidates[-1] if candidates else None
-
-
-def _reason(pod: PodState | None) -> str:
-    """What went wrong, in the trainer's words where it said."""
-    if pod is None:
-        return "no pod finished"
-    reported = pod.reported
-    if isinstance(reported, Failure):
-        return reported.message[:2000]
-    return (pod.message or f"exit code {pod.exit_code}, no termination message")[:2000]

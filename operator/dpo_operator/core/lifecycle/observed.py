@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from dpo_contract.reports import FabricSummary
+from dpo_contract.reports import FabricSummary, Failure
 from dpo_contract.termination import TerminationMessage, parse_termination_message
 
 from dpo_operator.api import TrainingMetrics
+from dpo_operator.core.topology import NodeCapacity
 
-Component = Literal["train", "eval", "promote"]
+Component = Literal["init", "train", "eval", "promote"]
 JobState = Literal["Pending", "Running", "Complete", "Failed"]
 APPROVE_ANNOTATION = "dpo.dev/approve"
 EVENTFUL_PHASES = frozenset(
@@ -63,6 +64,28 @@ class Observed:
     has_network_policy: bool = True
     metrics: TrainingMetrics | None = None
     fabric: FabricSummary | None = None  # what rank 0's preflight measured, once it has
+    # The cluster's Nodes, where the first training Job must fit in one topology domain (else
+    # None: not needed, or not known, as on this machine).
+    nodes: tuple[NodeCapacity, ...] | None = None
     # The API server refused to create a child as rendered, in its words (or its name is taken
     # by someone else's object): the run cannot go on.
     refused: str | None = None
+
+
+def telling_pod(child: ChildJob) -> PodState | None:
+    """The pod whose termination tells the Job's story: of a completed Job the pod that
+    succeeded (earlier tries may have failed), of a failed one the last pod that failed."""
+    wanted = "Succeeded" if child.state == "Complete" else "Failed"
+    candidates = [p for p in child.pods if p.phase == wanted and not p.disrupted]
+    candidates = candidates or [p for p in child.pods if p.phase in ("Succeeded", "Failed")]
+    return candidates[-1] if candidates else None
+
+
+def reason_of(pod: PodState | None) -> str:
+    """What went wrong, in the trainer's words where it said."""
+    if pod is None:
+        return "no pod finished"
+    reported = pod.reported
+    if isinstance(reported, Failure):
+        return reported.message[:2000]
+    return (pod.message or f"exit code {pod.exit_code}, no termination message")[:2000]

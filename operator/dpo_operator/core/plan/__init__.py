@@ -18,7 +18,9 @@ from dpo_operator.core.plan.memory import (
 )
 from dpo_operator.core.plan.report import (
     format_plan,
+    model_status,
     plan_status,
+    status_shape,
 )
 from dpo_operator.core.plan.shapes import (
     ASSUMED_GPU_MEMORY,
@@ -32,6 +34,7 @@ from dpo_operator.core.plan.shapes import (
     ModelShape,
     gpu_memory,
     model_shape,
+    shape_of,
 )
 from dpo_operator.core.plan.transfer import (
     disk_quantity,
@@ -68,10 +71,13 @@ __all__ = [
     "layouts",
     "lora_parameters",
     "model_shape",
+    "model_status",
     "plan",
     "plan_status",
     "reference_parameters",
     "save_seconds",
+    "shape_of",
+    "status_shape",
     "training_disk",
     "transfer_timeout_seconds",
 ]

@@ -208,10 +208,14 @@ def activation_bytes(spec: DPOJobSpec, shape: ModelShape, dtype_bytes: int = 2) 
     return tokens * shape.layers * per_layer
 
 
-def plan(spec: DPOJobSpec, model_config: Mapping[str, Any] | None = None) -> Plan:
-    """Estimate every allowed layout and choose the first that fits; `model_config` (the
-    model's config.json) makes the model's size exact."""
-    shape = model_shape(spec, model_config)
+def plan(
+    spec: DPOJobSpec,
+    model_config: Mapping[str, Any] | None = None,
+    shape: ModelShape | None = None,
+) -> Plan:
+    """Estimate every allowed layout and choose the first that fits; the model initializer's
+    `shape`, or `model_config` (the model's config.json), makes the model's size exact."""
+    shape = shape or model_shape(spec, model_config)
     gpu = gpu_memory(spec)
     if gpu is None:
         return Plan(shape, None, choice=layouts(spec)[0], reason="CPU pods: ddp over gloo")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dpo_operator.api import DPOJobSpec, PlanStatus
+from dpo_contract.reports import ModelReport
+
+from dpo_operator.api import DPOJobSpec, ModelStatus, PlanStatus
 from dpo_operator.core.plan.compute import describe_compute, estimate_compute
 from dpo_operator.core.plan.memory import PARTS, Plan, world_size_of
-from dpo_operator.core.plan.shapes import GIB
+from dpo_operator.core.plan.shapes import GIB, ModelShape, counted_shape
 from dpo_operator.core.plan.transfer import training_disk, transfer_timeout_seconds
 
 
@@ -105,4 +107,44 @@ def plan_status(spec: DPOJobSpec, result: Plan, disk: str) -> PlanStatus:
         seconds_per_step=round(compute.seconds_per_step, 3)
         if compute is not None and compute.seconds_per_step is not None
         else None,
+    )
+
+
+def model_status(report: ModelReport) -> ModelStatus:
+    """`status.model` from the initializer's report: its exact count, the layers its config
+    describes."""
+    where = f"{report.name}@{report.revision}" if report.revision else report.name
+    shape = counted_shape(
+        report.config, report.parameters, report.largest_tensor, f"the initializer: {where}"
+    )
+    return ModelStatus(
+        name=report.name,
+        revision=report.revision,
+        parameters=shape.parameters,
+        active_parameters=shape.active_parameters,
+        hidden=shape.hidden,
+        layers=shape.layers,
+        intermediate=shape.intermediate,
+        vocab=shape.vocab,
+        kv_ratio=shape.kv_ratio,
+        largest_tensor=report.largest_tensor,
+        dtype=report.dtype,
+        bytes_on_disk=report.bytes_on_disk,
+        staged=report.staged,
+    )
+
+
+def status_shape(model: ModelStatus) -> ModelShape:
+    """The shape `status.model` recorded, for planning."""
+    where = f"{model.name}@{model.revision}" if model.revision else model.name
+    return ModelShape(
+        parameters=model.parameters,
+        hidden=model.hidden,
+        layers=model.layers,
+        intermediate=model.intermediate,
+        vocab=model.vocab,
+        kv_ratio=model.kv_ratio,
+        source=f"counted by the initializer: {where}",
+        largest_weight=model.largest_tensor,
+        active_parameters=model.active_parameters,
     )

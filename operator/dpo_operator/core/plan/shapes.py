@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dpo_contract.presets import BUILTIN_PREFIX, MODEL_PRESETS, VOCABULARY
 
 from dpo_operator.api import DPOJobSpec, parse_parameter_count, parse_quantity
-from dpo_operator.core.plan.configs import count_config, known_configs
+from dpo_operator.core.plan.configs import (
+    UnknownArchitectureError,
+    count_config,
+    known_configs,
+)
 
 GIB = 1 << 30
 RUNTIME_BYTES = 3 * GIB
@@ -139,6 +143,39 @@ def model_shape(spec: DPOJobSpec, config: Mapping[str, Any] | None = None) -> Mo
         like.kv_ratio,
         f"spec.model.parameters ({spec.model.parameters})",
     )
+
+
+def counted_shape(
+    config: Mapping[str, Any], parameters: int, largest_tensor: int, source: str
+) -> ModelShape:
+    """The shape of a model the initializer counted on the meta device (`parameters`,
+    `largest_tensor`: exact for any architecture) with its layers from config.json: counted
+    where the planner knows the architecture, else read from the usual keys, else those of the
+    known model nearest in size (activations scale with them)."""
+    try:
+        shape = shape_of(config, source)
+        return replace(shape, parameters=parameters, largest_weight=largest_tensor)
+    except (UnknownArchitectureError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass
+    like = min(KNOWN_MODELS.values(), key=lambda s: abs(s.parameters - parameters))
+    hidden = _positive(config, "hidden_size") or like.hidden
+    heads = _positive(config, "num_attention_heads")
+    kv_heads = _positive(config, "num_key_value_heads") or heads
+    return ModelShape(
+        parameters=parameters,
+        hidden=hidden,
+        layers=_positive(config, "num_hidden_layers") or like.layers,
+        intermediate=_positive(config, "intermediate_size") or like.intermediate,
+        vocab=_positive(config, "vocab_size") or like.vocab,
+        kv_ratio=kv_heads / heads if heads and kv_heads else like.kv_ratio,
+        source=source,
+        largest_weight=largest_tensor,
+    )
+
+
+def _positive(config: Mapping[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def gpu_memory(spec: DPOJobSpec) -> GpuMemory | None:

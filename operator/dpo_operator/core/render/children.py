@@ -7,14 +7,16 @@ from typing import Literal
 
 from dpo_operator.core.render.config_map import render_config_map
 from dpo_operator.core.render.evaluation import render_eval_job
+from dpo_operator.core.render.initialization import render_init_job
 from dpo_operator.core.render.manifest import Manifest
 from dpo_operator.core.render.network_policy import render_network_policy
 from dpo_operator.core.render.promotion import render_promote_job
 from dpo_operator.core.render.service import render_service
 from dpo_operator.core.render.training import render_training_job
 from dpo_operator.core.resolve import ResolvedJob
+from dpo_operator.core.storage import initializes_model
 
-ChildKind = Literal["config", "service", "network-policy", "train", "eval", "promote"]
+ChildKind = Literal["config", "service", "network-policy", "init", "train", "eval", "promote"]
 
 # Every kind of child, and its renderer (of a training attempt). A new kind of child is one more
 # module here, one more entry, and the lifecycle's Create of it.
@@ -22,6 +24,7 @@ RENDERERS: dict[ChildKind, Callable[[ResolvedJob, int], Manifest]] = {
     "config": lambda resolved, _: render_config_map(resolved),
     "service": lambda resolved, _: render_service(resolved),
     "network-policy": lambda resolved, _: render_network_policy(resolved),
+    "init": render_init_job,
     "train": render_training_job,
     "eval": render_eval_job,
     "promote": render_promote_job,
@@ -34,6 +37,8 @@ def children_of(resolved: ResolvedJob) -> list[ChildKind]:
     kinds: list[ChildKind] = ["config", "service"]
     if settings.network_policy and not settings.cpu:
         kinds.append("network-policy")
+    if initializes_model(spec):
+        kinds.append("init")
     kinds.append("train")
     if spec.eval_gate.enabled:
         kinds.append("eval")

@@ -166,7 +166,9 @@ def batch_job(
     attempt_label = {LABEL_ATTEMPT: str(attempt)}
     metadata = object_metadata(job, name, component, **attempt_label)
     queue = job.spec.scheduling.queue_name
-    if queue and component != "promote":
+    # Kueue admits what holds GPUs: training and the gate, never a CPU-only step.
+    queued = bool(queue) and component not in ("init", "promote")
+    if queued:
         metadata["labels"][KUEUE_QUEUE_LABEL] = queue
     template_metadata: Manifest = {"labels": {**labels(job, component), **attempt_label}}
     if pod_annotations:
@@ -178,7 +180,7 @@ def batch_job(
         "spec": {
             **spec_extra,
             # Kueue admits a queued Job by unsuspending it.
-            "suspend": suspend or bool(queue and component != "promote"),
+            "suspend": suspend or queued,
             "template": {"metadata": template_metadata, "spec": pod},
         },
     }

@@ -14,7 +14,7 @@ from dpo_contract.config import (
     TrainerConfig,
     TrainingConfig,
 )
-from dpo_contract.fields import LoraSettings, ModelRef
+from dpo_contract.fields import LoraSettings, PolicyRef
 
 from dpo_operator.core.names import run_id
 from dpo_operator.core.network import PROFILES
@@ -29,6 +29,7 @@ from dpo_operator.core.storage import (
     optional_in_pod,
     pod_path,
     reference_cache_dir,
+    staged_model,
 )
 
 
@@ -47,8 +48,10 @@ def trainer_config(resolved: ResolvedJob, claim_paths: ClaimPaths | None = None)
     chosen = resolved.layout
     return TrainerConfig(
         job=JobIdentity(name=job.name, namespace=job.namespace, uid=run_id(job)),
-        model=model_in_pod(
-            ModelRef(name=spec.model.name, revision=spec.model.revision), claim_paths
+        model=PolicyRef(
+            name=pod_path(spec.model.name, claim_paths),
+            revision=spec.model.revision,
+            staged=staged_model(job, claim_paths),
         ),
         reference=model_in_pod(spec.model.reference, claim_paths) if spec.model.reference else None,
         trust_remote_code=spec.model.trust_remote_code,
