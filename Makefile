@@ -58,7 +58,8 @@ lint: $(BIN)/dpo
 # Regenerate what is generated: the CRD and the golden render files. Review the diff.
 crd: $(BIN)/dpo
 	$(BIN)/dpo crd > crds/dpojob.yaml
-	cp crds/dpojob.yaml charts/dpo-operator/crds/dpojob.yaml
+	$(BIN)/dpo crd DPOSweep > crds/dposweep.yaml
+	cp crds/dpojob.yaml charts/dpo-operator/crds/  # DPOSweep joins the chart with its controller
 
 golden: $(BIN)/dpo
 	DPO_UPDATE_GOLDEN=1 $(BIN)/pytest tests/unit/test_render.py -q -k golden

@@ -23,7 +23,13 @@ pytest_plugins = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+# The DPOJob examples; a DPOSweep example holds a DPOJob template instead.
+EXAMPLES = sorted(
+    path
+    for path in (REPO / "examples").glob("*.yaml")
+    if yaml.safe_load(path.read_text())["kind"] == "DPOJob"
+)
+SWEEP_EXAMPLES = sorted(set((REPO / "examples").glob("*.yaml")) - set(EXAMPLES))
 
 MINIMAL: dict[str, Any] = {
     "apiVersion": "dpo.dev/v1alpha1",

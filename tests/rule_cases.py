@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from tests.conftest import MINIMAL, set_fields
+import yaml
+
+from tests.conftest import MINIMAL, REPO, set_fields
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
@@ -369,3 +371,108 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
 ]
+
+
+SWEEP: dict[str, Any] = yaml.safe_load((REPO / "examples" / "beta-sweep.yaml").read_text())
+
+
+def sweep_manifest(
+    parameters: list[dict[str, Any]], search: dict[str, Any] | None = None, name: str = "sweep"
+) -> dict[str, Any]:
+    document = copy.deepcopy(SWEEP)
+    document["metadata"] = {"name": name, "namespace": "default"}
+    document["spec"]["parameters"] = parameters
+    if search is not None:
+        document["spec"]["search"] = search
+    return document
+
+
+BETA = [{"field": "dpo.beta", "values": [0.1]}]
+# (case, DPOSweep manifest, the line both `dpo validate` and the API server start with); the
+# last two are the trials' own problems, which only the operator and `dpo validate` see.
+SWEEP_BROKEN: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "values-and-range",
+        sweep_manifest([{"field": "dpo.beta", "values": [0.1], "min": 0.01, "max": 1.0}]),
+        "spec.parameters.0: give one of values (a list), lossTypes (names, for dpo.lossType) or "
+        "min and max",
+    ),
+    (
+        "empty-range",
+        sweep_manifest(
+            [{"field": "dpo.beta", "min": 1.0, "max": 0.1}], {"kind": "random", "trials": 2}
+        ),
+        "spec.parameters.0.max: min must be below max",
+    ),
+    (
+        "log-from-zero",
+        sweep_manifest(
+            [{"field": "dpo.beta", "min": 0.0, "max": 1.0, "scale": "log"}],
+            {"kind": "random", "trials": 2},
+        ),
+        "spec.parameters.0.scale: a log scale needs min > 0",
+    ),
+    (
+        "grid-of-a-range",
+        sweep_manifest([{"field": "dpo.beta", "min": 0.01, "max": 1.0}]),
+        "spec.parameters: grid search needs values on every parameter",
+    ),
+    (
+        "random-without-count",
+        sweep_manifest(BETA, {"kind": "random"}),
+        "spec.search.trials: random search needs trials",
+    ),
+    (
+        "grid-with-a-count",
+        sweep_manifest(BETA, {"kind": "grid", "trials": 4}),
+        "spec.search.trials: grid search runs every combination",
+    ),
+    (
+        "field-twice",
+        sweep_manifest([*BETA, {"field": "dpo.beta", "values": [0.2]}]),
+        "spec.parameters: each field may be varied by one parameter only",
+    ),
+    (
+        "name-too-long-for-its-trials",
+        sweep_manifest(BETA, name="s" * 46),
+        "metadata.name: must be at most 45 characters",
+    ),
+    (
+        "not-sweepable",
+        sweep_manifest([{"field": "model.name", "values": ["a/b"]}]),
+        "spec.parameters.0.field: Input should be 'dpo.beta'",
+    ),
+    (
+        "unknown-loss",
+        sweep_manifest([{"field": "dpo.lossType", "lossTypes": ["dpo"]}]),
+        "spec.parameters.0.lossTypes.0: Input should be 'sigmoid'",
+    ),
+    (
+        "losses-as-values",
+        sweep_manifest([{"field": "dpo.lossType", "values": [0.1]}]),
+        "spec.parameters.0.field: dpo.lossType takes lossTypes (loss names)",
+    ),
+    (
+        "half-a-range",
+        sweep_manifest([{"field": "dpo.beta", "min": 0.1}], {"kind": "random", "trials": 2}),
+        "spec.parameters.0.max: a range needs both min and max",
+    ),
+    (
+        "fractional-rank",
+        sweep_manifest([{"field": "peft.r", "values": [8, 12.5]}]),
+        "spec.parameters.0.values: peft.r takes integers, got 12.5",
+    ),
+    (
+        "grid-too-large",
+        sweep_manifest(
+            [
+                {"field": "dpo.beta", "values": [round(0.01 * i, 2) for i in range(1, 11)]},
+                {"field": "dpo.learningRate", "values": [1e-5 * i for i in range(1, 8)]},
+            ]
+        ),
+        "spec.parameters: the grid has 70 combinations (10 x 7), more than 64",
+    ),
+]
+# Cases of SWEEP_BROKEN that the models check with their types or by expanding the trials, not
+# with a CEL rule: the API server's schema says it in its own words, or nothing.
+SWEEP_BEYOND_CEL = {"not-sweepable", "unknown-loss", "fractional-rank", "grid-too-large"}

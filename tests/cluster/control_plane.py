@@ -350,22 +350,19 @@ class ControlPlane:
             plane.stop()
 
     def install_crd(self) -> None:
-        """The DPOJob CRD, applied and Established. `kubectl wait` fails outright, rather than
-        waits, when it reads the CRD before the API server has written any condition."""
-        self.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "dpojob.yaml"))
-        wait_for(
-            "the DPOJob CRD Established",
-            lambda: (
-                self.kubectl(
-                    "wait",
-                    "--for=condition=Established",
-                    "crd/dpojobs.dpo.dev",
-                    "--timeout=5s",
-                    check=False,
-                ).returncode
-                == 0
-            ),
-        )
+        """The CRDs (DPOJob, DPOSweep), applied and Established. `kubectl wait` fails outright,
+        rather than waits, when it reads a CRD before the API server has written any condition."""
+        self.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        for crd in ("crd/dpojobs.dpo.dev", "crd/dposweeps.dpo.dev"):
+            wait_for(
+                f"{crd} Established",
+                lambda crd=crd: (  # type: ignore[misc]
+                    self.kubectl(
+                        "wait", "--for=condition=Established", crd, "--timeout=5s", check=False
+                    ).returncode
+                    == 0
+                ),
+            )
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +16,14 @@ from dpo_operator.core.render import render_all, to_yaml
 from dpo_operator.core.resolve import resolve
 
 from tests.cluster.control_plane import ControlPlane, Kubelet
-from tests.conftest import EXAMPLES, MINIMAL, REPO, example, set_fields
-from tests.rule_cases import ACCEPTED, BROKEN, OPERATOR_ONLY
+from tests.conftest import EXAMPLES, MINIMAL, REPO, SWEEP_EXAMPLES, example, set_fields
+from tests.rule_cases import (
+    ACCEPTED,
+    BROKEN,
+    OPERATOR_ONLY,
+    SWEEP_BEYOND_CEL,
+    SWEEP_BROKEN,
+)
 
 EXAMPLE_NAMESPACES = ("ml-training", "team-a")
 
@@ -271,3 +281,45 @@ def test_one_failed_pod_fails_the_whole_training_job(
     kubelet.terminated(pods[1], 1, "NCCL timeout")
     # backoffLimit 0: the operator, not the Job, restarts the group from its checkpoint.
     assert _job_condition(plane, "sad", "llama-8b-ultrafeedback-train-1") == "Failed"
+
+
+def test_a_sweep_applies_and_kubectl_shows_its_search(crd_installed: ControlPlane) -> None:
+    for path in SWEEP_EXAMPLES:
+        crd_installed.kubectl("apply", "-n", "default", "-f", str(path))
+    table = crd_installed.kubectl("get", "dposweep", "-n", "default").stdout.splitlines()
+    assert table[0].split() == ["NAME", "SEARCH", "PARALLEL", "AGE"]
+    assert table[1].split()[:3] == ["beta-sweep", "grid", "2"]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [pytest.param(m, e, id=c) for c, m, e in SWEEP_BROKEN if c not in SWEEP_BEYOND_CEL],
+)
+def test_the_api_server_refuses_a_broken_sweep_as_dpo_validate_does(
+    crd_installed: ControlPlane, manifest: dict[str, Any], message: str
+) -> None:
+    result = crd_installed.kubectl(
+        "create", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(manifest), check=False
+    )
+    assert result.returncode != 0, f"accepted: {manifest}"
+    field, _, said = message.partition(": ")
+    assert said in result.stderr, result.stderr
+    # The API server writes list indexes in brackets: spec.parameters[0].max.
+    assert re.sub(r"\.(\d+)", r"[\1]", field) in result.stderr, result.stderr
+
+
+def test_the_trials_a_sweep_renders_are_dpojobs_the_api_server_takes(
+    crd_installed: ControlPlane, tmp_path: Path
+) -> None:
+    rendered = tmp_path / "trials.yaml"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dpo"), "render", str(SWEEP_EXAMPLES[0])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rendered.write_text(result.stdout)
+    created = crd_installed.kubectl(
+        "create", "--dry-run=server", "-n", "default", "-f", str(rendered)
+    )
+    assert created.stdout.count("created (server dry run)") == 6, created.stdout

@@ -61,7 +61,7 @@ def test_validate_rejects_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixt
     other = tmp_path / "pod.yaml"
     other.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n")
     assert main(["validate", str(other)]) == 1
-    assert "kind: expected DPOJob, got 'Pod'" in capsys.readouterr().err
+    assert "kind: expected DPOJob or DPOSweep, got 'Pod'" in capsys.readouterr().err
 
 
 def test_render_prints_every_child_as_yaml(capsys: pytest.CaptureFixture[str]) -> None:

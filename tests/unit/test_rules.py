@@ -9,10 +9,11 @@ import pytest
 from dpo_operator.api import Rule, RuledModel, describe_errors
 from dpo_operator.api.cel import broken_rules
 from dpo_operator.api.crd import crd_manifest
+from dpo_operator.core.sweep import SweepError, trials
 from dpo_operator.core.validate import parse_dpojob
 from pydantic import ValidationError
 
-from tests.rule_cases import ACCEPTED, BROKEN
+from tests.rule_cases import ACCEPTED, BROKEN, SWEEP_BROKEN
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,7 @@ def all_rules() -> list[str]:
                 visit(value)
 
     visit(crd_manifest())
+    visit(crd_manifest("DPOSweep"))
     return found
 
 
@@ -69,6 +71,9 @@ def test_every_rule_has_a_case_that_breaks_it(monkeypatch: pytest.MonkeyPatch) -
     for _, document, _, _ in BROKEN:
         with pytest.raises(ValidationError):
             parse_dpojob(document)
+    for _, sweep, _ in SWEEP_BROKEN:
+        with pytest.raises((ValidationError, SweepError)):
+            trials(sweep)
     checked = {rule.rule for model in ruled_models() for rule in model.rules if not rule.transition}
     assert checked - broken == set()
 

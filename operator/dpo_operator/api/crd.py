@@ -1,4 +1,4 @@
-"""Generates the DPOJob CustomResourceDefinition from the pydantic models in `api`.
+"""Generates the CustomResourceDefinitions (DPOJob, DPOSweep) from the pydantic models in `api`.
 
 Pydantic writes JSON Schema 2020-12; the API server wants a structural OpenAPI v3 schema. This
 module inlines `$ref`s, turns optional unions into plain optional fields (nullable where null
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, DPOJob
+from dpo_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, DPOJob, RuledModel
+from dpo_operator.api.sweep import SWEEP_KIND, SWEEP_PLURAL, DPOSweep
 
 Schema = dict[str, Any]
 
@@ -39,44 +40,60 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]
 
 
-def crd_manifest() -> dict[str, Any]:
-    """The CustomResourceDefinition object for DPOJob."""
+SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Search", "type": "string", "jsonPath": ".spec.search.kind"},
+    {"name": "Parallel", "type": "integer", "jsonPath": ".spec.maxParallel"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd_manifest(kind: str = KIND) -> dict[str, Any]:
+    """The CustomResourceDefinition object of `kind` (DPOJob or DPOSweep)."""
+    if kind == SWEEP_KIND:
+        return _crd(SWEEP_KIND, SWEEP_PLURAL, "dposweep", DPOSweep, SWEEP_PRINTER_COLUMNS, {})
+    return _crd(KIND, PLURAL, "dpo", DPOJob, PRINTER_COLUMNS, {"status": {}})
+
+
+def _crd(
+    kind: str,
+    plural: str,
+    short_name: str,
+    model: type[RuledModel],
+    columns: list[dict[str, Any]],
+    subresources: dict[str, Any],
+) -> dict[str, Any]:
+    version: dict[str, Any] = {"name": VERSION, "served": True, "storage": True}
+    if subresources:
+        version["subresources"] = subresources
+    version["additionalPrinterColumns"] = columns
+    version["schema"] = {"openAPIV3Schema": openapi_schema(model, kind)}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": ["dpo"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short_name],
             },
             "scope": "Namespaced",
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
-                }
-            ],
+            "versions": [version],
         },
     }
 
 
-def openapi_schema() -> Schema:
-    """The structural OpenAPI v3 schema of a DPOJob object."""
-    source = DPOJob.model_json_schema(by_alias=True, mode="validation")
+def openapi_schema(model: type[RuledModel] = DPOJob, kind: str = KIND) -> Schema:
+    """The structural OpenAPI v3 schema of a DPOJob (or DPOSweep) object."""
+    source = model.model_json_schema(by_alias=True, mode="validation")
     schema = _structural(source, source.get("$defs", {}))
     # The API server owns metadata's schema; a root CEL rule may still read metadata.name.
     schema["properties"]["metadata"] = {"type": "object"}
     schema["properties"]["apiVersion"] = {"type": "string", "enum": [API_VERSION]}
-    schema["properties"]["kind"] = {"type": "string", "enum": [KIND]}
+    schema["properties"]["kind"] = {"type": "string", "enum": [kind]}
     # Status is written by the operator through the status subresource; creating an object
     # without one must stay possible.
     schema["required"] = ["spec"]

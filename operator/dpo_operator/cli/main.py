@@ -9,7 +9,7 @@ Usage:
     dpo compare RUN...            runs side by side, and one PNG of their curves
     dpo pull oci://REF DIR        fetch a promoted adapter, verified, with its gate's verdict
     dpo operator -A | -n NS       run the operator
-    dpo crd                       the CustomResourceDefinition as YAML
+    dpo crd [DPOSweep]            the DPOJob (or DPOSweep) CustomResourceDefinition as YAML
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from dpo_operator.api import KIND, DPOJob, OutputSpec, describe_errors
 from dpo_operator.api.crd import crd_manifest
+from dpo_operator.api.sweep import SWEEP_KIND
 from dpo_operator.cli.hub import HubRefusedError, HubUnreachableError, hub_config
 from dpo_operator.cli.report import summarize
 from dpo_operator.core.network import DEFAULT_ALLOWED_PROFILES, DEFAULT_TCPXO_DAEMON_IMAGE
@@ -36,6 +37,7 @@ from dpo_operator.core.render import render_all, to_yaml
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.settings import DEFAULT_TRAINER_IMAGE, Settings
 from dpo_operator.core.storage import model_is_on_hub
+from dpo_operator.core.sweep import SweepError, Trial, trials
 from dpo_operator.core.validate import parse_dpojob
 from dpo_operator.local.executor import LocalOptions
 from dpo_operator.local.executor import run as run_locally
@@ -49,11 +51,9 @@ class ManifestError(Exception):
         self.problems = problems
 
 
-def load_dpojobs(
-    path: Path, *, check_memory: bool = True, default_output: OutputSpec | None = None
-) -> list[DPOJob]:
-    """Every DPOJob document in a YAML file; raises ManifestError naming each problem.
-    `default_output` goes to the DPOJobs that name no spec.output."""
+def load_documents(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The YAML documents of a file, each with the label its problems are reported under;
+    raises ManifestError for a file that is missing or not YAML, or a document of another kind."""
     try:
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except FileNotFoundError:
@@ -63,25 +63,55 @@ def load_dpojobs(
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ManifestError([f"{path}:{where}: not valid YAML: {problem}"]) from None
-    jobs: list[DPOJob] = []
+    labelled: list[tuple[str, dict[str, Any]]] = []
     problems: list[str] = []
     for index, document in enumerate(documents):
         label = f"{path}" if len(documents) == 1 else f"{path} (document {index + 1})"
-        if not isinstance(document, dict) or document.get("kind") != KIND:
-            kind = document.get("kind") if isinstance(document, dict) else type(document).__name__
-            problems.append(f"{label}: kind: expected {KIND}, got {kind!r}")
+        kind = document.get("kind") if isinstance(document, dict) else type(document).__name__
+        if not isinstance(document, dict) or kind not in (KIND, SWEEP_KIND):
+            problems.append(f"{label}: kind: expected {KIND} or {SWEEP_KIND}, got {kind!r}")
             continue
-        try:
-            jobs.append(
-                parse_dpojob(document, check_memory=check_memory, default_output=default_output)
-            )
-        except ValidationError as error:
-            problems += [f"{label}: {line}" for line in describe_errors(error)]
+        labelled.append((label, document))
     if problems:
         raise ManifestError(problems)
-    if not jobs:
+    if not labelled:
         raise ManifestError([f"{path}: no DPOJob in this file"])
-    return jobs
+    return labelled
+
+
+def load_dpojobs(
+    path: Path, *, check_memory: bool = True, default_output: OutputSpec | None = None
+) -> list[DPOJob]:
+    """Every DPOJob of a YAML file, a DPOSweep's trials among them (`load_trials`); raises
+    ManifestError naming each problem. `default_output` goes to those that name no spec.output."""
+    held = load_trials(path, check_memory=check_memory, default_output=default_output)
+    return [item.job if isinstance(item, Trial) else item for item in held]
+
+
+def load_trials(
+    path: Path, *, check_memory: bool = True, default_output: OutputSpec | None = None
+) -> list[DPOJob | Trial]:
+    """What the documents of a YAML file hold, in order: DPOJobs, and DPOSweeps' trials;
+    raises ManifestError naming each problem of every document."""
+    loaded: list[DPOJob | Trial] = []
+    problems: list[str] = []
+    for label, document in load_documents(path):
+        try:
+            if document["kind"] == SWEEP_KIND:
+                swept = trials(document, default_output, check_memory=check_memory)
+                loaded += swept
+            else:
+                job = parse_dpojob(
+                    document, check_memory=check_memory, default_output=default_output
+                )
+                loaded.append(job)
+        except ValidationError as error:
+            problems += [f"{label}: {line}" for line in describe_errors(error)]
+        except SweepError as error:
+            problems += [f"{label}: {line}" for line in error.problems]
+    if problems:
+        raise ManifestError(problems)
+    return loaded
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -100,18 +130,23 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     try:
-        jobs = load_dpojobs(args.file, default_output=default_output(args))
+        loaded = load_trials(args.file, default_output=default_output(args))
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1
     settings = settings_from_args(args)
+    jobs = [item.job if isinstance(item, Trial) else item for item in loaded]
     refused = [f"{job.name}: {line}" for job in jobs for line in refusals(job, settings)]
     if refused:
         print("\n".join(refused), file=sys.stderr)
         return 1
     objects: list[dict[str, Any]] = []
-    for job in jobs:
-        objects += render_all(resolve(job, settings), args.attempt)
+    for item in loaded:
+        # What the operator creates: a sweep, its trials' DPOJobs; a DPOJob, its children.
+        if isinstance(item, Trial):
+            objects.append(item.manifest)
+        else:
+            objects += render_all(resolve(item, settings), args.attempt)
     sys.stdout.write(to_yaml(objects))
     return 0
 
@@ -376,7 +411,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _crd(args: argparse.Namespace) -> int:
     sys.stdout.write(
         "# Generated by `dpo crd` from dpo_operator.api: do not edit by hand.\n"
-        + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+        + yaml.safe_dump(crd_manifest(args.kind), sort_keys=False, width=100)
     )
     return 0
 
@@ -487,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(operator)
     operator.set_defaults(run=_operator)
 
-    crd = commands.add_parser("crd", help="print the DPOJob CustomResourceDefinition")
+    crd = commands.add_parser("crd", help="print a CustomResourceDefinition (DPOJob, DPOSweep)")
+    crd.add_argument("kind", nargs="?", default=KIND, choices=[KIND, SWEEP_KIND])
     crd.set_defaults(run=_crd)
     return parser
 
