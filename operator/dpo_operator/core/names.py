@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from dpo_operator.api import DPOJob
+from dpo_operator.api import API_VERSION, DPOJob
 
 LABEL_JOB = "dpo.dev/job-name"
 LABEL_ATTEMPT = "dpo.dev/attempt"
@@ -49,6 +49,19 @@ def run_id(job: DPOJob) -> str:
     return job.metadata.uid or str(
         uuid.uuid5(uuid.NAMESPACE_URL, f"dpo.dev/{job.namespace}/{job.name}")
     )
+
+
+def controller_reference(kind: str, name: str, uid: str) -> dict[str, object]:
+    """An ownerReference that makes the object named `kind`/`name` its controller: deleting
+    the owner deletes it, and nothing else adopts it."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def labels(job: DPOJob, component: str) -> dict[str, str]:

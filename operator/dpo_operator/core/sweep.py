@@ -31,6 +31,7 @@ from dpo_operator.api import (
     describe_errors,
 )
 from dpo_operator.api.sweep import MAX_TRIALS, SWEEP_KIND, SWEEPABLE, DPOSweep, SweepParameter
+from dpo_operator.core.names import controller_reference
 from dpo_operator.core.validate import parse_dpojob
 
 SWEEP_LABEL = "dpo.dev/sweep"
@@ -146,13 +147,6 @@ def trial_manifest(
     }
     if sweep.metadata.uid:
         metadata["ownerReferences"] = [
-            {
-                "apiVersion": API_VERSION,
-                "kind": SWEEP_KIND,
-                "name": sweep.name,
-                "uid": sweep.metadata.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
+            controller_reference(SWEEP_KIND, sweep.name, sweep.metadata.uid)
         ]
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}

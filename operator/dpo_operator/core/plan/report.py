@@ -113,10 +113,7 @@ def plan_status(spec: DPOJobSpec, result: Plan, disk: str) -> PlanStatus:
 def model_status(report: ModelReport) -> ModelStatus:
     """`status.model` from the initializer's report: its exact count, the layers its config
     describes."""
-    where = f"{report.name}@{report.revision}" if report.revision else report.name
-    shape = counted_shape(
-        report.config, report.parameters, report.largest_tensor, f"the initializer: {where}"
-    )
+    shape = counted_shape(report.config, report.parameters, report.largest_tensor, "")
     return ModelStatus(
         name=report.name,
         revision=report.revision,

@@ -12,7 +12,7 @@ from dpo_operator.core.resolve import ResolvedJob
 
 # Building a model on the meta device takes little memory whatever its size (the largest config
 # builds in under a GiB); a download streams through in ranges.
-INIT_CPU = "2"
+INIT_CPU = "1"
 INIT_MEMORY = "4Gi"
 
 

@@ -8,8 +8,14 @@ import json
 
 from dpo_contract.pod import CONFIG_DIR, ENV_JOB, ENV_NAMESPACE, TRAINER_CONFIG_PATH
 
-from dpo_operator.api import API_VERSION, KIND, SPEC_DIGEST_ANNOTATION, DPOJob, spec_digest
-from dpo_operator.core.names import KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, config_map_name, labels
+from dpo_operator.api import KIND, SPEC_DIGEST_ANNOTATION, DPOJob, spec_digest
+from dpo_operator.core.names import (
+    KUEUE_QUEUE_LABEL,
+    LABEL_ATTEMPT,
+    config_map_name,
+    controller_reference,
+    labels,
+)
 from dpo_operator.core.network import NetworkPieces
 from dpo_operator.core.render.manifest import Manifest
 from dpo_operator.core.resolve import ResolvedJob
@@ -28,16 +34,7 @@ def object_metadata(job: DPOJob, name: str, component: str, **extra_labels: str)
         "annotations": {SPEC_DIGEST_ANNOTATION: spec_digest(job.spec)},
     }
     if job.metadata.uid:
-        metadata["ownerReferences"] = [
-            {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": job.name,
-                "uid": job.metadata.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
+        metadata["ownerReferences"] = [controller_reference(KIND, job.name, job.metadata.uid)]
     return metadata
 
 
