@@ -9,16 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from dpo_contract.config import HoldOut
 from dpo_contract.fields import ColumnMapping, DataSource
 from dpo_contract.manifest import verify_manifest
 from dpo_contract.pod import EXIT_GATE_REJECTED
+from dpo_operator.core.sweep import trials
 from dpo_trainer.io.builtin import builtin_model_path
 from dpo_trainer.io.data import load_preferences, split_held_out
 from dpo_trainer.io.models import cache_dir
 from dpo_trainer.publish.targets import read_current
 
-from tests.conftest import dpo_run, promotion_target, quickstart
+from tests.conftest import REPO, dpo_run, promotion_target, quickstart
 from tests.oci_registry import OciRegistry
 
 BIN = Path(sys.executable).parent
@@ -230,3 +232,26 @@ def test_two_runs_on_one_machine_at_once_take_ports_of_their_own(tmp_path: Path)
     }
     assert len(ports) == 2, outputs
     assert "9400" not in ports
+
+
+def test_the_trials_of_a_sweep_share_one_reference_pass(tmp_path: Path) -> None:
+    """Two trials of examples/beta-sweep.yaml (two betas), run one after the other on one
+    volume: the first computes the reference log-probs, the second reuses them; each trial's
+    train.json says which."""
+    sweep = yaml.safe_load((REPO / "examples" / "beta-sweep.yaml").read_text())
+    sweep["spec"]["parameters"] = [{"field": "dpo.beta", "values": [0.1, 0.3]}]
+    sweep["spec"]["template"]["dpo"]["maxSteps"] = 5
+    sweep["spec"]["template"]["evalGate"] = {"enabled": False}
+    del sweep["spec"]["template"]["promotion"]
+    shared = {"dpo-runs": tmp_path / "volume"}
+    reused = {}
+    for trial in trials(sweep):
+        code, output = dpo_run(trial.manifest, tmp_path / trial.job.name, volumes=shared)
+        assert code == 0, output
+        (report,) = (tmp_path / "volume").glob(f"default/{trial.job.name}/*/train.json")
+        entries = json.loads(report.read_text())["referenceLogProbs"]
+        reused[trial.job.name] = {entry["split"]: entry["reused"] for entry in entries}
+    assert reused == {
+        "beta-sweep-1": {"train": False, "eval": False},
+        "beta-sweep-2": {"train": True, "eval": True},
+    }
