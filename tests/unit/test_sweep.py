@@ -125,6 +125,13 @@ def test_dpo_validate_and_render_take_a_sweep(capsys: pytest.CaptureFixture[str]
     assert [d["metadata"]["name"] for d in rendered] == [f"beta-sweep-{n}" for n in range(1, 7)]
 
 
+def test_dpo_run_says_how_to_run_a_sweeps_trials(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(REPO / "examples" / "beta-sweep.yaml")]) == 1
+    said = capsys.readouterr().err
+    assert "a DPOSweep of 6 trials, which `dpo run` does not run yet" in said
+    assert "--volume dpo-runs=DIR" in said
+
+
 def test_the_committed_sweep_crd_is_the_generated_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

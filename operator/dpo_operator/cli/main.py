@@ -37,7 +37,7 @@ from dpo_operator.core.render import render_all, to_yaml
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.settings import DEFAULT_TRAINER_IMAGE, Settings
 from dpo_operator.core.storage import model_is_on_hub
-from dpo_operator.core.sweep import SweepError, Trial, trials
+from dpo_operator.core.sweep import SWEEP_LABEL, SweepError, Trial, trials
 from dpo_operator.core.validate import parse_dpojob
 from dpo_operator.local.executor import LocalOptions
 from dpo_operator.local.executor import run as run_locally
@@ -213,6 +213,14 @@ def _run(args: argparse.Namespace) -> int:
         jobs = load_dpojobs(args.file, default_output=LOCAL_OUTPUT)
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
+        return 1
+    if any(SWEEP_LABEL in job.metadata.labels for job in jobs):
+        print(
+            f"{args.file}: a DPOSweep of {len(jobs)} trials, which `dpo run` does not run yet; "
+            "run its trials one by one (`dpo render FILE` prints each DPOJob; give each run "
+            "the same --volume dpo-runs=DIR and they share one reference pass)",
+            file=sys.stderr,
+        )
         return 1
     if len(jobs) != 1:
         print(f"{args.file}: holds {len(jobs)} DPOJobs; `dpo run` takes one", file=sys.stderr)
