@@ -110,6 +110,10 @@ def plan_status(spec: DPOJobSpec, result: Plan, disk: str) -> PlanStatus:
     )
 
 
+# What status.model keeps of a ModelShape, under the same names.
+_SHAPE_FIELDS = ("parameters", "active_parameters", "hidden", "layers", "intermediate", "vocab")
+
+
 def model_status(report: ModelReport) -> ModelStatus:
     """`status.model` from the initializer's report: its exact count, the layers its config
     describes."""
@@ -117,17 +121,12 @@ def model_status(report: ModelReport) -> ModelStatus:
     return ModelStatus(
         name=report.name,
         revision=report.revision,
-        parameters=shape.parameters,
-        active_parameters=shape.active_parameters,
-        hidden=shape.hidden,
-        layers=shape.layers,
-        intermediate=shape.intermediate,
-        vocab=shape.vocab,
         kv_ratio=shape.kv_ratio,
         largest_tensor=report.largest_tensor,
         dtype=report.dtype,
         bytes_on_disk=report.bytes_on_disk,
         staged=report.staged,
+        **{field: getattr(shape, field) for field in _SHAPE_FIELDS},
     )
 
 
@@ -135,13 +134,8 @@ def status_shape(model: ModelStatus) -> ModelShape:
     """The shape `status.model` recorded, for planning."""
     where = f"{model.name}@{model.revision}" if model.revision else model.name
     return ModelShape(
-        parameters=model.parameters,
-        hidden=model.hidden,
-        layers=model.layers,
-        intermediate=model.intermediate,
-        vocab=model.vocab,
         kv_ratio=model.kv_ratio,
         source=f"counted by the initializer: {where}",
         largest_weight=model.largest_tensor,
-        active_parameters=model.active_parameters,
+        **{field: getattr(model, field) for field in _SHAPE_FIELDS},
     )
