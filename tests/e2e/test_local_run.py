@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from dpo_contract.config import HoldOut
 from dpo_contract.fields import ColumnMapping, DataSource
 from dpo_contract.manifest import verify_manifest
 from dpo_contract.pod import EXIT_GATE_REJECTED
-from dpo_operator.core.sweep import trials
+from dpo_operator.cli.main import main
 from dpo_trainer.io.builtin import builtin_model_path
 from dpo_trainer.io.data import load_preferences, split_held_out
 from dpo_trainer.io.models import cache_dir
@@ -234,24 +236,36 @@ def test_two_runs_on_one_machine_at_once_take_ports_of_their_own(tmp_path: Path)
     assert "9400" not in ports
 
 
-def test_the_trials_of_a_sweep_share_one_reference_pass(tmp_path: Path) -> None:
-    """Two trials of examples/beta-sweep.yaml (two betas), run one after the other on one
-    volume: the first computes the reference log-probs, the second reuses them; each trial's
-    train.json says which."""
+def test_a_sweep_runs_here_with_one_reference_pass_and_promotes_only_its_winner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dpo run` on a DPOSweep of two betas: each trial trains and is gated on one volume (the
+    first computes the reference log-probs, the second reuses them), the winner is chosen pair
+    against pair on the held-out pairs both gates scored, and only it is promoted."""
     sweep = yaml.safe_load((REPO / "examples" / "beta-sweep.yaml").read_text())
     sweep["spec"]["parameters"] = [{"field": "dpo.beta", "values": [0.1, 0.3]}]
-    sweep["spec"]["template"]["dpo"]["maxSteps"] = 5
-    sweep["spec"]["template"]["evalGate"] = {"enabled": False}
-    del sweep["spec"]["template"]["promotion"]
-    shared = {"dpo-runs": tmp_path / "volume"}
-    reused = {}
-    for trial in trials(sweep):
-        code, output = dpo_run(trial.manifest, tmp_path / trial.job.name, volumes=shared)
-        assert code == 0, output
-        (report,) = (tmp_path / "volume").glob(f"default/{trial.job.name}/*/train.json")
-        entries = json.loads(report.read_text())["referenceLogProbs"]
-        reused[trial.job.name] = {entry["split"]: entry["reused"] for entry in entries}
-    assert reused == {
-        "beta-sweep-1": {"train": False, "eval": False},
-        "beta-sweep-2": {"train": True, "eval": True},
-    }
+    sweep["spec"]["template"]["dpo"]["maxSteps"] = 20
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    code = main(["run", str(path), "--workdir", str(tmp_path / "run")])
+    output = capsys.readouterr().out
+    print(output)
+    assert code == 0, output
+    assert "DPOSweep beta-sweep: 2 trials, one at a time on this machine" in output
+    table = output[output.rindex("trial  settings") :].splitlines()
+    assert "reference computed" in table[1]
+    assert "dpo.beta=0.1" in table[1]
+    assert "reference reused" in table[2]
+    assert "dpo.beta=0.3" in table[2]
+    winner = re.search(r"winner  trial (\d) \(dpo\.beta=([0-9.]+)\)", output)
+    assert winner is not None, output
+    number = r"[+-][0-9.e+-]+"
+    assert re.search(rf"  trial \d: {number} \[{number}, {number}\]  (worse|tied)", output)
+    volume = tmp_path / "run" / "volumes" / "dpo-runs"
+    current = read_current(str(volume / "promoted" / "beta-sweep"))
+    assert current is not None, "the winner is promoted"
+    assert current.job.name == f"beta-sweep-{winner.group(1)}", "the winner, and only it"
+    gates = sorted(volume.glob("default/beta-sweep-*/*/eval.json"))
+    margins = [len(json.loads(gate.read_text())["pairMargins"]) for gate in gates]
+    assert len(margins) == 2
+    assert margins[0] == margins[1] > 0, "both gates scored the same pairs"

@@ -13,7 +13,7 @@ import yaml
 from dpo_operator.api import describe_errors
 from dpo_operator.api.crd import crd_manifest
 from dpo_operator.cli.main import main
-from dpo_operator.core.sweep import SweepError, trials
+from dpo_operator.core.sweep import SweepError, choose_winner, trials
 from pydantic import ValidationError
 
 from tests.conftest import REPO, SWEEP_EXAMPLES
@@ -125,11 +125,24 @@ def test_dpo_validate_and_render_take_a_sweep(capsys: pytest.CaptureFixture[str]
     assert [d["metadata"]["name"] for d in rendered] == [f"beta-sweep-{n}" for n in range(1, 7)]
 
 
-def test_dpo_run_says_how_to_run_a_sweeps_trials(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", str(REPO / "examples" / "beta-sweep.yaml")]) == 1
-    said = capsys.readouterr().err
-    assert "a DPOSweep of 6 trials, which `dpo run` does not run yet" in said
-    assert "--volume dpo-runs=DIR" in said
+def test_the_winner_is_compared_pair_against_pair_and_a_tie_is_said() -> None:
+    """Trial 2 beats trial 1 on every pair by about 0.5 (clearly); trial 3 is trial 2 but for
+    noise of either sign (tied within the interval): the winner keeps the higher mean."""
+    base = [0.1 * (i % 7) for i in range(200)]
+    one = [m - 0.5 for m in base]
+    two = list(base)
+    three = [m + (0.01 if i % 2 else -0.011) for i, m in enumerate(base)]
+    choice = choose_winner({1: one, 2: two, 3: three}, 0.95)
+    assert choice.winner == 2
+    against = {c.number: c for c in choice.compared}
+    assert against[1].difference == pytest.approx(0.5)
+    assert against[1].low is not None
+    assert against[1].low > 0.4
+    assert not against[1].tied
+    assert against[3].tied
+    assert choice.tied == [3]
+    with pytest.raises(ValueError, match="same held-out pairs"):
+        choose_winner({1: one, 2: two[:-1]}, 0.95)
 
 
 def test_the_committed_sweep_crd_is_the_generated_one(

@@ -350,6 +350,11 @@ class GateReport(GateVerdict):
     champion_digest: str | None = None
     data: DataReport
     artifact_checks: list[ArtifactCheck] = Field(default_factory=list)
+    pair_margins: list[float] = Field(
+        default_factory=list,
+        description="Each held-out pair's reward margin, in the order scored: what a sweep "
+        "compares its trials by, pair against pair.",
+    )
 
     def short(self) -> GateVerdict:
         return GateVerdict.model_validate(self.model_dump(include=set(GateVerdict.model_fields)))

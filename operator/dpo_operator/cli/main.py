@@ -5,7 +5,8 @@ Usage:
     dpo render FILE [--attempt N] the child objects as YAML, like `helm template`
     dpo plan FILE                 per-GPU memory by part, the strategy chosen and why (a hub
                                   model's config.json from the hub unless --offline)
-    dpo run FILE                  train, gate and promote on this machine
+    dpo run FILE                  train, gate and promote on this machine (a DPOSweep: every
+                                  trial, then the winner promoted)
     dpo compare RUN...            runs side by side, and one PNG of their curves
     dpo pull oci://REF DIR        fetch a promoted adapter, verified, with its gate's verdict
     dpo operator -A | -n NS       run the operator
@@ -37,10 +38,11 @@ from dpo_operator.core.render import render_all, to_yaml
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.settings import DEFAULT_TRAINER_IMAGE, Settings
 from dpo_operator.core.storage import model_is_on_hub
-from dpo_operator.core.sweep import SWEEP_LABEL, SweepError, Trial, trials
+from dpo_operator.core.sweep import SweepError, Trial, trials
 from dpo_operator.core.validate import parse_dpojob
 from dpo_operator.local.executor import LocalOptions
 from dpo_operator.local.executor import run as run_locally
+from dpo_operator.local.sweep import run_sweep
 
 
 class ManifestError(Exception):
@@ -210,22 +212,18 @@ LOCAL_OUTPUT = OutputSpec(uri="pvc://dpo-runs")
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        jobs = load_dpojobs(args.file, default_output=LOCAL_OUTPUT)
+        documents = load_documents(args.file)
+        loaded = load_trials(args.file, default_output=LOCAL_OUTPUT)
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1
-    if any(SWEEP_LABEL in job.metadata.labels for job in jobs):
+    if len(documents) != 1:
         print(
-            f"{args.file}: a DPOSweep of {len(jobs)} trials, which `dpo run` does not run yet; "
-            "run its trials one by one (`dpo render FILE` prints each DPOJob; give each run "
-            "the same --volume dpo-runs=DIR and they share one reference pass)",
+            f"{args.file}: holds {len(documents)} documents; `dpo run` takes one DPOJob or one "
+            "DPOSweep",
             file=sys.stderr,
         )
         return 1
-    if len(jobs) != 1:
-        print(f"{args.file}: holds {len(jobs)} DPOJobs; `dpo run` takes one", file=sys.stderr)
-        return 1
-    (job,) = jobs
     volumes: dict[str, Path] = {}
     for mapping in args.volume:
         claim, separator, path = mapping.partition("=")
@@ -233,8 +231,15 @@ def _run(args: argparse.Namespace) -> int:
             print(f"--volume {mapping!r}: write CLAIM=PATH, e.g. datasets=./data", file=sys.stderr)
             return 1
         volumes[claim] = Path(path)
+    ((_, document),) = documents
+    workdir = args.workdir or Path("dpo-runs") / document["metadata"]["name"]
+    found = [item for item in loaded if isinstance(item, Trial)]
+    if found:
+        options = LocalOptions(workdir=workdir, volumes=volumes, cpu=args.cpu)
+        return run_sweep(document, found, options, sys.stdout)
+    (job,) = [item for item in loaded if not isinstance(item, Trial)]
     options = LocalOptions(
-        workdir=args.workdir or Path("dpo-runs") / job.name,
+        workdir=workdir,
         volumes=volumes,
         metrics_port=args.metrics_port,
         approve=args.approve,

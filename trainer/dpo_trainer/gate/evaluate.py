@@ -220,6 +220,7 @@ def evaluate(config: TrainerConfig) -> GateReport:
             **metrics,
         },
         champion_digest=champion,
+        pair_margins=[round(float(m), 6) for m in margins],
         **judged,
     )
     artifacts.write_report(EVAL_REPORT, result)

@@ -1,0 +1,138 @@
+"""`dpo run SWEEP`: a DPOSweep's trials on this machine, one after the other, each through the
+same lifecycle as any `dpo run` (train, then the gate), on one set of volumes so that the
+reference log-probs are computed once; then the winner by a paired comparison on the held-out
+pairs every trial's gate scored, and only the winner promoted.
+
+Each trial runs with the sweep's promotion in manual mode, so it stops at AwaitingApproval once
+its gate passed; the winner is then approved and run again in its own run directory, which
+promotes it without training again (the trainer finds its finished checkpoint), as `dpo run
+--approve` does.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from dpo_contract.pod import EXIT_BAD_INPUT
+from dpo_contract.reports import GateReport, TrainingReport
+
+from dpo_operator.api import DPOJob
+from dpo_operator.core.storage import artifacts_dir, claims
+from dpo_operator.core.sweep import Choice, Trial, choose_winner
+from dpo_operator.core.validate import parse_dpojob
+from dpo_operator.local.executor import LocalOptions, approved, run
+
+GATE_REPORT = "eval.json"
+TRAIN_REPORT = "train.json"
+Report = TypeVar("Report", GateReport, TrainingReport)
+
+
+def run_sweep(
+    sweep_manifest: dict[str, Any], found: list[Trial], options: LocalOptions, out: IO[str]
+) -> int:
+    """Run every trial, say each one's result as it ends, choose and promote the winner."""
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    promotion = sweep_manifest["spec"]["template"].get("promotion")
+    name = sweep_manifest["metadata"]["name"]
+    say(f"DPOSweep {name}: {len(found)} trials, one at a time on this machine")
+    rows: list[str] = []
+    gated: dict[int, GateReport] = {}
+    jobs: dict[int, DPOJob] = {}
+    for trial in found:
+        job = _with_manual_promotion(trial, promotion)
+        jobs[trial.number] = job
+        trial_options = _trial_options(job, trial, options)
+        say(f"\n--- trial {trial.number} ({trial.describe()}): {job.name}")
+        run(job, trial_options, out=out)
+        where = Path(artifacts_dir(job, _claim_paths(job, trial_options)))
+        gate = _report(where / GATE_REPORT, GateReport)
+        train = _report(where / TRAIN_REPORT, TrainingReport)
+        if gate is not None and gate.verdict == "Passed" and gate.pair_margins:
+            gated[trial.number] = gate
+        rows.append(_row(trial, gate, train))
+        say("\n".join(["", "trial  settings", *rows]))
+    if not gated:
+        say(f"\nDPOSweep {name}: no trial passed its gate; nothing is promoted")
+        return EXIT_BAD_INPUT
+    confidence = next(iter(gated.values())).confidence
+    # Per unit of beta: the reward margin is beta times the log-probability ratio margin, so a
+    # larger beta alone would look better.
+    betas = {trial.number: trial.job.spec.dpo.beta for trial in found}
+    choice = choose_winner(
+        {n: [m / betas[n] for m in g.pair_margins] for n, g in gated.items()}, confidence
+    )
+    say("")
+    say(_verdict(choice, found, confidence))
+    if promotion is None:
+        return 0
+    winner = jobs[choice.winner]
+    winner_trial = next(t for t in found if t.number == choice.winner)
+    say(f"promoting trial {choice.winner} ({winner.name}) to {promotion['target']}")
+    return run(approved(winner), _trial_options(winner, winner_trial, options), out=out)
+
+
+def _with_manual_promotion(trial: Trial, promotion: dict[str, Any] | None) -> DPOJob:
+    if promotion is None:
+        return trial.job
+    manifest = copy.deepcopy(trial.manifest)
+    manifest["spec"]["promotion"] = {**promotion, "mode": "manual"}
+    return parse_dpojob(manifest, default_output=trial.job.spec.output)
+
+
+def _trial_options(job: DPOJob, trial: Trial, options: LocalOptions) -> LocalOptions:
+    """The trial's own run directory; the sweep's volumes, shared by every trial."""
+    volumes = {
+        claim: options.volumes.get(claim, options.workdir / "volumes" / claim)
+        for claim in claims(job)
+    }
+    return LocalOptions(
+        workdir=options.workdir / f"trial-{trial.number}", volumes=volumes, cpu=options.cpu
+    )
+
+
+def _claim_paths(job: DPOJob, options: LocalOptions) -> dict[str, str]:
+    return {claim: str(options.volumes[claim].resolve()) for claim in claims(job)}
+
+
+def _report(path: Path, kind: type[Report]) -> Report | None:
+    return kind.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def _row(trial: Trial, gate: GateReport | None, train: TrainingReport | None) -> str:
+    verdict = gate.verdict if gate is not None else "no gate"
+    margin = ""
+    if gate is not None:
+        ratio = gate.metrics["rewardMargin"] / trial.job.spec.dpo.beta
+        margin = f"held-out margin {gate.metrics['rewardMargin']:.3g} ({ratio:.3g} per beta)"
+    reference = ""
+    if train is not None and train.reference_log_probs:
+        reused = all(entry.reused for entry in train.reference_log_probs)
+        reference = "reference reused" if reused else "reference computed"
+    return f"{trial.number:<6} {trial.describe():<40} {verdict:<12} {margin}  {reference}"
+
+
+def _verdict(choice: Choice, found: list[Trial], confidence: float) -> str:
+    described = {t.number: t.describe() for t in found}
+    lines = [
+        f"winner  trial {choice.winner} ({described[choice.winner]}): the highest held-out "
+        f"margin per beta; against each other trial, pair by pair ({confidence:.0%} interval "
+        "of the winner's margin per beta minus the other's):"
+    ]
+    for compared in choice.compared:
+        if compared.difference is None:
+            continue
+        said = "tied within the interval" if compared.tied else "worse"
+        lines.append(
+            f"  trial {compared.number}: {compared.difference:+.3g} "
+            f"[{compared.low:+.3g}, {compared.high:+.3g}]  {said}"
+        )
+    if choice.tied:
+        lines.append(
+            "  a tie keeps the higher mean as the winner; the tied trials keep their artifacts"
+        )
+    return "\n".join(lines)
