@@ -86,18 +86,26 @@ def load_dpojobs(
 ) -> list[DPOJob]:
     """Every DPOJob of a YAML file, a DPOSweep's trials among them (`load_trials`); raises
     ManifestError naming each problem. `default_output` goes to those that name no spec.output."""
-    held = load_trials(path, check_memory=check_memory, default_output=default_output)
-    return [item.job if isinstance(item, Trial) else item for item in held]
+    documents = load_documents(path)
+    held = load_trials(documents, check_memory=check_memory, default_output=default_output)
+    return [job_of(item) for item in held]
+
+
+def job_of(item: DPOJob | Trial) -> DPOJob:
+    return item.job if isinstance(item, Trial) else item
 
 
 def load_trials(
-    path: Path, *, check_memory: bool = True, default_output: OutputSpec | None = None
+    documents: list[tuple[str, dict[str, Any]]],
+    *,
+    check_memory: bool = True,
+    default_output: OutputSpec | None = None,
 ) -> list[DPOJob | Trial]:
-    """What the documents of a YAML file hold, in order: DPOJobs, and DPOSweeps' trials;
-    raises ManifestError naming each problem of every document."""
+    """What the documents of a YAML file (`load_documents`) hold, in order: DPOJobs, and
+    DPOSweeps' trials; raises ManifestError naming each problem of every document."""
     loaded: list[DPOJob | Trial] = []
     problems: list[str] = []
-    for label, document in load_documents(path):
+    for label, document in documents:
         try:
             if document["kind"] == SWEEP_KIND:
                 swept = trials(document, default_output, check_memory=check_memory)
@@ -132,12 +140,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     try:
-        loaded = load_trials(args.file, default_output=default_output(args))
+        loaded = load_trials(load_documents(args.file), default_output=default_output(args))
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1
     settings = settings_from_args(args)
-    jobs = [item.job if isinstance(item, Trial) else item for item in loaded]
+    jobs = [job_of(item) for item in loaded]
     refused = [f"{job.name}: {line}" for job in jobs for line in refusals(job, settings)]
     if refused:
         print("\n".join(refused), file=sys.stderr)
@@ -213,7 +221,7 @@ LOCAL_OUTPUT = OutputSpec(uri="pvc://dpo-runs")
 def _run(args: argparse.Namespace) -> int:
     try:
         documents = load_documents(args.file)
-        loaded = load_trials(args.file, default_output=LOCAL_OUTPUT)
+        loaded = load_trials(documents, default_output=LOCAL_OUTPUT)
     except ManifestError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 1

@@ -19,10 +19,10 @@ from dpo_contract.pod import EXIT_BAD_INPUT
 from dpo_contract.reports import GateReport, TrainingReport
 
 from dpo_operator.api import DPOJob
-from dpo_operator.core.storage import artifacts_dir, claims
+from dpo_operator.core.storage import claims
 from dpo_operator.core.sweep import Choice, Trial, choose_winner
 from dpo_operator.core.validate import parse_dpojob
-from dpo_operator.local.executor import LocalOptions, approved, run
+from dpo_operator.local.executor import LocalOptions, LocalRun, approved, run
 
 GATE_REPORT = "eval.json"
 TRAIN_REPORT = "train.json"
@@ -44,12 +44,11 @@ def run_sweep(
     gated: dict[int, GateReport] = {}
     jobs: dict[int, DPOJob] = {}
     for trial in found:
-        job = _with_manual_promotion(trial, promotion)
-        jobs[trial.number] = job
-        trial_options = _trial_options(job, trial, options)
+        job = jobs[trial.number] = _with_manual_promotion(trial, promotion)
         say(f"\n--- trial {trial.number} ({trial.describe()}): {job.name}")
-        run(job, trial_options, out=out)
-        where = Path(artifacts_dir(job, _claim_paths(job, trial_options)))
+        ran: list[LocalRun] = []
+        run(job, _trial_options(job, trial.number, options), out=out, summarize=ran.append)
+        where = ran[-1].artifacts_dir
         gate = _report(where / GATE_REPORT, GateReport)
         train = _report(where / TRAIN_REPORT, TrainingReport)
         if gate is not None and gate.verdict == "Passed" and gate.pair_margins:
@@ -71,9 +70,8 @@ def run_sweep(
     if promotion is None:
         return 0
     winner = jobs[choice.winner]
-    winner_trial = next(t for t in found if t.number == choice.winner)
     say(f"promoting trial {choice.winner} ({winner.name}) to {promotion['target']}")
-    return run(approved(winner), _trial_options(winner, winner_trial, options), out=out)
+    return run(approved(winner), _trial_options(winner, choice.winner, options), out=out)
 
 
 def _with_manual_promotion(trial: Trial, promotion: dict[str, Any] | None) -> DPOJob:
@@ -84,19 +82,14 @@ def _with_manual_promotion(trial: Trial, promotion: dict[str, Any] | None) -> DP
     return parse_dpojob(manifest, default_output=trial.job.spec.output)
 
 
-def _trial_options(job: DPOJob, trial: Trial, options: LocalOptions) -> LocalOptions:
+def _trial_options(job: DPOJob, number: int, options: LocalOptions) -> LocalOptions:
     """The trial's own run directory; the sweep's volumes, shared by every trial."""
     volumes = {
         claim: options.volumes.get(claim, options.workdir / "volumes" / claim)
         for claim in claims(job)
     }
-    return LocalOptions(
-        workdir=options.workdir / f"trial-{trial.number}", volumes=volumes, cpu=options.cpu
-    )
-
-
-def _claim_paths(job: DPOJob, options: LocalOptions) -> dict[str, str]:
-    return {claim: str(options.volumes[claim].resolve()) for claim in claims(job)}
+    workdir = options.workdir / f"trial-{number}"
+    return LocalOptions(workdir=workdir, volumes=volumes, cpu=options.cpu)
 
 
 def _report(path: Path, kind: type[Report]) -> Report | None:

@@ -36,15 +36,11 @@ def model_location(ref: ModelRef) -> str:
     """A path or hub id that `from_pretrained` can load: the model initializer's copy where
     trainer.json names one, else the model where it lives."""
     staged = ref.staged if isinstance(ref, PolicyRef) else None
-    if staged and is_remote(staged):
-        if _store_has(f"{staged.rstrip('/')}/{COMPLETE_MARKER}"):
-            log.info("model %s: reading the initializer's copy at %s", ref.name, staged)
-            entry = remote_entry(staged)
-            return str(cached(cache_dir() / "models", entry, lambda into: download(staged, into)))
-    elif staged and (Path(staged) / COMPLETE_MARKER).exists():
-        log.info("model %s: reading the initializer's copy at %s", ref.name, staged)
-        return staged
     if staged:
+        copy = _staged_copy(staged)
+        if copy is not None:
+            log.info("model %s: reading the initializer's copy at %s", ref.name, staged)
+            return copy
         log.warning("no complete copy of the model at %s; reading %s itself", staged, ref.name)
     if is_builtin(ref.name):
         try:
@@ -59,11 +55,19 @@ def model_location(ref: ModelRef) -> str:
     return ref.name
 
 
-def _store_has(uri: str) -> bool:
+def _staged_copy(staged: str) -> str | None:
+    """A local path of the initializer's complete copy at `staged` (an object-store copy is
+    downloaded once into the local cache; the store is asked only until it is), or None."""
+    if not is_remote(staged):
+        return staged if (Path(staged) / COMPLETE_MARKER).exists() else None
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    return bool(fs.exists(path))
+    models, entry = cache_dir() / "models", remote_entry(staged)
+    if not (models / entry / COMPLETE_MARKER).exists():
+        fs, path = fsspec.core.url_to_fs(f"{staged.rstrip('/')}/{COMPLETE_MARKER}")
+        if not fs.exists(path):
+            return None
+    return str(cached(models, entry, lambda into: download(staged, into)))
 
 
 def torch_dtype(mixed_precision: str) -> Any:

@@ -158,12 +158,10 @@ class _Machine(Recorder):
         name = self.spec.model.name
         init = self.child("init", 1)
         if init is None:
+            self.clock_stopped(self.spec.run_policy.suspend)
             if self.spec.run_policy.suspend:
-                self.clock_stopped(True)
-                self.phase("Suspended", "runPolicy.suspend is true; no pods run")
-                self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+                self.suspended("no pods run")
                 return False
-            self.clock_stopped(False)
             self.act(Create("init", 1))
             self.status.output = self.status.output or self.spec.output  # it stages there
             self.status.waiting_since = self.now
@@ -236,8 +234,7 @@ class _Machine(Recorder):
                 )
                 return
             if suspend:
-                self.phase("Suspended", "runPolicy.suspend is true; no pods run")
-                self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+                self.suspended("no pods run")
                 return
             blocked = unsatisfiable_topology(self.spec, self.observed.nodes or ())
             if blocked is not None:
@@ -275,8 +272,7 @@ class _Machine(Recorder):
             self.act(Suspend(train.name, suspend))
         if suspend:
             self.status.waiting_since = None
-            self.phase("Suspended", "runPolicy.suspend is true; checkpoints are kept")
-            self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+            self.suspended("checkpoints are kept")
             return
         if train.suspended:
             self.status.waiting_since = None  # admission is Kueue's wait, not a stall
@@ -426,9 +422,13 @@ class _Machine(Recorder):
         ):
             self.act(Suspend(child.name, suspend))
         if suspend:
-            self.phase("Suspended", f"runPolicy.suspend is true; {what} waits")
-            self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
+            self.suspended(f"{what} waits")
         return suspend
+
+    def suspended(self, what: str) -> None:
+        """Phase Suspended and the condition that says so; `what` says what waits."""
+        self.phase("Suspended", f"runPolicy.suspend is true; {what}")
+        self.condition("Suspended", True, "Suspended", "suspended by runPolicy.suspend")
 
     def queued_by_kueue(self) -> bool:
         return self.spec.scheduling.queue_name is not None and not self.spec.run_policy.suspend
@@ -505,7 +505,7 @@ class _Machine(Recorder):
             self.finish(
                 "Rejected",
                 verdict.message or "the gate rejected the adapter",
-                _gatereason_of(verdict),
+                _gate_reason(verdict),
             )
             return False
         self.finish("Failed", f"the gate could not run: {reason_of(pod)}", "GateFailed")
@@ -515,7 +515,7 @@ class _Machine(Recorder):
         passed = verdict.verdict == "Passed"
         message = verdict.message or ("every criterion holds" if passed else "gate rejected")
         if self.status.evaluation is None:
-            self.event(_gatereason_of(verdict), message, warning=not passed)
+            self.event(_gate_reason(verdict), message, warning=not passed)
         self.status.evaluation = EvaluationStatus(
             verdict=verdict.verdict,
             criteria=list(verdict.criteria),
@@ -585,6 +585,6 @@ class _Machine(Recorder):
             )
 
 
-def _gatereason_of(verdict: GateVerdict) -> str:
+def _gate_reason(verdict: GateVerdict) -> str:
     """GatePassed, GateRejected, or GateInconclusive (too few pairs to be sure either way)."""
     return f"Gate{verdict.verdict}"

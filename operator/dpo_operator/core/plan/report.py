@@ -111,17 +111,24 @@ def plan_status(spec: DPOJobSpec, result: Plan, disk: str) -> PlanStatus:
 
 
 # What status.model keeps of a ModelShape, under the same names.
-_SHAPE_FIELDS = ("parameters", "active_parameters", "hidden", "layers", "intermediate", "vocab")
+_SHAPE_FIELDS = (
+    "parameters",
+    "active_parameters",
+    "hidden",
+    "layers",
+    "intermediate",
+    "vocab",
+    "kv_ratio",
+)
 
 
 def model_status(report: ModelReport) -> ModelStatus:
     """`status.model` from the initializer's report: its exact count, the layers its config
     describes."""
-    shape = counted_shape(report.config, report.parameters, report.largest_tensor, "")
+    shape = counted_shape(report.config, report.parameters, report.largest_tensor)
     return ModelStatus(
         name=report.name,
         revision=report.revision,
-        kv_ratio=shape.kv_ratio,
         largest_tensor=report.largest_tensor,
         dtype=report.dtype,
         bytes_on_disk=report.bytes_on_disk,
@@ -134,7 +141,6 @@ def status_shape(model: ModelStatus) -> ModelShape:
     """The shape `status.model` recorded, for planning."""
     where = f"{model.name}@{model.revision}" if model.revision else model.name
     return ModelShape(
-        kv_ratio=model.kv_ratio,
         source=f"counted by the initializer: {where}",
         largest_weight=model.largest_tensor,
         **{field: getattr(model, field) for field in _SHAPE_FIELDS},

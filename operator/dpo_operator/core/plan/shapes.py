@@ -145,15 +145,13 @@ def model_shape(spec: DPOJobSpec, config: Mapping[str, Any] | None = None) -> Mo
     )
 
 
-def counted_shape(
-    config: Mapping[str, Any], parameters: int, largest_tensor: int, source: str
-) -> ModelShape:
+def counted_shape(config: Mapping[str, Any], parameters: int, largest_tensor: int) -> ModelShape:
     """The shape of a model the initializer counted on the meta device (`parameters`,
     `largest_tensor`: exact for any architecture) with its layers from config.json: counted
     where the planner knows the architecture, else read from the usual keys, else those of the
     known model nearest in size (activations scale with them)."""
     try:
-        shape = shape_of(config, source)
+        shape = shape_of(config, "the initializer's count")
         return replace(shape, parameters=parameters, largest_weight=largest_tensor)
     except (UnknownArchitectureError, KeyError, TypeError, ValueError, ZeroDivisionError):
         pass
@@ -168,7 +166,7 @@ def counted_shape(
         intermediate=_positive(config, "intermediate_size") or like.intermediate,
         vocab=_positive(config, "vocab_size") or like.vocab,
         kv_ratio=kv_heads / heads if heads and kv_heads else like.kv_ratio,
-        source=source,
+        source="the initializer's count",
         largest_weight=largest_tensor,
     )
 
