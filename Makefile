@@ -59,7 +59,7 @@ lint: $(BIN)/dpo
 crd: $(BIN)/dpo
 	$(BIN)/dpo crd > crds/dpojob.yaml
 	$(BIN)/dpo crd DPOSweep > crds/dposweep.yaml
-	cp crds/dpojob.yaml charts/dpo-operator/crds/  # DPOSweep joins the chart with its controller
+	cp crds/dpojob.yaml crds/dposweep.yaml charts/dpo-operator/crds/
 
 golden: $(BIN)/dpo
 	DPO_UPDATE_GOLDEN=1 $(BIN)/pytest tests/unit/test_render.py -q -k golden

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, get_args
 
+import pytest
 import yaml
 from dpo_operator.api import DPOJob
 from dpo_operator.api.crd import crd_manifest, openapi_schema
@@ -163,10 +164,11 @@ def test_crd_file_is_a_single_yaml_document() -> None:
     assert documents[0]["kind"] == "CustomResourceDefinition"
 
 
-def test_the_charts_crd_is_the_generated_one() -> None:
-    chart_crd = REPO / "charts" / "dpo-operator" / "crds" / "dpojob.yaml"
-    assert chart_crd.read_text() == (REPO / "crds" / "dpojob.yaml").read_text(), (
-        "copy crds/dpojob.yaml into charts/dpo-operator/crds/ (make crd does both)"
+@pytest.mark.parametrize("name", ["dpojob.yaml", "dposweep.yaml"])
+def test_the_charts_crds_are_the_generated_ones(name: str) -> None:
+    chart_crd = REPO / "charts" / "dpo-operator" / "crds" / name
+    assert chart_crd.read_text() == (REPO / "crds" / name).read_text(), (
+        f"copy crds/{name} into charts/dpo-operator/crds/ (make crd does both)"
     )
 
 

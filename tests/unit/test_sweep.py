@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
+from dpo_contract.sweep import choose_winner
 from dpo_operator.api import describe_errors
 from dpo_operator.api.crd import crd_manifest
 from dpo_operator.cli.main import main
-from dpo_operator.core.sweep import SweepError, choose_winner, trials
+from dpo_operator.core.sweep import SweepError, trials
 from pydantic import ValidationError
 
 from tests.conftest import REPO, SWEEP_EXAMPLES
@@ -50,7 +51,8 @@ def test_a_grid_is_every_combination_in_order_each_a_dpojob_of_the_sweep() -> No
     third = found[2]
     assert (third.job.spec.dpo.beta, third.job.spec.learning_rate) == (0.1, 1e-4)
     assert third.job.spec.dpo.precompute_ref_log_probs, "one reference pass for every trial"
-    assert third.job.spec.promotion is None, "only the sweep's winner is promoted"
+    assert third.job.spec.promotion is not None
+    assert third.job.spec.promotion.mode == "manual", "only the sweep's winner is approved"
     metadata = third.manifest["metadata"]
     assert metadata["labels"] == {"dpo.dev/sweep": "beta-sweep", "dpo.dev/trial": "3"}
     assert json.loads(metadata["annotations"]["dpo.dev/trial-settings"]) == third.settings

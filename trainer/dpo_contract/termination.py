@@ -15,9 +15,10 @@ from dpo_contract.reports import (
     PromotionResult,
     TrainingSummary,
 )
+from dpo_contract.sweep import SweepChoice
 
 TerminationMessage = Annotated[
-    TrainingSummary | GateVerdict | PromotionResult | ModelReport | Failure,
+    TrainingSummary | GateVerdict | PromotionResult | ModelReport | SweepChoice | Failure,
     Field(discriminator="status"),
 ]
 _TERMINATION_MESSAGE: TypeAdapter[TerminationMessage] = TypeAdapter(TerminationMessage)
@@ -28,8 +29,15 @@ TERMINATION_MESSAGE_LIMIT = 4096  # what the kubelet keeps of a termination mess
 
 def termination_message_json(message: TerminationMessage) -> str:
     """A termination message as the trainer writes it: no null fields; a failure's message cut
-    to fit the kubelet's limit."""
+    to fit the kubelet's limit, and a sweep's choice kept to the trials closest to the winner."""
     text = message.model_dump_json(by_alias=True, exclude_none=True)
+    if isinstance(message, SweepChoice):
+        closest = sorted(message.compared, key=lambda c: c.difference or 0.0)
+        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+            closest.pop()
+            text = message.model_copy(update={"compared": closest}).model_dump_json(
+                by_alias=True, exclude_none=True
+            )
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(message, Failure):
         text = message.model_copy(update={"message": message.message[:3500]}).model_dump_json(
             by_alias=True, exclude_none=True

@@ -135,6 +135,15 @@ def _promote(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _choose(args: argparse.Namespace) -> int:
+    from dpo_trainer.gate.choose import GatedTrial, choose
+
+    choice = choose([GatedTrial.parse(text) for text in args.trial])
+    write_termination_message(choice)
+    log.info("trial %d won (%d compared)", choice.winner, len(choice.compared))
+    return EXIT_OK
+
+
 def _preflight(args: argparse.Namespace) -> int:
     from dpo_trainer.train.fabric import standalone_preflight
 
@@ -153,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", default=TRAINER_CONFIG_PATH, help="path of trainer.json")
         command.set_defaults(run=run)
+    chooser = commands.add_parser(
+        "choose", help="a DPOSweep's winner: its gated trials' held-out margins, pair by pair"
+    )
+    chooser.add_argument(
+        "--trial",
+        action="append",
+        required=True,
+        help="N=ARTIFACTS_DIR@BETA, once for each trial whose gate passed",
+    )
+    chooser.set_defaults(run=_choose)
     preflight = commands.add_parser(
         "preflight", help="the fabric's bandwidth sweep alone, under torchrun (no config)"
     )

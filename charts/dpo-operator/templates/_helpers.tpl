@@ -37,11 +37,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["dpo.dev"]
   resources: ["dpojobs"]
   verbs: ["list", "watch"]
+# Application: a DPOSweep creates its trials (DPOJobs) and approves its winner (an annotation).
+- apiGroups: ["dpo.dev"]
+  resources: ["dpojobs"]
+  verbs: ["create", "patch"]
+# Application: DPOSweeps, read from the watch cache only.
+- apiGroups: ["dpo.dev"]
+  resources: ["dposweeps"]
+  verbs: ["list", "watch"]
 # Application: status is written through the status subresource only.
 - apiGroups: ["dpo.dev"]
-  resources: ["dpojobs/status"]
+  resources: ["dpojobs/status", "dposweeps/status"]
   verbs: ["patch"]
-# Application: training, eval-gate and promote Jobs; patched to suspend, deleted to restart a
+# Application: training, eval-gate and promote Jobs, and a sweep's chooser; patched to suspend, deleted to restart a
 # group or after TTL; read (get) only when a create conflicts, to see whose the object is.
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -41,8 +41,17 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 
 
 SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
-    {"name": "Search", "type": "string", "jsonPath": ".spec.search.kind"},
-    {"name": "Parallel", "type": "integer", "jsonPath": ".spec.maxParallel"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Trials", "type": "integer", "jsonPath": ".status.total"},
+    {"name": "Done", "type": "integer", "jsonPath": ".status.done"},
+    {"name": "Running", "type": "integer", "jsonPath": ".status.running"},
+    {
+        "name": "Best",
+        "type": "string",
+        "jsonPath": ".status.best",
+        "description": "The gated trial with the highest held-out margin per beta so far.",
+    },
+    {"name": "Winner", "type": "integer", "jsonPath": ".status.winner"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -50,7 +59,9 @@ SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
 def crd_manifest(kind: str = KIND) -> dict[str, Any]:
     """The CustomResourceDefinition object of `kind` (DPOJob or DPOSweep)."""
     if kind == SWEEP_KIND:
-        return _crd(SWEEP_KIND, SWEEP_PLURAL, "dposweep", DPOSweep, SWEEP_PRINTER_COLUMNS, {})
+        return _crd(
+            SWEEP_KIND, SWEEP_PLURAL, "dposweep", DPOSweep, SWEEP_PRINTER_COLUMNS, {"status": {}}
+        )
     return _crd(KIND, PLURAL, "dpo", DPOJob, PRINTER_COLUMNS, {"status": {}})
 
 

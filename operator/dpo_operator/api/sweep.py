@@ -7,14 +7,16 @@ the data, the tokenizer or maxLength), so every trial can share one reference pa
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from dpo_contract.fields import LOSS_TYPES, LossType
-from pydantic import Field, StrictInt, model_validator
+from dpo_contract.fields import LOSS_TYPES, ContractModel, LossType
+from dpo_contract.sweep import TrialComparison
+from pydantic import Field, StrictFloat, StrictInt, model_validator
 
 from dpo_operator.api.cel import Rule, RuledModel
 from dpo_operator.api.job import DPOJobSpec
 from dpo_operator.api.meta import ObjectMeta
+from dpo_operator.api.status import Phase
 
 SWEEP_KIND = "DPOSweep"
 SWEEP_PLURAL = "dposweeps"
@@ -167,6 +169,49 @@ class DPOSweepSpec(RuledModel):
     )
 
 
+SweepPhase = Literal["Running", "Choosing", "Promoting", "Succeeded", "Failed"]
+
+
+class TrialStatus(ContractModel):
+    """One trial as the sweep last saw it."""
+
+    number: StrictInt
+    name: Annotated[str, Field(max_length=63)]
+    settings: Annotated[str, Field(max_length=1024)] = Field(
+        description="What this trial sets, e.g. dpo.beta=0.1, dpo.learningRate=5e-06."
+    )
+    phase: Phase | None = None
+    reward_margin: StrictFloat | None = Field(
+        default=None,
+        description="The gate's held-out reward margin once scored; the latest training one "
+        "before.",
+    )
+    reward_accuracy: StrictFloat | None = Field(
+        default=None, description="The same, for reward accuracy."
+    )
+    verdict: Literal["Passed", "Rejected", "Inconclusive"] | None = None
+
+
+class DPOSweepStatus(ContractModel):
+    phase: SweepPhase | None = None
+    message: Annotated[str, Field(max_length=32768)] | None = None
+    total: StrictInt = Field(default=0, description="Trials in all.")
+    done: StrictInt = Field(default=0, description="Trials finished (gated, rejected, failed).")
+    running: StrictInt = Field(default=0, description="Trials created and not finished.")
+    best: Annotated[str, Field(max_length=256)] | None = Field(
+        default=None, description="The trial with the highest held-out margin per beta so far."
+    )
+    winner: StrictInt | None = Field(
+        default=None, description="The trial chosen (and, with a promotion, promoted)."
+    )
+    trials: list[TrialStatus] = Field(default_factory=list, max_length=MAX_TRIALS)
+    comparisons: list[TrialComparison] = Field(
+        default_factory=list,
+        max_length=MAX_TRIALS,
+        description="The winner against every trial whose gate passed, pair by pair.",
+    )
+
+
 class DPOSweep(RuledModel):
     """DPOSweep tries DPO settings as trials that share one reference pass."""
 
@@ -182,6 +227,7 @@ class DPOSweep(RuledModel):
     kind: Literal["DPOSweep"]
     metadata: ObjectMeta
     spec: DPOSweepSpec
+    status: DPOSweepStatus | None = None
 
     @property
     def name(self) -> str:

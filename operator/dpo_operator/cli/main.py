@@ -266,7 +266,7 @@ def _operator(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     # Importing a controller registers its handlers with kopf.
-    from dpo_operator.controller import dpojob, wiring
+    from dpo_operator.controller import dpojob, dposweep, wiring
 
     if not args.all_namespaces and not args.namespace:
         print("dpo operator: pass --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
@@ -278,7 +278,7 @@ def _operator(args: argparse.Namespace) -> int:
     if not args.verbose:  # kopf logs every handler call at INFO: one line per watch event
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     start_http_server(args.metrics_port)
-    del dpojob, wiring
+    del dpojob, dposweep, wiring
     kopf.run(
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,

@@ -27,6 +27,7 @@ PLURALS = {
     "Service": "services",
     "Job": "jobs",
     "NetworkPolicy": "networkpolicies",
+    "DPOJob": "dpojobs",
 }
 
 

@@ -177,7 +177,7 @@ async def reconcile(key: Key, runtime: Runtime, indexes: Indexes) -> None:
         revision = await executor.write_status(job.namespace, job.name, new, decided_on)
         executor.expected.wrote_status(key, revision, _without_nulls(new))
     for event in decision.events:  # only after the status write succeeded
-        _post(body, event)
+        post_event(body, event)
         log.info("[%s/%s] %s: %s", job.namespace, job.name, event.reason, event.message)
         COUNTED_EVENTS.get(event.reason, lambda: None)()
     runtime.phases[key] = decision.status.phase or "Pending"
@@ -286,14 +286,15 @@ async def _refuse(
         metadata["namespace"], metadata["name"], patch, metadata["resourceVersion"]
     )
     for event in decision.events:
-        _post(body, event)
+        post_event(body, event)
         log.warning(
             "[%s/%s] %s: %s", metadata["namespace"], metadata["name"], reason, event.message
         )
 
 
-def _post(body: dict[str, Any], event: Event) -> None:
-    """An Event on the DPOJob, posted by kopf (in the background, with its retries)."""
+def post_event(body: dict[str, Any], event: Event) -> None:
+    """An Event on the DPOJob (or DPOSweep), posted by kopf (in the background, with its
+    retries)."""
     owner = kopf.Body(cast(kopf.RawBody, body))
     kopf.event(owner, type=event.type, reason=event.reason, message=event.message[:1024])
 
@@ -311,4 +312,4 @@ def _forbidden(indexes: Indexes, key: Key, error: ApiError) -> None:
     body = cached_body(indexes, key)
     if body is not None:
         message = f"the operator may not do this: {error.message}; grant it in the operator's Role"
-        _post(body, Event("Warning", "Forbidden", message))
+        post_event(body, Event("Warning", "Forbidden", message))

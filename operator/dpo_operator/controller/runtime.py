@@ -14,6 +14,7 @@ from dpo_operator.controller.client import KubeAPI
 from dpo_operator.controller.executor import KubernetesExecutor
 from dpo_operator.controller.workqueue import WorkQueue
 from dpo_operator.core.settings import Settings
+from dpo_operator.core.sweep import Trial
 
 # Reconciles at once, across DPOJobs (one DPOJob is never reconciled twice at once).
 WORKERS = 16
@@ -28,6 +29,11 @@ class Runtime:
     # What decide read of each watched object (plural, namespace, name) at its last event, as a
     # hash: the projection itself is in the indexes already, and a hash is 28 bytes.
     seen: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # DPOSweeps to reconcile (`dposweep`), apart from DPOJobs: a sweep may share a name with one.
+    sweeps: WorkQueue = field(default_factory=WorkQueue)
+    tasks_of_sweeps: list[asyncio.Task[None]] = field(default_factory=list)
+    # Each sweep's trials, validated once per generation: (uid, generation) -> trials.
+    sweep_trials: dict[tuple[str, int], list[Trial]] = field(default_factory=dict)
     # The workers and housekeeping, started with the first watch event (see `dpojob.on_change`).
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 

@@ -74,6 +74,6 @@ async def login(
 @kopf.on.cleanup()
 async def stop_workers(memo: kopf.Memo, **_: Any) -> None:
     runtime = runtime_of(memo)
-    for task in runtime.tasks:
+    for task in [*runtime.tasks, *runtime.tasks_of_sweeps]:
         task.cancel()
     await runtime.executor.api.close()

@@ -7,7 +7,8 @@ restarted controller (or `dpo render`) finds exactly the DPOJobs it would create
 Every trial precomputes its reference log-probs (SimPO has none): the reference is the same
 model on the same data and maxLength in every trial, so the reference cache (keyed by content,
 `<output>/<namespace>/reference-logps`) computes them once and every later trial reuses them.
-Trials are not promoted: the sweep's promotion is for its winner alone.
+Every trial carries the template's promotion in manual mode: it stops at AwaitingApproval once
+its gate passed, and the sweep approves its winner alone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import itertools
 import json
 import math
 import random
-import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +131,7 @@ def trial_manifest(
     sweep: DPOSweep, template: dict[str, Any], number: int, settings: Settings
 ) -> dict[str, Any]:
     """The DPOJob of trial `number`: the template with the trial's settings, sharing the
-    reference pass, without the promotion (the sweep promotes its winner)."""
+    reference pass, its promotion waiting for the sweep's approval (given to the winner)."""
     spec = copy.deepcopy(template)
     for field, value in settings.items():
         group, name = field.split(".")
@@ -139,7 +139,8 @@ def trial_manifest(
     loss = spec.get("dpo", {}).get("lossType", ["sigmoid"])
     if "simpo" not in ([loss] if isinstance(loss, str) else loss):
         spec.setdefault("dpo", {})["precomputeRefLogProbs"] = True
-    spec.pop("promotion", None)
+    if spec.get("promotion") is not None:
+        spec["promotion"] = {**spec["promotion"], "mode": "manual"}
     metadata: dict[str, Any] = {
         "name": trial_name(sweep.name, number),
         "namespace": sweep.namespace,
@@ -151,59 +152,3 @@ def trial_manifest(
             controller_reference(SWEEP_KIND, sweep.name, sweep.metadata.uid)
         ]
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A trial against the winner on the same held-out pairs: the winner's margin minus this
-    trial's, pair by pair, its mean and interval (None for the winner itself)."""
-
-    number: int
-    mean_margin: float
-    difference: float | None = None
-    low: float | None = None
-    high: float | None = None
-
-    @property
-    def tied(self) -> bool:
-        """The interval reaches zero: the pairs cannot tell this trial from the winner."""
-        return self.low is not None and self.low <= 0.0
-
-
-@dataclass(frozen=True)
-class Choice:
-    winner: int
-    compared: tuple[Comparison, ...]
-
-    @property
-    def tied(self) -> list[int]:
-        return [c.number for c in self.compared if c.tied]
-
-
-def choose_winner(margins: dict[int, list[float]], confidence: float) -> Choice:
-    """The sweep's winner among trials whose gate passed, from each one's held-out margin per
-    pair (the same pairs for every trial; per unit of beta where beta differs): the highest
-    mean margin (the earlier
-    trial on an exact tie), compared pair against pair with every other trial, the mean paired
-    difference with its normal interval at `confidence`. A trial whose interval reaches zero is
-    reported tied; the rule for a tie is that the higher mean still wins."""
-    sizes = {len(values) for values in margins.values()}
-    if not margins or len(sizes) != 1 or 0 in sizes:
-        raise ValueError(
-            f"the trials' gates scored different numbers of pairs ({sorted(sizes)}); a paired "
-            "comparison needs the same held-out pairs for every trial"
-        )
-    means = {number: statistics.fmean(values) for number, values in margins.items()}
-    winner = max(means, key=lambda number: (means[number], -number))
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    compared = []
-    for number in sorted(margins):
-        if number == winner:
-            compared.append(Comparison(number, means[number]))
-            continue
-        differences = [a - b for a, b in zip(margins[winner], margins[number], strict=True)]
-        mean = statistics.fmean(differences)
-        spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
-        half = z * spread / math.sqrt(len(differences))
-        compared.append(Comparison(number, means[number], mean, mean - half, mean + half))
-    return Choice(winner, tuple(compared))

@@ -3,25 +3,24 @@ same lifecycle as any `dpo run` (train, then the gate), on one set of volumes so
 reference log-probs are computed once; then the winner by a paired comparison on the held-out
 pairs every trial's gate scored, and only the winner promoted.
 
-Each trial runs with the sweep's promotion in manual mode, so it stops at AwaitingApproval once
-its gate passed; the winner is then approved and run again in its own run directory, which
-promotes it without training again (the trainer finds its finished checkpoint), as `dpo run
---approve` does.
+Each trial carries the sweep's promotion in manual mode (`core.sweep.trial_manifest`), so it
+stops at AwaitingApproval once its gate passed; the winner is then approved and run again in
+its own run directory, which promotes it without training again (the trainer finds its finished
+checkpoint), as `dpo run --approve` does.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from dpo_contract.pod import EXIT_BAD_INPUT
 from dpo_contract.reports import GateReport, TrainingReport
+from dpo_contract.sweep import SweepChoice, choose_winner
 
 from dpo_operator.api import DPOJob
 from dpo_operator.core.storage import claims
-from dpo_operator.core.sweep import Choice, Trial, choose_winner
-from dpo_operator.core.validate import parse_dpojob
+from dpo_operator.core.sweep import Trial
 from dpo_operator.local.executor import LocalOptions, LocalRun, approved, run
 
 GATE_REPORT = "eval.json"
@@ -42,9 +41,8 @@ def run_sweep(
     say(f"DPOSweep {name}: {len(found)} trials, one at a time on this machine")
     rows: list[str] = []
     gated: dict[int, GateReport] = {}
-    jobs: dict[int, DPOJob] = {}
     for trial in found:
-        job = jobs[trial.number] = _with_manual_promotion(trial, promotion)
+        job = trial.job
         say(f"\n--- trial {trial.number} ({trial.describe()}): {job.name}")
         ran: list[LocalRun] = []
         run(job, _trial_options(job, trial.number, options), out=out, summarize=ran.append)
@@ -66,20 +64,12 @@ def run_sweep(
         {n: [m / betas[n] for m in g.pair_margins] for n, g in gated.items()}, confidence
     )
     say("")
-    say(_verdict(choice, found, confidence))
+    say(_verdict(choice, found))
     if promotion is None:
         return 0
-    winner = jobs[choice.winner]
+    winner = next(trial.job for trial in found if trial.number == choice.winner)
     say(f"promoting trial {choice.winner} ({winner.name}) to {promotion['target']}")
     return run(approved(winner), _trial_options(winner, choice.winner, options), out=out)
-
-
-def _with_manual_promotion(trial: Trial, promotion: dict[str, Any] | None) -> DPOJob:
-    if promotion is None:
-        return trial.job
-    manifest = copy.deepcopy(trial.manifest)
-    manifest["spec"]["promotion"] = {**promotion, "mode": "manual"}
-    return parse_dpojob(manifest, default_output=trial.job.spec.output)
 
 
 def _trial_options(job: DPOJob, number: int, options: LocalOptions) -> LocalOptions:
@@ -109,12 +99,12 @@ def _row(trial: Trial, gate: GateReport | None, train: TrainingReport | None) ->
     return f"{trial.number:<6} {trial.describe():<40} {verdict:<12} {margin}  {reference}"
 
 
-def _verdict(choice: Choice, found: list[Trial], confidence: float) -> str:
+def _verdict(choice: SweepChoice, found: list[Trial]) -> str:
     described = {t.number: t.describe() for t in found}
     lines = [
         f"winner  trial {choice.winner} ({described[choice.winner]}): the highest held-out "
-        f"margin per beta; against each other trial, pair by pair ({confidence:.0%} interval "
-        "of the winner's margin per beta minus the other's):"
+        f"margin per beta; against each other trial, pair by pair ({choice.confidence:.0%} "
+        "interval of the winner's margin per beta minus the other's):"
     ]
     for compared in choice.compared:
         if compared.difference is None:

@@ -164,7 +164,7 @@ def batch_job(
     metadata = object_metadata(job, name, component, **attempt_label)
     queue = job.spec.scheduling.queue_name
     # Kueue admits what holds GPUs: training and the gate, never a CPU-only step.
-    queued = bool(queue) and component not in ("init", "promote")
+    queued = bool(queue) and component not in ("init", "promote", "choose")
     if queued:
         metadata["labels"][KUEUE_QUEUE_LABEL] = queue
     template_metadata: Manifest = {"labels": {**labels(job, component), **attempt_label}}

@@ -1,0 +1,220 @@
+"""The DPOSweep lifecycle: `decide_sweep(sweep, trials, observed) -> SweepDecision`, pure, like
+the DPOJob's `decide`.
+
+    Running -> (Choosing) -> (Promoting) -> Succeeded | Failed
+
+Running: trials are created in order, at most `maxParallel` unfinished at once (a trial is
+finished once it is Rejected, Failed, Succeeded or, its gate passed, AwaitingApproval: every
+trial's promotion waits for the sweep). Once every trial has finished, the winner among those
+whose gate passed: the only one, or (Choosing) the chooser pod's paired comparison on the
+held-out pairs. The sweep then approves the winner alone (Promoting) and is Succeeded when it
+is; without a promotion, as soon as it is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dpo_contract.reports import Failure
+from dpo_contract.sweep import SweepChoice
+from dpo_contract.termination import parse_termination_message
+
+from dpo_operator.api import TERMINAL_PHASES
+from dpo_operator.api.sweep import DPOSweep, DPOSweepStatus, SweepPhase, TrialStatus
+from dpo_operator.core.lifecycle.decision import Event
+from dpo_operator.core.sweep import Trial
+
+# A trial that waits here has passed its gate; only the sweep's approval moves it on.
+AWAITING = "AwaitingApproval"
+
+
+@dataclass(frozen=True)
+class SeenTrial:
+    """A trial's DPOJob as the sweep reads it."""
+
+    number: int
+    name: str
+    phase: str | None
+    reward_margin: float | None  # held-out (the gate's) once scored, else training's latest
+    reward_accuracy: float | None
+    verdict: Literal["Passed", "Rejected", "Inconclusive"] | None
+    approved: bool
+
+    @property
+    def finished(self) -> bool:
+        """Trained and gated (or ended before): the sweep approves only a finished trial, and
+        the approved one stays finished while it promotes."""
+        return self.phase in TERMINAL_PHASES or self.phase == AWAITING or self.approved
+
+
+@dataclass(frozen=True)
+class SeenChooser:
+    """The chooser Job: Pending, Running, Complete or Failed, and its pod's termination
+    message."""
+
+    state: Literal["Pending", "Running", "Complete", "Failed"]
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SweepObserved:
+    trials: dict[int, SeenTrial]  # by trial number: the trials that exist
+    chooser: SeenChooser | None = None
+
+
+@dataclass(frozen=True)
+class CreateTrial:
+    number: int
+
+
+@dataclass(frozen=True)
+class CreateChooser:
+    """The chooser pod, comparing these trials (every one whose gate passed)."""
+
+    numbers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ApproveTrial:
+    name: str
+
+
+SweepAction = CreateTrial | CreateChooser | ApproveTrial
+
+
+@dataclass
+class SweepDecision:
+    status: DPOSweepStatus
+    actions: list[SweepAction] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def decide_sweep(sweep: DPOSweep, found: list[Trial], observed: SweepObserved) -> SweepDecision:
+    """What to do next for `sweep`, whose trials are `found` (all of them, in order) and of
+    which `observed.trials` exist."""
+    before = sweep.status or DPOSweepStatus()
+    status = DPOSweepStatus(
+        total=len(found), winner=before.winner, comparisons=list(before.comparisons)
+    )
+    decision = SweepDecision(status)
+    seen = observed.trials
+    status.trials = [_row(trial, seen.get(trial.number)) for trial in found]
+    status.done = sum(1 for s in seen.values() if s.finished)
+    status.running = len(seen) - status.done
+    status.best = _best(found, seen)
+    old = {row.number: row.phase for row in before.trials}
+    for row in status.trials:
+        if row.phase != old.get(row.number) and (
+            row.phase in TERMINAL_PHASES or row.phase == AWAITING
+        ):
+            said = f"trial {row.number} ({row.settings}): {row.phase}"
+            if row.verdict is not None:
+                said += f", gate {row.verdict}"
+            if row.reward_margin is not None:
+                said += f", margin {row.reward_margin:.4g}"
+            decision.events.append(Event("Normal", "TrialFinished", said))
+
+    waiting = [t for t in found if t.number not in seen]
+    room = sweep.spec.max_parallel - status.running
+    for trial in waiting[: max(room, 0)]:
+        decision.actions.append(CreateTrial(trial.number))
+        status.running += 1
+        decision.events.append(
+            Event("Normal", "TrialCreated", f"trial {trial.number} ({trial.describe()})")
+        )
+    if waiting or status.done < len(found):
+        _phase(decision, before, "Running", f"{status.done} of {len(found)} trials finished")
+        return decision
+
+    if status.winner is None:
+        passed = tuple(sorted(n for n, s in seen.items() if s.verdict == "Passed"))
+        if not passed:
+            _phase(decision, before, "Failed", "no trial passed its gate; nothing is promoted")
+            return decision
+        if len(passed) == 1:
+            status.winner = passed[0]
+        elif not _choose(decision, before, observed.chooser, passed):
+            return decision
+    winner = next(t for t in found if t.number == status.winner)
+    chosen = f"trial {winner.number} ({winner.describe()}) won"
+    if winner.job.spec.promotion is None:
+        _phase(decision, before, "Succeeded", chosen)
+        return decision
+    promoted = seen[winner.number]
+    if promoted.phase == "Succeeded":
+        _phase(decision, before, "Succeeded", f"{chosen} and is promoted")
+    elif promoted.phase in TERMINAL_PHASES:
+        _phase(decision, before, "Failed", f"{chosen} but its promotion ended {promoted.phase}")
+    else:
+        if not promoted.approved:
+            decision.actions.append(ApproveTrial(promoted.name))
+        _phase(decision, before, "Promoting", f"{chosen}; promoting {promoted.name}")
+    return decision
+
+
+def _choose(
+    decision: SweepDecision,
+    before: DPOSweepStatus,
+    chooser: SeenChooser | None,
+    passed: tuple[int, ...],
+) -> bool:
+    """Runs the chooser, or reads its choice into the status; whether the winner is known."""
+    status = decision.status
+    if chooser is None:
+        decision.actions.append(CreateChooser(passed))
+    # A Complete Job whose pod's message the cache does not hold yet: its event comes next.
+    if chooser is None or chooser.state in ("Pending", "Running") or not chooser.message:
+        trials = ", ".join(str(n) for n in passed)
+        _phase(decision, before, "Choosing", f"comparing trials {trials} on the held-out pairs")
+        return False
+    choice = parse_termination_message(chooser.message)
+    if not isinstance(choice, SweepChoice):
+        said = choice.message if isinstance(choice, Failure) else chooser.message
+        _phase(decision, before, "Failed", f"the chooser pod ended {chooser.state}: {said}")
+        return False
+    status.winner = choice.winner
+    status.comparisons = list(choice.compared)
+    tied = ", ".join(str(n) for n in choice.tied)
+    message = f"trial {choice.winner} has the highest held-out margin per beta"
+    if tied:
+        message += f"; tied within the interval with trial(s) {tied}: the higher mean wins"
+    decision.events.append(Event("Normal", "WinnerChosen", message))
+    return True
+
+
+def _row(trial: Trial, seen: SeenTrial | None) -> TrialStatus:
+    row = TrialStatus(
+        number=trial.number, name=trial.manifest["metadata"]["name"], settings=trial.describe()
+    )
+    if seen is not None:
+        row.phase = seen.phase  # type: ignore[assignment]
+        row.reward_margin = seen.reward_margin
+        row.reward_accuracy = seen.reward_accuracy
+        row.verdict = seen.verdict
+    return row
+
+
+def _best(found: list[Trial], seen: dict[int, SeenTrial]) -> str | None:
+    """The trial with the highest held-out margin per beta among those whose gate passed."""
+    betas = {trial.number: trial.job.spec.dpo.beta for trial in found}
+    scored = [
+        (s.reward_margin / betas[n], n)
+        for n, s in seen.items()
+        if s.verdict == "Passed" and s.reward_margin is not None
+    ]
+    if not scored:
+        return None
+    per_beta, number = max(scored, key=lambda item: (item[0], -item[1]))
+    return f"{number}: {per_beta:.4g}/beta"
+
+
+def _phase(
+    decision: SweepDecision, before: DPOSweepStatus, phase: SweepPhase, message: str
+) -> None:
+    status = decision.status
+    if before.phase != phase and phase != "Running":
+        warning = phase == "Failed"
+        decision.events.append(Event("Warning" if warning else "Normal", phase, message))
+    status.phase = phase
+    status.message = message
