@@ -21,6 +21,7 @@ from dpo_contract.reports import (
     PromotionResult,
     TrainingSummary,
 )
+from dpo_contract.sweep import SweepChoice, TrialComparison
 from dpo_contract.termination import termination_message_json
 from dpo_operator.core.plan.configs import known_configs
 
@@ -190,5 +191,31 @@ MODEL_BAD_INPUT = termination_message_json(
         status="bad-input",
         message="model Qwen/Qwen3-33B: not found on the hub (RepositoryNotFoundError); check the "
         "id, and for a private model the HF_TOKEN secret",
+    )
+)
+
+
+def gate_passed_with_margin(margin: float) -> str:
+    """A gate that passed, with the held-out reward margin it measured."""
+    criterion = GateCriterion(name="rewardMargin", value=margin, threshold=0.0, passed=True)
+    return termination_message_json(
+        GateVerdict(
+            status="passed",
+            verdict="Passed",
+            adapter_digest="sha256:ab",
+            criteria=[ACCURACY, criterion],
+        )
+    )
+
+
+# A sweep's chooser: trial 3 beats trial 1 clearly, pair against pair.
+SWEEP_CHOICE = termination_message_json(
+    SweepChoice(
+        winner=3,
+        confidence=0.95,
+        compared=[
+            TrialComparison(number=1, mean=0.8, difference=0.4, low=0.3, high=0.5),
+            TrialComparison(number=3, mean=1.2),
+        ],
     )
 )

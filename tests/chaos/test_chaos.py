@@ -19,8 +19,14 @@ import pytest
 
 from tests.chaos.conftest import Outcome
 from tests.cluster.control_plane import ControlPlane, Kubelet, Operator, wait_for
-from tests.cluster.scenario import Scenario
-from tests.reports import GATE_PASSED, PROMOTED
+from tests.cluster.scenario import Scenario, SweepScenario
+from tests.reports import (
+    GATE_PASSED,
+    GATE_REJECTED,
+    PROMOTED,
+    SWEEP_CHOICE,
+    gate_passed_with_margin,
+)
 
 PROMOTION_DIGEST = json.loads(PROMOTED)["digest"]
 CHILDREN = ["quickstart-eval-1", "quickstart-promote-1", "quickstart-train-1"]
@@ -68,6 +74,49 @@ def test_the_operator_killed_at_every_phase_boundary(
     kubelet.succeeded(run.pod("promote-1"), PROMOTED)
     promoted_cleanly(run, outcome)
     assert run.status()["restarts"] == 0
+    outcome.survived = True
+
+
+def test_the_operator_killed_at_every_step_of_a_sweep(
+    chaos_plane: ControlPlane, kubelet: Kubelet, operator: Operator, outcome: Outcome
+) -> None:
+    """No trial lost or made twice, the chooser run once, the winner alone promoted."""
+    sweep = SweepScenario(chaos_plane, kubelet, "chaos-sweep")
+
+    def kill() -> None:
+        operator.kill()
+        operator.start()
+        outcome.injected += 1
+
+    first = wait_for("two trials", lambda: len(t := sweep.trials()) == 2 and t)
+    kill()
+    sweep.gate(1, gate_passed_with_margin(0.02))
+    kill()
+    trials = wait_for("the third trial", lambda: len(t := sweep.trials()) == 3 and t)
+    assert {name: trials[name] for name in first} == first
+    sweep.gate(2, GATE_REJECTED)
+    sweep.gate(3, gate_passed_with_margin(0.3))
+    sweep.wait_phase("Choosing")
+    kill()
+    kubelet.succeeded(sweep.pod("choose"), SWEEP_CHOICE)
+    sweep.wait_trial_phase(3, "Promoting")
+    kill()
+    kubelet.succeeded(sweep.pod("3-promote-1"), PROMOTED)
+    status = sweep.wait_phase("Succeeded", timeout=90)
+    outcome.lost += 0 if status["winner"] == 3 else 1
+    assert status["winner"] == 3
+    assert sweep.trials() == trials, "the same three trials, each created once"
+    assert sweep.jobs() == [
+        "sweep-1-eval-1",
+        "sweep-1-train-1",
+        "sweep-2-eval-1",
+        "sweep-2-train-1",
+        "sweep-3-eval-1",
+        "sweep-3-promote-1",
+        "sweep-3-train-1",
+        "sweep-choose",
+    ]
+    assert sweep.trial_phase(1) == "AwaitingApproval", "never approved: not the winner"
     outcome.survived = True
 
 

@@ -8,37 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from dpo_contract.reports import GateCriterion, GateVerdict
-from dpo_contract.sweep import SweepChoice, TrialComparison
-from dpo_contract.termination import termination_message_json
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from tests.cluster.control_plane import ControlPlane, Kubelet, Operator, wait_for
+from tests.cluster.control_plane import ControlPlane, Kubelet, Operator, free_port, wait_for
 from tests.cluster.scenario import SweepScenario
-from tests.reports import ACCURACY, GATE_REJECTED, PROMOTED
-
-# Trial 3 beats trial 1 clearly, pair against pair (what the chooser pod would say).
-CHOICE = termination_message_json(
-    SweepChoice(
-        winner=3,
-        confidence=0.95,
-        compared=[
-            TrialComparison(number=1, mean=0.8, difference=0.4, low=0.3, high=0.5),
-            TrialComparison(number=3, mean=1.2),
-        ],
-    )
-)
-
-
-def passed(margin: float) -> str:
-    """A gate that passed, with the held-out reward margin it measured."""
-    criterion = GateCriterion(name="rewardMargin", value=margin, threshold=0.0, passed=True)
-    verdict = GateVerdict(
-        status="passed",
-        verdict="Passed",
-        adapter_digest="sha256:ab",
-        criteria=[ACCURACY, criterion],
-    )
-    return termination_message_json(verdict)
+from tests.reports import GATE_REJECTED, PROMOTED, SWEEP_CHOICE, gate_passed_with_margin
 
 
 @pytest.fixture(scope="module")
@@ -60,23 +34,23 @@ def test_a_sweep_runs_its_trials_two_at_a_time_and_promotes_only_the_chosen_one(
     assert (status["total"], status["running"], status["done"]) == (3, 2, 0)
     table = crd_installed.kubectl("get", "dposweep", "-n", "sweep-happy").stdout
     assert table.split("\n")[0].split() == [
-        "NAME", "PHASE", "TRIALS", "DONE", "RUNNING", "BEST", "WINNER", "AGE",
+        "NAME", "PHASE", "TRIALS", "DONE", "RUNNING", "STOPPED", "BEST", "WINNER", "AGE",
     ]  # fmt: skip
 
-    sweep.gate(1, passed(0.02))
+    sweep.gate(1, gate_passed_with_margin(0.02))
     sweep.wait_trial_phase(1, "AwaitingApproval")
     third = wait_for("the third trial", lambda: len(t := sweep.trials()) == 3 and t)
     assert {k: v for k, v in third.items() if k in first} == first, "none made twice"
 
     sweep.gate(2, GATE_REJECTED)
-    sweep.gate(3, passed(0.3))
+    sweep.gate(3, gate_passed_with_margin(0.3))
     status = sweep.wait_phase("Choosing")
     assert status["done"] == 3
     assert [t["verdict"] for t in status["trials"]] == ["Passed", "Rejected", "Passed"]
     assert status["best"] == "3: 1/beta", "0.3 at beta 0.3 beats 0.02 at beta 0.05"
     assert status["trials"][0]["rewardMargin"] == 0.02
 
-    kubelet.succeeded(sweep.pod("choose"), CHOICE)
+    kubelet.succeeded(sweep.pod("choose"), SWEEP_CHOICE)
     sweep.wait_trial_phase(3, "Promoting")
     kubelet.succeeded(sweep.pod("3-promote-1"), PROMOTED)
     status = sweep.wait_phase("Succeeded")
@@ -102,3 +76,61 @@ def test_a_sweep_where_no_gate_passed_fails_and_approves_nothing(
     status = sweep.wait_phase("Failed")
     assert status["message"] == "no trial passed its gate; nothing is promoted"
     assert "choose" not in " ".join(sweep.jobs())
+
+
+def test_a_trial_clearly_worse_at_an_evaluation_is_stopped_and_the_next_one_starts(
+    operator: Operator, crd_installed: ControlPlane, kubelet: Kubelet
+) -> None:
+    port = free_port()
+    sweep = SweepScenario(
+        crd_installed,
+        kubelet,
+        "sweep-stop",
+        betas=(0.1, 0.2, 0.3),
+        **{"monitoring.port": port, "monitoring.intervalSeconds": 5},
+    )
+    # Rank 0 of each trial, as the trainer serves it: the latest evaluation's held-out margin
+    # and its interval. Per beta, trial 1 is in [0.8, 1.2] and trial 2 in [0.05, 0.1].
+    registry = CollectorRegistry()
+    gauges = {
+        name: Gauge(name, name, ("dpojob", "namespace"), registry=registry)
+        for name in (
+            "dpo_train_step",
+            "dpo_eval_reward_margin",
+            "dpo_eval_reward_margin_low",
+            "dpo_eval_reward_margin_high",
+        )
+    }
+    evaluations = {"sweep-1": (0.08, 0.12), "sweep-2": (0.01, 0.02)}
+    for trial, (low, high) in evaluations.items():
+        labels = {"dpojob": trial, "namespace": "sweep-stop"}
+        gauges["dpo_train_step"].labels(**labels).set(20)
+        gauges["dpo_eval_reward_margin"].labels(**labels).set((low + high) / 2)
+        gauges["dpo_eval_reward_margin_low"].labels(**labels).set(low)
+        gauges["dpo_eval_reward_margin_high"].labels(**labels).set(high)
+    server, thread = start_http_server(port, registry=registry)
+    try:
+        kubelet.running(sweep.pod("1-train-1"))
+        kubelet.running(sweep.pod("2-train-1"))
+        status = wait_for(
+            "a trial stopped", lambda: (s := sweep.status()).get("stopped") == 1 and s, timeout=60
+        )
+    finally:
+        server.shutdown()
+        thread.join()
+    stopped = status["trials"][1]
+    assert stopped["stopped"] == (
+        "held-out margin per beta at most 0.1 (upper bound at 95%), below trial 1's lower bound "
+        "0.8: it cannot win"
+    )
+    assert (stopped["rewardMarginLow"], stopped["rewardMarginHigh"]) == (0.01, 0.02)
+    sweep.wait_trial_phase(2, "Suspended")
+    train = crd_installed.batch().read_namespaced_job("sweep-2-train-1", "sweep-stop")
+    assert train.spec.suspend is True, "its GPUs go back"
+    assert "sweep-3" in wait_for("the next trial", lambda: len(t := sweep.trials()) == 3 and t)
+    assert "StoppedBySweep" in wait_for(
+        "the trial's event", lambda: "StoppedBySweep" in (e := sweep.events("DPOJob")) and e
+    )
+    assert "TrialStopped" in sweep.events()
+    row = crd_installed.kubectl("get", "dposweep", "-n", "sweep-stop").stdout.splitlines()[1]
+    assert row.split()[1:6] == ["Running", "3", "1", "2", "1"], row

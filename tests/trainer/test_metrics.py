@@ -69,3 +69,7 @@ def test_live_metrics_cover_every_training_metric(tmp_path: Path) -> None:
     assert final["dpo_train_reward_margin"] == last_train["rewards/margins"]
     assert final["dpo_train_step"] == summary["step"] == 80
     assert final["dpo_eval_reward_accuracy"] == last_eval["eval_rewards/accuracies"]
+    # Each evaluation's held-out margin comes with its interval (what a sweep stops trials by).
+    assert final["dpo_eval_reward_margin_low"] == last_eval["eval_rewards/margins_low"]
+    low, high = final["dpo_eval_reward_margin_low"], final["dpo_eval_reward_margin_high"]
+    assert low < final["dpo_eval_reward_margin"] < high

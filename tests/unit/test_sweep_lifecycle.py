@@ -15,6 +15,7 @@ from dpo_operator.core.lifecycle.sweep import (
     CreateTrial,
     SeenChooser,
     SeenTrial,
+    StopTrial,
     SweepDecision,
     SweepObserved,
     decide_sweep,
@@ -187,3 +188,64 @@ def test_sixty_four_comparisons_fit_the_termination_message() -> None:
     kept = SweepChoice.model_validate_json(text)
     assert kept.winner == 64
     assert kept.compared[0].number == 64, "the winner is kept; then the closest trials"
+
+
+def training(number: int, low: float, high: float, stopped: str | None = None) -> SeenTrial:
+    """A trial in training whose latest evaluation put its held-out margin in [low, high]."""
+    return SeenTrial(
+        number,
+        f"beta-sweep-{number}",
+        "Training",
+        (low + high) / 2,
+        None,
+        None,
+        False,
+        (low, high),
+        stopped,
+    )
+
+
+def test_a_trial_clearly_worse_than_another_is_stopped_and_frees_its_place() -> None:
+    # Per unit of beta (both 0.05): trial 1 is in [0.8, 1.2], trial 2 in [0.1, 0.2].
+    observed = SweepObserved({1: training(1, 0.04, 0.06), 2: training(2, 0.005, 0.01)})
+    decided = step(sweep_manifest(), observed)
+    stops = [a for a in decided.actions if isinstance(a, StopTrial)]
+    assert [s.name for s in stops] == ["beta-sweep-2"]
+    assert stops[0].reason == (
+        "held-out margin per beta at most 0.2 (upper bound at 95%), below trial 1's lower "
+        "bound 0.8: it cannot win"
+    )
+    assert CreateTrial(3) in decided.actions, "its place goes to the next trial"
+    assert (decided.status.stopped, decided.status.running) == (1, 2)
+    assert decided.status.trials[1].stopped == stops[0].reason
+    assert (
+        decided.status.trials[0].reward_margin_low,
+        decided.status.trials[0].reward_margin_high,
+    ) == (0.04, 0.06)
+    assert "TrialStopped" in [e.reason for e in decided.events]
+
+    # Once stopped (the annotation), it stays stopped: never stopped twice, never restarted.
+    again = SweepObserved(
+        {1: training(1, 0.04, 0.06), 2: training(2, 0.005, 0.01, stopped=stops[0].reason)}
+    )
+    later = step(sweep_manifest(), again, decided)
+    assert not [a for a in later.actions if isinstance(a, StopTrial)]
+    assert later.status.stopped == 1
+
+
+def test_overlapping_intervals_stop_nothing_and_bounds_compare_per_beta() -> None:
+    # Trial 5 (beta 0.3): raw [0.15, 0.3] is [0.5, 1.0] per beta; trial 1 (beta 0.05): raw
+    # [0.03, 0.06] is [0.6, 1.2]. They overlap, though the raw intervals do not.
+    observed = SweepObserved({1: training(1, 0.03, 0.06), 5: training(5, 0.15, 0.3)})
+    decided = step(sweep_manifest(maxParallel=3), observed)
+    assert not [a for a in decided.actions if isinstance(a, StopTrial)]
+
+
+def test_a_rejected_trial_never_leads_and_a_trial_past_training_is_not_stopped() -> None:
+    # Per beta: trial 1 (rejected) [1.8, 2.2] would stop the others if it counted; trial 2
+    # (gating) [0, 0.02] is clearly below trial 3 [0.2, 0.3], but is past training.
+    rejected = SeenTrial(1, "beta-sweep-1", "Rejected", 0.1, None, "Rejected", False, (0.09, 0.11))
+    gating = SeenTrial(2, "beta-sweep-2", "Evaluating", 0.0, None, None, False, (0.0, 0.001))
+    observed = SweepObserved({1: rejected, 2: gating, 3: training(3, 0.02, 0.03)})
+    decided = step(sweep_manifest(), observed)
+    assert not [a for a in decided.actions if isinstance(a, StopTrial)]

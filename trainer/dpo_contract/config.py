@@ -227,6 +227,10 @@ class DistributedRun(ContractModel):
     device: str = Field(description="Device type of the parameters: cuda or cpu.")
 
 
+# Of the gate's intervals, and of the held-out margin's at each evaluation during training.
+DEFAULT_CONFIDENCE = 0.95
+
+
 class GateConfig(ContractModel):
     gpus: int = Field(
         default=0,
@@ -247,7 +251,7 @@ class GateConfig(ContractModel):
     must_beat_promoted: bool
     beat_margin: float
     confidence: float = Field(
-        default=0.95, gt=0.5, lt=1, description="Confidence of the gate's intervals."
+        default=DEFAULT_CONFIDENCE, gt=0.5, lt=1, description="Confidence of the gate's intervals."
     )
 
 

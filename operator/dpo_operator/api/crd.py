@@ -46,6 +46,12 @@ SWEEP_PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Done", "type": "integer", "jsonPath": ".status.done"},
     {"name": "Running", "type": "integer", "jsonPath": ".status.running"},
     {
+        "name": "Stopped",
+        "type": "integer",
+        "jsonPath": ".status.stopped",
+        "description": "Trials stopped early: clearly worse than the best at an evaluation.",
+    },
+    {
         "name": "Best",
         "type": "string",
         "jsonPath": ".status.best",

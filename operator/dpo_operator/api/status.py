@@ -49,6 +49,15 @@ class TrainingMetrics(ContractModel):
     loss: StrictFloat | None = None
     reward_accuracy: StrictFloat | None = None
     reward_margin: StrictFloat | None = None
+    eval_reward_margin: StrictFloat | None = Field(
+        default=None, description="The held-out mean reward margin at the latest evaluation."
+    )
+    eval_reward_margin_low: StrictFloat | None = Field(
+        default=None, description="Its interval's lower bound (at evalGate.confidence)."
+    )
+    eval_reward_margin_high: StrictFloat | None = Field(
+        default=None, description="Its interval's upper bound."
+    )
     degraded: list[DegradedReason] = Field(
         default_factory=list,
         max_length=8,

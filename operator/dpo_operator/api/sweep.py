@@ -186,10 +186,19 @@ class TrialStatus(ContractModel):
         description="The gate's held-out reward margin once scored; the latest training one "
         "before.",
     )
+    reward_margin_low: StrictFloat | None = Field(
+        default=None, description="The held-out margin's interval: its lower bound."
+    )
+    reward_margin_high: StrictFloat | None = Field(
+        default=None, description="The held-out margin's interval: its upper bound."
+    )
     reward_accuracy: StrictFloat | None = Field(
         default=None, description="The same, for reward accuracy."
     )
     verdict: Literal["Passed", "Rejected", "Inconclusive"] | None = None
+    stopped: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="Why the sweep stopped it early (it is suspended)."
+    )
 
 
 class DPOSweepStatus(ContractModel):
@@ -198,6 +207,9 @@ class DPOSweepStatus(ContractModel):
     total: StrictInt = Field(default=0, description="Trials in all.")
     done: StrictInt = Field(default=0, description="Trials finished (gated, rejected, failed).")
     running: StrictInt = Field(default=0, description="Trials created and not finished.")
+    stopped: StrictInt = Field(
+        default=0, description="Trials stopped early, clearly worse than the best (among done)."
+    )
     best: Annotated[str, Field(max_length=256)] | None = Field(
         default=None, description="The trial with the highest held-out margin per beta so far."
     )

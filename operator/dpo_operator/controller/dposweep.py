@@ -27,6 +27,7 @@ from dpo_operator.api import (
     VERSION,
     DPOJob,
     DPOJobStatus,
+    TrainingMetrics,
     describe_errors,
 )
 from dpo_operator.api.sweep import SWEEP_KIND, SWEEP_PLURAL, DPOSweep
@@ -41,13 +42,21 @@ from dpo_operator.core.lifecycle.sweep import (
     CreateTrial,
     SeenChooser,
     SeenTrial,
+    StopTrial,
     SweepDecision,
     SweepObserved,
     decide_sweep,
 )
 from dpo_operator.core.render.chooser import CHOOSER_LABEL, render_chooser
 from dpo_operator.core.resolve import resolve
-from dpo_operator.core.sweep import SWEEP_LABEL, TRIAL_LABEL, SweepError, Trial, trials
+from dpo_operator.core.sweep import (
+    STOPPED_ANNOTATION,
+    SWEEP_LABEL,
+    TRIAL_LABEL,
+    SweepError,
+    Trial,
+    trials,
+)
 from dpo_operator.core.validate import parse_dpojob
 
 log = logging.getLogger("dpo_operator")
@@ -104,17 +113,26 @@ def seen_trial(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenTri
     except ValidationError:
         status = DPOJobStatus()
     evaluation = status.evaluation
-    held_out = {c.name: c.value for c in evaluation.criteria} if evaluation else {}
-    metrics = status.metrics
+    gate = {c.name: c for c in evaluation.criteria} if evaluation else {}
+    metrics = status.metrics or TrainingMetrics()
+    margin, accuracy = gate.get("rewardMargin"), gate.get("rewardAccuracy")
+    # The gate's held-out numbers once it scored them, else the latest evaluation's in training.
+    interval = None
+    if margin is not None and margin.low is not None and margin.high is not None:
+        interval = (margin.low, margin.high)
+    elif metrics.eval_reward_margin_low is not None and metrics.eval_reward_margin_high is not None:
+        interval = (metrics.eval_reward_margin_low, metrics.eval_reward_margin_high)
+    annotations = body.meta.annotations or {}
     return SeenTrial(
         number=int(labels.get(TRIAL_LABEL, "0")),
         name=name,
         phase=status.phase,
-        reward_margin=held_out.get("rewardMargin") or (metrics.reward_margin if metrics else None),
-        reward_accuracy=held_out.get("rewardAccuracy")
-        or (metrics.reward_accuracy if metrics else None),
+        reward_margin=margin.value if margin is not None else metrics.eval_reward_margin,
+        reward_accuracy=accuracy.value if accuracy is not None else metrics.reward_accuracy,
         verdict=evaluation.verdict if evaluation else None,
-        approved=(body.meta.annotations or {}).get(APPROVE_ANNOTATION) == "true",
+        approved=annotations.get(APPROVE_ANNOTATION) == "true",
+        interval=interval,
+        stopped=annotations.get(STOPPED_ANNOTATION),
     )
 
 
@@ -202,7 +220,9 @@ async def reconcile_sweep(key: Key, runtime: Runtime, indexes: Indexes) -> None:
     stored = _cached(indexes, "dposweep_bodies", key)
     if not stored:
         return
-    body = json.loads(stored[-1])
+    # The status last written, if the cache has not caught up with it: a decision on the older
+    # one would be refused (409) after its actions were carried out, and its events lost.
+    body = runtime.sweep_statuses.with_status(key, json.loads(stored[-1]))
     metadata = body["metadata"]
     if metadata.get("deletionTimestamp"):
         return
@@ -238,7 +258,8 @@ async def reconcile_sweep(key: Key, runtime: Runtime, indexes: Indexes) -> None:
     await _carry_out(runtime, indexes, sweep, found, decision)
     new = decision.status.model_dump(by_alias=True, mode="json", exclude_none=True)
     if new != (body.get("status") or {}):
-        await _write_status(runtime, sweep, new, metadata["resourceVersion"])
+        revision = await _write_status(runtime, sweep, new, metadata["resourceVersion"])
+        runtime.sweep_statuses.wrote_status(key, revision, new)
     for event in decision.events:
         post_event(body, event)
         log.info("[%s/%s] DPOSweep %s: %s", *key, event.reason, event.message)
@@ -266,6 +287,18 @@ async def _carry_out(
             patch = {"metadata": {"annotations": {APPROVE_ANNOTATION: "true"}}}
             path = object_path(API_VERSION, PLURAL, sweep.namespace, action.name)
             await api.merge_patch(path, patch)
+        elif isinstance(action, StopTrial):
+            # Suspended, not deleted: its checkpoints stay, and a person may resume it.
+            stop: dict[str, Any] = {
+                "metadata": {"annotations": {STOPPED_ANNOTATION: action.reason}},
+                "spec": {"runPolicy": {"suspend": True}},
+            }
+            path = object_path(API_VERSION, PLURAL, sweep.namespace, action.name)
+            await api.merge_patch(path, stop)
+            trial_body = cached_body(indexes, (sweep.namespace, action.name))
+            if trial_body is not None:
+                said = f"stopped by DPOSweep {sweep.name}: {action.reason}"
+                post_event(trial_body, Event("Normal", "StoppedBySweep", said))
         elif isinstance(action, CreateChooser):
             compared = {}
             for number in action.numbers:

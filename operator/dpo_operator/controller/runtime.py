@@ -12,6 +12,7 @@ import kopf
 from dpo_operator.controller.cache import Key
 from dpo_operator.controller.client import KubeAPI
 from dpo_operator.controller.executor import KubernetesExecutor
+from dpo_operator.controller.expectations import Expectations
 from dpo_operator.controller.workqueue import WorkQueue
 from dpo_operator.core.settings import Settings
 from dpo_operator.core.sweep import Trial
@@ -31,6 +32,8 @@ class Runtime:
     seen: dict[tuple[str, str, str], int] = field(default_factory=dict)
     # DPOSweeps to reconcile (`dposweep`), apart from DPOJobs: a sweep may share a name with one.
     sweeps: WorkQueue = field(default_factory=WorkQueue)
+    # The status each sweep was last written with, until the watch brings it back.
+    sweep_statuses: Expectations = field(default_factory=Expectations)
     tasks_of_sweeps: list[asyncio.Task[None]] = field(default_factory=list)
     # Each sweep's trials, validated once per generation: (uid, generation) -> trials.
     sweep_trials: dict[tuple[str, int], list[Trial]] = field(default_factory=dict)

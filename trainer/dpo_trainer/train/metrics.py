@@ -8,6 +8,8 @@ nothing.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 if TYPE_CHECKING:
     from dpo_trainer.train.fabric import RankTime
 
+MARGIN_LOW, MARGIN_HIGH = "rewards/margins_low", "rewards/margins_high"
 # TRL log key -> metric name suffix, with the help text Prometheus shows.
 LOGGED: dict[str, tuple[str, str]] = {
     "loss": ("loss", "DPO loss"),
@@ -38,6 +41,9 @@ LOGGED: dict[str, tuple[str, str]] = {
     "logps/chosen": ("logps_chosen", "Mean policy log-probability of chosen responses"),
     "logps/rejected": ("logps_rejected", "Mean policy log-probability of rejected responses"),
     "learning_rate": ("learning_rate", "Current learning rate"),
+    # Evaluation only (`margin_interval`): what a sweep stops a clearly worse trial by.
+    MARGIN_LOW: ("reward_margin_low", "Lower bound of the held-out mean reward margin"),
+    MARGIN_HIGH: ("reward_margin_high", "Upper bound of the held-out mean reward margin"),
 }
 # Derived from the Trainer's state rather than a logged key.
 DERIVED: dict[str, str] = {
@@ -49,7 +55,8 @@ DERIVED: dict[str, str] = {
     "seconds_per_step": "Seconds per optimizer step since the previous log",
 }
 _HELP = dict(LOGGED.values()) | DERIVED
-TRAIN_METRICS = [f"dpo_train_{suffix}" for suffix in _HELP]
+_EVAL_ONLY = {"reward_margin_low", "reward_margin_high"}
+TRAIN_METRICS = [f"dpo_train_{suffix}" for suffix in _HELP if suffix not in _EVAL_ONLY]
 # Evaluation logs carry no learning rate and repeat the training token count.
 _TRAIN_ONLY = {
     "learning_rate",
@@ -59,6 +66,20 @@ _TRAIN_ONLY = {
     "seconds_per_step",
 }
 EVAL_METRICS = [f"dpo_eval_{suffix}" for suffix in _HELP if suffix not in _TRAIN_ONLY]
+
+
+def margin_interval(batch_margins: list[float], confidence: float) -> dict[str, float]:
+    """The held-out mean reward margin's interval at `confidence`, from the mean margin of each
+    evaluation batch (TRL keeps one per batch, over every rank): normal, over batch means; none
+    from fewer than two batches."""
+    if len(batch_margins) < 2:
+        return {}
+    mean = statistics.fmean(batch_margins)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    half = z * statistics.stdev(batch_margins) / math.sqrt(len(batch_margins))
+    return {MARGIN_LOW: mean - half, MARGIN_HIGH: mean + half}
+
+
 LABELS = ("dpojob", "namespace")
 RANK_LABELS = ("rank", "pod", "node")
 EVAL_PREFIX = "eval_"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from dpo_contract.config import TrainerConfig
+from dpo_contract.config import DEFAULT_CONFIDENCE, TrainerConfig
 from dpo_contract.pod import BadInputError
 from dpo_contract.reports import ReferenceLogProbsReport
 from torch.utils.data import DataLoader
@@ -23,6 +23,7 @@ from trl import __version__ as trl_version
 from dpo_trainer.io.checkpoints import CheckpointTransfer
 from dpo_trainer.io.models import lora_config
 from dpo_trainer.train.callbacks import SAVE_TOTAL_LIMIT, NeedsAccelerator, SendCheckpoints
+from dpo_trainer.train.metrics import margin_interval
 from dpo_trainer.train.reference_cache import (
     LOG_PROB_SETTINGS,
     CachedLogProbs,
@@ -185,6 +186,7 @@ def build_trainer(
             reference_cache=ReferenceCache(config.reference_cache)
             if config.reference_cache
             else None,
+            confidence=config.gate.confidence if config.gate else DEFAULT_CONFIDENCE,
             **datasets,
         )
     if deferred:
@@ -248,12 +250,29 @@ class PrecomputeOnEveryRank(DPOTrainer):
     within a pod and across pods alike.
     """
 
-    def __init__(self, *args: Any, reference_cache: ReferenceCache | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        reference_cache: ReferenceCache | None,
+        confidence: float,
+        **kwargs: Any,
+    ) -> None:
         # Set before TRL's __init__, which precomputes.
         self.reference_cache = reference_cache
+        self.confidence = confidence
         self.reference_reports: list[ReferenceLogProbsReport] = []
         self._reference_digest: str | None = None
         super().__init__(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log, and at an evaluation the held-out margin's interval, from the batch means
+        TRL keeps until it averages them here (a sweep stops a trial by it)."""
+        if self.model is not None and not self.model.training:
+            batches = self._metrics["eval"].get("rewards/margins", [])
+            logs.update(
+                {f"eval_{k}": v for k, v in margin_interval(batches, self.confidence).items()}
+            )
+        super().log(logs, start_time)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         started = time.monotonic()

@@ -13,7 +13,7 @@ is; without a promotion, as soon as it is chosen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from dpo_contract.reports import Failure
@@ -36,16 +36,23 @@ class SeenTrial:
     number: int
     name: str
     phase: str | None
-    reward_margin: float | None  # held-out (the gate's) once scored, else training's latest
+    reward_margin: float | None  # held-out: the gate's once scored, else the latest evaluation's
     reward_accuracy: float | None
     verdict: Literal["Passed", "Rejected", "Inconclusive"] | None
     approved: bool
+    interval: tuple[float, float] | None = None  # the held-out margin's, as reward_margin
+    stopped: str | None = None  # why the sweep stopped it
 
     @property
     def finished(self) -> bool:
-        """Trained and gated (or ended before): the sweep approves only a finished trial, and
-        the approved one stays finished while it promotes."""
-        return self.phase in TERMINAL_PHASES or self.phase == AWAITING or self.approved
+        """Trained and gated (or ended before, or stopped): the sweep approves only a finished
+        trial, and the approved one stays finished while it promotes."""
+        return (
+            self.phase in TERMINAL_PHASES
+            or self.phase == AWAITING
+            or self.approved
+            or self.stopped is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,15 @@ class ApproveTrial:
     name: str
 
 
-SweepAction = CreateTrial | CreateChooser | ApproveTrial
+@dataclass(frozen=True)
+class StopTrial:
+    """Suspend a trial (its GPUs go back) and say why on it."""
+
+    name: str
+    reason: str
+
+
+SweepAction = CreateTrial | CreateChooser | ApproveTrial | StopTrial
 
 
 @dataclass
@@ -98,10 +113,21 @@ def decide_sweep(sweep: DPOSweep, found: list[Trial], observed: SweepObserved) -
         total=len(found), winner=before.winner, comparisons=list(before.comparisons)
     )
     decision = SweepDecision(status)
-    seen = observed.trials
+    # A trial stopped by an earlier decision whose annotation the cache does not show yet.
+    said_stopped = {row.number: row.stopped for row in before.trials if row.stopped}
+    seen = {
+        n: replace(s, stopped=s.stopped or said_stopped.get(n)) for n, s in observed.trials.items()
+    }
     status.trials = [_row(trial, seen.get(trial.number)) for trial in found]
+    for stop in _clearly_worse(found, seen):
+        decision.actions.append(stop)
+        number = next(n for n, s in seen.items() if s.name == stop.name)
+        seen = {**seen, number: replace(seen[number], stopped=stop.reason)}
+        status.trials[number - 1].stopped = stop.reason
+        decision.events.append(Event("Normal", "TrialStopped", f"trial {number}: {stop.reason}"))
     status.done = sum(1 for s in seen.values() if s.finished)
     status.running = len(seen) - status.done
+    status.stopped = sum(1 for s in seen.values() if s.stopped is not None)
     status.best = _best(found, seen)
     old = {row.number: row.phase for row in before.trials}
     for row in status.trials:
@@ -183,6 +209,34 @@ def _choose(
     return True
 
 
+def _clearly_worse(found: list[Trial], seen: dict[int, SeenTrial]) -> list[StopTrial]:
+    """Trials still training whose held-out margin per unit of beta is, at its latest
+    evaluation, clearly below another trial's: the upper bound of its interval under the best
+    lower bound of any trial that has not failed or been rejected. They cannot win; stopping
+    them frees their GPUs for the trials still waiting."""
+    betas = {trial.number: trial.job.spec.dpo.beta for trial in found}
+    # The trainer's intervals are at the gate's confidence, the same in every trial.
+    confidence = found[0].job.spec.eval_gate.confidence
+    bounds = {
+        n: (s.interval[0] / betas[n], s.interval[1] / betas[n])
+        for n, s in seen.items()
+        if s.interval is not None and s.stopped is None and s.phase not in ("Failed", "Rejected")
+    }
+    if len(bounds) < 2:
+        return []
+    leader = max(bounds, key=lambda n: (bounds[n][0], -n))
+    floor = bounds[leader][0]
+    return [
+        StopTrial(
+            seen[n].name,
+            f"held-out margin per beta at most {high:.4g} (upper bound at "
+            f"{confidence:.0%}), below trial {leader}'s lower bound {floor:.4g}: it cannot win",
+        )
+        for n, (_, high) in sorted(bounds.items())
+        if n != leader and high < floor and seen[n].phase == "Training"
+    ]
+
+
 def _row(trial: Trial, seen: SeenTrial | None) -> TrialStatus:
     row = TrialStatus(
         number=trial.number, name=trial.manifest["metadata"]["name"], settings=trial.describe()
@@ -190,8 +244,11 @@ def _row(trial: Trial, seen: SeenTrial | None) -> TrialStatus:
     if seen is not None:
         row.phase = seen.phase  # type: ignore[assignment]
         row.reward_margin = seen.reward_margin
+        if seen.interval is not None:
+            row.reward_margin_low, row.reward_margin_high = seen.interval
         row.reward_accuracy = seen.reward_accuracy
         row.verdict = seen.verdict
+        row.stopped = seen.stopped
     return row
 
 
