@@ -100,6 +100,44 @@ def pod_operator(pod_plane: ControlPlane, pod_runner: PodRunner) -> Iterator[Ope
         running.kill()
 
 
+def output_volume(plane: ControlPlane, runner: PodRunner, namespace: str, output: str) -> Path:
+    """The host folder behind the claim an output `pvc://CLAIM/...` names, in `namespace`: the
+    claim bound to a hostPath PersistentVolume the first time (and the namespace created)."""
+    claim = output.removeprefix("pvc://").split("/")[0]
+    volume = runner.workdir / "volumes" / namespace / claim
+    plane.kubectl("create", "namespace", namespace, check=False)
+    if not output.startswith("pvc://") or volume.exists():
+        return volume
+    volume.mkdir(parents=True)
+    pv = f"{claim}-{namespace}"
+    persistent_volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv},
+        "spec": {
+            "capacity": {"storage": "10Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "hostPath": {"path": str(volume)},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }
+    bound = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "namespace": namespace},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": pv,
+            "resources": {"requests": {"storage": "10Gi"}},
+        },
+    }
+    for body in (persistent_volume, bound):
+        plane.kubectl("apply", "-f", "-", stdin=json.dumps(body))
+    return volume
+
+
 class Run:
     """A DPOJob in `namespace`; an output on a claim gets the claim, bound to a hostPath
     PersistentVolume."""
@@ -116,42 +154,10 @@ class Run:
         self.plane, self.runner, self.namespace, self.name = plane, runner, namespace, name
         manifest = set_fields(example_manifest(example), **spec)
         manifest["metadata"] = {"name": name, "namespace": namespace}
-        output = parse_dpojob(manifest).spec.output.uri
-        claim = output.removeprefix("pvc://").split("/")[0]
-        self.volume = runner.workdir / "volumes" / namespace / claim
-        plane.kubectl("create", "namespace", namespace, check=False)
-        if output.startswith("pvc://") and not self.volume.exists():
-            self._claim(claim)
+        self.volume = output_volume(
+            plane, runner, namespace, parse_dpojob(manifest).spec.output.uri
+        )
         plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
-
-    def _claim(self, claim: str) -> None:
-        self.volume.mkdir(parents=True)
-        pv = f"{claim}-{self.namespace}"
-        volume = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": "10Gi"},
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "hostPath": {"path": str(self.volume)},
-                "claimRef": {"namespace": self.namespace, "name": claim},
-            },
-        }
-        bound = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": self.namespace},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "volumeName": pv,
-                "resources": {"requests": {"storage": "10Gi"}},
-            },
-        }
-        for body in (volume, bound):
-            self.plane.kubectl("apply", "-f", "-", stdin=json.dumps(body))
 
     def status(self) -> dict[str, Any]:
         job = self.plane.custom().get_namespaced_custom_object(
@@ -205,11 +211,16 @@ class Run:
         return self.volume / self.namespace / self.name / self.uid
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.log.read_text(errors='replace')[-3000:]}"
-            for p in self.runner.pods.values()
-            if p.namespace == self.namespace
-        )
+        return namespace_logs(self.runner, self.namespace)
+
+
+def namespace_logs(runner: PodRunner, namespace: str) -> str:
+    """The end of the log of every pod the runner ran in `namespace`."""
+    return "\n".join(
+        f"--- {p.name}\n{p.log.read_text(errors='replace')[-3000:]}"
+        for p in runner.pods.values()
+        if p.namespace == namespace
+    )
 
 
 def assert_promoted_intact(run: Run, status: dict[str, Any]) -> None:

@@ -56,7 +56,11 @@ def alert_rules() -> dict[str, Any]:
 
 def grafana_to_promql(expr: str) -> str:
     """What Grafana sends for "All" in both selectors."""
-    return expr.replace('"$dpojob"', '".*"').replace('"$namespace"', '".*"')
+    return (
+        expr.replace('"$dpojob"', '".*"')
+        .replace('"$namespace"', '".*"')
+        .replace('"$sweep"', '".*"')
+    )
 
 
 @pytest.fixture
@@ -123,8 +127,11 @@ def test_every_panel_and_alert_is_answered_by_a_real_prometheus(
         started = time.time()
         # The operator drives DPOJobs: one promoted, one rejected, one restarted.
         _drive_dpojobs(plane, kubelet)
-        # A real tiny training run serves dpo_train_* and dpo_eval_* while it trains.
+        # A real tiny training run serves dpo_train_* and dpo_eval_* while it trains, as trial 1
+        # of a DPOSweep the operator holds (the sweep panels join on its trial info).
         manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+        manifest["metadata"] = {"name": "dash-1", "namespace": "dash-sweep"}
+        _sweep_of(plane, manifest, "dash")
         manifest["spec"]["dpo"]["maxSteps"] = 100
         manifest["spec"]["dpo"]["loggingSteps"] = 2
         (workdir / "job.yaml").write_text(yaml.safe_dump(manifest))
@@ -177,6 +184,22 @@ def test_every_panel_and_alert_is_answered_by_a_real_prometheus(
         for process in processes:
             process.kill()
             process.wait()
+
+
+def _sweep_of(plane: ControlPlane, trial: dict[str, Any], name: str) -> None:
+    """A DPOSweep `name` of one trial, `<name>-1`, with `trial`'s spec."""
+    namespace = trial["metadata"]["namespace"]
+    plane.kubectl("create", "namespace", namespace)
+    sweep = {
+        "apiVersion": "dpo.dev/v1alpha1",
+        "kind": "DPOSweep",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "template": trial["spec"],
+            "parameters": [{"field": "dpo.beta", "values": [trial["spec"]["dpo"]["beta"]]}],
+        },
+    }
+    plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(sweep))
 
 
 def _drive_dpojobs(plane: ControlPlane, kubelet: Kubelet) -> None:

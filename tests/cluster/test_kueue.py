@@ -7,9 +7,13 @@ priority one resumes from its checkpoint once readmitted, without spending a res
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import yaml
+from dpo_trainer.io.artifacts import EVAL_REPORT
 from dpo_trainer.io.checkpoints import COMPLETE_MARKER
+from dpo_trainer.publish.pointer import CURRENT
 
 from tests.cluster.control_plane import ControlPlane, Operator, wait_for
 from tests.cluster.kueue import (
@@ -27,8 +31,11 @@ from tests.cluster.pod_plane import (
     NODES,
     TRAINING_TIMEOUT,
     Run,
+    namespace_logs,
+    output_volume,
 )
 from tests.cluster.pod_runner import PodRunner
+from tests.conftest import example_manifest, set_fields
 
 BLOCK = {n.name: n.labels.get(BLOCK_LABEL) for n in NODES}
 QUEUED_GANG: dict[str, Any] = {
@@ -231,4 +238,99 @@ def test_a_run_preempted_by_kueue_resumes_from_its_checkpoint_without_spending_a
     ]
     assert steps, log[-3000:]
     assert steps[0] > 20, "the readmitted pod went on from the checkpoint"
+    pod_plane.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def test_a_sweep_queues_its_trials_through_kueue_stops_a_hopeless_one_and_promotes_its_winner(
+    pod_plane: ControlPlane, pod_runner: PodRunner, pod_operator: Operator, kueue: Kueue
+) -> None:
+    """Four real trials (beta x learning rate; a learning rate of 1e-9 learns nothing), two at
+    a time, each queued in Kueue's CPU queue (room for one training pod): a hopeless trial is
+    stopped at an evaluation once a good one has finished, the reference log-probs are
+    computed once, the chooser pod compares the gated trials and only the winner is promoted."""
+    namespace = "swept"
+    kueue.open_queues(namespace)
+    template = set_fields(
+        example_manifest("quickstart"),
+        **{
+            "scheduling.queueName": CPU_QUEUE,
+            "dpo.saveSteps": 10,  # an evaluation every 10 steps
+            "evalGate.minRewardMargin": 0.0,  # the gate scores the margin with its interval
+            "monitoring.intervalSeconds": 5,
+            "promotion.target": "pvc://dpo-runs/promoted/swept",
+        },
+    )["spec"]
+    volume = output_volume(pod_plane, pod_runner, namespace, template["output"]["uri"])
+    sweep = {
+        "apiVersion": "dpo.dev/v1alpha1",
+        "kind": "DPOSweep",
+        "metadata": {"name": "swept", "namespace": namespace},
+        "spec": {
+            "template": template,
+            "parameters": [
+                {"field": "dpo.beta", "values": [0.1, 0.3]},
+                {"field": "dpo.learningRate", "values": [5.0e-4, 1.0e-9]},
+            ],
+            "maxParallel": 2,
+        },
+    }
+    pod_plane.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(sweep))
+
+    def sweep_status() -> dict[str, Any]:
+        found = pod_plane.custom().get_namespaced_custom_object(
+            "dpo.dev", "v1alpha1", namespace, "dposweeps", "swept"
+        )
+        status = dict(found.get("status") or {})
+        assert status.get("phase") != "Failed", (status, namespace_logs(pod_runner, namespace))
+        return status
+
+    status = wait_for(
+        "the sweep Succeeded",
+        lambda: (s := sweep_status()).get("phase") == "Succeeded" and s,
+        4 * TRAINING_TIMEOUT,
+    )
+    rows = {row["number"]: row for row in status["trials"]}
+    stopped = [n for n, row in rows.items() if row.get("stopped")]
+    assert stopped, status
+    assert set(stopped) <= {2, 4}, "only a trial that learns nothing is clearly worse"
+    assert status["winner"] in (1, 3)
+    for number in stopped:
+        assert rows[number]["phase"] == "Stopped"
+        assert rows[number]["rewardMarginHigh"] < 0.01
+
+    trials = pod_plane.custom().list_namespaced_custom_object(
+        "dpo.dev", "v1alpha1", namespace, "dpojobs", label_selector="dpo.dev/sweep=swept"
+    )["items"]
+    reports = [
+        json.loads(path.read_text())
+        for trial in trials
+        if (
+            path := volume
+            / namespace
+            / trial["metadata"]["name"]
+            / trial["metadata"]["uid"]
+            / "train.json"
+        ).exists()
+    ]
+    # Each train.json lists the datasets whose reference log-probs it used (train, eval).
+    reused = [all(entry["reused"] for entry in report["referenceLogProbs"]) for report in reports]
+    assert sorted(reused) == [False] + [True] * (len(reports) - 1), "one reference pass in all"
+    for trial in trials:
+        if trial["metadata"]["name"] in {f"swept-{n}" for n in stopped}:
+            continue  # its Job deleted, and Kueue's Workload with it
+        train = f"{trial['metadata']['name']}-train-1"
+        workload = next(
+            w
+            for w in kueue.workloads(namespace)
+            if any(o["name"] == train for o in w["metadata"].get("ownerReferences", []))
+        )
+        assert workload["spec"]["queueName"] == CPU_QUEUE
+
+    winner = f"swept-{status['winner']}"
+    uid = next(t["metadata"]["uid"] for t in trials if t["metadata"]["name"] == winner)
+    gate = json.loads((volume / namespace / winner / uid / EVAL_REPORT).read_text())
+    current = json.loads((volume / "promoted" / "swept" / CURRENT).read_text())
+    assert current["digest"] == gate["adapterDigest"], "the winner's gated adapter, promoted"
+    promoted = [t["metadata"]["name"] for t in trials if (t.get("status") or {}).get("promotion")]
+    assert promoted == [winner], "one promotion per sweep"
     pod_plane.kubectl("delete", "namespace", namespace, "--wait=false")

@@ -96,6 +96,7 @@ def test_a_trial_clearly_worse_at_an_evaluation_is_stopped_and_the_next_one_star
         name: Gauge(name, name, ("dpojob", "namespace"), registry=registry)
         for name in (
             "dpo_train_step",
+            "dpo_eval_step",
             "dpo_eval_reward_margin",
             "dpo_eval_reward_margin_low",
             "dpo_eval_reward_margin_high",
@@ -105,6 +106,7 @@ def test_a_trial_clearly_worse_at_an_evaluation_is_stopped_and_the_next_one_star
     for trial, (low, high) in evaluations.items():
         labels = {"dpojob": trial, "namespace": "sweep-stop"}
         gauges["dpo_train_step"].labels(**labels).set(20)
+        gauges["dpo_eval_step"].labels(**labels).set(20)
         gauges["dpo_eval_reward_margin"].labels(**labels).set((low + high) / 2)
         gauges["dpo_eval_reward_margin_low"].labels(**labels).set(low)
         gauges["dpo_eval_reward_margin_high"].labels(**labels).set(high)
@@ -120,16 +122,15 @@ def test_a_trial_clearly_worse_at_an_evaluation_is_stopped_and_the_next_one_star
         thread.join()
     stopped = status["trials"][1]
     assert stopped["stopped"] == (
-        "held-out margin per beta at most 0.1 (upper bound at 95%), below trial 1's lower bound "
-        "0.8: it cannot win"
+        "held-out margin per beta at step 20 at most 0.1 (upper bound at 95%), below trial 1's "
+        "lower bound 0.8 at the same step: it cannot win"
     )
     assert (stopped["rewardMarginLow"], stopped["rewardMarginHigh"]) == (0.01, 0.02)
-    sweep.wait_trial_phase(2, "Suspended")
-    train = crd_installed.batch().read_namespaced_job("sweep-2-train-1", "sweep-stop")
-    assert train.spec.suspend is True, "its GPUs go back"
+    sweep.wait_trial_phase(2, "Stopped")
+    wait_for("its Job deleted: its GPUs go back", lambda: "sweep-2-train-1" not in sweep.jobs())
     assert "sweep-3" in wait_for("the next trial", lambda: len(t := sweep.trials()) == 3 and t)
-    assert "StoppedBySweep" in wait_for(
-        "the trial's event", lambda: "StoppedBySweep" in (e := sweep.events("DPOJob")) and e
+    assert "Stopped" in wait_for(
+        "the trial's own event", lambda: "Stopped" in (e := sweep.events("DPOJob")) and e
     )
     assert "TrialStopped" in sweep.events()
     row = crd_installed.kubectl("get", "dposweep", "-n", "sweep-stop").stdout.splitlines()[1]

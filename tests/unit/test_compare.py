@@ -144,3 +144,63 @@ def test_a_dpojob_is_compared_from_its_status_where_its_output_is_not_readable(
 def test_a_run_that_is_not_there_says_what_to_give(tmp_path: Path) -> None:
     with pytest.raises(RunNotFoundError, match=r"no trainer.json .* or train.json"):
         load_run(str(tmp_path))
+
+
+def test_a_dposweep_is_compared_trial_by_trial_with_its_stops_and_winner(tmp_path: Path) -> None:
+    from dpo_operator.cli.compare import compare
+    from dpo_operator.core.sweep import trials
+
+    from tests.unit.test_sweep_lifecycle import sweep_manifest
+
+    def row(number: int, phase: str, **said: Any) -> dict[str, Any]:
+        beta = f"dpo.beta=0.{number}"
+        named = {"number": number, "name": f"beta-sweep-{number}", "settings": beta}
+        return {**named, "phase": phase, **said}
+
+    sweep = sweep_manifest()
+    sweep["spec"]["parameters"] = [{"field": "dpo.beta", "values": [0.1, 0.2, 0.3]}]
+    stop = "held-out margin per beta at most 0.1 (upper bound at 95%), below trial 1's lower bound"
+    sweep["status"] = {
+        "phase": "Succeeded",
+        "message": "trial 3 (dpo.beta=0.3) won and is promoted",
+        "winner": 3,
+        "trials": [
+            row(1, "AwaitingApproval"),
+            row(2, "Suspended", rewardMargin=0.015, rewardMarginLow=0.01, rewardMarginHigh=0.02,
+                stopped=stop),
+            row(3, "Succeeded"),
+        ],
+        "comparisons": [
+            {"number": 1, "mean": 0.8, "difference": 0.4, "low": 0.3, "high": 0.5},
+            {"number": 3, "mean": 1.2},
+        ],
+    }  # fmt: skip
+    bodies = [t.manifest for t in reversed(trials(sweep))]  # kubectl lists by name, not number
+    asked: list[list[str]] = []
+
+    def kubectl(arguments: list[str]) -> str:
+        asked.append(arguments)
+        return json.dumps(sweep if arguments[1] == "dposweeps.dpo.dev" else {"items": bodies})
+
+    text, _ = compare(["dposweep/team/beta-sweep"], tmp_path / "sweep.png", kubectl)
+    print(text)
+    assert asked[1] == [
+        "get", "dpojobs.dpo.dev", "-l", "dpo.dev/sweep=beta-sweep", "-n", "team", "-o", "json",
+    ]  # fmt: skip
+    header = text.splitlines()[0].split()
+    assert header == ["beta-sweep-1", "beta-sweep-2", "beta-sweep-3"], "in trial order"
+    settings = text[text.index("settings that differ") : text.index("final training metrics")]
+    assert "training.beta" in settings
+    assert (
+        f"trial 2 (dpo.beta=0.2): Suspended, held-out margin 0.015 [0.01, 0.02]; stopped: {stop}"
+        in text
+    )
+    assert "winner: trial 3" in text
+    assert "trial 1: +0.4 [+0.3, +0.5]  worse" in text
+
+    with pytest.raises(RunNotFoundError, match="has no trials yet"):
+        compare(
+            ["dposweep/beta-sweep"],
+            tmp_path / "none.png",
+            lambda a: json.dumps(sweep if a[1] == "dposweeps.dpo.dev" else {"items": []}),
+        )

@@ -177,6 +177,30 @@ def test_suspend_stops_the_pods_and_resume_starts_them_again() -> None:
     assert decision.status.suspended_at is None
 
 
+def test_a_stop_annotation_ends_the_run_deleting_its_jobs_and_says_why() -> None:
+    """What a DPOSweep does to a trial that cannot win, and a person to a run not needed: the
+    Jobs deleted (a queued one gives its Kueue quota back), Stopped, for good."""
+    reason = "held-out margin per beta at most 0.1, below trial 1's lower bound 0.8"
+    stopped = job(
+        scheduling={"queueName": "q"},
+        status={"attempt": 1, "phase": "Training"},
+        annotations={"dpo.dev/stop": reason},
+    )
+    decision = decide(stopped, observed(child("train", 1, "Running", pod("Running"))))
+    assert decision.actions == [Delete("demo-train-1")]
+    assert decision.status.phase == "Stopped"
+    assert decision.status.message == f"stopped (dpo.dev/stop): {reason}; checkpoints kept"
+    assert ("Normal", "Stopped") in [(e.type, e.reason) for e in decision.events]
+    types = {c.type for c in decision.status.conditions if c.status == "True"}
+    assert not types & {"Failed", "Succeeded"}, "stopped on request: neither"
+    after = decide(
+        job(status=decision.status.model_dump(by_alias=True), annotations={"dpo.dev/stop": "x"}),
+        observed(),
+    )
+    assert after.actions == []
+    assert after.status.phase == "Stopped"
+
+
 def test_a_retryable_failure_restarts_the_whole_group_from_its_checkpoint() -> None:
     failed = child("train", 1, "Failed", pod("Failed", 1, "NCCL error"), pod("Failed", 137))
     decision = decide(job(status={"attempt": 1, "phase": "Training"}), observed(failed))

@@ -8,7 +8,7 @@ from typing import Any
 
 from dpo_contract.sweep import SweepChoice, TrialComparison, choose_winner
 from dpo_contract.termination import TERMINATION_MESSAGE_LIMIT, termination_message_json
-from dpo_operator.api.sweep import DPOSweep
+from dpo_operator.api.sweep import DPOSweep, Rung
 from dpo_operator.core.lifecycle.sweep import (
     ApproveTrial,
     CreateChooser,
@@ -190,8 +190,11 @@ def test_sixty_four_comparisons_fit_the_termination_message() -> None:
     assert kept.compared[0].number == 64, "the winner is kept; then the closest trials"
 
 
-def training(number: int, low: float, high: float, stopped: str | None = None) -> SeenTrial:
-    """A trial in training whose latest evaluation put its held-out margin in [low, high]."""
+def training(
+    number: int, low: float, high: float, stopped: str | None = None, at: int = 10
+) -> SeenTrial:
+    """A trial in training whose evaluation at step `at` put its held-out margin in [low,
+    high]."""
     return SeenTrial(
         number,
         f"beta-sweep-{number}",
@@ -201,27 +204,31 @@ def training(number: int, low: float, high: float, stopped: str | None = None) -
         None,
         False,
         (low, high),
+        Rung(step=at, low=low, high=high),
         stopped,
     )
 
 
-def test_a_trial_clearly_worse_than_another_is_stopped_and_frees_its_place() -> None:
-    # Per unit of beta (both 0.05): trial 1 is in [0.8, 1.2], trial 2 in [0.1, 0.2].
+def stops_of(decided: SweepDecision) -> list[StopTrial]:
+    return [a for a in decided.actions if isinstance(a, StopTrial)]
+
+
+def test_a_trial_clearly_worse_at_the_same_step_is_stopped_and_frees_its_place() -> None:
+    # Per unit of beta (both 0.05) at step 10: trial 1 is in [0.8, 1.2], trial 2 in [0.1, 0.2].
     observed = SweepObserved({1: training(1, 0.04, 0.06), 2: training(2, 0.005, 0.01)})
     decided = step(sweep_manifest(), observed)
-    stops = [a for a in decided.actions if isinstance(a, StopTrial)]
+    stops = stops_of(decided)
     assert [s.name for s in stops] == ["beta-sweep-2"]
     assert stops[0].reason == (
-        "held-out margin per beta at most 0.2 (upper bound at 95%), below trial 1's lower "
-        "bound 0.8: it cannot win"
+        "held-out margin per beta at step 10 at most 0.2 (upper bound at 95%), below trial 1's "
+        "lower bound 0.8 at the same step: it cannot win"
     )
     assert CreateTrial(3) in decided.actions, "its place goes to the next trial"
     assert (decided.status.stopped, decided.status.running) == (1, 2)
-    assert decided.status.trials[1].stopped == stops[0].reason
-    assert (
-        decided.status.trials[0].reward_margin_low,
-        decided.status.trials[0].reward_margin_high,
-    ) == (0.04, 0.06)
+    first, second = decided.status.trials[:2]
+    assert second.stopped == stops[0].reason
+    assert (first.reward_margin_low, first.reward_margin_high) == (0.04, 0.06)
+    assert [r.step for r in first.rungs] == [10], "each evaluation seen is kept"
     assert "TrialStopped" in [e.reason for e in decided.events]
 
     # Once stopped (the annotation), it stays stopped: never stopped twice, never restarted.
@@ -229,8 +236,32 @@ def test_a_trial_clearly_worse_than_another_is_stopped_and_frees_its_place() -> 
         {1: training(1, 0.04, 0.06), 2: training(2, 0.005, 0.01, stopped=stops[0].reason)}
     )
     later = step(sweep_manifest(), again, decided)
-    assert not [a for a in later.actions if isinstance(a, StopTrial)]
+    assert not stops_of(later)
     assert later.status.stopped == 1
+
+
+def test_trials_are_compared_at_the_same_step_not_against_a_finished_trials_end() -> None:
+    """Trial 1 finished (gated) with rungs at steps 10 and 60; trial 3, now at step 10, is
+    below trial 1's end but above trial 1 at step 10: it goes on (a young trial is not cut
+    against a grown one); at step 20, where trial 1 was clearly better, it is stopped."""
+    manifest = sweep_manifest()
+    grown = training(1, 0.01, 0.02, at=10)
+    before = step(manifest, SweepObserved({1: grown}))
+    grown = training(1, 0.09, 0.1, at=20)
+    before = step(manifest, SweepObserved({1: grown}), before)
+    grown = training(1, 0.2, 0.3, at=60)
+    before = step(manifest, SweepObserved({1: grown}), before)
+    assert [r.step for r in before.status.trials[0].rungs] == [10, 20, 60]
+    gated_one = SeenTrial(1, "beta-sweep-1", "AwaitingApproval", 0.25, None, "Passed", False)
+
+    young = training(3, 0.015, 0.03, at=10)  # per beta (0.1): [0.15, 0.3]; trial 1: [0.2, 0.4]
+    decided = step(manifest, SweepObserved({1: gated_one, 3: young}), before)
+    assert not stops_of(decided), "at step 10 the intervals overlap"
+
+    older = training(3, 0.02, 0.03, at=20)  # per beta [0.2, 0.3]; trial 1 at 20: [1.8, 2.0]
+    decided = step(manifest, SweepObserved({1: gated_one, 3: older}), decided)
+    assert [s.name for s in stops_of(decided)] == ["beta-sweep-3"]
+    assert "at step 20" in stops_of(decided)[0].reason
 
 
 def test_overlapping_intervals_stop_nothing_and_bounds_compare_per_beta() -> None:
@@ -238,14 +269,18 @@ def test_overlapping_intervals_stop_nothing_and_bounds_compare_per_beta() -> Non
     # [0.03, 0.06] is [0.6, 1.2]. They overlap, though the raw intervals do not.
     observed = SweepObserved({1: training(1, 0.03, 0.06), 5: training(5, 0.15, 0.3)})
     decided = step(sweep_manifest(maxParallel=3), observed)
-    assert not [a for a in decided.actions if isinstance(a, StopTrial)]
+    assert not stops_of(decided)
 
 
-def test_a_rejected_trial_never_leads_and_a_trial_past_training_is_not_stopped() -> None:
-    # Per beta: trial 1 (rejected) [1.8, 2.2] would stop the others if it counted; trial 2
-    # (gating) [0, 0.02] is clearly below trial 3 [0.2, 0.3], but is past training.
-    rejected = SeenTrial(1, "beta-sweep-1", "Rejected", 0.1, None, "Rejected", False, (0.09, 0.11))
-    gating = SeenTrial(2, "beta-sweep-2", "Evaluating", 0.0, None, None, False, (0.0, 0.001))
-    observed = SweepObserved({1: rejected, 2: gating, 3: training(3, 0.02, 0.03)})
-    decided = step(sweep_manifest(), observed)
-    assert not [a for a in decided.actions if isinstance(a, StopTrial)]
+def test_a_rejected_trial_never_leads() -> None:
+    # At step 10, per beta, trial 1 (rejected since) was in [1.8, 2.2]: it would stop trial 3
+    # [0.2, 0.3] at the same step if it counted.
+    manifest = sweep_manifest()
+    before = step(manifest, SweepObserved({1: training(1, 0.09, 0.11)}))
+    rejected = SeenTrial(1, "beta-sweep-1", "Rejected", 0.1, None, "Rejected", False)
+    observed = SweepObserved({1: rejected, 3: training(3, 0.02, 0.03)})
+    assert not stops_of(step(manifest, observed, before))
+    # Were it gated instead, trial 3 would be stopped.
+    gated_one = SeenTrial(1, "beta-sweep-1", "AwaitingApproval", 0.1, None, "Passed", False)
+    observed = SweepObserved({1: gated_one, 3: training(3, 0.02, 0.03)})
+    assert [s.name for s in stops_of(step(manifest, observed, before))] == ["beta-sweep-3"]

@@ -31,6 +31,17 @@ class TrialComparison(ContractModel):
         """The interval reaches zero: the pairs cannot tell this trial from the winner."""
         return self.low is not None and self.low <= 0.0
 
+    def describe(self) -> str:
+        """`trial 2: +0.31 [+0.12, +0.5]  worse` (the winner's margin per beta minus this
+        trial's); the winner itself: `trial 3: the winner`."""
+        if self.difference is None or self.low is None or self.high is None:
+            return f"trial {self.number}: the winner"
+        said = "tied within the interval" if self.tied else "worse"
+        return (
+            f"trial {self.number}: {self.difference:+.3g} [{self.low:+.3g}, {self.high:+.3g}]  "
+            f"{said}"
+        )
+
 
 class SweepChoice(ContractModel):
     """The chooser's termination message."""

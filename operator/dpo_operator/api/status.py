@@ -26,9 +26,10 @@ Phase = Literal[
     "Rejected",
     "Failed",
     "Suspended",
+    "Stopped",
 ]
 PHASES: tuple[str, ...] = get_args(Phase)
-TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Rejected", "Failed"})
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Rejected", "Failed", "Stopped"})
 
 
 class Condition(ContractModel):
@@ -49,6 +50,9 @@ class TrainingMetrics(ContractModel):
     loss: StrictFloat | None = None
     reward_accuracy: StrictFloat | None = None
     reward_margin: StrictFloat | None = None
+    eval_step: StrictInt | None = Field(
+        default=None, description="The step of the latest evaluation during training."
+    )
     eval_reward_margin: StrictFloat | None = Field(
         default=None, description="The held-out mean reward margin at the latest evaluation."
     )

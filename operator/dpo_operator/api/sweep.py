@@ -172,6 +172,17 @@ class DPOSweepSpec(RuledModel):
 SweepPhase = Literal["Running", "Choosing", "Promoting", "Succeeded", "Failed"]
 
 
+class Rung(ContractModel):
+    """A trial's held-out reward margin interval at one evaluation step during training."""
+
+    step: StrictInt
+    low: StrictFloat
+    high: StrictFloat
+
+
+MAX_RUNGS = 32
+
+
 class TrialStatus(ContractModel):
     """One trial as the sweep last saw it."""
 
@@ -197,7 +208,13 @@ class TrialStatus(ContractModel):
     )
     verdict: Literal["Passed", "Rejected", "Inconclusive"] | None = None
     stopped: Annotated[str, Field(max_length=1024)] | None = Field(
-        default=None, description="Why the sweep stopped it early (it is suspended)."
+        default=None, description="Why the sweep stopped it early (the trial is Stopped)."
+    )
+    rungs: list[Rung] = Field(
+        default_factory=list,
+        max_length=MAX_RUNGS,
+        description="Its held-out margin interval at each evaluation the operator saw: trials "
+        "are compared at the same step.",
     )
 
 

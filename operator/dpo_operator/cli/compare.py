@@ -9,6 +9,8 @@ A RUN is one of:
     DIR or URI                 a run's artifacts (<output>/<namespace>/<name>/<uid>, train.json)
     dpojob/[NAMESPACE/]NAME    a DPOJob, read with kubectl; its curves come from its artifacts
                                where this machine can read its output (not a PVC)
+    dposweep/[NAMESPACE/]NAME  every trial of a DPOSweep, as DPOJobs, and the sweep's verdict:
+                               the stopped trials and why, the winner and its paired comparison
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from dpo_contract.config import TrainerConfig
 from dpo_contract.reports import GateCriterion, GateReport, TrainingReport
 from pydantic import ValidationError
 
+from dpo_operator.api.sweep import DPOSweepStatus
 from dpo_operator.cli.report import describe_criterion, plot_curves
 from dpo_operator.core.render import trainer_config
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.storage import artifacts_dir
+from dpo_operator.core.sweep import SWEEP_LABEL, TRIAL_LABEL
 from dpo_operator.core.validate import parse_dpojob
 
 DPOJOB_PREFIX = "dpojob/"
+SWEEP_PREFIX = "dposweep/"
 # Differ between any two runs without being a choice: not shown as settings.
 NOT_SETTINGS = ("job.", "artifactsDir", "metricsPort", "referenceCache")
 FINAL_METRICS = (
@@ -96,10 +101,59 @@ def load_run(run: str, get: Kubectl = kubectl) -> ComparedRun:
     return compared
 
 
+def _named(run: str, prefix: str) -> tuple[str, list[str]]:
+    """The name in `prefix[NAMESPACE/]NAME`, and kubectl's namespace arguments."""
+    parts = run.removeprefix(prefix).split("/")
+    return parts[-1], ["-n", parts[0]] if len(parts) == 2 else []
+
+
 def _load_dpojob(run: str, get: Kubectl) -> ComparedRun:
-    parts = run.removeprefix(DPOJOB_PREFIX).split("/")
-    namespace_args = ["-n", parts[0]] if len(parts) == 2 else []
-    body = json.loads(get(["get", "dpojobs.dpo.dev", parts[-1], *namespace_args, "-o", "json"]))
+    name, namespace_args = _named(run, DPOJOB_PREFIX)
+    body = json.loads(get(["get", "dpojobs.dpo.dev", name, *namespace_args, "-o", "json"]))
+    return _compared_dpojob(run, body)
+
+
+def load_sweep(run: str, get: Kubectl = kubectl) -> tuple[list[ComparedRun], list[str]]:
+    """Every trial of the DPOSweep `run` names, in order, and what the sweep said of them."""
+    name, namespace_args = _named(run, SWEEP_PREFIX)
+    sweep = json.loads(get(["get", "dposweeps.dpo.dev", name, *namespace_args, "-o", "json"]))
+    listed = json.loads(
+        get(
+            ["get", "dpojobs.dpo.dev", "-l", f"{SWEEP_LABEL}={name}", *namespace_args, "-o", "json"]
+        )
+    )
+    try:
+        status = DPOSweepStatus.model_validate(sweep.get("status") or {})
+    except ValidationError as error:
+        raise RunNotFoundError(f"{run}: not a DPOSweep this release reads: {error}") from None
+    trials = sorted(listed["items"], key=lambda body: int(body["metadata"]["labels"][TRIAL_LABEL]))
+    if not trials:
+        raise RunNotFoundError(f"{run}: the sweep has no trials yet (phase {status.phase})")
+    return [_compared_dpojob(run, body) for body in trials], sweep_lines(name, status)
+
+
+def sweep_lines(name: str, status: DPOSweepStatus) -> list[str]:
+    """What a sweep's status says of its trials: settings, stops, the winner and ties."""
+    lines = [f"sweep {name}: {status.phase or 'Pending'}: {status.message or ''}".rstrip(": ")]
+    for row in status.trials:
+        said = f"  trial {row.number} ({row.settings}): {row.phase or 'not started'}"
+        if row.reward_margin is not None:
+            said += f", held-out margin {row.reward_margin:.4g}"
+            if row.reward_margin_low is not None and row.reward_margin_high is not None:
+                said += f" [{row.reward_margin_low:.4g}, {row.reward_margin_high:.4g}]"
+        if row.stopped:
+            said += f"; stopped: {row.stopped}"
+        lines.append(said)
+    if status.winner is not None:
+        lines.append(
+            f"  winner: trial {status.winner}; against each other gated trial, pair by pair, "
+            "the winner's held-out margin per beta minus the other's:"
+        )
+    lines += [f"    {c.describe()}" for c in status.comparisons if c.difference is not None]
+    return lines
+
+
+def _compared_dpojob(run: str, body: dict[str, Any]) -> ComparedRun:
     try:
         job = parse_dpojob(body, check_rules=False)
     except ValidationError as error:
@@ -230,7 +284,17 @@ def format_comparison(runs: Sequence[ComparedRun]) -> str:
 
 
 def compare(runs: Sequence[str], plot: Path, get: Kubectl = kubectl) -> tuple[str, Path | None]:
-    """The printed comparison of `runs`, and the PNG written to `plot` (None if none was)."""
-    loaded = [load_run(run, get) for run in runs]
+    """The printed comparison of `runs` (a sweep's: its trials), and the PNG written to `plot`
+    (None if none was)."""
+    loaded: list[ComparedRun] = []
+    said: list[str] = []
+    for run in runs:
+        if run.startswith(SWEEP_PREFIX):
+            trials, lines = load_sweep(run, get)
+            loaded += trials
+            said += lines
+        else:
+            loaded.append(load_run(run, get))
     histories = [(run.label, run.training.log_history) for run in loaded if run.training]
-    return format_comparison(loaded), plot_curves(histories, plot)
+    text = "\n".join([format_comparison(loaded), *said])
+    return text, plot_curves(histories, plot)

@@ -30,12 +30,13 @@ from dpo_operator.api import (
     TrainingMetrics,
     describe_errors,
 )
-from dpo_operator.api.sweep import SWEEP_KIND, SWEEP_PLURAL, DPOSweep
+from dpo_operator.api.sweep import SWEEP_KIND, SWEEP_PLURAL, DPOSweep, Rung
 from dpo_operator.controller.cache import Indexes, Key, cached_body, seen_job, seen_pod
 from dpo_operator.controller.client import ApiError, object_path, resource_version
 from dpo_operator.controller.dpojob import RETRY_SECONDS, post_event
+from dpo_operator.controller.metrics import export_sweep_trials
 from dpo_operator.controller.runtime import Runtime, runtime_of
-from dpo_operator.core.lifecycle import APPROVE_ANNOTATION, Event
+from dpo_operator.core.lifecycle import APPROVE_ANNOTATION, STOP_ANNOTATION, Event
 from dpo_operator.core.lifecycle.sweep import (
     ApproveTrial,
     CreateChooser,
@@ -50,7 +51,6 @@ from dpo_operator.core.lifecycle.sweep import (
 from dpo_operator.core.render.chooser import CHOOSER_LABEL, render_chooser
 from dpo_operator.core.resolve import resolve
 from dpo_operator.core.sweep import (
-    STOPPED_ANNOTATION,
     SWEEP_LABEL,
     TRIAL_LABEL,
     SweepError,
@@ -117,11 +117,15 @@ def seen_trial(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenTri
     metrics = status.metrics or TrainingMetrics()
     margin, accuracy = gate.get("rewardMargin"), gate.get("rewardAccuracy")
     # The gate's held-out numbers once it scored them, else the latest evaluation's in training.
-    interval = None
+    metrics_interval = None
+    if metrics.eval_reward_margin_low is not None and metrics.eval_reward_margin_high is not None:
+        metrics_interval = (metrics.eval_reward_margin_low, metrics.eval_reward_margin_high)
+    interval = metrics_interval
     if margin is not None and margin.low is not None and margin.high is not None:
         interval = (margin.low, margin.high)
-    elif metrics.eval_reward_margin_low is not None and metrics.eval_reward_margin_high is not None:
-        interval = (metrics.eval_reward_margin_low, metrics.eval_reward_margin_high)
+    rung = None
+    if status.phase == "Training" and metrics.eval_step is not None and metrics_interval:
+        rung = Rung(step=metrics.eval_step, low=metrics_interval[0], high=metrics_interval[1])
     annotations = body.meta.annotations or {}
     return SeenTrial(
         number=int(labels.get(TRIAL_LABEL, "0")),
@@ -132,7 +136,8 @@ def seen_trial(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenTri
         verdict=evaluation.verdict if evaluation else None,
         approved=annotations.get(APPROVE_ANNOTATION) == "true",
         interval=interval,
-        stopped=annotations.get(STOPPED_ANNOTATION),
+        rung=rung,
+        stopped=annotations.get(STOP_ANNOTATION),
     )
 
 
@@ -219,6 +224,8 @@ async def reconcile_sweep(key: Key, runtime: Runtime, indexes: Indexes) -> None:
     """Bring one DPOSweep a step further, from the cache; safe to run again at any time."""
     stored = _cached(indexes, "dposweep_bodies", key)
     if not stored:
+        export_sweep_trials(runtime.sweep_series, key, [])
+        runtime.sweep_trials.pop(key, None)
         return
     # The status last written, if the cache has not caught up with it: a decision on the older
     # one would be refused (409) after its actions were carried out, and its events lost.
@@ -230,10 +237,10 @@ async def reconcile_sweep(key: Key, runtime: Runtime, indexes: Indexes) -> None:
     generation = (metadata["uid"], int(metadata.get("generation") or 0))
     try:
         sweep = DPOSweep.model_validate(body)
-        found = runtime.sweep_trials.get(generation)
-        if found is None:
+        validated, found = runtime.sweep_trials.get(key, (None, []))
+        if validated != generation:
             found = trials(body, executor.settings.default_output)
-            runtime.sweep_trials[generation] = found
+            runtime.sweep_trials[key] = (generation, found)
     except ValidationError as error:
         await _refuse(runtime, body, describe_errors(error))
         return
@@ -256,6 +263,12 @@ async def reconcile_sweep(key: Key, runtime: Runtime, indexes: Indexes) -> None:
     )
     decision = decide_sweep(sweep, found, observed)
     await _carry_out(runtime, indexes, sweep, found, decision)
+    # Every trial, created or not: one not created yet has no series to join with.
+    series = [
+        (sweep.namespace, sweep.name, str(row.number), row.name, row.settings)
+        for row in decision.status.trials
+    ]
+    export_sweep_trials(runtime.sweep_series, key, series)
     new = decision.status.model_dump(by_alias=True, mode="json", exclude_none=True)
     if new != (body.get("status") or {}):
         revision = await _write_status(runtime, sweep, new, metadata["resourceVersion"])
@@ -288,17 +301,10 @@ async def _carry_out(
             path = object_path(API_VERSION, PLURAL, sweep.namespace, action.name)
             await api.merge_patch(path, patch)
         elif isinstance(action, StopTrial):
-            # Suspended, not deleted: its checkpoints stay, and a person may resume it.
-            stop: dict[str, Any] = {
-                "metadata": {"annotations": {STOPPED_ANNOTATION: action.reason}},
-                "spec": {"runPolicy": {"suspend": True}},
-            }
+            # The trial's own lifecycle ends it (Stopped, its Jobs deleted, an Event saying why).
+            stop = {"metadata": {"annotations": {STOP_ANNOTATION: action.reason}}}
             path = object_path(API_VERSION, PLURAL, sweep.namespace, action.name)
             await api.merge_patch(path, stop)
-            trial_body = cached_body(indexes, (sweep.namespace, action.name))
-            if trial_body is not None:
-                said = f"stopped by DPOSweep {sweep.name}: {action.reason}"
-                post_event(trial_body, Event("Normal", "StoppedBySweep", said))
         elif isinstance(action, CreateChooser):
             compared = {}
             for number in action.numbers:

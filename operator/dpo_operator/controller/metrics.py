@@ -1,5 +1,5 @@
 """The operator's own Prometheus metrics: DPOJobs by phase, reconciles, restarts, gate verdicts
-and promotions.
+and promotions, and which DPOJob is which trial of which DPOSweep.
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ RECONCILE_ERRORS = Counter("dpo_operator_reconcile_errors_total", "Reconciles th
 RESTARTS = Counter("dpo_operator_restarts_total", "Training pod groups restarted")
 GATE_VERDICTS = Counter("dpo_operator_gate_verdicts_total", "Eval gate verdicts", ["verdict"])
 PROMOTIONS = Counter("dpo_operator_promotions_total", "Adapters promoted")
+# An info metric (value 1): a dashboard joins the trainers' series to it on namespace and dpojob
+# to draw a sweep's trials by trial and settings.
+SWEEP_TRIALS = Gauge(
+    "dpo_operator_sweep_trial_info",
+    "1 for each trial of a DPOSweep (join on namespace and dpojob)",
+    ["namespace", "sweep", "trial", "dpojob", "settings"],
+)
+SweepSeries = tuple[str, str, str, str, str]
 for _verdict in ("Passed", "Rejected"):
     # Exported at 0 from the start, so increase() sees the first verdict as a rise.
     GATE_VERDICTS.labels(verdict=_verdict)
@@ -36,3 +44,16 @@ def export_phases(phases: Mapping[Key, str]) -> None:
         counts[phase] += 1
     for phase, count in counts.items():
         DPOJOBS.labels(phase=phase).set(count)
+
+
+def export_sweep_trials(
+    exported: dict[Key, list[SweepSeries]], key: Key, series: list[SweepSeries]
+) -> None:
+    """The trials of the sweep `key` (none: it is gone), replacing what was exported for it."""
+    for old in exported.pop(key, []):
+        if old not in series:
+            SWEEP_TRIALS.remove(*old)
+    for labels in series:
+        SWEEP_TRIALS.labels(*labels).set(1)
+    if series:
+        exported[key] = series

@@ -13,6 +13,7 @@ from dpo_operator.controller.cache import Key
 from dpo_operator.controller.client import KubeAPI
 from dpo_operator.controller.executor import KubernetesExecutor
 from dpo_operator.controller.expectations import Expectations
+from dpo_operator.controller.metrics import SweepSeries
 from dpo_operator.controller.workqueue import WorkQueue
 from dpo_operator.core.settings import Settings
 from dpo_operator.core.sweep import Trial
@@ -35,8 +36,10 @@ class Runtime:
     # The status each sweep was last written with, until the watch brings it back.
     sweep_statuses: Expectations = field(default_factory=Expectations)
     tasks_of_sweeps: list[asyncio.Task[None]] = field(default_factory=list)
-    # Each sweep's trials, validated once per generation: (uid, generation) -> trials.
-    sweep_trials: dict[tuple[str, int], list[Trial]] = field(default_factory=dict)
+    # The trials each sweep exported as dpo_operator_sweep_trial_info.
+    sweep_series: dict[Key, list[SweepSeries]] = field(default_factory=dict)
+    # Each sweep's trials, validated once per generation: key -> ((uid, generation), trials).
+    sweep_trials: dict[Key, tuple[tuple[str, int], list[Trial]]] = field(default_factory=dict)
     # The workers and housekeeping, started with the first watch event (see `dpojob.on_change`).
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 

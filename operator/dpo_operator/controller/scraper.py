@@ -80,6 +80,7 @@ def scrape(job: DPOJob, pod_ip: str) -> tuple[TrainingMetrics | None, FabricSumm
         loss=values.get("dpo_train_loss"),
         reward_accuracy=values.get("dpo_train_reward_accuracy"),
         reward_margin=values.get("dpo_train_reward_margin"),
+        eval_step=int(values["dpo_eval_step"]) if "dpo_eval_step" in values else None,
         eval_reward_margin=values.get("dpo_eval_reward_margin"),
         eval_reward_margin_low=values.get("dpo_eval_reward_margin_low"),
         eval_reward_margin_high=values.get("dpo_eval_reward_margin_high"),

@@ -38,8 +38,6 @@ from dpo_operator.core.validate import parse_dpojob
 SWEEP_LABEL = "dpo.dev/sweep"
 TRIAL_LABEL = "dpo.dev/trial"
 TRIAL_SETTINGS_ANNOTATION = "dpo.dev/trial-settings"
-# On a trial the sweep stopped early (and suspended): why.
-STOPPED_ANNOTATION = "dpo.dev/stopped-by-sweep"
 Settings = dict[str, Any]
 
 

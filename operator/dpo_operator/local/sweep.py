@@ -106,14 +106,7 @@ def _verdict(choice: SweepChoice, found: list[Trial]) -> str:
         f"margin per beta; against each other trial, pair by pair ({choice.confidence:.0%} "
         "interval of the winner's margin per beta minus the other's):"
     ]
-    for compared in choice.compared:
-        if compared.difference is None:
-            continue
-        said = "tied within the interval" if compared.tied else "worse"
-        lines.append(
-            f"  trial {compared.number}: {compared.difference:+.3g} "
-            f"[{compared.low:+.3g}, {compared.high:+.3g}]  {said}"
-        )
+    lines += [f"  {c.describe()}" for c in choice.compared if c.difference is not None]
     if choice.tied:
         lines.append(
             "  a tie keeps the higher mean as the winner; the tied trials keep their artifacts"

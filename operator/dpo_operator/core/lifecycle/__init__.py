@@ -19,6 +19,7 @@ from dpo_operator.core.lifecycle.machine import (
 from dpo_operator.core.lifecycle.observed import (
     APPROVE_ANNOTATION,
     EVENTFUL_PHASES,
+    STOP_ANNOTATION,
     ChildJob,
     Component,
     JobState,
@@ -32,6 +33,7 @@ __all__ = [
     "APPROVE_ANNOTATION",
     "EVENTFUL_PHASES",
     "REFUSED_AS",
+    "STOP_ANNOTATION",
     "Action",
     "ChildJob",
     "Component",

@@ -58,6 +58,7 @@ from dpo_operator.core.lifecycle.decision import (
 )
 from dpo_operator.core.lifecycle.observed import (
     APPROVE_ANNOTATION,
+    STOP_ANNOTATION,
     ChildJob,
     Component,
     Observed,
@@ -103,7 +104,8 @@ class _Machine(Recorder):
         self.phase(phase, message, reason)
         self.status.completion_time = self.status.completion_time or self.now
         self.condition("Training", False, reason, message)
-        self.condition("Succeeded" if phase == "Succeeded" else "Failed", True, reason, message)
+        if phase != "Stopped":  # stopped on request: neither
+            self.condition("Succeeded" if phase == "Succeeded" else "Failed", True, reason, message)
         for child in self.observed.jobs:
             if child.state in ("Pending", "Running") and not child.deleting:
                 self.act(Delete(child.name))
@@ -117,6 +119,14 @@ class _Machine(Recorder):
             return
         if self.observed.refused is not None:
             self.finish("Failed", f"cannot create a child: {self.observed.refused}", "ChildRefused")
+            return
+        stop = self.job.metadata.annotations.get(STOP_ANNOTATION)
+        if stop is not None:
+            # Deleted, not suspended: Kueue re-admits a queued Job someone else suspends, and
+            # a deleted Job gives its quota back.
+            self.finish(
+                "Stopped", f"stopped ({STOP_ANNOTATION}): {stop}; checkpoints kept", "Stopped"
+            )
             return
         if not self.observed.has_config_map:
             self.act(Create("config"))

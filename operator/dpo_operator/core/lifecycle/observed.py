@@ -17,8 +17,11 @@ from dpo_operator.core.topology import NodeCapacity
 Component = Literal["init", "train", "eval", "promote"]
 JobState = Literal["Pending", "Running", "Complete", "Failed"]
 APPROVE_ANNOTATION = "dpo.dev/approve"
+# Ends a run early, its Jobs deleted and its checkpoints kept; the value says why (a DPOSweep
+# stopping a trial that cannot win, or a person).
+STOP_ANNOTATION = "dpo.dev/stop"
 EVENTFUL_PHASES = frozenset(
-    {"Queued", "Suspended", "AwaitingApproval", "Succeeded", "Rejected", "Failed"}
+    {"Queued", "Suspended", "AwaitingApproval", "Succeeded", "Rejected", "Failed", "Stopped"}
 )
 
 

@@ -21,7 +21,14 @@ from dpo_contract.sweep import SweepChoice
 from dpo_contract.termination import parse_termination_message
 
 from dpo_operator.api import TERMINAL_PHASES
-from dpo_operator.api.sweep import DPOSweep, DPOSweepStatus, SweepPhase, TrialStatus
+from dpo_operator.api.sweep import (
+    MAX_RUNGS,
+    DPOSweep,
+    DPOSweepStatus,
+    Rung,
+    SweepPhase,
+    TrialStatus,
+)
 from dpo_operator.core.lifecycle.decision import Event
 from dpo_operator.core.sweep import Trial
 
@@ -41,6 +48,7 @@ class SeenTrial:
     verdict: Literal["Passed", "Rejected", "Inconclusive"] | None
     approved: bool
     interval: tuple[float, float] | None = None  # the held-out margin's, as reward_margin
+    rung: Rung | None = None  # the latest evaluation's interval, while it trains
     stopped: str | None = None  # why the sweep stopped it
 
     @property
@@ -89,7 +97,7 @@ class ApproveTrial:
 
 @dataclass(frozen=True)
 class StopTrial:
-    """Suspend a trial (its GPUs go back) and say why on it."""
+    """End a trial early (`dpo.dev/stop`: its Jobs deleted, its GPUs back, why said on it)."""
 
     name: str
     reason: str
@@ -118,8 +126,9 @@ def decide_sweep(sweep: DPOSweep, found: list[Trial], observed: SweepObserved) -
     seen = {
         n: replace(s, stopped=s.stopped or said_stopped.get(n)) for n, s in observed.trials.items()
     }
-    status.trials = [_row(trial, seen.get(trial.number)) for trial in found]
-    for stop in _clearly_worse(found, seen):
+    rungs = {row.number: row.rungs for row in before.trials}
+    status.trials = [_row(t, seen.get(t.number), rungs.get(t.number, [])) for t in found]
+    for stop in _clearly_worse(found, seen, status.trials):
         decision.actions.append(stop)
         number = next(n for n, s in seen.items() if s.name == stop.name)
         seen = {**seen, number: replace(seen[number], stopped=stop.reason)}
@@ -209,38 +218,56 @@ def _choose(
     return True
 
 
-def _clearly_worse(found: list[Trial], seen: dict[int, SeenTrial]) -> list[StopTrial]:
-    """Trials still training whose held-out margin per unit of beta is, at its latest
-    evaluation, clearly below another trial's: the upper bound of its interval under the best
-    lower bound of any trial that has not failed or been rejected. They cannot win; stopping
-    them frees their GPUs for the trials still waiting."""
+def _clearly_worse(
+    found: list[Trial], seen: dict[int, SeenTrial], rows: list[TrialStatus]
+) -> list[StopTrial]:
+    """Trials still training that cannot win, compared at the same evaluation step (the rungs
+    of successive halving, with intervals for the cut): at its latest evaluation a trial's
+    held-out margin per unit of beta has an upper bound below the best lower bound any other
+    trial (not failed or rejected) had at that same step. Stopping them frees their GPUs for
+    the trials still waiting."""
     betas = {trial.number: trial.job.spec.dpo.beta for trial in found}
     # The trainer's intervals are at the gate's confidence, the same in every trial.
     confidence = found[0].job.spec.eval_gate.confidence
-    bounds = {
-        n: (s.interval[0] / betas[n], s.interval[1] / betas[n])
-        for n, s in seen.items()
-        if s.interval is not None and s.stopped is None and s.phase not in ("Failed", "Rejected")
+    per_beta = {
+        row.number: {
+            r.step: (r.low / betas[row.number], r.high / betas[row.number]) for r in row.rungs
+        }
+        for row in rows
+        if row.number in seen and seen[row.number].phase not in ("Failed", "Rejected")
     }
-    if len(bounds) < 2:
-        return []
-    leader = max(bounds, key=lambda n: (bounds[n][0], -n))
-    floor = bounds[leader][0]
-    return [
-        StopTrial(
-            seen[n].name,
-            f"held-out margin per beta at most {high:.4g} (upper bound at "
-            f"{confidence:.0%}), below trial {leader}'s lower bound {floor:.4g}: it cannot win",
-        )
-        for n, (_, high) in sorted(bounds.items())
-        if n != leader and high < floor and seen[n].phase == "Training"
-    ]
+    stops = []
+    for number, trial in sorted(seen.items()):
+        if trial.phase != "Training" or trial.stopped or trial.rung is None:
+            continue
+        step = trial.rung.step
+        rivals = {n: at[step] for n, at in per_beta.items() if n != number and step in at}
+        if not rivals or number not in per_beta:
+            continue
+        leader = max(rivals, key=lambda n: (rivals[n][0], -n))
+        floor, high = rivals[leader][0], per_beta[number][step][1]
+        if high < floor:
+            stops.append(
+                StopTrial(
+                    trial.name,
+                    f"held-out margin per beta at step {step} at most {high:.4g} (upper bound "
+                    f"at {confidence:.0%}), below trial {leader}'s lower bound {floor:.4g} at "
+                    "the same step: it cannot win",
+                )
+            )
+    return stops
 
 
-def _row(trial: Trial, seen: SeenTrial | None) -> TrialStatus:
+def _row(trial: Trial, seen: SeenTrial | None, rungs: list[Rung]) -> TrialStatus:
+    """The trial's row; its rungs: those recorded before, and the latest evaluation's."""
     row = TrialStatus(
-        number=trial.number, name=trial.manifest["metadata"]["name"], settings=trial.describe()
+        number=trial.number,
+        name=trial.manifest["metadata"]["name"],
+        settings=trial.describe(),
+        rungs=rungs,
     )
+    if seen is not None and seen.rung is not None and all(r.step != seen.rung.step for r in rungs):
+        row.rungs = [*rungs, seen.rung][-MAX_RUNGS:]
     if seen is not None:
         row.phase = seen.phase  # type: ignore[assignment]
         row.reward_margin = seen.reward_margin
