@@ -243,7 +243,7 @@ BAD_MANIFESTS: list[tuple[str, Callable[[Manifest], None], str, str]] = [
         "contract-env-override",
         _set("spec.env", [{"name": "NODE_RANK", "value": "3"}]),
         "spec.env",
-        "set by the operator",
+        "which the operator sets",
     ),
     (
         "extra-sets-managed-field",

@@ -29,6 +29,28 @@ ENV_NODE_NAME = "DPO_NODE_NAME"
 # Directories the launcher puts before the image's LD_LIBRARY_PATH (a node's NCCL and plugin).
 ENV_LIBRARY_PATH = "DPO_LIBRARY_PATH"
 
+# Every variable of the pod contract: the operator sets them, and no user env source may (a
+# user MASTER_ADDR would send every rank to a host the manifest names; a user termination-log
+# path would turn a passed gate into "the gate could not run").
+CONTRACT_ENV = (
+    ENV_TERMINATION_LOG,
+    ENV_JOB,
+    ENV_NAMESPACE,
+    ENV_NNODES,
+    ENV_NPROC_PER_NODE,
+    ENV_NODE_RANK,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_METRICS_PORT,
+    ENV_POD_NAME,
+    ENV_NODE_NAME,
+    ENV_LIBRARY_PATH,
+    # What torch.distributed reads (set for CPU pods; torchrun sets them on GPUs).
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+)
+
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_METRICS_PORT = 9400
 

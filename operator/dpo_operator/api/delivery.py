@@ -19,7 +19,7 @@ from dpo_operator.api.grammar import (
     StorageUri,
     check_quantity,
     explain_uri,
-    no_traversal,
+    uri_rules,
 )
 from dpo_operator.api.training import DataSourceSpec
 
@@ -100,7 +100,7 @@ class PromotionSpec(RuledModel):
     """Where a gated adapter is published."""
 
     rules = (
-        no_traversal("target"),
+        *uri_rules("target"),
         Rule(
             "!self.plainHttp || self.target.startsWith('oci://')",
             "talks to an OCI registry without TLS; only an oci:// target has one: remove it",
@@ -139,7 +139,7 @@ class PromotionSpec(RuledModel):
 class OutputSpec(RuledModel):
     """Where checkpoints, adapters and reports go."""
 
-    rules = (no_traversal("uri"),)
+    rules = uri_rules("uri")
 
     uri: StorageUri = Field(
         description="pvc://<claim>/<path> or an object store URI; artifacts go to "

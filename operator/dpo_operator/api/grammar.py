@@ -10,16 +10,7 @@ import re
 from typing import Annotated
 
 from dpo_contract import oci
-from dpo_contract.pod import (
-    ENV_JOB,
-    ENV_MASTER_ADDR,
-    ENV_MASTER_PORT,
-    ENV_METRICS_PORT,
-    ENV_NAMESPACE,
-    ENV_NNODES,
-    ENV_NODE_RANK,
-    ENV_NPROC_PER_NODE,
-)
+from dpo_contract.pod import CONTRACT_ENV
 from pydantic import Field, WithJsonSchema
 
 from dpo_operator.api.cel import Rule
@@ -122,20 +113,24 @@ _PROMOTION_TARGET_HINT = (
     "(oci://<registry>[:<port>]/<repository>, lower case, no tag)"
 )
 
-# The pod contract's own variables: a user value would break the rendezvous.
-RESERVED_ENV = (
-    ENV_JOB,
-    ENV_NAMESPACE,
-    ENV_NNODES,
-    ENV_NPROC_PER_NODE,
-    ENV_NODE_RANK,
-    ENV_MASTER_ADDR,
-    ENV_MASTER_PORT,
-    ENV_METRICS_PORT,
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-)
+# The pod contract's own variables: no env source of the user's may set one.
+RESERVED_ENV = CONTRACT_ENV
+_RESERVED_ENV_LIST = "[" + ", ".join(f"'{name}'" for name in RESERVED_ENV) + "]"
+
+
+def no_contract_env(field: str, item: str, fix: str) -> Rule:
+    """The env rule, for every env source: `field` (a list whose entries' `item` is the name,
+    or a map: item "") sets none of the pod contract's variables."""
+    name = f"e.{item}" if item else "e"
+    return Rule(
+        f"!has(self.{field}) || self.{field}.all(e, !({name} in {_RESERVED_ENV_LIST}))",
+        "may not set the pod contract's variables, which the operator sets ("
+        + ", ".join(RESERVED_ENV)
+        + f"); {fix}",
+        f".{field}",
+    )
+
+
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 EnvName = Annotated[str, Field(min_length=1, max_length=128, pattern=ENV_NAME_PATTERN)]
 K8S_NAME_PATTERN = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
@@ -148,16 +143,40 @@ QUALIFIED_NAME_PATTERN = (
 QualifiedName = Annotated[str, Field(min_length=1, max_length=316, pattern=QUALIFIED_NAME_PATTERN)]
 LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=253)]], Field(max_length=64)]
 
-# '.' and '..' path segments: a path that climbs out of the claim or prefix it names.
-_TRAVERSAL = "/[.][.]?(/|$)"
+# One URI grammar for every URI field (model, reference, data, output, promotion): no '..'
+# segment (a path that climbs out of the claim, bucket or work directory it names; a '.' one
+# only as a leading './'), no userinfo (credentials come from Secrets: a URI is written in clear
+# into the ConfigMap, the status, Events and the serve line), and a port, if any, that exists.
+_TRAVERSAL = "(^|/)[.][.](/|$)|/[.](/|$)"
+_USERINFO = "^[A-Za-z][-+.A-Za-z0-9]*://[^/]*@"
+_BAD_PORT = (
+    "^[A-Za-z][-+.A-Za-z0-9]*://[^/@]*:"
+    "([0-9]{6,}|6553[6-9]|655[4-9][0-9]|65[6-9][0-9][0-9]|6[6-9][0-9]{3}|[7-9][0-9]{4}|0+)(/|$)"
+)
 
 
-def no_traversal(field: str) -> Rule:
-    return Rule(
-        f"!self.{field}.matches('{_TRAVERSAL}')",
-        "may not contain '.' or '..' path segments: name the path inside the claim or bucket "
-        "directly",
-        f".{field}",
+def uri_rules(field: str) -> tuple[Rule, ...]:
+    """The URI grammar's rules for the URI field `field` (optional or not)."""
+    present = f"!has(self.{field}) || "
+    return (
+        Rule(
+            f"{present}!self.{field}.matches('{_TRAVERSAL}')",
+            "may not contain '..' (or '.') path segments: name the path inside the claim, "
+            "bucket or directory directly",
+            f".{field}",
+        ),
+        Rule(
+            f"{present}!self.{field}.matches('{_USERINFO}')",
+            "may not carry credentials (user:secret@): they would be written in clear into the "
+            "ConfigMap, status and Events; put them in a Secret (output.credentialsSecret, "
+            "spec.secrets)",
+            f".{field}",
+        ),
+        Rule(
+            f"{present}!self.{field}.matches('{_BAD_PORT}')",
+            "has a port outside 1..65535",
+            f".{field}",
+        ),
     )
 
 

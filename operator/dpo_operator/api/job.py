@@ -14,7 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dpo_operator.api.cel import DEFAULT_OUTPUT, MEMORY_CHECK, WITHOUT_RULES, Rule, RuledModel
 from dpo_operator.api.delivery import EvalGateSpec, OutputSpec, PromotionSpec
-from dpo_operator.api.grammar import MAX_NAME_LENGTH, NAME_PATTERN, RESERVED_ENV
+from dpo_operator.api.grammar import MAX_NAME_LENGTH, NAME_PATTERN, no_contract_env
 from dpo_operator.api.limits import VLLM_MAX_LORA_RANK, VLLM_UNSERVED_MODULES
 from dpo_operator.api.meta import ObjectMeta
 from dpo_operator.api.scheduling import (
@@ -46,7 +46,6 @@ _IMMUTABLE_AFTER_START = (
     "output",
 )
 
-_RESERVED_ENV_LIST = "[" + ", ".join(f"'{name}'" for name in RESERVED_ENV) + "]"
 _VLLM_UNSERVED_LIST = "[" + ", ".join(f"'{m}'" for m in VLLM_UNSERVED_MODULES) + "]"
 # The rules on what vLLM serves hold for a promoted LoRA adapter only.
 _PROMOTED_LORA = "has(self.promotion) && !(has(self.peft.enabled) && !self.peft.enabled)"
@@ -143,20 +142,8 @@ class DPOJobSpec(RuledModel):
             ".model.reference",
             api_server=False,
         ),
-        Rule(
-            f"!has(self.env) || self.env.all(e, !(e.name in {_RESERVED_ENV_LIST}))",
-            "may not set the pod contract's variables, which are set by the operator ("
-            + ", ".join(RESERVED_ENV)
-            + "); remove them",
-            ".env",
-        ),
-        Rule(
-            f"!has(self.secrets) || self.secrets.all(e, !(e.name in {_RESERVED_ENV_LIST}))",
-            "may not set the pod contract's variables, which are set by the operator ("
-            + ", ".join(RESERVED_ENV)
-            + "); rename them",
-            ".secrets",
-        ),
+        no_contract_env("env", "name", "remove them"),
+        no_contract_env("secrets", "name", "rename them"),
     )
 
     model: ModelSpec

@@ -32,13 +32,23 @@ from dpo_operator.api.grammar import (
     QualifiedName,
     Quantity,
     check_quantity,
+    no_contract_env,
     printable_name,
+    uri_rules,
 )
 from dpo_operator.api.limits import EXTRA_TRAINING_FIELDS
 
 
-class ModelSpec(ContractModel):
+class ReferenceModelSpec(ModelRef, RuledModel):
+    """A separate frozen reference model."""
+
+    rules = uri_rules("name")
+
+
+class ModelSpec(RuledModel):
     """The policy to train and, optionally, a separate reference model."""
+
+    rules = uri_rules("name")
 
     name: UriStr = Field(
         description="Hub id (org/model), local path, storage URI, or builtin:tiny-<name> for a "
@@ -47,7 +57,7 @@ class ModelSpec(ContractModel):
     revision: ShortStr | None = Field(
         default=None, description="Hub branch, tag or commit; pin it for reproducible runs."
     )
-    reference: ModelRef | None = Field(
+    reference: ReferenceModelSpec | None = Field(
         default=None,
         description="A separate frozen reference model. Default: the policy itself (with LoRA, "
         "the adapter disabled, so no second copy is loaded).",
@@ -85,6 +95,7 @@ class DataSourceSpec(DataSource, RuledModel):
             "has(self.name) != has(self.uri)",
             "set exactly one of name (a hub dataset) or uri (jsonl/parquet files)",
         ),
+        *uri_rules("uri"),
     )
 
 
@@ -380,6 +391,7 @@ class NetworkSpec(RuledModel):
             "starting with a digit",
             ".env",
         ),
+        no_contract_env("env", "", "remove them (NCCL and libfabric variables are for here)"),
     )
 
     profile: NetworkProfile = Field(
