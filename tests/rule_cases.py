@@ -255,6 +255,41 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "has a port outside 1..65535",
     ),
     (
+        "model-name-read-as-a-flag",
+        manifest("rule-v1", **{"model.name": "--trust-remote-code"}),
+        "spec.model.name",
+        "may not start with '-' or hold a space or line break",
+    ),
+    (
+        "model-name-with-a-line-break",
+        manifest("rule-v2", **{"model.name": "org/model\nINJECTED: yes"}),
+        "spec.model.name",
+        "may not start with '-' or hold a space or line break",
+    ),
+    (
+        "gate-that-cannot-fail",
+        manifest(
+            "rule-v3",
+            **{
+                "evalGate.minRewardAccuracy": 0.0,
+                "evalGate.minRewardMargin": None,
+                "evalGate.maxAnchorNllIncrease": None,
+            },
+        ),
+        "spec.evalGate.minRewardAccuracy",
+        "0 can never fail (no accuracy is below 0)",
+    ),
+    (
+        "lora-on-embeddings-by-suffix",
+        manifest(
+            "rule-v4",
+            **{"peft.targetModules": ["q_proj", "model.embed_tokens"]},
+            promotion={"target": "pvc://models/a"},
+        ),
+        "spec.peft.targetModules",
+        "which PEFT matches too",
+    ),
+    (
         "required-topology-without-a-key",
         manifest("rule-u1", **{"scheduling.topologyPolicy": "Required"}),
         "spec.scheduling.topologyPolicy",
@@ -311,8 +346,9 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         ),
         "spec.peft.targetModules",
         "a promoted adapter is served by vLLM, which applies LoRA to linear projection layers "
-        "only: remove lm_head, embed_tokens, wte, wpe, embed_in, embed_out from "
-        "peft.targetModules (all-linear already leaves the head out)",
+        "only: remove lm_head, embed_tokens, wte, wpe, embed_in, embed_out (and any name "
+        "ending in .<one of them>, which PEFT matches too) from peft.targetModules (all-linear "
+        "already leaves the head out)",
     ),
     (
         "name-too-long",

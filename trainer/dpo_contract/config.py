@@ -16,6 +16,7 @@ from dpo_contract.fields import (
     LossType,
     ModelRef,
     PolicyRef,
+    ServedName,
     ShortStr,
     UriStr,
 )
@@ -258,7 +259,7 @@ class GateConfig(ContractModel):
 class PromotionConfig(ContractModel):
     target: UriStr
     mode: Literal["auto", "manual"]
-    served_model_name: ShortStr = Field(
+    served_model_name: ServedName = Field(
         description="The base model's name where the adapter is served: the adapter's "
         "adapter_config.json names it as base_model_name_or_path."
     )

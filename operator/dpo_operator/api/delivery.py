@@ -12,6 +12,7 @@ from pydantic import Field, StrictFloat, StrictInt, field_validator
 from dpo_operator.api.cel import Rule, RuledModel
 from dpo_operator.api.grammar import (
     PROMOTION_TARGET_PATTERN,
+    SERVED_NAME_PATTERN,
     STORAGE_URI_PATTERN,
     K8sName,
     PromotionTarget,
@@ -54,6 +55,13 @@ class EvalGateSpec(RuledModel):
             ),
             "every criterion is off (null), so the gate would pass anything; set one of "
             "minRewardAccuracy, minRewardMargin, maxAnchorNllIncrease or mustBeatPromoted",
+        ),
+        Rule(
+            "!has(self.minRewardAccuracy) || type(self.minRewardAccuracy) != double || "
+            "self.minRewardAccuracy > 0.0",
+            "0 can never fail (no accuracy is below 0), so it would pass any adapter; set it "
+            "above 0 (e.g. 0.6), or null to turn the check off",
+            ".minRewardAccuracy",
         ),
     )
 
@@ -117,7 +125,9 @@ class PromotionSpec(RuledModel):
         default="auto",
         description='manual waits for the annotation dpo.dev/approve: "true" after the gate.',
     )
-    served_model_name: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+    served_model_name: (
+        Annotated[str, Field(min_length=1, max_length=256, pattern=SERVED_NAME_PATTERN)] | None
+    ) = Field(
         default=None,
         description="The base model's name where the adapter is served (vLLM's model or "
         "--served-model-name), written to the adapter's adapter_config.json as "

@@ -14,6 +14,7 @@ from dpo_contract.pod import CONTRACT_ENV
 from pydantic import Field, WithJsonSchema
 
 from dpo_operator.api.cel import Rule
+from dpo_operator.api.meta import NAMESPACE_PATTERN
 
 # Pod hostnames are `<name>-train-<attempt>-<index>` and must fit a 63-character DNS label:
 # 63 - len("-train-") - 3 attempt digits - 1 - 3 index digits = 49.
@@ -131,6 +132,10 @@ def no_contract_env(field: str, item: str, fix: str) -> Rule:
     )
 
 
+# A name vLLM serves a model under: printed as an argument of `vllm serve` and written into
+# adapter_config.json and OCI annotations, so never a flag (a leading '-'), never a space or a
+# control character.
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_./:@+=]*$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 EnvName = Annotated[str, Field(min_length=1, max_length=128, pattern=ENV_NAME_PATTERN)]
 K8S_NAME_PATTERN = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
@@ -187,10 +192,13 @@ def explain_uri(value: object, pattern: str, what: str) -> object:
 
 
 PATTERN_HINTS = {
+    NAMESPACE_PATTERN: "a namespace: lowercase letters, digits and '-' (an RFC 1123 label)",
     NAME_PATTERN: "lowercase letters, digits and '-', starting with a letter",
     K8S_NAME_PATTERN: "a Kubernetes object name: lowercase letters, digits, '-' and '.'",
     QUALIFIED_NAME_PATTERN: "a resource name or label key such as nvidia.com/gpu",
     ENV_NAME_PATTERN: "an environment variable name such as HF_TOKEN",
+    SERVED_NAME_PATTERN: "a served model name such as meta-llama/Llama-3.1-8B: letters, digits "
+    "and -_./:@+=, not starting with '-' or '.'",
     QUANTITY_PATTERN: "a Kubernetes quantity such as 8, 500m or 64Gi",
     PARAMETER_COUNT_PATTERN: "a parameter count such as 70B, 8.03B or 500M",
     STORAGE_URI_PATTERN: _STORAGE_URI_HINT,

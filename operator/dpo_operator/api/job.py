@@ -46,7 +46,8 @@ _IMMUTABLE_AFTER_START = (
     "output",
 )
 
-_VLLM_UNSERVED_LIST = "[" + ", ".join(f"'{m}'" for m in VLLM_UNSERVED_MODULES) + "]"
+# As PEFT matches a target_modules entry: the module's full name, or a suffix after a '.'.
+_VLLM_UNSERVED_MATCH = "(^|[.])(" + "|".join(VLLM_UNSERVED_MODULES) + ")$"
 # The rules on what vLLM serves hold for a promoted LoRA adapter only.
 _PROMOTED_LORA = "has(self.promotion) && !(has(self.peft.enabled) && !self.peft.enabled)"
 
@@ -115,11 +116,12 @@ class DPOJobSpec(RuledModel):
         ),
         Rule(
             f"!({_PROMOTED_LORA}) || !has(self.peft.targetModules) || "
-            f"self.peft.targetModules.all(m, !(m in {_VLLM_UNSERVED_LIST}))",
+            f"self.peft.targetModules.all(m, !m.matches('{_VLLM_UNSERVED_MATCH}'))",
             "a promoted adapter is served by vLLM, which applies LoRA to linear projection "
             "layers only: remove "
             + ", ".join(VLLM_UNSERVED_MODULES)
-            + " from peft.targetModules (all-linear already leaves the head out)",
+            + " (and any name ending in .<one of them>, which PEFT matches too) from "
+            "peft.targetModules (all-linear already leaves the head out)",
             ".peft.targetModules",
         ),
         Rule(

@@ -11,6 +11,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "DPOJob"
 PLURAL = "dpojobs"
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Kubernetes' ObjectMeta: the fields the API server sets or keeps besides those read here.
 OBJECT_META_FIELDS = frozenset(
     {
@@ -52,7 +53,8 @@ class ObjectMeta(BaseModel):
         return document
 
     name: str  # checked by a DPOJob rule (metadata has no schema in a CRD)
-    namespace: str = "default"
+    # What the API server accepts (an RFC 1123 label): `dpo run` makes directories of it.
+    namespace: str = Field(default="default", max_length=63, pattern=NAMESPACE_PATTERN)
     uid: str | None = None
     generation: StrictInt | None = None
     labels: dict[str, str] = Field(default_factory=dict)

@@ -48,7 +48,16 @@ class ReferenceModelSpec(ModelRef, RuledModel):
 class ModelSpec(RuledModel):
     """The policy to train and, optionally, a separate reference model."""
 
-    rules = uri_rules("name")
+    rules = (
+        *uri_rules("name"),
+        Rule(
+            "!self.name.matches('^-|\\\\s')",
+            "may not start with '-' or hold a space or line break: the serve line names the "
+            "base model (a leading '-' reads as a vLLM flag), and so do adapter_config.json and "
+            "the OCI annotations",
+            ".name",
+        ),
+    )
 
     name: UriStr = Field(
         description="Hub id (org/model), local path, storage URI, or builtin:tiny-<name> for a "
