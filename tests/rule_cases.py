@@ -290,6 +290,40 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         "which PEFT matches too",
     ),
     (
+        "toleration-without-key-equal",
+        manifest("rule-w1", **{"scheduling.tolerations": [{"operator": "Equal", "value": "x"}]}),
+        "spec.scheduling.tolerations",
+        "a toleration without a key tolerates every taint and needs operator: Exists",
+    ),
+    (
+        "toleration-exists-with-value",
+        manifest(
+            "rule-w2",
+            **{"scheduling.tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]},
+        ),
+        "spec.scheduling.tolerations",
+        "operator Exists matches any value: remove the value",
+    ),
+    (
+        "toleration-seconds-without-no-execute",
+        manifest(
+            "rule-w3",
+            **{
+                "scheduling.tolerations": [
+                    {"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 60}
+                ]
+            },
+        ),
+        "spec.scheduling.tolerations",
+        "tolerationSeconds applies to effect NoExecute only",
+    ),
+    (
+        "node-selector-not-a-label",
+        manifest("rule-w4", **{"scheduling.nodeSelector": {"gpu type": "h100"}}),
+        "spec.scheduling.nodeSelector",
+        "keys must be label keys",
+    ),
+    (
         "required-topology-without-a-key",
         manifest("rule-u1", **{"scheduling.topologyPolicy": "Required"}),
         "spec.scheduling.topologyPolicy",

@@ -142,11 +142,22 @@ K8S_NAME_PATTERN = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
 K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME_PATTERN)]
 # Resource names, label keys: an optional DNS-subdomain prefix, '/', then a name.
 QUALIFIED_NAME_PATTERN = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
 QualifiedName = Annotated[str, Field(min_length=1, max_length=316, pattern=QUALIFIED_NAME_PATTERN)]
 LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=253)]], Field(max_length=64)]
+# A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters
+# (no backslash: it is read by CEL too).
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+# A label value, as the API server checks one: empty, or alphanumerics with '-', '_', '.' inside.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# The longest time the operator counts (a deadline, a TTL): ten years. Kubernetes takes int64,
+# but a date that far ahead overflows the operator's clock arithmetic.
+MAX_DURATION_SECONDS = 10 * 366 * 86400
 
 # One URI grammar for every URI field (model, reference, data, output, promotion): no '..'
 # segment (a path that climbs out of the claim, bucket or work directory it names; a '.' one

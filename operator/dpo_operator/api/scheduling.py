@@ -12,19 +12,64 @@ from dpo_contract.pod import DEFAULT_MASTER_PORT, DEFAULT_METRICS_PORT
 from pydantic import Field, StrictFloat, StrictInt
 
 from dpo_operator.api.cel import Rule, RuledModel
-from dpo_operator.api.grammar import MAX_RESTARTS, EnvName, K8sName, LabelMap, QualifiedName
+from dpo_operator.api.grammar import (
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
+    MAX_DURATION_SECONDS,
+    MAX_RESTARTS,
+    EnvName,
+    K8sName,
+    LabelMap,
+    QualifiedName,
+)
 
 
 class Toleration(ContractModel):
-    key: Annotated[str, Field(max_length=317)] | None = None
+    """A pod toleration; SchedulingSpec checks it as the API server would."""
+
+    key: QualifiedName | None = None
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: Annotated[str, Field(max_length=63)] | None = None
+    value: Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)] | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: StrictInt | None = None
+    toleration_seconds: StrictInt | None = Field(default=None, ge=0, le=MAX_DURATION_SECONDS)
 
 
-class SchedulingSpec(ContractModel):
+class SchedulingSpec(RuledModel):
     """Where and when pods run."""
+
+    rules = (
+        Rule(
+            # has(): the CRD's default ({}) is checked before its own defaults fill it.
+            "!has(self.nodeSelector) || "
+            f"self.nodeSelector.all(k, k.matches('{LABEL_KEY_PATTERN}') && "
+            f"self.nodeSelector[k].matches('{LABEL_VALUE_PATTERN}') && "
+            "size(self.nodeSelector[k]) <= 63)",
+            "keys must be label keys (e.g. nvidia.com/gpu.product, a name of at most 63 "
+            "characters) and values label values (at most 63 letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit)",
+            ".nodeSelector",
+        ),
+        # Checked as the API server checks a pod's, before the Job exists.
+        Rule(
+            "!has(self.tolerations) || "
+            "self.tolerations.all(t, has(t.key) || t.operator == 'Exists')",
+            "a toleration without a key tolerates every taint and needs operator: Exists",
+            ".tolerations",
+        ),
+        Rule(
+            "!has(self.tolerations) || "
+            "self.tolerations.all(t, t.operator != 'Exists' || !has(t.value) || t.value == '')",
+            "operator Exists matches any value: remove the value",
+            ".tolerations",
+        ),
+        Rule(
+            "!has(self.tolerations) || self.tolerations.all(t, !has(t.tolerationSeconds) || "
+            "(has(t.effect) && t.effect == 'NoExecute'))",
+            "tolerationSeconds applies to effect NoExecute only (how long a pod stays after "
+            "such a taint)",
+            ".tolerations",
+        ),
+    )
 
     queue_name: K8sName | None = Field(
         default=None,
@@ -75,6 +120,7 @@ class RunPolicySpec(ContractModel):
     active_deadline_seconds: StrictInt | None = Field(
         default=None,
         ge=1,
+        le=MAX_DURATION_SECONDS,
         description="Fail when running longer (time suspended or awaiting approval not counted).",
     )
     startup_timeout_seconds: StrictInt = Field(
@@ -88,6 +134,7 @@ class RunPolicySpec(ContractModel):
     ttl_seconds_after_finished: StrictInt | None = Field(
         default=None,
         ge=0,
+        le=MAX_DURATION_SECONDS,
         description="Delete finished child Jobs and pods after this long; the DPOJob and the "
         "artifacts stay.",
     )

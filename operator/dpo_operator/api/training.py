@@ -245,7 +245,10 @@ class DPOSpec(RuledModel):
         description="Compute the reference log-probs once before training and free the "
         "reference: saves memory and time per step when the reference is a separate model.",
     )
-    seed: StrictInt = Field(default=42, ge=0, description="Random seed for data order and init.")
+    # numpy's seeds (the data order) stop at 2**32 - 1.
+    seed: StrictInt = Field(
+        default=42, ge=0, le=2**32 - 1, description="Random seed for data order and init."
+    )
     logging_steps: StrictInt = Field(
         default=10, ge=1, description="Steps between metric updates (Prometheus, status)."
     )
