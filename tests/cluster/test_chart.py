@@ -166,6 +166,8 @@ def test_the_privileged_pieces_reach_the_operator_only_from_the_chart() -> None:
             'promotion.roots={"*":["s3://models/{namespace}/"]}',
             "--set",
             "network.tcpxo.daemonImage=registry.corp/rxdm@sha256:abc",
+            "--set-json",
+            'scheduling.allowedPriorityClasses={"prod":["dpo-high"]}',
         ]
     )
     assert {"--allow-profiles=*=tcp", "--allow-profiles=ml=tcpxo"} <= set(chosen)
@@ -176,6 +178,12 @@ def test_the_privileged_pieces_reach_the_operator_only_from_the_chart() -> None:
     settings = settings_from_args(parsed)
     assert settings.allowed_profiles["ml"] == frozenset({"tcpxo"})
     assert settings.promotion_roots == {"*": ("s3://models/{namespace}/",)}
+    assert settings.allowed_priority_classes == {"prod": frozenset({"dpo-high"})}
+    refused = helm(
+        "template", "dpo", str(CHART), "--set-json",
+        'scheduling.allowedPriorityClasses={"*":["system-node-critical"]}', check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0, "the chart's schema never lets system-* in"
 
 
 def test_two_replicas_are_refused_by_the_values_schema() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from dpo_operator.api import DPOJob, describe_errors
-from dpo_operator.cli.main import main
+from dpo_operator.cli.main import build_parser, main, settings_from_args
 from dpo_operator.core.policy import is_under, refusals
 from dpo_operator.core.render import render_training_job
 from dpo_operator.core.resolve import resolve
@@ -95,3 +95,39 @@ def test_dpo_render_refuses_what_the_operator_would_refuse(
     )
     assert code == 0
     assert "tcpxo-daemon" in capsys.readouterr().out
+
+
+def test_system_priority_classes_are_never_a_dpojobs_and_an_allowlist_binds() -> None:
+    def with_priority(name: str, namespace: str = "ml") -> DPOJob:
+        job = in_namespace("quickstart", namespace)
+        scheduling = job.spec.scheduling.model_copy(update={"priority_class_name": name})
+        return job.model_copy(
+            update={"spec": job.spec.model_copy(update={"scheduling": scheduling})}
+        )
+
+    (problem,) = refusals(with_priority("system-node-critical"), Settings())
+    assert problem.startswith(
+        "spec.scheduling.priorityClassName: system-node-critical is for the cluster's own pods"
+    )
+    assert refusals(with_priority("dpo-low"), Settings()) == [], "no list: any but system-*"
+    listed = Settings(allowed_priority_classes={"*": frozenset({"dpo-low"})})
+    assert refusals(with_priority("dpo-low"), listed) == []
+    (problem,) = refusals(with_priority("dpo-high"), listed)
+    assert "dpo-high is not allowed in namespace ml; allowed here: dpo-low" in problem
+    prod = Settings(
+        allowed_priority_classes={"*": frozenset({"dpo-low"}), "prod": frozenset({"dpo-high"})}
+    )
+    assert refusals(with_priority("dpo-high", "prod"), prod) == []
+    assert refusals(with_priority("system-cluster-critical", "prod"), prod)
+
+
+def test_the_operator_takes_the_priority_class_allowlist_from_its_flags() -> None:
+    args = build_parser().parse_args(
+        ["operator", "--all-namespaces", "--allow-priority-classes=*=dpo-low",
+         "--allow-priority-classes=prod=dpo-high,dpo-urgent"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert settings.allowed_priority_classes == {
+        "*": frozenset({"dpo-low"}),
+        "prod": frozenset({"dpo-high", "dpo-urgent"}),
+    }

@@ -297,6 +297,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     profiles: dict[str, frozenset[str]] = {"*": frozenset(DEFAULT_ALLOWED_PROFILES)}
     for namespace, listed in _pairs(args.allow_profiles, "--allow-profiles"):
         profiles[namespace] = frozenset(p for p in listed.split(",") if p)
+    classes: dict[str, frozenset[str]] = {}
+    for namespace, listed in _pairs(args.allow_priority_classes, "--allow-priority-classes"):
+        classes[namespace] = classes.get(namespace, frozenset()) | {
+            c for c in listed.split(",") if c
+        }
     roots: dict[str, tuple[str, ...]] = {}
     for namespace, root in _pairs(args.promotion_root, "--promotion-root"):
         roots[namespace] = (*roots.get(namespace, ()), root)
@@ -305,6 +310,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tcpxo_daemon_image=args.tcpxo_daemon_image,
         allowed_profiles=profiles,
         promotion_roots=roots,
+        allowed_priority_classes=classes,
         network_policy=not args.no_network_policy,
         operator_namespace=args.operator_namespace,
         metrics_scrapers=tuple(args.metrics_scraper),
@@ -368,6 +374,14 @@ def _add_settings(command: argparse.ArgumentParser) -> None:
         help="network profiles DPOJobs in NAMESPACE (* for every one) may use, on top of those "
         "of *; repeatable (default: *=" + ",".join(DEFAULT_ALLOWED_PROFILES) + "; tcpxo needs "
         "host access and is allowed only where listed)",
+    )
+    command.add_argument(
+        "--allow-priority-classes",
+        action="append",
+        default=[],
+        metavar="NAMESPACE=C1,C2",
+        help="PriorityClasses DPOJobs in NAMESPACE (* for every one) may use, on top of those of "
+        "*; repeatable (default: any but system-*, which is never allowed)",
     )
     command.add_argument(
         "--no-network-policy",

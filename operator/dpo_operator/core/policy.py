@@ -29,6 +29,21 @@ def refusals(job: DPOJob, settings: Settings) -> list[str]:
             f"allowed here: {', '.join(sorted(allowed)) or 'none'}. The cluster admin allows "
             "profiles per namespace with the chart value network.allowedProfiles"
         )
+    priority = job.spec.scheduling.priority_class_name
+    classes = allowed_priority_classes(namespace, settings)
+    if priority is not None and priority.startswith("system-"):
+        problems.append(
+            f"spec.scheduling.priorityClassName: {priority} is for the cluster's own pods (it "
+            "would preempt them, node agents included) and never a DPOJob's; use one of your "
+            "cluster's PriorityClasses for workloads"
+        )
+    elif priority is not None and classes is not None and priority not in classes:
+        problems.append(
+            f"spec.scheduling.priorityClassName: {priority} is not allowed in namespace "
+            f"{namespace}; allowed here: {', '.join(sorted(classes)) or 'none'}. The cluster "
+            "admin allows PriorityClasses per namespace with the chart value "
+            "scheduling.allowedPriorityClasses"
+        )
     roots = promotion_roots(namespace, settings)
     promotion = job.spec.promotion
     if (
@@ -47,6 +62,14 @@ def refusals(job: DPOJob, settings: Settings) -> list[str]:
 def allowed_profiles(namespace: str, settings: Settings) -> frozenset[str]:
     everywhere = settings.allowed_profiles.get("*", frozenset())
     return everywhere | settings.allowed_profiles.get(namespace, frozenset())
+
+
+def allowed_priority_classes(namespace: str, settings: Settings) -> frozenset[str] | None:
+    """The PriorityClasses `namespace` may use; None when the admin listed none."""
+    if not settings.allowed_priority_classes:
+        return None
+    everywhere = settings.allowed_priority_classes.get("*", frozenset())
+    return everywhere | settings.allowed_priority_classes.get(namespace, frozenset())
 
 
 def promotion_roots(namespace: str, settings: Settings) -> tuple[str, ...] | None:

@@ -39,6 +39,9 @@ class Settings:
     # URI prefixes promotion targets must lie under, per namespace ("*": every namespace;
     # "{namespace}" in a prefix is the DPOJob's). None configured: no boundary.
     promotion_roots: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # PriorityClasses each namespace's pods may use ("*": every namespace). None configured:
+    # any but the system ones (system-*), which are never a DPOJob's.
+    allowed_priority_classes: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # The NetworkPolicy of each namespace with DPOJobs: who besides the trainers themselves may
     # reach their metrics port (the operator's namespace, and those of the Prometheus that
     # scrape them). network_policy False: none is created.
