@@ -140,7 +140,8 @@ class ScriptedKubelet:
 
     def _approve_when_waiting(self) -> None:
         if self.scenario.approve and self.status().get("phase") == "AwaitingApproval":
-            patch = {"metadata": {"annotations": {APPROVE_ANNOTATION: "true"}}}
+            digest = self.status()["evaluation"]["adapterDigest"]
+            patch = {"metadata": {"annotations": {APPROVE_ANNOTATION: digest}}}
             self.custom.patch_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, PLURAL, NAME, patch
             )

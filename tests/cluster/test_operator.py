@@ -149,10 +149,12 @@ def test_manual_promotion_waits_for_the_approval_annotation(
     kubelet.succeeded(run.pod("train-1"))
     kubelet.succeeded(run.pod("eval-1"), PASSED)
     status = run.wait_phase("AwaitingApproval")
-    assert "kubectl annotate dpo quickstart dpo.dev/approve=true" in status["message"]
+    assert (
+        "kubectl annotate --overwrite dpo quickstart dpo.dev/approve=sha256:ab" in status["message"]
+    )
     assert not any("promote" in job for job in run.jobs())
     crd_installed.kubectl(
-        "annotate", "dpo", "quickstart", "-n", "op-manual", "dpo.dev/approve=true"
+        "annotate", "dpo", "quickstart", "-n", "op-manual", "dpo.dev/approve=sha256:ab"
     )
     run.wait_phase("Promoting")
 

@@ -130,7 +130,7 @@ def test_the_approval_wait_does_not_count_against_the_deadline() -> None:
     approved = decide(
         job(
             status=still.status.model_dump(by_alias=True),
-            annotations={"dpo.dev/approve": "true"},
+            annotations={"dpo.dev/approve": "sha256:ab"},  # the adapter the gate passed
             **spec,
         ),
         observed(*trained, now=a_day_later),

@@ -315,10 +315,44 @@ def test_manual_promotion_waits_for_the_approval_annotation() -> None:
     waiting = decide(manual, observed(*jobs))
     assert waiting.status.phase == "AwaitingApproval"
     assert waiting.actions == []
+    assert waiting.status.message == (
+        "the gate passed adapter sha256:ab; approve it with: kubectl annotate --overwrite dpo "
+        "demo dpo.dev/approve=sha256:ab"
+    )
     approved = job(
-        promotion={"target": "s3://m", "mode": "manual"}, annotations={"dpo.dev/approve": "true"}
+        promotion={"target": "s3://m", "mode": "manual"},
+        annotations={"dpo.dev/approve": "sha256:ab"},
     )
     assert decide(approved, observed(*jobs)).actions == [Create("promote", 1)]
+
+
+def test_an_approval_set_before_the_verdict_or_for_another_adapter_is_ignored() -> None:
+    """A DPOJob created with the approval already set (or approving an older adapter) waits
+    like any other; an Event says why, once."""
+    jobs = (
+        child("train", 1, "Complete"),
+        child("eval", 1, "Complete", pod("Succeeded", 0, PASSED)),
+    )
+    for value in ("true", "sha256:0ld"):
+        preset = job(
+            promotion={"target": "s3://m", "mode": "manual"},
+            annotations={"dpo.dev/approve": value},
+        )
+        decision = decide(preset, observed(*jobs))
+        assert decision.actions == [], f"approve={value} promoted"
+        assert decision.status.phase == "AwaitingApproval"
+        (ignored,) = [e for e in decision.events if e.reason == "ApprovalIgnored"]
+        assert ignored.message == (
+            f"dpo.dev/approve={value} does not approve the adapter the gate passed (sha256:ab): "
+            "only an approval given after the verdict, naming that adapter, counts"
+        )
+        again = job(
+            promotion={"target": "s3://m", "mode": "manual"},
+            annotations={"dpo.dev/approve": value},
+            status=decision.status.model_dump(by_alias=True),
+        )
+        later = decide(again, observed(*jobs))
+        assert not [e for e in later.events if e.reason == "ApprovalIgnored"], "said once"
 
 
 def test_a_finished_promotion_records_version_and_digest() -> None:
@@ -436,7 +470,7 @@ def test_invariants_hold_for_any_observed_children(
     subject = job(
         status=status,
         initialized=counted,
-        annotations={"dpo.dev/approve": "true"} if approved else None,
+        annotations={"dpo.dev/approve": "sha256:ab"} if approved else None,
         promotion={"target": "s3://m", "mode": "manual" if manual else "auto"},
         runPolicy={"maxRestarts": max_restarts},
     )

@@ -47,8 +47,9 @@ def seen(
         phase,
         margin,
         None,
-        verdict,
-        approved,  # type: ignore[arg-type]
+        verdict,  # type: ignore[arg-type]
+        approved,
+        adapter_digest=f"sha256:{number}" if verdict == "Passed" else None,
     )
 
 
@@ -117,7 +118,7 @@ def test_two_gated_trials_go_to_the_chooser_and_only_its_winner_is_approved() ->
     assert choice.winner == 3, "0.3/0.1 per beta beats 0.3/0.3"
     message = termination_message_json(choice)
     chosen = step(manifest, SweepObserved(trials_seen, SeenChooser("Complete", message)), choosing)
-    assert chosen.actions == [ApproveTrial("beta-sweep-3")]
+    assert chosen.actions == [ApproveTrial("beta-sweep-3", "sha256:3")]
     assert (chosen.status.phase, chosen.status.winner) == ("Promoting", 3)
     assert [c.number for c in chosen.status.comparisons] == [3, 5]
     assert "WinnerChosen" in [e.reason for e in chosen.events]
@@ -154,7 +155,7 @@ def test_a_tie_is_said_and_the_higher_mean_wins() -> None:
 
 def test_one_gated_trial_wins_alone_and_none_fails_the_sweep() -> None:
     alone = step(sweep_manifest(), SweepObserved(all_gated({4: 0.1})))
-    assert alone.actions == [ApproveTrial("beta-sweep-4")]
+    assert alone.actions == [ApproveTrial("beta-sweep-4", "sha256:4")]
     assert alone.status.winner == 4
 
     none = step(sweep_manifest(), SweepObserved(all_gated({})))

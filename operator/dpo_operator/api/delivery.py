@@ -123,7 +123,9 @@ class PromotionSpec(RuledModel):
     )
     mode: Literal["auto", "manual"] = Field(
         default="auto",
-        description='manual waits for the annotation dpo.dev/approve: "true" after the gate.',
+        description="manual waits, after the gate passed, for the annotation dpo.dev/approve "
+        "naming the digest of the adapter it passed (status.evaluation.adapterDigest); an "
+        "approval set before the verdict, or for another adapter, is ignored.",
     )
     served_model_name: (
         Annotated[str, Field(min_length=1, max_length=256, pattern=SERVED_NAME_PATTERN)] | None

@@ -151,6 +151,11 @@ class HeldOutStatus(ContractModel):
 
 class EvaluationStatus(ContractModel):
     verdict: Literal["Passed", "Rejected", "Inconclusive"]
+    adapter_digest: Annotated[str, Field(max_length=128)] | None = Field(
+        default=None,
+        description="The adapter the gate judged: a manual promotion is approved for it alone "
+        "(dpo.dev/approve=<this digest>).",
+    )
     criteria: list[GateCriterion] = Field(default_factory=list, max_length=32)
     held_out: HeldOutStatus | None = None
 

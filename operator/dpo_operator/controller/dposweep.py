@@ -134,7 +134,10 @@ def seen_trial(name: str, labels: Mapping[str, str], body: kopf.Body) -> SeenTri
         reward_margin=margin.value if margin is not None else metrics.eval_reward_margin,
         reward_accuracy=accuracy.value if accuracy is not None else metrics.reward_accuracy,
         verdict=evaluation.verdict if evaluation else None,
-        approved=annotations.get(APPROVE_ANNOTATION) == "true",
+        approved=evaluation is not None
+        and evaluation.adapter_digest is not None
+        and annotations.get(APPROVE_ANNOTATION) == evaluation.adapter_digest,
+        adapter_digest=evaluation.adapter_digest if evaluation else None,
         interval=interval,
         rung=rung,
         stopped=annotations.get(STOP_ANNOTATION),
@@ -297,7 +300,7 @@ async def _carry_out(
         if isinstance(action, CreateTrial):
             await _create(api, by_number[action.number].manifest)
         elif isinstance(action, ApproveTrial):
-            patch = {"metadata": {"annotations": {APPROVE_ANNOTATION: "true"}}}
+            patch = {"metadata": {"annotations": {APPROVE_ANNOTATION: action.adapter_digest}}}
             path = object_path(API_VERSION, PLURAL, sweep.namespace, action.name)
             await api.merge_patch(path, patch)
         elif isinstance(action, StopTrial):

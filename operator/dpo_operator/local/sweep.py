@@ -11,6 +11,7 @@ checkpoint), as `dpo run --approve` does.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -21,7 +22,7 @@ from dpo_contract.sweep import SweepChoice, choose_winner
 from dpo_operator.api import DPOJob
 from dpo_operator.core.storage import claims
 from dpo_operator.core.sweep import Trial
-from dpo_operator.local.executor import LocalOptions, LocalRun, approved, run
+from dpo_operator.local.executor import LocalOptions, LocalRun, run
 
 GATE_REPORT = "eval.json"
 TRAIN_REPORT = "train.json"
@@ -69,7 +70,8 @@ def run_sweep(
         return 0
     winner = next(trial.job for trial in found if trial.number == choice.winner)
     say(f"promoting trial {choice.winner} ({winner.name}) to {promotion['target']}")
-    return run(approved(winner), _trial_options(winner, choice.winner, options), out=out)
+    options = replace(_trial_options(winner, choice.winner, options), approve=True)
+    return run(winner, options, out=out)
 
 
 def _trial_options(job: DPOJob, number: int, options: LocalOptions) -> LocalOptions:

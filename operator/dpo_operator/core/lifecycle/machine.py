@@ -48,6 +48,7 @@ from dpo_operator.api import (
     TrainingMetrics,
     spec_digest,
 )
+from dpo_operator.core.lifecycle.approval import approved, how_to_approve
 from dpo_operator.core.lifecycle.decision import (
     Create,
     Decision,
@@ -57,7 +58,6 @@ from dpo_operator.core.lifecycle.decision import (
     Update,
 )
 from dpo_operator.core.lifecycle.observed import (
-    APPROVE_ANNOTATION,
     STOP_ANNOTATION,
     ChildJob,
     Component,
@@ -528,6 +528,7 @@ class _Machine(Recorder):
             self.event(_gate_reason(verdict), message, warning=not passed)
         self.status.evaluation = EvaluationStatus(
             verdict=verdict.verdict,
+            adapter_digest=verdict.adapter_digest,
             criteria=list(verdict.criteria),
             held_out=HeldOutStatus.model_validate(verdict.held_out.model_dump())
             if verdict.held_out
@@ -539,19 +540,14 @@ class _Machine(Recorder):
         promotion = self.spec.promotion
         assert promotion is not None
         promote = self.child("promote", attempt)
-        approved = self.job.metadata.annotations.get(APPROVE_ANNOTATION) == "true"
         if self.suspended_after_training(promote, "the promotion"):
             return
         if promote is None:
-            waiting = promotion.mode == "manual" and not approved
+            waiting = promotion.mode == "manual" and not approved(self)
             # Waiting for a person is not running: like a suspension, off the deadline's clock.
             self.clock_stopped(waiting)
             if waiting:
-                self.phase(
-                    "AwaitingApproval",
-                    f"the gate passed; approve with: kubectl annotate "
-                    f"dpo {self.job.name} {APPROVE_ANNOTATION}=true",
-                )
+                self.phase("AwaitingApproval", how_to_approve(self.job.name, self.status))
                 return
             self.act(Create("promote", attempt))
             self.status.waiting_since = self.now

@@ -50,6 +50,7 @@ class SeenTrial:
     interval: tuple[float, float] | None = None  # the held-out margin's, as reward_margin
     rung: Rung | None = None  # the latest evaluation's interval, while it trains
     stopped: str | None = None  # why the sweep stopped it
+    adapter_digest: str | None = None  # the adapter its gate judged
 
     @property
     def finished(self) -> bool:
@@ -92,7 +93,10 @@ class CreateChooser:
 
 @dataclass(frozen=True)
 class ApproveTrial:
+    """Approve the adapter the trial's gate passed (its digest), as a person would."""
+
     name: str
+    adapter_digest: str
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,7 @@ def decide_sweep(sweep: DPOSweep, found: list[Trial], observed: SweepObserved) -
         _phase(decision, before, "Failed", f"{chosen} but its promotion ended {promoted.phase}")
     else:
         if not promoted.approved:
-            decision.actions.append(ApproveTrial(promoted.name))
+            decision.actions.append(ApproveTrial(promoted.name, promoted.adapter_digest or ""))
         _phase(decision, before, "Promoting", f"{chosen}; promoting {promoted.name}")
     return decision
 
