@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from dpo_contract.pod import CONTRACT_ENV
 from dpo_operator.api import describe_errors
+from dpo_operator.api.grammar import MAX_DURATION_SECONDS
 from dpo_operator.api.meta import NAMESPACE_PATTERN
 from dpo_operator.core.render import trainer_config
 from dpo_operator.core.resolve import resolve
@@ -129,3 +130,36 @@ def test_a_namespace_dpo_validate_accepts_the_api_server_accepts_and_dpo_run_kee
     claim_paths = {claim: str(root / claim) for claim in resolve(job).claims}
     config = trainer_config(resolve(job), claim_paths)
     assert Path(config.artifacts_dir).resolve().is_relative_to(root.resolve())
+
+
+# Every bounded integer, at its consumer's bound: (field, the last value taken, the error's field).
+BOUNDS = [
+    ("dpo.seed", 2**32 - 1, "spec.dpo.seed"),
+    (
+        "runPolicy.activeDeadlineSeconds",
+        MAX_DURATION_SECONDS,
+        "spec.runPolicy.activeDeadlineSeconds",
+    ),
+    (
+        "runPolicy.ttlSecondsAfterFinished",
+        MAX_DURATION_SECONDS,
+        "spec.runPolicy.ttlSecondsAfterFinished",
+    ),
+    ("monitoring.port", 65535, "spec.monitoring.port"),
+]
+
+
+@pytest.mark.parametrize(("field", "bound", "named"), BOUNDS, ids=[b[0] for b in BOUNDS])
+def test_every_bounded_integer_takes_its_bound_and_refuses_one_past_it(
+    field: str, bound: int, named: str
+) -> None:
+    assert not problems_of(set_fields(minimal_manifest(), **{field: bound}))
+    said = problems_of(set_fields(minimal_manifest(), **{field: bound + 1}))
+    assert [p for p in said if p.startswith(f"{named}: ")], said
+
+
+@pytest.mark.parametrize(("port", "taken"), [(65535, True), (65536, False), (0, False), (1, True)])
+def test_a_registry_port_is_taken_only_within_1_to_65535(port: int, taken: bool) -> None:
+    target = f"oci://registry.example:{port}/team/adapters"
+    said = problems_of(set_fields(minimal_manifest(), promotion={"target": target}))
+    assert (not said) is taken, said
