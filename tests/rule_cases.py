@@ -244,7 +244,7 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     (
         "model-port-out-of-range",
-        manifest("rule-t8", **{"model.name": "http://models.internal:0/sft"}),
+        manifest("rule-t8", **{"model.name": "s3://models.internal:0/sft"}),
         "spec.model.name",
         "has a port outside 1..65535",
     ),
@@ -322,6 +322,18 @@ BROKEN: list[tuple[str, dict[str, Any], str, str]] = [
         manifest("rule-w4", **{"scheduling.nodeSelector": {"gpu type": "h100"}}),
         "spec.scheduling.nodeSelector",
         "keys must be label keys",
+    ),
+    (
+        "model-from-an-unread-scheme",
+        manifest("rule-t10", **{"model.name": "ftp://mirror.example/models/sft"}),
+        "spec.model.name",
+        "the trainer has no reader for another scheme",
+    ),
+    (
+        "data-from-an-unread-scheme",
+        manifest("rule-t11", **{"data.train": {"uri": "https://example.com/pairs.jsonl"}}),
+        "spec.data.train.uri",
+        "the trainer has no reader for another scheme",
     ),
     (
         "required-topology-without-a-key",

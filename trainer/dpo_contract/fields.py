@@ -36,6 +36,9 @@ DPO_LOSS_TYPES: tuple[str, ...] = tuple(t for t in LOSS_TYPES if t != SIMPO)
 
 ShortStr = Annotated[str, Field(min_length=1, max_length=253)]
 UriStr = Annotated[str, Field(min_length=1, max_length=1024)]
+# The object stores the trainer reads models and data from (fsspec; file:// stands in for a
+# bucket in tests). pvc:// the operator turns into a mounted path.
+STORE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "file")
 # The name a model is served under (the serve line's argument, adapter_config.json's
 # base_model_name_or_path, an OCI annotation): never a flag, never a space or control character.
 ServedName = Annotated[

@@ -10,6 +10,7 @@ import re
 from typing import Annotated
 
 from dpo_contract import oci
+from dpo_contract.fields import STORE_SCHEMES
 from dpo_contract.pod import CONTRACT_ENV
 from pydantic import Field, WithJsonSchema
 
@@ -169,6 +170,23 @@ _BAD_PORT = (
     "^[A-Za-z][-+.A-Za-z0-9]*://[^/@]*:"
     "([0-9]{6,}|6553[6-9]|655[4-9][0-9]|65[6-9][0-9][0-9]|6[6-9][0-9]{3}|[7-9][0-9]{4}|0+)(/|$)"
 )
+
+
+_SOURCE_SCHEMES = "|".join(("pvc", *STORE_SCHEMES))
+_SOURCE_SCHEMES_SAID = ", ".join(f"{scheme}://" for scheme in ("pvc", *STORE_SCHEMES))
+
+
+def source_scheme_rule(field: str) -> Rule:
+    """Where models and data are read from: a hub id or a path, or a URI of a scheme the
+    trainer reads (the per-field allowlist of the URI grammar; outputs and promotion targets
+    have their own patterns)."""
+    return Rule(
+        f"!has(self.{field}) || !self.{field}.contains('://') || "
+        f"self.{field}.matches('^({_SOURCE_SCHEMES})://')",
+        f"is read from a hub id, a path or a URI of {_SOURCE_SCHEMES_SAID}; the trainer has no "
+        "reader for another scheme: copy the files to one of these",
+        f".{field}",
+    )
 
 
 def uri_rules(field: str) -> tuple[Rule, ...]:

@@ -34,6 +34,7 @@ from dpo_operator.api.grammar import (
     check_quantity,
     no_contract_env,
     printable_name,
+    source_scheme_rule,
     uri_rules,
 )
 from dpo_operator.api.limits import EXTRA_TRAINING_FIELDS
@@ -42,7 +43,7 @@ from dpo_operator.api.limits import EXTRA_TRAINING_FIELDS
 class ReferenceModelSpec(ModelRef, RuledModel):
     """A separate frozen reference model."""
 
-    rules = uri_rules("name")
+    rules = (*uri_rules("name"), source_scheme_rule("name"))
 
 
 class ModelSpec(RuledModel):
@@ -50,6 +51,7 @@ class ModelSpec(RuledModel):
 
     rules = (
         *uri_rules("name"),
+        source_scheme_rule("name"),
         Rule(
             "!self.name.matches('^-|\\\\s')",
             "may not start with '-' or hold a space or line break: the serve line names the "
@@ -105,6 +107,7 @@ class DataSourceSpec(DataSource, RuledModel):
             "set exactly one of name (a hub dataset) or uri (jsonl/parquet files)",
         ),
         *uri_rules("uri"),
+        source_scheme_rule("uri"),
     )
 
 

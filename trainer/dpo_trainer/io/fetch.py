@@ -23,12 +23,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from dpo_contract.fields import STORE_SCHEMES
 from dpo_contract.pod import BadInputError
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "file://")
+REMOTE_SCHEMES = tuple(f"{scheme}://" for scheme in STORE_SCHEMES)
 _PROGRESS_EVERY_SECONDS = 10.0
 # Ranged reads: many streams fill a fast link that one cannot, and a cut-off download loses at
 # most the ranges in flight.
