@@ -6,13 +6,13 @@ message (`SweepChoice`).
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Literal
 
 from pydantic import Field
 
 from dpo_contract.fields import ContractModel
+from dpo_contract.intervals import mean_interval
 
 
 class TrialComparison(ContractModel):
@@ -70,23 +70,20 @@ def choose_winner(margins: dict[int, list[float]], confidence: float) -> SweepCh
         )
     means = {number: statistics.fmean(values) for number, values in margins.items()}
     winner = max(means, key=lambda number: (means[number], -number))
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     compared = []
     for number in sorted(margins):
         if number == winner:
             compared.append(TrialComparison(number=number, mean=_readable(means[number])))
             continue
         differences = [a - b for a, b in zip(margins[winner], margins[number], strict=True)]
-        mean = statistics.fmean(differences)
-        spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
-        half = z * spread / math.sqrt(len(differences))
+        mean, low, high = mean_interval(differences, confidence)
         compared.append(
             TrialComparison(
                 number=number,
                 mean=_readable(means[number]),
                 difference=_readable(mean),
-                low=_readable(mean - half),
-                high=_readable(mean + half),
+                low=_readable(low),
+                high=_readable(high),
             )
         )
     return SweepChoice(winner=winner, confidence=confidence, compared=compared)

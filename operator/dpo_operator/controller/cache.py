@@ -49,10 +49,11 @@ def _owner(labels: Mapping[str, str], namespace: str | None) -> Key:
     return (namespace or "default", labels[LABEL_JOB])
 
 
-def controller_uid(body: kopf.Body) -> str:
+def controller_uid(body: kopf.Body, kind: str = KIND) -> str:
+    """The uid of the object of `kind` (a DPOJob, or a DPOSweep) that controls `body`."""
     references = body.meta.get("ownerReferences") or []
     return next(
-        (str(r.get("uid")) for r in references if r.get("kind") == KIND and r.get("controller")),
+        (str(r.get("uid")) for r in references if r.get("kind") == kind and r.get("controller")),
         "",
     )
 
@@ -61,12 +62,17 @@ def controller_uid(body: kopf.Body) -> str:
 async def dpojob_bodies(
     body: kopf.Body, name: str, namespace: str | None, **_: Any
 ) -> dict[Key, bytes]:
-    """Each DPOJob as compact JSON: a sixth of the memory of the decoded object, and a
-    reconcile decodes it in microseconds."""
+    """Each DPOJob as compact JSON."""
+    return {(namespace or "default", name): compact_body(body)}
+
+
+def compact_body(body: kopf.Body) -> bytes:
+    """An object as compact JSON: a sixth of the memory of the decoded object, and a reconcile
+    decodes it in microseconds."""
     kept = {k: body[k] for k in ("apiVersion", "kind", "spec", "status") if k in body}
     # managedFields is most of a stored object and nothing here reads it.
     kept["metadata"] = {k: v for k, v in body.metadata.items() if k != "managedFields"}
-    return {(namespace or "default", name): json.dumps(kept, separators=(",", ":")).encode()}
+    return json.dumps(kept, separators=(",", ":")).encode()
 
 
 def cached_body(indexes: Indexes, key: Key) -> dict[str, Any] | None:

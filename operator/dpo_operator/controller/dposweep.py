@@ -31,8 +31,16 @@ from dpo_operator.api import (
     describe_errors,
 )
 from dpo_operator.api.sweep import SWEEP_KIND, SWEEP_PLURAL, DPOSweep, Rung
-from dpo_operator.controller.cache import Indexes, Key, cached_body, seen_job, seen_pod
-from dpo_operator.controller.client import ApiError, object_path, resource_version
+from dpo_operator.controller.cache import (
+    Indexes,
+    Key,
+    cached_body,
+    compact_body,
+    controller_uid,
+    seen_job,
+    seen_pod,
+)
+from dpo_operator.controller.client import ApiError, object_path
 from dpo_operator.controller.dpojob import RETRY_SECONDS, post_event
 from dpo_operator.controller.metrics import export_sweep_trials
 from dpo_operator.controller.runtime import Runtime, runtime_of
@@ -75,25 +83,11 @@ class SweptChooser:
     seen: SeenChooser
 
 
-def _sweep_owner(body: kopf.Body) -> str:
-    references = body.meta.get("ownerReferences") or []
-    return next(
-        (
-            str(r.get("uid"))
-            for r in references
-            if r.get("kind") == SWEEP_KIND and r.get("controller")
-        ),
-        "",
-    )
-
-
 @kopf.index(GROUP, VERSION, SWEEP_PLURAL)
 async def dposweep_bodies(
     body: kopf.Body, name: str, namespace: str | None, **_: Any
 ) -> dict[Key, bytes]:
-    kept = {k: body[k] for k in ("apiVersion", "kind", "spec", "status") if k in body}
-    kept["metadata"] = {k: v for k, v in body.metadata.items() if k != "managedFields"}
-    return {(namespace or "default", name): json.dumps(kept, separators=(",", ":")).encode()}
+    return {(namespace or "default", name): compact_body(body)}
 
 
 @kopf.index(GROUP, VERSION, PLURAL, labels={SWEEP_LABEL: kopf.PRESENT})
@@ -102,7 +96,7 @@ async def sweep_trials(
 ) -> dict[Key, SweptTrial]:
     return {
         (namespace or "default", labels[SWEEP_LABEL]): SweptTrial(
-            _sweep_owner(body), seen_trial(name, labels, body)
+            controller_uid(body, SWEEP_KIND), seen_trial(name, labels, body)
         )
     }
 
@@ -149,7 +143,11 @@ async def sweep_chooser_jobs(
     name: str, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Key, SweptChooser]:
     seen = SeenChooser(seen_job(name, labels, body).state)
-    return {(namespace or "default", labels[CHOOSER_LABEL]): SweptChooser(_sweep_owner(body), seen)}
+    return {
+        (namespace or "default", labels[CHOOSER_LABEL]): SweptChooser(
+            controller_uid(body, SWEEP_KIND), seen
+        )
+    }
 
 
 @kopf.index("", "v1", "pods", labels={CHOOSER_LABEL: kopf.PRESENT})
@@ -274,7 +272,9 @@ async def reconcile_sweep(key: Key, runtime: Runtime, indexes: Indexes) -> None:
     export_sweep_trials(runtime.sweep_series, key, series)
     new = decision.status.model_dump(by_alias=True, mode="json", exclude_none=True)
     if new != (body.get("status") or {}):
-        revision = await _write_status(runtime, sweep, new, metadata["resourceVersion"])
+        revision = await runtime.executor.write_status(
+            sweep.namespace, sweep.name, new, metadata["resourceVersion"], SWEEP_PLURAL
+        )
         runtime.sweep_statuses.wrote_status(key, revision, new)
     for event in decision.events:
         post_event(body, event)
@@ -300,14 +300,10 @@ async def _carry_out(
         if isinstance(action, CreateTrial):
             await _create(api, by_number[action.number].manifest)
         elif isinstance(action, ApproveTrial):
-            patch = {"metadata": {"annotations": {APPROVE_ANNOTATION: action.adapter_digest}}}
-            path = object_path(API_VERSION, PLURAL, sweep.namespace, action.name)
-            await api.merge_patch(path, patch)
+            await _annotate(api, sweep, action.name, APPROVE_ANNOTATION, action.adapter_digest)
         elif isinstance(action, StopTrial):
             # The trial's own lifecycle ends it (Stopped, its Jobs deleted, an Event saying why).
-            stop = {"metadata": {"annotations": {STOP_ANNOTATION: action.reason}}}
-            path = object_path(API_VERSION, PLURAL, sweep.namespace, action.name)
-            await api.merge_patch(path, stop)
+            await _annotate(api, sweep, action.name, STOP_ANNOTATION, action.reason)
         elif isinstance(action, CreateChooser):
             compared = {}
             for number in action.numbers:
@@ -339,12 +335,9 @@ async def _create(api: Any, manifest: dict[str, Any]) -> None:
     )
 
 
-async def _write_status(
-    runtime: Runtime, sweep: DPOSweep, status: Mapping[str, Any], decided_on: str
-) -> int:
-    patch = {"metadata": {"resourceVersion": decided_on}, "status": status}
-    path = object_path(API_VERSION, SWEEP_PLURAL, sweep.namespace, sweep.name, "status")
-    return resource_version(await runtime.executor.api.merge_patch(path, patch, decode=True))
+async def _annotate(api: Any, sweep: DPOSweep, trial: str, key: str, value: str) -> None:
+    patch = {"metadata": {"annotations": {key: value}}}
+    await api.merge_patch(object_path(API_VERSION, PLURAL, sweep.namespace, trial), patch)
 
 
 async def _refuse(runtime: Runtime, body: dict[str, Any], problems: list[str]) -> None:
@@ -354,10 +347,8 @@ async def _refuse(runtime: Runtime, body: dict[str, Any], problems: list[str]) -
     if status.get("phase") == "Failed" and status.get("message") == message:
         return
     metadata = body["metadata"]
-    path = object_path(API_VERSION, SWEEP_PLURAL, metadata["namespace"], metadata["name"], "status")
-    patch = {
-        "metadata": {"resourceVersion": metadata["resourceVersion"]},
-        "status": {"phase": "Failed", "message": message},
-    }
-    await runtime.executor.api.merge_patch(path, patch)
+    failed = {"phase": "Failed", "message": message}
+    await runtime.executor.write_status(
+        metadata["namespace"], metadata["name"], failed, metadata["resourceVersion"], SWEEP_PLURAL
+    )
     post_event(body, Event("Warning", "InvalidSpec", message))

@@ -159,12 +159,17 @@ class KubernetesExecutor:
                 raise
 
     async def write_status(
-        self, namespace: str, name: str, status: Mapping[str, Any], decided_on: str
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        decided_on: str,
+        plural: str = PLURAL,
     ) -> int:
-        """Writes status, if the DPOJob is still at resourceVersion `decided_on` (else 409:
-        the status was decided from an older spec or status, and the watch brings the newer
-        one); returns the resourceVersion that carries it."""
+        """Writes status, if the DPOJob (or, by `plural`, DPOSweep) is still at resourceVersion
+        `decided_on` (else 409: the status was decided from an older spec or status, and the
+        watch brings the newer one); returns the resourceVersion that carries it."""
         # A merge patch: explicit nulls remove fields the state machine cleared.
         patch = {"metadata": {"resourceVersion": decided_on}, "status": status}
-        path = object_path(f"{GROUP}/{VERSION}", PLURAL, namespace, name, "status")
+        path = object_path(f"{GROUP}/{VERSION}", plural, namespace, name, "status")
         return resource_version(await self.api.merge_patch(path, patch, decode=True))

@@ -8,6 +8,8 @@ refuses a DPOJob that breaks one as it refuses an invalid spec (SpecValid=False,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dpo_operator.api import DPOJob
 from dpo_operator.core.network import PROFILES
 from dpo_operator.core.settings import Settings
@@ -60,16 +62,19 @@ def refusals(job: DPOJob, settings: Settings) -> list[str]:
 
 
 def allowed_profiles(namespace: str, settings: Settings) -> frozenset[str]:
-    everywhere = settings.allowed_profiles.get("*", frozenset())
-    return everywhere | settings.allowed_profiles.get(namespace, frozenset())
+    return _in_namespace(settings.allowed_profiles, namespace)
 
 
 def allowed_priority_classes(namespace: str, settings: Settings) -> frozenset[str] | None:
     """The PriorityClasses `namespace` may use; None when the admin listed none."""
     if not settings.allowed_priority_classes:
         return None
-    everywhere = settings.allowed_priority_classes.get("*", frozenset())
-    return everywhere | settings.allowed_priority_classes.get(namespace, frozenset())
+    return _in_namespace(settings.allowed_priority_classes, namespace)
+
+
+def _in_namespace(allowed: Mapping[str, frozenset[str]], namespace: str) -> frozenset[str]:
+    """What an admin's per-namespace list allows `namespace`: its own and every one's ("*")."""
+    return allowed.get("*", frozenset()) | allowed.get(namespace, frozenset())
 
 
 def promotion_roots(namespace: str, settings: Settings) -> tuple[str, ...] | None:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
+from dpo_contract.intervals import z_score
 from numpy.typing import NDArray
 
 Relation = Literal[">=", "<=", ">"]
@@ -48,15 +48,11 @@ class Estimate:
     confidence: float
 
 
-def _z(confidence: float) -> float:
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
 def wilson(successes: int, n: int, confidence: float) -> Estimate:
     """The share successes/n with its Wilson score interval."""
     if n == 0:
         return Estimate(math.nan, 0.0, 1.0, 0, "wilson", confidence)
-    z, p = _z(confidence), successes / n
+    z, p = z_score(confidence), successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n, "wilson", confidence)

@@ -8,8 +8,6 @@ nothing.
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ from dpo_contract.config import (
     RANK_COMPUTE_METRIC,
     STRAGGLER_METRIC,
 )
+from dpo_contract.intervals import mean_interval
 from dpo_contract.reports import FabricReport
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -74,10 +73,8 @@ def margin_interval(batch_margins: list[float], confidence: float) -> dict[str, 
     from fewer than two batches."""
     if len(batch_margins) < 2:
         return {}
-    mean = statistics.fmean(batch_margins)
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    half = z * statistics.stdev(batch_margins) / math.sqrt(len(batch_margins))
-    return {MARGIN_LOW: mean - half, MARGIN_HIGH: mean + half}
+    _, low, high = mean_interval(batch_margins, confidence)
+    return {MARGIN_LOW: low, MARGIN_HIGH: high}
 
 
 LABELS = ("dpojob", "namespace")

@@ -32,8 +32,9 @@ from dpo_operator.api.sweep import (
 from dpo_operator.core.lifecycle.decision import Event
 from dpo_operator.core.sweep import Trial
 
-# A trial that waits here has passed its gate; only the sweep's approval moves it on.
-AWAITING = "AwaitingApproval"
+# A trial has finished for the sweep once it ended or, its gate passed, waits for the sweep's
+# approval (AwaitingApproval).
+FINISHED_PHASES = TERMINAL_PHASES | {"AwaitingApproval"}
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,7 @@ class SeenTrial:
     def finished(self) -> bool:
         """Trained and gated (or ended before, or stopped): the sweep approves only a finished
         trial, and the approved one stays finished while it promotes."""
-        return (
-            self.phase in TERMINAL_PHASES
-            or self.phase == AWAITING
-            or self.approved
-            or self.stopped is not None
-        )
+        return self.phase in FINISHED_PHASES or self.approved or self.stopped is not None
 
 
 @dataclass(frozen=True)
@@ -144,9 +140,7 @@ def decide_sweep(sweep: DPOSweep, found: list[Trial], observed: SweepObserved) -
     status.best = _best(found, seen)
     old = {row.number: row.phase for row in before.trials}
     for row in status.trials:
-        if row.phase != old.get(row.number) and (
-            row.phase in TERMINAL_PHASES or row.phase == AWAITING
-        ):
+        if row.phase != old.get(row.number) and row.phase in FINISHED_PHASES:
             said = f"trial {row.number} ({row.settings}): {row.phase}"
             if row.verdict is not None:
                 said += f", gate {row.verdict}"
